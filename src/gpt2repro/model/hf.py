@@ -1,0 +1,100 @@
+"""Hugging Face interop: OpenAI's GPT-2 into our model, and our model out as a GPT2LMHeadModel.
+
+OpenAI's checkpoint stores the four projection matrices as ``Conv1D`` weights,
+(in, out) rather than ``nn.Linear``'s (out, in): they are transposed both ways.
+Its vocabulary is the real 50,257 tokens. Imported models keep exactly that size
+(no padding rows that would change the softmax); exported models are cut back
+to it from our padded 50,304.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from gpt2repro.config import GPT2_VOCAB_SIZE, ModelConfig
+from gpt2repro.errors import UserError
+from gpt2repro.model.gpt import GPT
+from gpt2repro.model.io import load_state_strict
+
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+HF_ONLY_BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers of old checkpoints
+
+
+def from_hf_model(hf_model) -> GPT:
+    """Our GPT with the weights of a ``transformers`` GPT2LMHeadModel."""
+    c = hf_model.config
+    cfg = ModelConfig(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd,
+                      block_size=c.n_positions, vocab_size=c.vocab_size)
+    model = GPT(cfg)
+    state = {}
+    for key, value in hf_model.state_dict().items():
+        if key.endswith(HF_ONLY_BUFFERS):
+            continue
+        state[key] = value.t() if key.endswith(CONV1D_WEIGHTS) else value
+    load_state_strict(model, state, getattr(c, "name_or_path", "Hugging Face model"))
+    return model
+
+
+def from_pretrained(name_or_path: str) -> GPT:
+    """OpenAI's GPT-2 (``gpt2``, ``gpt2-medium``, ...) or a local Hugging Face GPT-2 directory."""
+    from transformers import GPT2LMHeadModel
+
+    try:
+        hf_model = GPT2LMHeadModel.from_pretrained(name_or_path, torch_dtype=torch.float32)
+    except OSError as e:
+        raise UserError(f"{name_or_path}: could not load a Hugging Face GPT-2 ({str(e).splitlines()[0]})") from None
+    return from_hf_model(hf_model)
+
+
+def hf_config(cfg: ModelConfig):
+    from transformers import GPT2Config
+
+    return GPT2Config(
+        vocab_size=GPT2_VOCAB_SIZE, n_positions=cfg.block_size, n_embd=cfg.n_embd,
+        n_layer=cfg.n_layer, n_head=cfg.n_head, activation_function="gelu_new",
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=1e-5,
+        bos_token_id=50256, eos_token_id=50256, tie_word_embeddings=True,
+        architectures=["GPT2LMHeadModel"],
+    )
+
+
+def to_hf_model(model: GPT):
+    """A ``transformers`` GPT2LMHeadModel with our weights, vocabulary cut to 50,257."""
+    from transformers import GPT2LMHeadModel
+
+    if model.config.vocab_size < GPT2_VOCAB_SIZE:
+        raise UserError(f"model vocab_size {model.config.vocab_size} is smaller than GPT-2's {GPT2_VOCAB_SIZE}")
+    hf_model = GPT2LMHeadModel(hf_config(model.config))
+    state = {}
+    for key, value in model.state_dict().items():
+        value = value.detach().float().cpu()
+        if key in ("transformer.wte.weight", "lm_head.weight"):
+            value = value[:GPT2_VOCAB_SIZE]
+        state[key] = value.t().contiguous() if key.endswith(CONV1D_WEIGHTS) else value
+    missing, unexpected = hf_model.load_state_dict(state, strict=False)
+    assert not unexpected and all(k.endswith(HF_ONLY_BUFFERS) for k in missing), (missing, unexpected)
+    hf_model.tie_weights()
+    return hf_model.eval()
+
+
+def export_hf(model: GPT, out_dir: Path) -> Path:
+    """Write a directory that ``AutoModelForCausalLM``/``AutoTokenizer`` and lm-eval's ``hf`` model load:
+    config.json, model.safetensors and the GPT-2 tokenizer files."""
+    from transformers import GPT2TokenizerFast
+
+    from gpt2repro.data.tokenizer import bpe_files
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    to_hf_model(model).save_pretrained(out_dir, safe_serialization=True)
+    # OpenAI's two files under the names transformers looks for, in every version.
+    encoder_json, vocab_bpe = bpe_files()
+    shutil.copyfile(encoder_json, out_dir / "vocab.json")
+    shutil.copyfile(vocab_bpe, out_dir / "merges.txt")
+    tokenizer = GPT2TokenizerFast.from_pretrained(out_dir)
+    tokenizer.model_max_length = model.config.block_size
+    tokenizer.save_pretrained(out_dir)
+    return out_dir

@@ -1,0 +1,73 @@
+"""Our weights on disk: ``model.safetensors`` plus a ``config.json`` that says what they are.
+
+The tied embedding/LM-head tensor is stored once (under ``transformer.wte.weight``);
+safetensors refuses shared storage and never executes code on load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from gpt2repro.config import model_config_from_dict
+from gpt2repro.errors import UserError
+from gpt2repro.model.gpt import GPT
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+FORMAT = "gpt2repro"
+TIED_KEY = "lm_head.weight"  # restored from transformer.wte.weight by tying
+
+
+def save_model(model: GPT, directory: Path, extra: dict[str, Any] | None = None) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k != TIED_KEY}
+    save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": FORMAT})
+    config = {"format": FORMAT, "model": dataclasses.asdict(model.config), **(extra or {})}
+    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def read_config(directory: Path) -> dict[str, Any] | None:
+    """Our config.json as a dict, or None when the directory holds no model of ours."""
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{path}: not valid JSON; the checkpoint is corrupt, use an earlier one") from None
+    return config if isinstance(config, dict) and config.get("format") == FORMAT else None
+
+
+def load_model_dir(directory: Path, device: str | torch.device = "cpu") -> GPT:
+    directory = Path(directory)
+    config = read_config(directory)
+    if config is None:
+        raise UserError(f"{directory}: no gpt2repro model here (expected {CONFIG_FILE} and {WEIGHTS_FILE})")
+    model = GPT(model_config_from_dict(config["model"]))
+    weights = directory / WEIGHTS_FILE
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{weights}: unreadable weights ({e}); the checkpoint is corrupt, use an earlier one") from None
+    load_state_strict(model, state, weights)
+    return model.to(device)
+
+
+def load_state_strict(model: GPT, state: dict[str, torch.Tensor], source: Path | str) -> None:
+    """Load weights, allowing only the tied LM head to be absent; one clear line otherwise."""
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[-1].strip()
+        raise UserError(f"{source}: weights do not fit the model config ({first})") from None
+    missing = [k for k in missing if k != TIED_KEY]
+    if missing or unexpected:
+        raise UserError(f"{source}: weights do not fit the model config "
+                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")

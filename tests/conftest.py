@@ -1,0 +1,36 @@
+"""Shared test helpers: tiny configs and running the real command line."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600):
+    """Run ``python -m gpt2repro ARGS`` in a fresh process; return the CompletedProcess."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "gpt2repro", *map(str, args)],
+        cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def assert_one_line_error(result, *needles: str) -> None:
+    """A bad input gives a non-zero exit and one clear line on stderr, no traceback."""
+    assert result.returncode != 0, result.stdout + result.stderr
+    lines = [ln for ln in result.stderr.strip().splitlines() if ln.strip()]
+    assert "Traceback" not in result.stderr, result.stderr
+    assert len(lines) == 1, result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.fixture
+def cli():
+    return run_cli
