@@ -1,0 +1,1 @@
+"""Evaluation: HellaSwag for our checkpoints and for OpenAI's GPT-2."""

@@ -1,0 +1,1 @@
+"""Reporting: plots of training logs."""
