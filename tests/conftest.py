@@ -12,11 +12,14 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600):
-    """Run ``python -m gpt2repro ARGS`` in a fresh process; return the CompletedProcess."""
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600,
+            module: str | None = "gpt2repro"):
+    """Run ``python -m gpt2repro ARGS`` in a fresh process; return the CompletedProcess.
+    ``module=None`` runs ``python ARGS`` (e.g. ``-m torch.distributed.run ...``)."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    prefix = [sys.executable] + (["-m", module] if module else [])
     return subprocess.run(
-        [sys.executable, "-m", "gpt2repro", *map(str, args)],
+        prefix + [str(a) for a in args],
         cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout,
     )
 

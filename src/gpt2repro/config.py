@@ -114,7 +114,7 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
     "gpt2-medium": ModelConfig(n_layer=24, n_head=16, n_embd=1024),  # 350M
     "gpt2-large": ModelConfig(n_layer=36, n_head=20, n_embd=1280),  # 774M
     "gpt2-xl": ModelConfig(n_layer=48, n_head=25, n_embd=1600),  # 1558M
-    "demo": ModelConfig(n_layer=4, n_head=4, n_embd=128, block_size=256),
+    "demo": ModelConfig(n_layer=4, n_head=4, n_embd=64, block_size=128),
     "tiny": ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=64),
 }
 
@@ -137,14 +137,15 @@ def _gpt2_124m_8b() -> TrainConfig:
 
 
 def _demo() -> TrainConfig:
-    # A few minutes on a laptop CPU: a 4-layer model on the built-in corpus.
+    # A few minutes on a laptop CPU. On a CPU the 50,304-way LM head dominates the cost
+    # (6·50,304·n_embd FLOPs per token), so the model is narrow and the batch small.
     cfg = TrainConfig(model=dataclasses.replace(MODEL_PRESETS["demo"]), out_dir="demo_out")
-    cfg.data = DataConfig(path="demo_out/data", seq_len=128, micro_batch=16)
+    cfg.data = DataConfig(path="demo_out/data", seq_len=128, micro_batch=4)
     cfg.optim = OptimConfig(
-        total_batch_tokens=4096, max_steps=300, warmup_steps=20, max_lr=3e-3, min_lr=3e-4
+        total_batch_tokens=512, max_steps=400, warmup_steps=20, max_lr=3e-3, min_lr=3e-4
     )
     cfg.eval = EvalConfig(
-        val_every=50, val_tokens=32_768, hellaswag_every=0, sample_every=100,
+        val_every=50, val_tokens=8192, hellaswag_every=0, sample_every=200,
         sample_prompt="The function", sample_count=2, sample_tokens=24,
     )
     cfg.checkpoint = CheckpointConfig(every=100, keep=2)

@@ -1,0 +1,82 @@
+"""Where and in what precision to compute: one place for every command.
+
+``auto`` means: CUDA if present (bf16 autocast, or fp16 with a GradScaler on GPUs
+without bf16; TF32 matmuls; torch.compile; fused AdamW), else Apple MPS, else the
+CPU in float32. Every choice can be forced by a flag.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+
+import torch
+
+from gpt2repro.errors import UserError
+
+DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+          "fp16": torch.float16, "float32": None, "fp32": None}
+
+
+def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    if name in (None, "", "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank)
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda":
+        name = f"cuda:{local_rank}"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r}: not a device; use auto, cuda, cuda:N, mps or cpu") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available here; use --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {name}: MPS is not available here; use --device cpu")
+    return device
+
+
+def pick_autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for plain float32."""
+    if name in (None, "", "auto"):
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return None
+    if name not in DTYPES:
+        raise UserError(f"dtype {name!r}: choose auto, bfloat16, float16 or float32")
+    return DTYPES[name]
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def enable_tf32(device: torch.device) -> None:
+    """TF32 for the float32 matmuls that remain under bf16 autocast (Ampere and newer)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def resolve_flag(value, device: torch.device, auto_on: tuple[str, ...] = ("cuda",)) -> bool:
+    """A config switch that is True, False or "auto" (on for the given device types)."""
+    if isinstance(value, bool):
+        return value
+    if value in ("auto", None, ""):
+        return device.type in auto_on
+    raise UserError(f"expected true, false or auto, got {value!r}")
+
+
+def fused_adamw_available(device: torch.device) -> bool:
+    return "fused" in inspect.signature(torch.optim.AdamW).parameters and device.type in ("cuda", "cpu", "mps")
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()

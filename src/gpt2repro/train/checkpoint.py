@@ -1,0 +1,147 @@
+"""Checkpoints that survive crashes, full disks and bit rot.
+
+A checkpoint is a directory ``OUT/ckpt_<step>`` (step = optimizer steps completed):
+
+- ``model.safetensors`` + ``config.json``: the weights and the full run config
+  (a model directory that ``gpt2repro eval/sample/export`` load directly);
+- ``trainer_state.pt``: optimizer state, loader position, RNG states; only
+  tensors and primitives, loaded with ``torch.load(weights_only=True)``;
+- ``meta.json``: byte size and sha256 of each file, written last.
+
+Everything is written into a hidden temporary directory that is renamed into
+place only when complete, so a crash mid-write leaves the previous checkpoint as
+the newest. On load, sizes and hashes are checked; a damaged checkpoint is
+refused with its reason and ``latest_checkpoint`` falls back to the one before.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from gpt2repro.errors import UserError
+from gpt2repro.model.gpt import GPT
+from gpt2repro.model.io import save_model
+
+STATE_FILE = "trainer_state.pt"
+META_FILE = "meta.json"
+NAME = re.compile(r"^ckpt_(\d{6,})$")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"ckpt_{step:06d}"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(run_dir: Path, step: int, model: GPT, state: dict[str, Any],
+                    config: dict[str, Any], keep: int = 0) -> Path:
+    """Write ``ckpt_<step>`` atomically; then keep only the newest ``keep`` (0 keeps all)."""
+    run_dir = Path(run_dir)
+    final = run_dir / checkpoint_name(step)
+    tmp = run_dir / f".tmp_{final.name}_{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        save_model(model, tmp, extra={"step": step, "train": config})
+        torch.save(state, tmp / STATE_FILE)
+        files = sorted(p.name for p in tmp.iterdir())
+        meta = {"step": step, "files": {name: {"bytes": (tmp / name).stat().st_size,
+                                               "sha256": _sha256(tmp / name)} for name in files}}
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        for name in [*files, META_FILE]:
+            _fsync(tmp / name)
+        if final.exists():  # re-saving the same step (e.g. after a rollback): swap, then delete
+            old = run_dir / f".old_{final.name}_{os.getpid()}"
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(final)
+        _fsync(run_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if keep > 0:
+        for stale in list_checkpoints(run_dir)[keep:]:
+            shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Checkpoint directories, newest first. Temporary ones never match."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = [p for p in run_dir.iterdir() if p.is_dir() and NAME.match(p.name)]
+    return sorted(found, key=lambda p: int(NAME.match(p.name).group(1)), reverse=True)
+
+
+def remove_temporaries(run_dir: Path) -> None:
+    """Half-written checkpoints left by a crash."""
+    for p in Path(run_dir).glob(".tmp_ckpt_*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Raise UserError unless every file matches the size and sha256 in meta.json."""
+    meta_path = Path(path) / META_FILE
+    try:
+        meta = json.loads(meta_path.read_text())
+        files = meta["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"{path}: checkpoint is incomplete or corrupt ({META_FILE} missing or unreadable)") from None
+    for name, expected in files.items():
+        f = Path(path) / name
+        if not f.is_file():
+            raise UserError(f"{path}: checkpoint is corrupt ({name} is missing)")
+        if f.stat().st_size != expected["bytes"]:
+            raise UserError(f"{path}: checkpoint is corrupt ({name} has {f.stat().st_size} bytes, "
+                            f"expected {expected['bytes']})")
+        if _sha256(f) != expected["sha256"]:
+            raise UserError(f"{path}: checkpoint is corrupt ({name} fails its sha256 check)")
+
+
+def latest_checkpoint(run_dir: Path, log: Callable[[str], None] = print) -> Path | None:
+    """The newest checkpoint that verifies; damaged ones are reported and skipped."""
+    for path in list_checkpoints(run_dir):
+        try:
+            verify_checkpoint(path)
+            return path
+        except UserError as e:
+            log(f"{e}; falling back to an earlier checkpoint")
+    return None
+
+
+def load_trainer_state(path: Path) -> dict[str, Any]:
+    """Optimizer, loader and RNG state. Never unpickles code: weights_only=True."""
+    state_path = Path(path) / STATE_FILE
+    try:
+        return torch.load(state_path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = str(e).strip().splitlines()[0]
+        raise UserError(f"{state_path}: refused to load, it holds more than tensors and "
+                        f"primitives ({reason[:120]})") from None
+    except (OSError, RuntimeError, EOFError) as e:
+        raise UserError(f"{state_path}: unreadable trainer state ({e}); use an earlier checkpoint") from None

@@ -1,0 +1,84 @@
+"""torch.distributed behind a few small helpers.
+
+The same code runs as one process (``python -m gpt2repro train``) and under
+``torchrun``, which sets RANK, LOCAL_RANK and WORLD_SIZE. NCCL on CUDA, gloo on
+the CPU; multi-node works through torchrun's rendezvous flags unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device_type: str) -> DistInfo:
+    """Join the process group when launched by torchrun; a no-op for one process."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return DistInfo()
+    info = DistInfo(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")), world_size)
+    if not dist.is_initialized():
+        if device_type == "cuda":
+            torch.cuda.set_device(info.local_rank)
+            dist.init_process_group(backend="nccl", device_id=torch.device("cuda", info.local_rank))
+        else:
+            dist.init_process_group(backend="gloo")
+    return info
+
+
+def shutdown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """In-place sum across ranks (identity for one process)."""
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    """In-place mean across ranks (gloo has no AVG, so sum and divide)."""
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t /= dist.get_world_size()
+    return t
+
+
+def all_reduce_min(value: int, device) -> int:
+    t = torch.tensor([value], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
+def any_rank(flag: bool, device) -> bool:
+    """True if the flag is set on any rank: every rank takes the same branch."""
+    t = torch.tensor([int(flag)], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()

@@ -1,0 +1,87 @@
+"""Throughput, MFU and the run's log.
+
+MFU = achieved FLOP/s / the GPU's peak dense bf16 FLOP/s, with FLOPs per token
+from ``GPT.flops_per_token`` (nanoGPT/PaLM convention: 6·N + 12·L·H·Q·T, which is
+855 MFLOP per token for GPT-2 124M at T=1024).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import torch
+
+# Dense (no sparsity) peak tensor-core FLOP/s in bf16/fp16, from the vendors' datasheets.
+PEAK_BF16_FLOPS = {
+    "B200": 2250e12,
+    "H200": 989e12,
+    "GH200": 989e12,
+    "H100 NVL": 835e12,
+    "H100 PCIe": 756e12,
+    "H100": 989e12,  # SXM
+    "H800": 989e12,
+    "A100": 312e12,
+    "A800": 312e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "RTX 4090": 165e12,
+    "RTX 3090": 71e12,
+    "V100": 125e12,
+    "T4": 65e12,
+}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Peak bf16 FLOP/s of this GPU, or None when unknown (MFU is then not reported)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key in sorted(PEAK_BF16_FLOPS, key=len, reverse=True):  # "H100 PCIe" before "H100"
+        if key in name:
+            return PEAK_BF16_FLOPS[key]
+    return None
+
+
+def mfu(tokens_per_second: float, flops_per_token: int, peak: float | None, world_size: int = 1) -> float | None:
+    if not peak:
+        return None
+    return tokens_per_second * flops_per_token / (peak * world_size)
+
+
+class RunLog:
+    """``OUT/log.txt`` in the seed's format: one ``<step> <stream> <value>`` line per record.
+
+    On resume, lines from steps at or after the resumed step are dropped first, so a
+    run killed after its last checkpoint leaves no duplicate or orphaned points.
+    """
+
+    LINE = re.compile(r"^(\d+) (\w+) (\S+)$")
+
+    def __init__(self, path: Path, resume_step: int | None = None, tensorboard_dir: Path | None = None):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            path.write_text("")
+        elif path.exists():
+            kept = [ln for ln in path.read_text().splitlines(keepends=True)
+                    if not (m := self.LINE.match(ln.strip())) or int(m.group(1)) < resume_step]
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(kept))
+            tmp.replace(path)
+        self.tb = None
+        if tensorboard_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(tensorboard_dir))
+
+    def write(self, step: int, stream: str, value: float) -> None:
+        with open(self.path, "a") as f:
+            f.write(f"{step} {stream} {value:.6f}\n")
+        if self.tb is not None and math.isfinite(value):
+            self.tb.add_scalar(stream, value, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
