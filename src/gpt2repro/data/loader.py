@@ -1,0 +1,156 @@
+"""The training and validation loaders: shards as one token stream, split across ranks.
+
+A split's shards, in index order (or permuted each epoch with a seed, the same on
+every rank), form one stream. Window k is stream tokens [k·B·T, (k+1)·B·T + 1):
+x is the first B·T, y the same shifted by one, and a window may span shards.
+Rank r's i-th ``next_batch`` is window i·W + r, so one process with 2A
+micro-steps reads exactly the windows that two ranks with A micro-steps each
+read in the same optimizer step. An epoch ends when the next round of W windows
+would pass the end of the stream: the remainder (< W·B·T tokens) is dropped and
+the next epoch starts again at window 0.
+
+Shards are memory-mapped, so memory does not grow with the data set.
+"""
+
+from __future__ import annotations
+
+import bisect
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from gpt2repro.data.shards import check_token_ids, list_shards, open_shard
+from gpt2repro.errors import UserError
+
+
+class TokenStream:
+    """Some shards, in a given order, read as one array of tokens."""
+
+    def __init__(self, paths: list[Path], shards: list[np.ndarray] | None = None):
+        self.paths = list(paths)
+        # Opening reads headers only; token ids are checked when a shard is first read.
+        self.shards = shards if shards is not None else [open_shard(p, check_tokens=False) for p in self.paths]
+        self.starts = np.cumsum([0] + [len(s) for s in self.shards]).tolist()
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def reordered(self, order: list[int]) -> "TokenStream":
+        """The same opened shards in another order."""
+        return TokenStream([self.paths[i] for i in order], [self.shards[i] for i in order])
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        """Tokens [start, start + length) as int64, across shard boundaries."""
+        out = np.empty(length, dtype=np.int64)
+        filled = 0
+        shard = bisect.bisect_right(self.starts, start) - 1
+        while filled < length:
+            tokens = self.shards[shard]
+            check_token_ids(self.paths[shard], tokens)  # a full scan the first time only
+            begin = start + filled - self.starts[shard]
+            take = min(length - filled, len(tokens) - begin)
+            out[filled:filled + take] = tokens[begin:begin + take]
+            filled += take
+            shard += 1
+        return out
+
+
+class TokenLoader:
+    """Training batches for one rank; ``state_dict`` lets a resumed run read the next tokens."""
+
+    def __init__(self, data_dir, split: str, micro_batch: int, seq_len: int, rank: int = 0,
+                 world_size: int = 1, shuffle_shards: bool = False, seed: int = 0):
+        if micro_batch < 1 or seq_len < 1:
+            raise UserError(f"data: micro_batch={micro_batch} and seq_len={seq_len} must be at least 1")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world size {world_size}")
+        self.data_dir, self.split = Path(data_dir), split
+        self.B, self.T, self.rank, self.world_size = micro_batch, seq_len, rank, world_size
+        self.shuffle_shards, self.seed = shuffle_shards, seed
+        self.paths = list_shards(self.data_dir, split)
+        self.window = self.B * self.T
+        self.by_index = TokenStream(self.paths)  # each epoch reads these in self.order
+        # Whole rounds of W windows per epoch; the +1 is the last window's final target.
+        self.steps_per_epoch = (len(self.by_index) - 1) // self.window // world_size
+        if self.steps_per_epoch == 0:
+            raise UserError(f"{self.data_dir}: the {split} split has {len(self.by_index):,} tokens, fewer "
+                            f"than one round of world_size x micro_batch x seq_len + 1 = "
+                            f"{world_size * self.window + 1:,}; prepare more data or lower "
+                            "micro_batch / seq_len")
+        self.epoch, self.step = 0, 0
+        self._start_epoch()
+
+    def _start_epoch(self) -> None:
+        if self.shuffle_shards:
+            # Seeded by (seed, epoch) alone: every rank computes the same order, and a resumed run too.
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.paths))
+            self.order = [int(i) for i in order]
+        else:
+            self.order = list(range(len(self.paths)))
+        self.stream = self.by_index.reordered(self.order)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.step == self.steps_per_epoch:
+            self.epoch += 1
+            self.step = 0
+            self._start_epoch()
+            if self.rank == 0:
+                print(f"data: {self.split} epoch {self.epoch - 1} done; starting epoch {self.epoch}"
+                      + (" with a new shard order" if self.shuffle_shards else ""), flush=True)
+        k = self.step * self.world_size + self.rank
+        tokens = torch.from_numpy(self.stream.read(k * self.window, self.window + 1))
+        self.step += 1
+        return tokens[:-1].view(self.B, self.T), tokens[1:].view(self.B, self.T)
+
+    def state_dict(self) -> dict:
+        return {"split": self.split, "epoch": self.epoch, "step": self.step,
+                "micro_batch": self.B, "seq_len": self.T, "world_size": self.world_size,
+                "shuffle_shards": self.shuffle_shards, "seed": self.seed,
+                "shards": [p.name for p in self.paths]}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue where ``state`` stopped; the micro-batch or world size may differ
+        as long as the tokens consumed so far fill whole rounds of the new shape."""
+        where = f"{self.data_dir}: cannot resume the {self.split} loader"
+        if state.get("shards") != [p.name for p in self.paths]:
+            raise UserError(f"{where}: its shards differ from the checkpoint's; "
+                            "resume with the data directory the run started with")
+        if (state["shuffle_shards"], state["seed"]) != (self.shuffle_shards, self.seed):
+            raise UserError(f"{where}: shuffle_shards/seed differ from the checkpoint's "
+                            f"({state['shuffle_shards']}, {state['seed']}); use the same settings")
+        consumed = state["step"] * state["world_size"] * state["micro_batch"] * state["seq_len"]
+        per_step = self.world_size * self.window
+        if consumed % per_step:
+            raise UserError(f"{where}: {consumed:,} tokens were read this epoch, not a whole number of "
+                            f"world_size x micro_batch x seq_len = {per_step:,}; resume with the "
+                            "checkpoint's micro_batch, seq_len and world size")
+        self.epoch, self.step = int(state["epoch"]), consumed // per_step
+        self._start_epoch()
+
+
+def val_batches(data_dir, seq_len: int, n_tokens: int, micro_batch: int, rank: int = 0,
+                world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's share of the first ``n_tokens // seq_len`` val sequences, in batches.
+
+    Sequence j is val tokens [j·T, (j+1)·T + 1) and goes to rank j % W, so the union
+    over ranks is the same whatever W and micro_batch. Ranks may get different
+    numbers of batches: sum losses and counts locally, then all-reduce once.
+    If the val split is shorter than ``n_tokens`` the sequences it has are used,
+    with a warning, so runs on the same data stay comparable.
+    """
+    stream = TokenStream(list_shards(data_dir, "val"))
+    available = (len(stream) - 1) // seq_len
+    if available == 0:
+        raise UserError(f"{data_dir}: the val split has {len(stream):,} tokens, fewer than one "
+                        f"sequence of seq_len + 1 = {seq_len + 1}; prepare with a larger --val-tokens")
+    wanted = n_tokens // seq_len
+    if wanted > available and rank == 0:
+        print(f"data: warning: {data_dir} has {len(stream):,} val tokens, fewer than the "
+              f"{n_tokens:,} asked for; evaluating on {available * seq_len:,}", flush=True)
+    mine = list(range(rank, min(wanted, available), world_size))
+    for first in range(0, len(mine), micro_batch):
+        rows = [stream.read(j * seq_len, seq_len + 1) for j in mine[first:first + micro_batch]]
+        tokens = torch.from_numpy(np.stack(rows))
+        yield tokens[:, :-1], tokens[:, 1:]

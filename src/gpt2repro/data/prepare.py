@@ -1,0 +1,361 @@
+"""``gpt2repro prepare``: tokenize a corpus into GPT-2 token shards, in parallel and resumably.
+
+The corpus becomes one token stream: every document is ``<|endoftext|>`` followed
+by its ``encode_ordinary`` tokens. The stream is cut into ``np.save``d uint16
+shards named like build-nanogpt's: ``<prefix>_val_000000.npy`` (the first
+``val_tokens``), then ``<prefix>_train_000001.npy``, ... of ``shard_tokens`` each.
+
+Speed: documents are grouped into tasks of about ``TASK_CHARS`` characters and
+long documents are cut at line breaks where the BPE cannot merge across (so the
+tokens are the same as for the whole text); worker processes return one uint16
+array per task. The encoder is riptoken, a Rust re-implementation of tiktoken
+about twice as fast, when it is installed and agrees with tiktoken on a probe
+text; otherwise tiktoken itself. At most ``2 * workers`` tasks are in flight, so
+memory stays at about one shard whatever the corpus size.
+
+Resume: after each shard, ``prepare_progress.json`` records where in the
+document stream the next shard starts (document index, tokens into it). A rerun
+on the same ``--out`` keeps the finished shards, skips that many documents and
+produces the remaining shards byte for byte as an uninterrupted run would.
+``manifest.json`` is written last and means the run completed.
+"""
+
+from __future__ import annotations
+
+import array
+import collections
+import functools
+import itertools
+import json
+import multiprocessing
+import os
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from gpt2repro.data import tokenizer
+from gpt2repro.data.shards import SHARD_PATTERN, read_shard_length, shard_name
+from gpt2repro.data.sources import open_source
+from gpt2repro.errors import UserError
+
+EOT = tokenizer.EOT_TOKEN
+MANIFEST = "manifest.json"
+PROGRESS = "prepare_progress.json"
+FORMAT = "gpt2repro-shards"
+TASK_CHARS = 1 << 18  # ~64K tokens per worker task: amortises the IPC, keeps workers evenly busy
+SEGMENT_CHARS = 1 << 16  # long documents are cut into pieces of about this many characters
+
+# Text that exercises the BPE's corners; a faster encoder is used only if it agrees here.
+PROBE_TEXT = (
+    "Hello world! It's 2026, isn't it? We'll see: they've 3.14159 cats & 1,000,000 dogs.\n"
+    "naïve café ☕ — 東京 Ελληνικά русский עברית العربية हिन्दी 😀👍🏽👩‍👩‍👧 ﷽ \u200b\u00a0\u3000\n"
+    "    indented\t\ttabs   \n\n\n   trailing spaces   \r\n<|endoftext|> <|endof text|> <|fim_prefix|>\n"
+    "def f(x):\n    return {'a': [x ** 2, x // 3]}  # comment\n\tif x != 0: print(f\"{x!r}\")\n"
+    "SELECT * FROM t WHERE id=42;  https://example.org/a?b=c&d=e  ''''  !!!???  \x00\x07 \U0001f600"
+)
+
+
+# ---------------------------------------------------------------------------
+# the encoder
+
+
+@functools.cache
+def fast_encoding():
+    """riptoken's exact Rust BPE over our GPT-2 ranks when it matches tiktoken; else tiktoken."""
+    reference = tokenizer.gpt2_encoding()
+    try:
+        import riptoken
+    except ImportError:
+        return reference
+    try:
+        fast = riptoken.CoreBPE(reference._mergeable_ranks, reference._special_tokens, reference._pat_str)
+        agrees = fast.encode_ordinary(PROBE_TEXT) == reference.encode_ordinary(PROBE_TEXT)
+    except Exception:  # an incompatible riptoken version: the reference is always right
+        return reference
+    return fast if agrees else reference
+
+
+def encoder_name() -> str:
+    return "tiktoken" if fast_encoding() is tokenizer.gpt2_encoding() else "riptoken"
+
+
+# ---------------------------------------------------------------------------
+# the tokenization path (shared with ``gpt2repro bench tokenize``)
+
+
+def split_document(text: str, max_chars: int = SEGMENT_CHARS) -> list[str]:
+    """Cut ``text`` into pieces whose tokens concatenate to the tokens of the whole.
+
+    A cut goes right after a lone "\\n" between two non-space characters: GPT-2's
+    pre-tokenizer makes that newline a piece of its own, so no BPE merge or
+    regex match crosses it. Without such a line break the text stays whole.
+    """
+    pieces, start = [], 0
+    while len(text) - start > max_chars:
+        cut = _safe_cut(text, start + max_chars)
+        if cut is None:
+            break
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
+
+
+def _safe_cut(text: str, at: int) -> int | None:
+    newline = text.find("\n", at)
+    while newline != -1 and newline + 1 < len(text):
+        if not text[newline - 1].isspace() and not text[newline + 1].isspace():
+            return newline + 1
+        newline = text.find("\n", newline + 1)
+    return None
+
+
+def _tasks(documents: Iterable[str]) -> Iterator[tuple[list[str], list[bool]]]:
+    """Groups of (text pieces, starts-a-document flags) of about TASK_CHARS characters."""
+    texts, starts, size = [], [], 0
+    for document in documents:
+        for i, piece in enumerate(split_document(document)):
+            texts.append(piece)
+            starts.append(i == 0)
+            size += len(piece)
+            if size >= TASK_CHARS:
+                yield texts, starts
+                texts, starts, size = [], [], 0
+    if texts:
+        yield texts, starts
+
+
+def _encode_task(task: tuple[list[str], list[bool]]) -> tuple[np.ndarray, np.ndarray]:
+    """A task's tokens as uint16, and the offsets of its documents' <|endoftext|> tokens."""
+    encode = fast_encoding().encode_ordinary
+    tokens, doc_starts = array.array("H"), array.array("q")
+    for text, starts_document in zip(*task):
+        if starts_document:
+            doc_starts.append(len(tokens))
+            tokens.append(EOT)
+        tokens.extend(encode(text))
+    return np.frombuffer(tokens, dtype=np.uint16), np.frombuffer(doc_starts, dtype=np.int64)
+
+
+def tokenize_documents(documents: Iterable[str], workers: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(tokens, document start offsets) per task, in corpus order, using ``workers`` processes."""
+    if workers <= 1:
+        yield from map(_encode_task, _tasks(documents))
+        return
+    with multiprocessing.get_context().Pool(workers, initializer=fast_encoding) as pool:
+        # apply_async with a bounded queue, not imap: imap would read the whole corpus ahead.
+        pending: collections.deque = collections.deque()
+        for task in _tasks(documents):
+            pending.append(pool.apply_async(_encode_task, (task,)))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+# ---------------------------------------------------------------------------
+# shards, progress and manifest
+
+
+class _ShardWriter:
+    """Cuts the token stream into shards; tracks where each shard ends in the document stream."""
+
+    def __init__(self, out_dir: Path, prefix: str, val_tokens: int, shard_tokens: int,
+                 state: dict, kept: list[dict]):
+        self.out_dir, self.prefix = out_dir, prefix
+        self.val_tokens, self.shard_tokens = val_tokens, shard_tokens
+        self.state, self.shards = state, kept
+        self.written = sum(s["tokens"] for s in kept)  # stream tokens already in shards
+        resume = kept[-1]["next"] if kept else {"document": 0, "token": 0}
+        self.document = resume["document"] - 1  # index of the document being read
+        self.stream_pos = self.written - resume["token"]  # stream position of the next token we get
+        self.doc_start = self.stream_pos  # where the current document's <|endoftext|> is
+        self.buffer = np.empty(self._capacity(len(kept)), dtype=np.uint16)
+        self.fill = 0
+        self.documents_in_shard = 0
+
+    def _capacity(self, index: int) -> int:
+        return self.val_tokens if index == 0 else self.shard_tokens
+
+    def add(self, tokens: np.ndarray, doc_starts: np.ndarray, limit: int | None) -> bool:
+        """Append a task's tokens; False once ``limit`` tokens are written."""
+        begin = self.stream_pos
+        self.stream_pos += len(tokens)
+        offset = max(self.written - begin, 0)  # tokens before this are in finished shards
+        self._count_documents(begin, doc_starts[doc_starts < offset])
+        while offset < len(tokens):
+            if limit is not None and self.written >= limit:
+                return False
+            take = min(len(self.buffer) - self.fill, len(tokens) - offset)
+            if limit is not None:
+                take = min(take, limit - self.written)
+            self.buffer[self.fill:self.fill + take] = tokens[offset:offset + take]
+            begun = doc_starts[(doc_starts >= offset) & (doc_starts < offset + take)]
+            self._count_documents(begin, begun)
+            self.documents_in_shard += len(begun)
+            self.fill += take
+            self.written += take
+            offset += take
+            if self.fill == len(self.buffer):
+                self.flush()
+        return limit is None or self.written < limit
+
+    def _count_documents(self, begin: int, doc_starts: np.ndarray) -> None:
+        if len(doc_starts):
+            self.document += len(doc_starts)
+            self.doc_start = begin + int(doc_starts[-1])
+
+    def flush(self) -> None:
+        if self.fill == 0:
+            return
+        index = len(self.shards)
+        split = "val" if index == 0 else "train"
+        name = shard_name(self.prefix, split, index)
+        _atomic_save(self.out_dir / name, self.buffer[:self.fill])
+        next_at = {"document": self.document, "token": self.written - self.doc_start}
+        self.shards.append({"file": name, "split": split, "tokens": self.fill,
+                            "documents": self.documents_in_shard, "next": next_at})
+        _write_json(self.out_dir / PROGRESS, {**self.state, "shards": self.shards, "complete": False})
+        self.buffer = np.empty(self._capacity(len(self.shards)), dtype=np.uint16)
+        self.fill = 0
+        self.documents_in_shard = 0
+
+
+def _atomic_save(path: Path, tokens: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, tokens)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def _read_state(out_dir: Path) -> dict | None:
+    for name in (PROGRESS, MANIFEST):  # progress is newer when both exist
+        path = out_dir / name
+        if path.is_file():
+            try:
+                state = json.loads(path.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise UserError(f"{path}: not valid JSON; delete {out_dir} and prepare again") from None
+            if isinstance(state, dict) and state.get("format") == FORMAT:
+                return state
+            raise UserError(f"{path}: not a gpt2repro prepare file; use a new --out")
+    return None
+
+
+def _same_run(previous: dict, run: dict) -> bool:
+    return all(previous.get(key) == value for key, value in run.items())
+
+
+def _kept_shards(out_dir: Path, previous: dict | None, run: dict, val_tokens: int,
+                 shard_tokens: int) -> list[dict]:
+    """The finished shards of an earlier run with the same settings, checked on disk."""
+    if previous is None:
+        return []
+    if not _same_run(previous, run):
+        before = ", ".join(f"{k}={previous.get(k)}" for k in run)
+        raise UserError(f"{out_dir}: holds shards of a different prepare ({before}); "
+                        "use a new --out, or delete it to start over")
+    kept = []
+    for index, shard in enumerate(previous.get("shards", [])):
+        full = val_tokens if index == 0 else shard_tokens
+        path = out_dir / shard["file"]
+        if shard["tokens"] != full or read_shard_length(path) != full:
+            break  # a final partial shard, or a damaged one: redo from here
+        kept.append(shard)
+    return kept
+
+
+def _check_out_dir(out_dir: Path, prefix: str) -> None:
+    """Refuse to mix our shards with shards of another corpus in the same directory."""
+    for path in out_dir.glob("*.npy"):
+        match = SHARD_PATTERN.match(path.name)
+        if match and match["prefix"] != prefix:
+            raise UserError(f"{out_dir}: already holds other shards ({path.name}); "
+                            "use a new --out for this corpus")
+    for tmp in out_dir.glob(f".{prefix}_*.npy.tmp"):  # left by an interrupted run
+        tmp.unlink()
+
+
+# ---------------------------------------------------------------------------
+# prepare
+
+
+def prepare(source: str, out_dir, *, name: str = "sample-10BT", streaming: bool = False,
+            shard_tokens: int = 100_000_000, val_tokens: int | None = None,
+            workers: int | None = os.cpu_count(), max_tokens: int | None = None,
+            prefix: str | None = None) -> dict:
+    """Tokenize ``source`` into shards in ``out_dir``; return the manifest."""
+    from tqdm import tqdm
+
+    workers = workers or 1
+    val_tokens = shard_tokens if val_tokens is None else val_tokens
+    for flag, value in (("--shard-tokens", shard_tokens), ("--val-tokens", val_tokens),
+                        ("--workers", workers), ("--max-tokens", max_tokens)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} {value}: must be at least 1")
+    if max_tokens is not None and max_tokens <= val_tokens:
+        raise UserError(f"--max-tokens {max_tokens}: leaves no train tokens after the "
+                        f"{val_tokens:,}-token val shard; raise it or lower --val-tokens")
+    corpus = open_source(source, name=name, streaming=streaming)
+    prefix = prefix or corpus.default_prefix
+    out_dir = Path(out_dir)
+    run = {"source": corpus.label, "prefix": prefix, "shard_tokens": shard_tokens,
+           "val_tokens": val_tokens}  # what a resumed run must share with the one it continues
+    previous = _read_state(out_dir) if out_dir.is_dir() else None
+    if previous and previous.get("complete") and _same_run(previous, run) \
+            and previous.get("max_tokens") == max_tokens:
+        print(f"{out_dir}: already prepared ({previous['tokens']:,} tokens); nothing to do")
+        return previous
+    kept = _kept_shards(out_dir, previous, run, val_tokens, shard_tokens)
+    resume_document = kept[-1]["next"]["document"] if kept else 0
+    documents = corpus.documents(resume_document)
+    if not kept:
+        first = next(documents, None)
+        if first is None:
+            raise UserError(f"{source}: empty corpus: no document has any text; "
+                            "check the files (a .jsonl needs a \"text\" field per line)")
+        documents = itertools.chain([first], documents)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _check_out_dir(out_dir, prefix)
+    (out_dir / MANIFEST).unlink(missing_ok=True)  # from here on the directory is being changed
+    state = {"format": FORMAT, "version": 1, **run, "max_tokens": max_tokens,
+             "tokenizer": {"encoding": "gpt2", "encoder.json": tokenizer.ENCODER_JSON_SHA256,
+                           "vocab.bpe": tokenizer.VOCAB_BPE_SHA256},
+             "dtype": "uint16"}
+    writer = _ShardWriter(out_dir, prefix, val_tokens, shard_tokens, state, kept)
+    if kept:
+        print(f"{out_dir}: resuming after {len(kept)} finished shards ({writer.written:,} tokens)")
+    bar = tqdm(total=max_tokens, initial=writer.written, unit="tok", unit_scale=True,
+               desc=f"tokenizing ({encoder_name()}, {workers} workers)")
+    with bar:
+        for tokens, doc_starts in tokenize_documents(documents, workers):
+            before = writer.written
+            going = writer.add(tokens, doc_starts, max_tokens)
+            bar.update(writer.written - before)
+            if not going:
+                break
+    if not writer.shards:
+        raise UserError(f"{source}: only {writer.fill:,} tokens, not enough for the "
+                        f"{val_tokens:,}-token val shard and any train tokens; "
+                        "set --val-tokens smaller (e.g. a tenth of the corpus)")
+    writer.flush()
+    if len(writer.shards) < 2:
+        raise UserError(f"{source}: only {writer.written:,} tokens, all in the val shard; "
+                        "set --val-tokens smaller so that train tokens remain")
+    manifest = {**state, "shards": writer.shards, "tokens": writer.written,
+                "documents": sum(s["documents"] for s in writer.shards), "complete": True}
+    _write_json(out_dir / MANIFEST, manifest)
+    (out_dir / PROGRESS).unlink(missing_ok=True)
+    print(f"wrote {len(writer.shards)} shards, {manifest['tokens']:,} tokens from "
+          f"{manifest['documents']:,} documents to {out_dir}")
+    return manifest

@@ -1,0 +1,154 @@
+"""Where documents come from: FineWeb-edu, local files, or the built-in demo corpus.
+
+``open_source(spec)`` turns the ``--source`` value into a ``Source`` whose
+``documents(skip)`` yields one string per document, always in the same order,
+so that an interrupted ``prepare`` can skip what it already wrote.
+
+Local corpora: a file, a directory (searched recursively) or a glob of
+- ``.txt``: the whole file is one document (UTF-8);
+- ``.jsonl``: one JSON object per line with a ``text`` string;
+- ``.parquet``: a ``text`` column.
+Files are read in sorted path order. Empty documents are skipped: they carry no text.
+"""
+
+from __future__ import annotations
+
+import glob
+import itertools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+from gpt2repro.errors import UserError
+
+FINEWEB_EDU = "HuggingFaceFW/fineweb-edu"
+FINEWEB_PREFIX = "edufineweb"  # build-nanogpt's shard names, so shards interchange
+SUFFIXES = (".txt", ".jsonl", ".parquet")
+
+
+@dataclass(frozen=True)
+class Source:
+    label: str  # what the manifest records and error messages name
+    default_prefix: str  # shard file prefix when --prefix is not given
+    documents: Callable[[int], Iterator[str]]  # documents(skip) -> texts after the first `skip`
+
+
+def open_source(spec: str, *, name: str = "sample-10BT", streaming: bool = False) -> Source:
+    if spec == "fineweb-edu":
+        return Source(f"{FINEWEB_EDU}/{name}", FINEWEB_PREFIX,
+                      lambda skip: fineweb_documents(name, streaming, skip))
+    if spec == "demo":
+        from gpt2repro.data import demo_corpus
+
+        return Source("demo", "demo", lambda skip: itertools.islice(demo_corpus.documents(), skip, None))
+    files = local_files(spec)
+    stem = Path(spec).stem if len(files) == 1 or Path(spec).is_dir() else "corpus"
+    return Source(str(Path(spec).resolve()) if Path(spec).exists() else spec, stem or "corpus",
+                  lambda skip: itertools.islice(local_documents(files), skip, None))
+
+
+# ---------------------------------------------------------------------------
+# FineWeb-edu through Hugging Face datasets
+
+
+def load_fineweb(name: str, streaming: bool):
+    """The dataset object; the one place that touches the hub (tests replace it).
+
+    ``datasets`` reads the repository's parquet files; it never runs a dataset script.
+    """
+    import datasets
+
+    try:
+        return datasets.load_dataset(FINEWEB_EDU, name=name, split="train", streaming=streaming)
+    except (ConnectionError, OSError) as e:
+        raise UserError(f"--source fineweb-edu: could not load {FINEWEB_EDU} ({name}): {e}; "
+                        "check the network or HF_HOME, or use --streaming") from None
+    except ValueError as e:  # e.g. an unknown config name
+        raise UserError(f"--name {name}: {e}") from None
+
+
+def fineweb_documents(name: str, streaming: bool, skip: int = 0) -> Iterator[str]:
+    dataset = load_fineweb(name, streaming)
+    if skip:
+        dataset = dataset.skip(skip)
+    for batch in dataset.iter(batch_size=1024):
+        yield from batch["text"]
+
+
+# ---------------------------------------------------------------------------
+# local files
+
+
+def local_files(spec: str) -> list[Path]:
+    """The corpus files that ``spec`` (a file, a directory or a glob) names, sorted."""
+    path = Path(spec)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in SUFFIXES and p.is_file())
+        if not files:
+            raise UserError(f"{spec}: empty corpus: no .txt, .jsonl or .parquet files in this "
+                            "directory; point --source at your corpus files")
+        return files
+    if path.is_file():
+        if path.suffix not in SUFFIXES:
+            raise UserError(f"{spec}: unsupported file type {path.suffix!r}; "
+                            "use .txt, .jsonl or .parquet (or --source fineweb-edu / demo)")
+        return [path]
+    if glob.has_magic(spec):
+        files = sorted(Path(p) for p in glob.glob(spec, recursive=True)
+                       if Path(p).suffix in SUFFIXES and Path(p).is_file())
+        if not files:
+            raise UserError(f"{spec}: empty corpus: the pattern matches no .txt, .jsonl "
+                            "or .parquet files; check the pattern")
+        return files
+    raise UserError(f"--source {spec}: no such file or directory; give fineweb-edu, demo, "
+                    "or a .txt/.jsonl/.parquet file, directory or glob")
+
+
+def local_documents(files: list[Path]) -> Iterator[str]:
+    readers = {".txt": _txt_documents, ".jsonl": _jsonl_documents, ".parquet": _parquet_documents}
+    for path in files:
+        for text in readers[path.suffix](path):
+            if text:
+                yield text
+
+
+def _txt_documents(path: Path) -> Iterator[str]:
+    try:
+        yield path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start}); convert it to UTF-8") from None
+
+
+def _jsonl_documents(path: Path) -> Iterator[str]:
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{number}: not valid JSON ({e.msg}); "
+                                "each line must be one JSON object with a \"text\" string") from None
+            text = record.get("text") if isinstance(record, dict) else None
+            if not isinstance(text, str):
+                raise UserError(f"{path}:{number}: no \"text\" string in this line; "
+                                "each line must be one JSON object with a \"text\" string")
+            yield text
+
+
+def _parquet_documents(path: Path) -> Iterator[str]:
+    import pyarrow
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except (pyarrow.ArrowException, OSError) as e:
+        raise UserError(f"{path}: not a readable parquet file ({e}); re-export it") from None
+    columns = parquet.schema_arrow.names
+    if "text" not in columns:
+        raise UserError(f"{path}: no \"text\" column (columns: {', '.join(columns) or 'none'}); "
+                        "rename the column that holds the documents to \"text\"")
+    for batch in parquet.iter_batches(batch_size=1024, columns=["text"]):
+        for text in batch.column(0).to_pylist():
+            yield text or ""
