@@ -146,7 +146,16 @@ def tokenize_documents(documents: Iterable[str], workers: int) -> Iterator[tuple
     with multiprocessing.get_context().Pool(workers, initializer=fast_encoding) as pool:
         # apply_async with a bounded queue, not imap: imap would read the whole corpus ahead.
         pending: collections.deque = collections.deque()
-        for task in _tasks(documents):
+        tasks = _tasks(documents)
+        while True:
+            try:
+                task = next(tasks, None)
+            except Exception:  # a bad document: first hand over the work read before it
+                while pending:
+                    yield pending.popleft().get()
+                raise
+            if task is None:
+                break
             pending.append(pool.apply_async(_encode_task, (task,)))
             if len(pending) >= 2 * workers:
                 yield pending.popleft().get()
@@ -336,7 +345,8 @@ def prepare(source: str, out_dir, *, name: str = "sample-10BT", streaming: bool 
     if kept:
         print(f"{out_dir}: resuming after {len(kept)} finished shards ({writer.written:,} tokens)")
     bar = tqdm(total=max_tokens, initial=writer.written, unit="tok", unit_scale=True,
-               desc=f"tokenizing ({encoder_name()}, {workers} workers)")
+               desc=f"tokenizing ({encoder_name()}, {workers} workers)",
+               disable=None)  # off when stderr is not a terminal: logs keep the summary line
     with bar:
         for tokens, doc_starts in tokenize_documents(documents, workers):
             before = writer.written
