@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from gpt2repro.config import ModelConfig
 from gpt2repro.errors import UserError
+from gpt2repro.model.chunked_ce import chunked_cross_entropy
 
 
 def residual_init_std(cfg: ModelConfig) -> float:
@@ -104,6 +105,9 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying: one tensor
+        # > 0: fuse LM head and loss in chunks of this many rows (chunked_ce.py); forward with
+        # targets then returns no logits. A speed/memory switch, not part of the model.
+        self.ce_chunk_rows = 0
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -141,8 +145,12 @@ class GPT(nn.Module):
         return self.transformer.ln_f(x)
 
     def forward(self, idx, targets=None):
-        """Logits (B, T, vocab) and, given targets, the mean cross-entropy (targets -1 are ignored)."""
-        logits = self.lm_head(self.hidden(idx))
+        """Logits (B, T, vocab) and, given targets, the mean cross-entropy (targets -1 are ignored).
+        With ``ce_chunk_rows`` set and targets given, logits are None: they are never built."""
+        h = self.hidden(idx)
+        if targets is not None and self.ce_chunk_rows > 0:
+            return None, chunked_cross_entropy(h, self.lm_head.weight, targets, self.ce_chunk_rows)
+        logits = self.lm_head(h)
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)

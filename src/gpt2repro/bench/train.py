@@ -1,0 +1,165 @@
+"""``gpt2repro bench train``: training throughput of each speed lever, in one process run.
+
+Every variant trains the same weights on the same synthetic tokens: a full step
+(forward, backward, grad clip, AdamW) at the preset's micro-batch and sequence
+length. Warm-up steps (compilation, allocator growth) are excluded and the median
+of the timed steps is reported, with tokens/s, MFU (nanoGPT/PaLM FLOPs per token:
+6·N + 12·L·H·Q·T, 855 MFLOP for 124M at T=1024), peak memory, and the first
+step's loss: equal losses show the variants compute the same function.
+
+Variants:
+  baseline        the nanoGPT-style model in benchmarks/ (explicit attention, full logits)
+  eager           our model, eager PyTorch
+  chunked-ce      + LM head and loss fused in row chunks (no full logits tensor)
+  compiled        + torch.compile
+  compiled+chunked-ce
+  sdpa-<backend>  compiled, attention forced to one SDPA backend (flash, cudnn, efficient, math)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from gpt2repro.bench import machine_name, print_table
+from gpt2repro.config import get_preset
+from gpt2repro.device import (autocast, enable_tf32, fused_adamw_available, pick_autocast_dtype,
+                              pick_device, synchronize)
+from gpt2repro.errors import UserError
+from gpt2repro.model.gpt import GPT
+from gpt2repro.train.metrics import mfu, peak_flops
+
+CHUNK_ROWS = 8192
+CPU_VARIANTS = "baseline,eager,chunked-ce"
+CUDA_VARIANTS = "baseline,eager,compiled,compiled+chunked-ce,sdpa-flash,sdpa-cudnn"
+
+
+def load_baseline_class():
+    """benchmarks/nanogpt_baseline.py from the source tree (it is not part of the package)."""
+    path = Path(__file__).resolve().parents[3] / "benchmarks" / "nanogpt_baseline.py"
+    if not path.is_file():
+        return None
+    spec = importlib.util.spec_from_file_location("nanogpt_baseline", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module.BaselineGPT
+
+
+def sdpa_backend(name: str):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+    return sdpa_kernel(backends[name])
+
+
+def build_variant(name: str, reference: GPT, device: torch.device):
+    """(model to train, context to run it in) for one variant, with the reference's weights."""
+    context = contextlib.nullcontext()
+    if name == "baseline":
+        baseline_cls = load_baseline_class()
+        if baseline_cls is None:
+            return None, context
+        model = baseline_cls(reference.config)
+        model.load_state_dict(reference.state_dict(), strict=True)
+        return model.to(device), context
+    model = GPT(reference.config)
+    model.load_state_dict(reference.state_dict())
+    model.to(device)
+    if "chunked-ce" in name:
+        model.ce_chunk_rows = CHUNK_ROWS
+    if name.startswith("sdpa-"):
+        context = sdpa_backend(name.removeprefix("sdpa-"))
+    if "compiled" in name or name.startswith("sdpa-"):
+        return torch.compile(model), context
+    return model, context
+
+
+def peak_memory(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
+    # ru_maxrss is the process's high-water mark (KiB on Linux): it only grows across variants
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB (process)"
+
+
+def time_variant(model, context, x, y, device, dtype, steps: int, warmup: int):
+    fused = fused_adamw_available(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=fused or None)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times, first_loss = [], None
+    with context:
+        for i in range(warmup + steps):
+            synchronize(device)
+            t0 = time.perf_counter()
+            with autocast(device, dtype):
+                _, loss = model(x, y)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            synchronize(device)
+            if i == 0:
+                first_loss = loss.item()
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+    return statistics.median(times), first_loss
+
+
+def bench_train(args: argparse.Namespace) -> list[dict]:
+    device = pick_device(args.device)
+    dtype = pick_autocast_dtype(args.dtype, device)
+    enable_tf32(device)
+    cfg = get_preset(args.preset)
+    B = args.micro_batch or (cfg.data.micro_batch if cfg.data.micro_batch != "auto" else 8)
+    T = args.seq_len or cfg.data.seq_len
+    if T > cfg.model.block_size:
+        raise UserError(f"--seq-len {T} is longer than the preset's block_size {cfg.model.block_size}")
+    names = (CUDA_VARIANTS if device.type == "cuda" else CPU_VARIANTS) if args.variants == "auto" \
+        else args.variants
+    torch.manual_seed(0)
+    reference = GPT(cfg.model)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 50257, (B, T), generator=g).to(device)
+    y = torch.randint(0, 50257, (B, T), generator=g).to(device)
+    flops_per_token = reference.flops_per_token(T)
+    peak = peak_flops(device)
+
+    rows, results = [], []
+    for name in names.split(","):
+        model, context = build_variant(name.strip(), reference, device)
+        if model is None:
+            print(f"{name}: skipped (benchmarks/nanogpt_baseline.py is not in this installation)")
+            continue
+        try:
+            step_s, loss = time_variant(model, context, x, y, device, dtype, args.steps, args.warmup)
+        except (RuntimeError, torch.OutOfMemoryError) as e:  # e.g. an SDPA backend this card lacks
+            print(f"{name}: failed ({str(e).splitlines()[0][:100]})")
+            del model
+            continue
+        tokens_per_s = B * T / step_s
+        utilization = mfu(tokens_per_s, flops_per_token, peak)
+        results.append(dict(variant=name, tokens_per_s=tokens_per_s, step_ms=1000 * step_s, mfu=utilization,
+                            memory=peak_memory(device), loss=loss))
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    base = next((r["tokens_per_s"] for r in results if r["variant"] == "baseline"), None)
+    for r in results:
+        rows.append([r["variant"], f"{r['tokens_per_s']:,.0f}", f"{r['step_ms']:.1f}",
+                     f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-", r["memory"],
+                     f"{r['loss']:.5f}", f"{r['tokens_per_s'] / base:.2f}x" if base else "-"])
+    print_table(
+        f"bench train: preset {args.preset}, B={B}, T={T}, dtype {dtype or torch.float32}, "
+        f"{machine_name(str(device))}, median of {args.steps} steps after {args.warmup} warm-up",
+        ["variant", "tokens/s", "step ms", "MFU", "peak memory", "loss step 0", "vs baseline"], rows)
+    return results

@@ -1,0 +1,72 @@
+"""LM head + cross-entropy in row chunks, so the full logits are never materialised.
+
+For GPT-2 124M at micro-batch 64 × 1024 the float32 logits alone are
+64·1024·50,304·4 bytes = 13 GB, and their gradient as much again. Here each chunk
+of rows computes its logits, its loss and, right away, the gradients with respect
+to the hidden states and the head weight; only those gradients (N × C and V × C)
+are kept for the backward pass, which just scales them.
+
+Numerically it is ``F.cross_entropy(h @ W.T, targets, ignore_index=-1)`` (mean over
+the non-ignored targets) in value and gradient, up to float summation order.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -1
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_rows: int, compute_dtype):
+        n_valid = (targets != IGNORE_INDEX).sum().clamp(min=1)
+        softmax_dtype = torch.promote_types(compute_dtype, torch.float32)  # float32, or float64 in tests
+        h = hidden.to(compute_dtype)
+        w = weight.to(compute_dtype)
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros(weight.shape, dtype=softmax_dtype, device=weight.device)
+        loss = torch.zeros((), dtype=softmax_dtype, device=hidden.device)
+        for start in range(0, h.size(0), chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            t = targets[rows]
+            valid = t != IGNORE_INDEX
+            logits = (h[rows] @ w.t()).to(softmax_dtype)
+            loss += F.cross_entropy(logits, t, ignore_index=IGNORE_INDEX, reduction="sum")
+            # d(sum of CE)/d logits = softmax - onehot, zero on ignored rows
+            grad_logits = torch.softmax(logits, dim=-1)
+            grad_logits[valid, t[valid]] -= 1.0
+            grad_logits[~valid] = 0.0
+            grad_logits = (grad_logits / n_valid).to(compute_dtype)
+            grad_hidden[rows] = (grad_logits @ w).to(hidden.dtype)
+            grad_weight += grad_logits.t() @ h[rows]
+        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+        return loss / n_valid
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None, None
+
+
+def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                          chunk_rows: int = 4096) -> torch.Tensor:
+    """Mean CE of ``hidden @ weight.T`` against ``targets`` (-1 ignored), chunk by chunk.
+
+    Under autocast the matmuls run in the autocast dtype and the softmax in float32,
+    as they would for ``F.cross_entropy(lm_head(hidden).float(), targets)``.
+    """
+    device_type = hidden.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+    hidden, targets = hidden.flatten(0, -2), targets.flatten()
+    with torch.autocast(device_type=device_type, enabled=False):
+        if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+            return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk_rows, dtype)
+        # evaluation: the same chunking, no gradients to keep
+        h, w = hidden.to(dtype), weight.to(dtype)
+        softmax_dtype = torch.promote_types(dtype, torch.float32)
+        total = sum(F.cross_entropy((h[i:i + chunk_rows] @ w.t()).to(softmax_dtype), targets[i:i + chunk_rows],
+                                    ignore_index=IGNORE_INDEX, reduction="sum")
+                    for i in range(0, h.size(0), chunk_rows))
+        return total / (targets != IGNORE_INDEX).sum().clamp(min=1)

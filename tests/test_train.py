@@ -1,0 +1,135 @@
+"""Training: schedule, DDP == single-process accumulation, exact resume, bad input."""
+
+import math
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from gpt2repro.config import OptimConfig
+from gpt2repro.train.optim import build_optimizer, learning_rate
+from gpt2repro.train.trainer import grad_accum_steps
+
+from conftest import assert_one_line_error, run_cli
+
+
+def make_shards(directory, n_train=40_000, n_val=4_000, seed=0):
+    """Random-token shards in the prepare layout (val first)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    np.save(directory / "test_val_000000.npy", rng.integers(0, 50257, n_val, dtype=np.uint16))
+    np.save(directory / "test_train_000001.npy", rng.integers(0, 50257, n_train // 2, dtype=np.uint16))
+    np.save(directory / "test_train_000002.npy", rng.integers(0, 50257, n_train - n_train // 2, dtype=np.uint16))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return make_shards(tmp_path_factory.mktemp("shards"))
+
+
+def weights(run_dir, step):
+    return load_file(str(run_dir / f"ckpt_{step:06d}" / "model.safetensors"))
+
+
+def max_abs_diff(a, b):
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def train_cli(*args, **kwargs):
+    result = run_cli("train", "--preset", "tiny", *args, **kwargs)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_learning_rate_schedule():
+    cfg = OptimConfig(max_lr=6e-4, min_lr=6e-5, warmup_steps=10, max_steps=110)
+    assert learning_rate(0, cfg) == pytest.approx(6e-4 / 10)
+    assert learning_rate(4, cfg) == pytest.approx(6e-4 * 5 / 10)
+    assert learning_rate(10, cfg) == pytest.approx(6e-4)  # peak right after warmup
+    assert learning_rate(60, cfg) == pytest.approx((6e-4 + 6e-5) / 2)  # cosine midpoint
+    assert learning_rate(85, cfg) == pytest.approx(6e-5 + 0.5 * (1 + math.cos(math.pi * 0.75)) * 5.4e-4)
+    assert learning_rate(110, cfg) == pytest.approx(6e-5)
+    assert learning_rate(10_000, cfg) == pytest.approx(6e-5)
+    lrs = [learning_rate(s, cfg) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_weight_decay_only_on_matrices():
+    from gpt2repro.config import MODEL_PRESETS
+    from gpt2repro.model.gpt import GPT
+
+    model = GPT(MODEL_PRESETS["tiny"])
+    opt = build_optimizer(model, OptimConfig(weight_decay=0.1), fused=False)
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == model.num_params()
+    assert opt.defaults["betas"] == (0.9, 0.95) and opt.defaults["eps"] == 1e-8
+
+
+def test_grad_accum_steps():
+    assert grad_accum_steps(524_288, 64, 1024, 1) == 8
+    assert grad_accum_steps(524_288, 16, 1024, 8) == 4
+
+
+def test_resume_equals_uninterrupted_run(shards, tmp_path):
+    common = ["--data", shards, "max_steps=8", "val_every=3", "checkpoint.every=0"]
+    train_cli("--out", tmp_path / "straight", *common)
+    train_cli("--out", tmp_path / "split", "--stop-at-step", "4", *common)
+    assert (tmp_path / "split" / "ckpt_000004").is_dir()
+    assert not (tmp_path / "split" / "ckpt_000008").exists()
+    result = train_cli("--out", tmp_path / "split", "--resume", *common)
+    assert "resuming from" in result.stdout and "at step 4" in result.stdout
+    assert max_abs_diff(weights(tmp_path / "straight", 8), weights(tmp_path / "split", 8)) == 0.0
+    # the log of the resumed run is the uninterrupted log, line for line
+    assert (tmp_path / "straight" / "log.txt").read_text() == (tmp_path / "split" / "log.txt").read_text()
+
+
+@pytest.mark.slow
+def test_ddp_equals_single_process_accumulation(shards, tmp_path):
+    # 2 ranks × micro-batch 4 × accumulation 2 == 1 process × micro-batch 4 × accumulation 4
+    common = ["--data", shards, "max_steps=3", "total_batch_tokens=512", "micro_batch=4", "seq_len=32"]
+    ddp = run_cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "gpt2repro",
+                  "train", "--preset", "tiny", "--out", tmp_path / "ddp", *common, module=None)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert "2 accumulation × 2 ranks" in ddp.stdout
+    single = train_cli("--out", tmp_path / "single", *common)
+    assert "4 accumulation × 1 ranks" in single.stdout
+    diff = max_abs_diff(weights(tmp_path / "ddp", 3), weights(tmp_path / "single", 3))
+    assert diff <= 1e-5
+    # and the training actually moved the weights
+    init = run_cli("train", "--preset", "tiny", "--out", tmp_path / "zero", *common, "max_steps=1")
+    assert init.returncode == 0
+    assert max_abs_diff(weights(tmp_path / "ddp", 3), weights(tmp_path / "zero", 1)) > 1e-4
+
+
+def test_total_batch_that_does_not_divide(shards, tmp_path):
+    result = run_cli("train", "--preset", "tiny", "--data", shards, "--out", tmp_path, "total_batch_tokens=1000")
+    assert_one_line_error(result, "total_batch_tokens=1000", "not divisible")
+
+
+def test_data_dir_without_shards(tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = run_cli("train", "--preset", "tiny", "--data", tmp_path / "empty", "--out", tmp_path / "run")
+    assert_one_line_error(result, str(tmp_path / "empty"))
+
+
+def test_resume_with_nothing_to_resume(shards, tmp_path):
+    result = run_cli("train", "--preset", "tiny", "--data", shards, "--out", tmp_path / "run", "--resume")
+    assert_one_line_error(result, "--resume found no complete checkpoint")
+
+
+def test_resume_with_a_different_model(shards, tmp_path):
+    train_cli("--data", shards, "--out", tmp_path / "run", "max_steps=1")
+    result = run_cli("train", "--preset", "tiny", "--data", shards, "--out", tmp_path / "run", "--resume",
+                     "n_layer=3")
+    assert_one_line_error(result, "--resume with a different config", "model.n_layer")
+
+
+def test_seq_len_longer_than_block_size(shards, tmp_path):
+    result = run_cli("train", "--preset", "tiny", "--data", shards, "--out", tmp_path, "seq_len=128")
+    assert_one_line_error(result, "data.seq_len=128", "block_size=64")
