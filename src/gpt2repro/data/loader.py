@@ -92,6 +92,9 @@ class TokenLoader:
         self.stream = self.by_index.reordered(self.order)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        k = self.step * self.world_size + self.rank
+        tokens = torch.from_numpy(self.stream.read(k * self.window, self.window + 1))
+        self.step += 1
         if self.step == self.steps_per_epoch:
             self.epoch += 1
             self.step = 0
@@ -99,9 +102,6 @@ class TokenLoader:
             if self.rank == 0:
                 print(f"data: {self.split} epoch {self.epoch - 1} done; starting epoch {self.epoch}"
                       + (" with a new shard order" if self.shuffle_shards else ""), flush=True)
-        k = self.step * self.world_size + self.rank
-        tokens = torch.from_numpy(self.stream.read(k * self.window, self.window + 1))
-        self.step += 1
         return tokens[:-1].view(self.B, self.T), tokens[1:].view(self.B, self.T)
 
     def state_dict(self) -> dict:
