@@ -1,0 +1,81 @@
+"""``gpt2repro bench eval``: HellaSwag items/s, our packed batches against build-nanogpt's loop.
+
+Both paths run in the same process on the same items and score both scorings; the
+table also says whether their accuracies agree. Without ``--data`` the items are
+synthetic, made the same way every time, with HellaSwag's lengths (about 45 context
+tokens, 29 per ending).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+
+import torch
+
+from gpt2repro.bench import machine_name, print_table
+from gpt2repro.config import MODEL_PRESETS
+from gpt2repro.errors import UserError
+
+WORDS = ("the man woman person is then a and to of in on with her his they camera shows "
+         "continues begins while holding ball water into down up around back front people "
+         "two small large table kitchen room outside playing talking using hands shown "
+         "screen bike dog car field game next after before again slowly quickly").split()
+
+
+def synthetic_items(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+
+    def text(lo: int, hi: int) -> str:
+        return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi))) + "."
+
+    return [{"ctx": text(35, 55), "endings": [text(18, 38) for _ in range(4)],
+             "label": rng.randrange(4), "activity_label": rng.choice(WORDS).capitalize()}
+            for _ in range(n)]
+
+
+def _model(spec: str, device: torch.device):
+    if spec in MODEL_PRESETS:  # randomly initialised: speed does not depend on the weights
+        from gpt2repro.config import get_model_preset
+        from gpt2repro.model.gpt import GPT
+
+        torch.manual_seed(0)
+        return GPT(get_model_preset(spec)).to(device), f"{spec} preset (random init)"
+    from gpt2repro.model.load import load_model
+
+    return load_model(spec, str(device)), spec
+
+
+def bench_eval(args: argparse.Namespace) -> list[list[str]]:
+    from gpt2repro.device import pick_autocast_dtype, pick_device, synchronize
+    from gpt2repro.eval.hellaswag import SCORINGS, evaluate_hellaswag, evaluate_hellaswag_reference, load_items
+
+    if (args.limit is not None and args.limit < 1) or args.batch_size < 1:
+        raise UserError("--limit and --batch-size must be at least 1")
+    device = pick_device(args.device)
+    dtype = pick_autocast_dtype(args.dtype, device)
+    model, model_name = _model(args.model, device)
+    items = load_items(args.data, args.limit) if args.data else synthetic_items(args.limit or 200)
+    source = args.data or "synthetic items"
+
+    warmup = items[:min(8, len(items))]  # tokenizer tables, allocator, kernels
+    evaluate_hellaswag(model, warmup, batch_size=args.batch_size, device=device, autocast_dtype=dtype)
+    evaluate_hellaswag_reference(model, warmup, device=device, autocast_dtype=dtype)
+    synchronize(device)
+    ours = evaluate_hellaswag(model, items, batch_size=args.batch_size, device=device, autocast_dtype=dtype)
+    plain = evaluate_hellaswag_reference(model, items, device=device, autocast_dtype=dtype)
+    agree = all(ours[s][k] == plain[s][k] for s in SCORINGS for k in ("acc", "acc_norm"))
+
+    speedup = ours["items_per_s"] / plain["items_per_s"]
+    rows = [
+        [f"packed rows, batches of {args.batch_size} (ours)", f"{ours['items_per_s']:.1f}",
+         f"{ours['completion']['items_per_s']:.1f}", f"{ours['harness']['items_per_s']:.1f}", f"{speedup:.2f}x"],
+        ["one item at a time, 4 rows (build-nanogpt)", f"{plain['items_per_s']:.1f}",
+         f"{plain['completion']['items_per_s']:.1f}", f"{plain['harness']['items_per_s']:.1f}", "1.00x"],
+    ]
+    dtype_name = str(dtype).removeprefix("torch.") if dtype else "float32"
+    print_table(f"HellaSwag eval: {model_name}, {len(items)} {source}, {dtype_name}, {machine_name(str(device))}",
+                ["path", "items/s (both scorings)", "completion items/s", "harness items/s", "speedup"], rows)
+    print(f"same accuracies on both paths: {'yes' if agree else 'NO'} "
+          f"(completion acc_norm {ours['completion']['acc_norm']:.4f}, harness acc_norm {ours['harness']['acc_norm']:.4f})")
+    return rows

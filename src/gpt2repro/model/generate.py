@@ -1,0 +1,95 @@
+"""Sampling text from a model: top-k, temperature, and a KV cache.
+
+With the cache, the prompt is run once and every later step feeds only the newest
+token; without it, every step reruns the whole sequence. Both give the same tokens
+for the same seed. Once a sequence is longer than the model's block_size, the
+positions of the cached keys no longer match a sliding window, so from then on each
+step recomputes the last block_size tokens, with or without the cache.
+
+The random numbers come from a ``torch.Generator`` seeded per call on the model's
+device: sampling never touches the global RNG, which the trainer's exact resume
+depends on.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from gpt2repro.config import GPT2_VOCAB_SIZE
+from gpt2repro.data.tokenizer import EOT_TOKEN, decode, encode
+from gpt2repro.errors import UserError
+
+
+def sample_next(logits: torch.Tensor, rng: torch.Generator, top_k: int | None, temperature: float) -> torch.Tensor:
+    """One token per row from (B, vocab) float logits; temperature 0 is greedy."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k:
+        logits, candidates = logits.topk(min(top_k, logits.size(-1)), dim=-1)
+        choice = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=rng)
+        return candidates.gather(-1, choice)
+    return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=rng)
+
+
+def generate(model, prompt_tokens: list[int], *, num_samples: int = 4, max_new_tokens: int = 32,
+             top_k: int | None = 50, temperature: float = 1.0, seed: int = 42, kv_cache: bool = True,
+             device=None) -> list[list[int]]:
+    """``num_samples`` full sequences: the prompt, then ``max_new_tokens`` sampled tokens.
+
+    An empty prompt starts from <|endoftext|>, which is then the returned prompt.
+    Tokens are drawn from the real 50,257-token vocabulary only, so every sample decodes.
+    The model is put in eval mode and restored after; call under ``torch.autocast`` for
+    reduced precision.
+    """
+    device = torch.device(device) if device is not None else model.lm_head.weight.device
+    block_size = model.config.block_size
+    prompt = list(prompt_tokens) or [EOT_TOKEN]
+    rows = torch.tensor([prompt] * num_samples, dtype=torch.long, device=device)
+    rng = torch.Generator(device=device).manual_seed(seed)
+    cache = None
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for _ in range(max_new_tokens):
+                if kv_cache and rows.size(1) <= block_size:
+                    if cache is None:  # prefill: the whole prompt once
+                        cache = model.new_kv_cache(num_samples, block_size)
+                        hidden = model.hidden(rows, kv_cache=cache)
+                    else:  # only the newest token; the rest is in the cache
+                        hidden = model.hidden(rows[:, -1:], kv_cache=cache)
+                else:
+                    hidden = model.hidden(rows[:, -block_size:])
+                logits = model.lm_head(hidden[:, -1])[:, :GPT2_VOCAB_SIZE].float()
+                rows = torch.cat([rows, sample_next(logits, rng, top_k, temperature)], dim=1)
+    finally:
+        model.train(was_training)
+    return rows.tolist()
+
+
+def sample_cli(model: str, prompt: str, num: int, max_new_tokens: int, top_k: int, temperature: float,
+               seed: int, kv_cache: bool, device: str, dtype: str) -> list[str]:
+    """``gpt2repro sample``: print ``num`` continuations of ``prompt``."""
+    from gpt2repro.device import autocast, pick_autocast_dtype, pick_device
+    from gpt2repro.model.load import load_model
+
+    for flag, value, low in (("--num", num, 1), ("--max-new-tokens", max_new_tokens, 0), ("--top-k", top_k, 0)):
+        if value < low:
+            raise UserError(f"{flag} {value}: must be at least {low}")
+    if not temperature >= 0:
+        raise UserError(f"--temperature {temperature}: must be 0 (greedy) or more")
+    dev = pick_device(device)
+    autocast_dtype = pick_autocast_dtype(dtype, dev)
+    net = load_model(model, str(dev))
+    with autocast(dev, autocast_dtype):
+        samples = generate(net, encode(prompt), num_samples=num, max_new_tokens=max_new_tokens,
+                           top_k=top_k or None, temperature=temperature, seed=seed, kv_cache=kv_cache,
+                           device=dev)
+    texts = []
+    for i, tokens in enumerate(samples):
+        new = tokens[len(tokens) - max_new_tokens:] if max_new_tokens else []
+        texts.append(prompt + decode(new))
+        print(f"sample {i}: {texts[-1]}")
+    return texts

@@ -1,0 +1,145 @@
+"""Training curves from ``log.txt``: loss on the left, HellaSwag on the right.
+
+A log has one ``<step> <stream> <value>`` line per measurement, e.g. ``250 val 3.4127``;
+the streams drawn are ``train``, ``val`` and ``hella``. build-nanogpt writes the same
+format, so its logs plot too. Lines that do not parse are counted and reported, not
+fatal; a log with nothing to draw at all is an error.
+
+The horizontal lines are OpenAI's checkpoints: GPT-2's val loss on FineWeb-edu (known
+for 124M only) and the HellaSwag acc_norm of GPT-2 and GPT-3 of the same size.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from gpt2repro.errors import UserError
+
+PLOTTED_STREAMS = ("train", "val", "hella")
+GPT2_VAL_LOSS = {"124M": 3.2924}
+HELLASWAG_BASELINES = {  # size: (GPT-2, GPT-3) acc_norm
+    "124M": (0.294463, 0.337),
+    "350M": (0.375224, 0.436),
+    "774M": (0.431986, 0.510),
+    "1558M": (0.488946, 0.547),
+}
+
+Streams = dict[str, list[tuple[int, float]]]
+
+
+def parse_log(path: str | Path) -> tuple[Streams, int]:
+    """``{stream: [(step, value), ...]}`` in file order, and the number of malformed lines.
+    Blank lines are neither."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file; pass the log.txt of a training run with --log") from None
+    except OSError as e:
+        raise UserError(f"{path}: unreadable ({e.strerror}); pass the log.txt of a training run") from None
+    streams: Streams = {}
+    malformed = 0
+    for line in text.splitlines():
+        fields = line.split()
+        if not fields:
+            continue
+        try:
+            step, stream, value = int(fields[0]), fields[1], float(fields[2])
+            if len(fields) != 3:
+                raise ValueError
+        except (ValueError, IndexError):
+            malformed += 1
+            continue
+        streams.setdefault(stream, []).append((step, value))
+    return streams, malformed
+
+
+def smooth(values: np.ndarray, window: int) -> np.ndarray:
+    """Trailing mean over ``window`` points (shorter at the start)."""
+    csum = np.cumsum(np.insert(values, 0, 0.0))
+    counts = np.minimum(np.arange(1, len(values) + 1), window)
+    ends = np.arange(1, len(values) + 1)
+    return (csum[ends] - csum[ends - counts]) / counts
+
+
+def _names(logs: list[str]) -> list[str]:
+    """A short label per log: the run directory for ``.../RUN/log.txt``, else the file name."""
+    names = [Path(p).parent.name if Path(p).name == "log.txt" and Path(p).parent.name else Path(p).name
+             for p in logs]
+    return names if len(set(names)) == len(names) else [str(p) for p in logs]
+
+
+def _finite(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
+    return [(s, v) for s, v in points if math.isfinite(v)]
+
+
+def plot_logs(logs: list[str], size: str = "124M", out: str = "plot.png", show: bool = False):
+    """Draw every log into one two-panel figure, save it as ``out``, print the key numbers;
+    returns the matplotlib Figure."""
+    import matplotlib
+
+    if not show:
+        matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    if size not in HELLASWAG_BASELINES:
+        raise UserError(f"--sz {size}: choose one of {', '.join(HELLASWAG_BASELINES)}")
+    parsed = [parse_log(p) for p in logs]
+    for path, (streams, malformed) in zip(logs, parsed):
+        if not any(streams.get(s) for s in PLOTTED_STREAMS):
+            raise UserError(f"{path}: no lines like '<step> train|val|hella <value>' "
+                            f"({malformed} malformed); pass the log.txt of a training run")
+
+    fig, (loss_ax, hella_ax) = plt.subplots(1, 2, figsize=(16, 6))
+    for name, path, (streams, malformed) in zip(_names(logs), logs, parsed):
+        label = f"{name} " if len(logs) > 1 else ""
+        summary = []
+        train = _finite(streams.get("train", []))
+        if train:
+            steps, values = map(np.array, zip(*train))
+            raw = loss_ax.plot(steps, values, alpha=0.25, linewidth=0.8)[0]
+            window = max(1, min(100, len(values) // 20))
+            loss_ax.plot(steps, smooth(values, window), color=raw.get_color(),
+                         label=f"{label}train loss (mean of {window})")
+            i = int(values.argmin())
+            summary.append(f"min train loss {values[i]:.4f} (step {steps[i]})")
+        val = _finite(streams.get("val", []))
+        if val:
+            steps, values = map(np.array, zip(*val))
+            loss_ax.plot(steps, values, label=f"{label}val loss")
+            i = int(values.argmin())
+            summary.append(f"min val loss {values[i]:.4f} (step {steps[i]})")
+        hella = _finite(streams.get("hella", []))
+        if hella:
+            steps, values = map(np.array, zip(*hella))
+            hella_ax.plot(steps, values, label=f"{label}HellaSwag acc_norm")
+            i = int(values.argmax())
+            summary.append(f"max HellaSwag {values[i]:.4f} (step {steps[i]})")
+        print(f"{path}: {', '.join(summary)}")
+        if malformed:
+            print(f"{path}: skipped {malformed} malformed line{'s' * (malformed != 1)}")
+
+    if size in GPT2_VAL_LOSS:
+        loss_ax.axhline(GPT2_VAL_LOSS[size], color="r", linestyle="--",
+                        label=f"OpenAI GPT-2 ({size}) checkpoint val loss")
+    loss_ax.set_yscale("log")
+    loss_ax.set(xlabel="step", ylabel="loss", title="Loss")
+    loss_ax.legend()
+    gpt2, gpt3 = HELLASWAG_BASELINES[size]
+    hella_ax.axhline(gpt2, color="r", linestyle="--", label=f"OpenAI GPT-2 ({size}) checkpoint")
+    hella_ax.axhline(gpt3, color="g", linestyle="--", label=f"OpenAI GPT-3 ({size}) checkpoint")
+    hella_ax.set(xlabel="step", ylabel="accuracy", title="HellaSwag eval")
+    hella_ax.legend()
+    fig.tight_layout()
+
+    out_path = Path(out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path, dpi=100)
+    print(f"wrote {out_path}")
+    if show:
+        plt.show()
+    plt.close(fig)
+    return fig
