@@ -1,11 +1,9 @@
 """Training: schedule, DDP == single-process accumulation, exact resume, bad input."""
 
 import math
-import sys
 
 import numpy as np
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from gpt2repro.config import OptimConfig

@@ -51,13 +51,18 @@ def load_model_dir(directory: Path, device: str | torch.device = "cpu") -> GPT:
     if config is None:
         raise UserError(f"{directory}: no gpt2repro model here (expected {CONFIG_FILE} and {WEIGHTS_FILE})")
     model = GPT(model_config_from_dict(config["model"]))
-    weights = directory / WEIGHTS_FILE
+    load_weights(model, directory)
+    return model.to(device)
+
+
+def load_weights(model: GPT, directory: Path) -> None:
+    """Our saved weights into an existing model, in place (its optimizer and wrappers stay valid)."""
+    weights = Path(directory) / WEIGHTS_FILE
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError) as e:
         raise UserError(f"{weights}: unreadable weights ({e}); the checkpoint is corrupt, use an earlier one") from None
     load_state_strict(model, state, weights)
-    return model.to(device)
 
 
 def load_state_strict(model: GPT, state: dict[str, torch.Tensor], source: Path | str) -> None:

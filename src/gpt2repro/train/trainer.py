@@ -10,7 +10,6 @@ checkpoints that resume to the same parameters an uninterrupted run reaches.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import random
@@ -30,7 +29,7 @@ from gpt2repro.device import (autocast, enable_tf32, fused_adamw_available, pick
                               pick_device, resolve_flag, synchronize)
 from gpt2repro.errors import UserError
 from gpt2repro.model.gpt import GPT
-from gpt2repro.model.io import load_model_dir
+from gpt2repro.model.io import load_weights
 from gpt2repro.train import checkpoint as ckpt
 from gpt2repro.train.distributed import (DistInfo, all_reduce_mean, all_reduce_min, all_reduce_sum,
                                          any_rank, barrier, init_distributed, shutdown_distributed)
@@ -224,159 +223,236 @@ def _due(step: int, every: int, last: bool) -> bool:
     return every > 0 and (step % every == 0 or last)
 
 
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host-to-GPU copies from pinned memory overlap with compute; no sync here."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def train(cfg: TrainConfig, *, resume: bool = False, stop_at_step: int | None = None) -> dict[str, Any]:
-    """Run (or continue) training; returns the final step's metrics."""
+    """Run (or continue) training; returns the last step's metrics."""
     validate_config(cfg)
     rt = setup_runtime(cfg)
     try:
         with StopRequest() as stop:
-            return _train(cfg, rt, resume, stop_at_step, stop)
+            return Trainer(cfg, rt, resume).run(stop, stop_at_step)
     finally:
         shutdown_distributed()
 
 
-def _train(cfg: TrainConfig, rt: Runtime, resume: bool, stop_at_step: int | None, stop: StopRequest):
-    is_main = rt.dist.is_main
-    log = print if is_main else (lambda *a, **k: None)
-    out_dir = Path(cfg.out_dir)
+class Trainer:
+    """Owns the model, optimizer, data and run directory of one training run."""
 
-    # --- where we start: fresh, or the newest complete checkpoint ---------------------------
-    resume_from = None
-    if resume:
-        resume_from = ckpt.latest_checkpoint(out_dir, log=log)
-        if resume_from is None:
-            raise UserError(f"{out_dir}: --resume found no complete checkpoint to resume from; "
+    def __init__(self, cfg: TrainConfig, rt: Runtime, resume: bool):
+        self.cfg, self.rt = cfg, rt
+        self.out_dir = Path(cfg.out_dir)
+        self.is_main = rt.dist.is_main
+        self.log = print if self.is_main else (lambda *a, **k: None)
+
+        resume_from = self._find_resume_checkpoint() if resume else None
+        torch.manual_seed(cfg.runtime.seed)
+        self.model = GPT(cfg.model).to(rt.device)  # raw module: eval, sampling, checkpoints
+
+        self.micro_batch = choose_micro_batch(cfg, self.model, rt, self.log)
+        self.accum = grad_accum_steps(cfg.optim.total_batch_tokens, self.micro_batch, cfg.data.seq_len,
+                                      rt.dist.world_size)
+        self.loader = TokenLoader(cfg.data.path, "train", self.micro_batch, cfg.data.seq_len, rt.dist.rank,
+                                  rt.dist.world_size, shuffle_shards=cfg.data.shuffle_shards, seed=cfg.data.seed)
+        self.optimizer = build_optimizer(self.model, cfg.optim, fused=rt.fused_adamw)
+        self.scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.autocast_dtype == torch.float16)
+        self.step = 0
+        self.skip_steps: set[int] = set()  # steps whose batch a rollback decided to skip
+        if resume_from is not None:
+            self.restore(resume_from)
+            self.log(f"resuming from {resume_from} at step {self.step}")
+        self.hellaswag_items = load_hellaswag_items(cfg, rt)
+
+        # compiled, then DDP-wrapped; both share the raw model's parameters
+        self.fast_model = torch.compile(self.model) if rt.compile else self.model
+        self.train_model = self.fast_model
+        if rt.dist.enabled:
+            device_ids = [rt.device.index] if rt.device.type == "cuda" else None
+            self.train_model = DDP(self.fast_model, device_ids=device_ids)
+
+        self.run_log = None
+        if self.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.remove_temporaries(self.out_dir)
+            (self.out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+            self.run_log = RunLog(self.out_dir / "log.txt", resume_step=self.step if resume_from else None,
+                                  tensorboard_dir=self.out_dir / "tb" if cfg.runtime.tensorboard else None)
+        self.tokens_per_step = cfg.optim.total_batch_tokens
+        self.flops_per_token = self.model.flops_per_token(cfg.data.seq_len)
+        self.peak_flops = peak_flops(rt.device)
+        self.log(f"model: {self.model.num_params():,} parameters | device {rt.device} | dtype "
+                 f"{rt.autocast_dtype or torch.float32} | compile {rt.compile} | fused AdamW {rt.fused_adamw}")
+        self.log(f"batch: {self.micro_batch} × {cfg.data.seq_len} tokens × {self.accum} accumulation × "
+                 f"{rt.dist.world_size} ranks = {self.tokens_per_step:,} tokens/step; "
+                 f"steps {self.step}..{cfg.optim.max_steps}")
+
+    # --- checkpoints ---------------------------------------------------------------------------
+
+    def _find_resume_checkpoint(self) -> Path:
+        path = ckpt.latest_checkpoint(self.out_dir, log=self.log)
+        if path is None:
+            raise UserError(f"{self.out_dir}: --resume found no complete checkpoint to resume from; "
                             "drop --resume to start a new run")
-        saved = json.loads((resume_from / "config.json").read_text())["train"]
-        check_resume_config(saved, cfg, resume_from)
-    torch.manual_seed(cfg.runtime.seed)
-    model = GPT(cfg.model) if resume_from is None else load_model_dir(resume_from)
-    model.to(rt.device)
-
-    # --- batch geometry ----------------------------------------------------------------------
-    B, T, W = choose_micro_batch(cfg, model, rt, log), cfg.data.seq_len, rt.dist.world_size
-    accum = grad_accum_steps(cfg.optim.total_batch_tokens, B, T, W)
-    loader = TokenLoader(cfg.data.path, "train", B, T, rt.dist.rank, W,
-                         shuffle_shards=cfg.data.shuffle_shards, seed=cfg.data.seed)
-    optimizer = build_optimizer(model, cfg.optim, fused=rt.fused_adamw)
-    start_step = 0
-    if resume_from is not None:
-        state = ckpt.load_trainer_state(resume_from)
-        optimizer.load_state_dict(state["optimizer"])
-        loader.load_state_dict(state["loader"])
-        set_rng_state(state["rng"])
-        start_step = state["step"]
-        log(f"resuming from {resume_from} at step {start_step}")
-    hellaswag_items = load_hellaswag_items(cfg, rt)
-
-    # --- the model that trains: compiled, then DDP-wrapped; `model` stays raw for eval/sampling
-    fast_model = torch.compile(model) if rt.compile else model
-    train_model = fast_model
-    if rt.dist.enabled:
-        train_model = DDP(fast_model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
-    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.autocast_dtype == torch.float16)
-
-    if is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.remove_temporaries(out_dir)
-        (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    run_log = RunLog(out_dir / "log.txt", resume_step=start_step if resume_from else None,
-                     tensorboard_dir=out_dir / "tb" if cfg.runtime.tensorboard else None) if is_main else None
-    flops_per_token = model.flops_per_token(T)
-    peak = peak_flops(rt.device)
-    tokens_per_step = B * T * accum * W
-    log(f"model: {model.num_params():,} parameters | device {rt.device} | dtype "
-        f"{rt.autocast_dtype or torch.float32} | compile {rt.compile} | fused AdamW {rt.fused_adamw}")
-    log(f"batch: {B} × {T} tokens × {accum} accumulation × {W} ranks = {tokens_per_step:,} tokens/step; "
-        f"steps {start_step}..{cfg.optim.max_steps}")
-
-    def save(step_done: int) -> Path:
-        path = None
-        if is_main:
-            state = {"step": step_done, "optimizer": optimizer.state_dict(), "loader": loader.state_dict(),
-                     "rng": rng_state()}
-            path = ckpt.save_checkpoint(out_dir, step_done, model, state, cfg.to_dict(), keep=cfg.checkpoint.keep)
-            log(f"saved checkpoint {path}")
-        barrier()
+        saved = json.loads((path / "config.json").read_text())["train"]
+        check_resume_config(saved, self.cfg, path)
         return path
 
-    metrics: dict[str, Any] = {}
-    max_steps = cfg.optim.max_steps
-    for step in range(start_step, max_steps):
-        last = step == max_steps - 1
+    def restore(self, path: Path) -> None:
+        """Weights, optimizer, data position, RNG and step from a checkpoint, in place."""
+        load_weights(self.model, path)
+        state = ckpt.load_trainer_state(path)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.loader.load_state_dict(state["loader"])
+        set_rng_state(state["rng"])
+        self.step = state["step"]
+        self.skip_steps = set(state.get("skip_steps", []))
 
-        # --- periodic evaluation, before the step (step 0 measures the untrained model) ---
+    def save(self, step_done: int, final: bool = False) -> None:
+        """Rank 0 writes; a failed write keeps the previous checkpoint and, unless it is the
+        final one, the run goes on and tries again at the next interval."""
+        error = None
+        if self.is_main:
+            state = {"step": step_done, "optimizer": self.optimizer.state_dict(),
+                     "loader": self.loader.state_dict(), "rng": rng_state(), "skip_steps": sorted(self.skip_steps)}
+            try:
+                path = ckpt.save_checkpoint(self.out_dir, step_done, self.model, state, self.cfg.to_dict(),
+                                            keep=self.cfg.checkpoint.keep)
+                self.log(f"saved checkpoint {path}")
+            except OSError as e:
+                error = f"checkpoint at step {step_done} failed ({e}); the previous checkpoint is intact"
+                self.log(f"ERROR: {error}")
+        barrier()
+        if final and error:
+            raise UserError(f"{self.out_dir}: {error}; free disk space and rerun with --resume")
+
+    def rollback(self, bad_step: int, what: str) -> None:
+        """Non-finite values with on_nonfinite=rollback: reload the newest checkpoint, replay up
+        to the bad step, and skip that step's batch (logged, never silent)."""
+        path = ckpt.latest_checkpoint(self.out_dir, log=self.log)
+        if path is None:
+            raise UserError(f"step {bad_step}: {what}, and no checkpoint to roll back to; "
+                            "lower optim.max_lr or set checkpoint.every")
+        skips = self.skip_steps | {bad_step}
+        self.restore(path)
+        self.skip_steps = skips
+        self.log(f"step {bad_step}: {what}; rolled back to {path.name} (step {self.step}), "
+                 f"step {bad_step}'s batch will be skipped")
+
+    # --- evaluation --------------------------------------------------------------------------
+
+    def evaluate(self, step: int, last: bool, metrics: dict[str, Any]) -> None:
+        cfg = self.cfg
         if _due(step, cfg.eval.val_every, last):
-            val_loss = evaluate_val_loss(fast_model, cfg, B, rt)
-            metrics["val"] = val_loss
-            log(f"step {step:5d} | val loss {val_loss:.4f}")
-            if is_main:
-                run_log.write(step, "val", val_loss)
-        if hellaswag_items is not None and _due(step, cfg.eval.hellaswag_every, last):
+            metrics["val"] = evaluate_val_loss(self.fast_model, cfg, self.micro_batch, self.rt)
+            self.log(f"step {step:5d} | val loss {metrics['val']:.4f}")
+            if self.run_log:
+                self.run_log.write(step, "val", metrics["val"])
+        if self.hellaswag_items is not None and _due(step, cfg.eval.hellaswag_every, last):
             from gpt2repro.eval.hellaswag import evaluate_hellaswag
 
-            result = evaluate_hellaswag(model, hellaswag_items, batch_size=B, device=rt.device,
-                                        autocast_dtype=rt.autocast_dtype, rank=rt.dist.rank,
-                                        world_size=W)
-            acc = result["completion"]["acc_norm"]
-            metrics["hella"] = acc
-            log(f"step {step:5d} | hellaswag acc_norm {acc:.4f}")
-            if is_main:
-                run_log.write(step, "hella", acc)
-        if is_main and step > 0 and _due(step, cfg.eval.sample_every, last):
-            write_samples(model, cfg, step, out_dir, rt, log)
+            result = evaluate_hellaswag(self.model, self.hellaswag_items, batch_size=self.micro_batch,
+                                        device=self.rt.device, autocast_dtype=self.rt.autocast_dtype,
+                                        rank=self.rt.dist.rank, world_size=self.rt.dist.world_size)
+            metrics["hella"] = result["completion"]["acc_norm"]
+            self.log(f"step {step:5d} | hellaswag acc_norm {metrics['hella']:.4f}")
+            if self.run_log:
+                self.run_log.write(step, "hella", metrics["hella"])
+        if self.is_main and step > 0 and _due(step, cfg.eval.sample_every, last):
+            write_samples(self.model, cfg, step, self.out_dir, self.rt, self.log)
 
-        # --- one optimizer step -------------------------------------------------------------
-        t0 = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        loss_sum = torch.zeros((), device=rt.device)
-        for micro in range(accum):
-            x, y = loader.next_batch()
-            x = x.pin_memory().to(rt.device, non_blocking=True) if rt.device.type == "cuda" else x.to(rt.device)
-            y = y.pin_memory().to(rt.device, non_blocking=True) if rt.device.type == "cuda" else y.to(rt.device)
+    # --- one optimizer step ------------------------------------------------------------------
+
+    def train_step(self, step: int) -> tuple[float, float, float]:
+        """Accumulate gradients over the micro-steps, clip, step AdamW. Returns (loss, grad norm,
+        lr); the optimizer is not stepped when either value is non-finite."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), device=self.rt.device)
+        for micro in range(self.accum):
+            x, y = self.loader.next_batch()
+            x, y = _to_device(x, self.rt.device), _to_device(y, self.rt.device)
             # Under DDP, gradients are all-reduced only on the last micro-step.
-            sync = micro == accum - 1 or not rt.dist.enabled
-            with (contextlib.nullcontext() if sync else train_model.no_sync()):
-                with rt.autocast():
-                    _, loss = train_model(x, y)
-                loss = loss / accum
+            last_micro = micro == self.accum - 1
+            no_sync = self.train_model.no_sync() if self.rt.dist.enabled and not last_micro \
+                else contextlib.nullcontext()
+            with no_sync:
+                with self.rt.autocast():
+                    _, loss = self.train_model(x, y)
+                loss = loss / self.accum
                 loss_sum += loss.detach()
-                scaler.scale(loss).backward()
+                self.scaler.scale(loss).backward()
         all_reduce_mean(loss_sum)
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        lr = learning_rate(step, cfg.optim)
-        set_learning_rate(optimizer, lr)
-        loss_value, norm_value = loss_sum.item(), grad_norm.item()
-        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
-            newest = ckpt.latest_checkpoint(out_dir, log=log) if is_main else None
-            raise UserError(f"step {step}: non-finite {'loss' if not math.isfinite(loss_value) else 'grad norm'} "
-                            f"(loss {loss_value}, grad norm {norm_value}); stopped, the last checkpoint "
-                            f"({newest or 'none'}) is intact: lower optim.max_lr or resume with --resume")
-        scaler.step(optimizer)
-        scaler.update()
-        synchronize(rt.device)
-        dt = time.perf_counter() - t0
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        lr = learning_rate(step, self.cfg.optim)
+        set_learning_rate(self.optimizer, lr)
+        loss_value, norm_value = loss_sum.item(), grad_norm.item()  # the step's one host sync
+        if self.scaler.is_enabled() and math.isfinite(loss_value):
+            # fp16: an overflowing gradient is routine; the scaler skips the step and lowers its scale
+            norm_value = norm_value if math.isfinite(norm_value) else 0.0
+        if math.isfinite(loss_value) and math.isfinite(norm_value):
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        return loss_value, norm_value, lr
 
-        tokens_per_s = tokens_per_step / dt
-        utilization = mfu(tokens_per_s, flops_per_token, peak, W)
-        metrics.update(step=step, train=loss_value, lr=lr, grad_norm=norm_value, tokens_per_s=tokens_per_s)
-        if is_main:
-            run_log.write(step, "train", loss_value)
-            if step % cfg.runtime.log_every == 0 or last:
-                mfu_text = f"{100 * utilization:.1f}%" if utilization is not None else "-"
-                log(f"step {step:5d}/{max_steps} | loss {loss_value:.6f} | lr {lr:.4e} | norm {norm_value:.4f} "
-                    f"| {1000 * dt:.1f} ms | {tokens_per_s:,.0f} tok/s | MFU {mfu_text}")
+    def skip_step(self, step: int) -> None:
+        for _ in range(self.accum):
+            self.loader.next_batch()
+        self.log(f"step {step:5d} | skipped: its batch gave non-finite values before a rollback")
 
-        # --- checkpoints, planned and requested -------------------------------------------
-        done = step + 1
-        stopping = any_rank(stop.requested, rt.device) or (stop_at_step is not None and done >= stop_at_step)
-        if done == max_steps or stopping or (cfg.checkpoint.every > 0 and done % cfg.checkpoint.every == 0):
-            save(done)
-        if stopping and done < max_steps:
-            log(f"stopping after step {step} ({'SIGTERM' if stop.requested else '--stop-at-step'}); "
-                "continue with --resume")
-            break
-    if run_log is not None:
-        run_log.close()
-    return metrics
+    # --- the run -----------------------------------------------------------------------------
+
+    def run(self, stop: StopRequest, stop_at_step: int | None = None) -> dict[str, Any]:
+        cfg, max_steps = self.cfg, self.cfg.optim.max_steps
+        metrics: dict[str, Any] = {}
+        recent: list[float] = []
+        while self.step < max_steps:
+            step = self.step
+            last = step == max_steps - 1
+            self.evaluate(step, last, metrics)  # before the step: step 0 measures the untrained model
+
+            t0 = time.perf_counter()
+            if step in self.skip_steps:
+                self.skip_step(step)
+            else:
+                loss, norm, lr = self.train_step(step)
+                if not (math.isfinite(loss) and math.isfinite(norm)):
+                    what = f"non-finite {'loss' if not math.isfinite(loss) else 'grad norm'} ({loss}, norm {norm})"
+                    if cfg.runtime.on_nonfinite == "rollback":
+                        self.rollback(step, what)
+                        continue
+                    newest = ckpt.latest_checkpoint(self.out_dir, log=self.log)
+                    raise UserError(f"step {step}: {what}; stopped, the last checkpoint "
+                                    f"({newest or 'none'}) is intact: lower optim.max_lr, or resume with "
+                                    "--resume runtime.on_nonfinite=rollback")
+                synchronize(self.rt.device)
+                dt = time.perf_counter() - t0
+                recent = (recent + [dt])[-20:]
+                metrics.update(step=step, train=loss, lr=lr, grad_norm=norm, tokens_per_s=self.tokens_per_step / dt)
+                if self.run_log:
+                    self.run_log.write(step, "train", loss)
+                if step % cfg.runtime.log_every == 0 or last:
+                    self.log_step(step, metrics, dt, eta_s=(max_steps - step - 1) * sum(recent) / len(recent))
+
+            self.step = done = step + 1
+            stopping = any_rank(stop.requested, self.rt.device) or (stop_at_step is not None and done >= stop_at_step)
+            if done == max_steps or stopping or (cfg.checkpoint.every > 0 and done % cfg.checkpoint.every == 0):
+                self.save(done, final=done == max_steps or stopping)
+            if stopping and done < max_steps:
+                why = "SIGTERM" if stop.requested else "--stop-at-step"
+                self.log(f"stopping after step {step} ({why}); continue with --resume")
+                break
+        if self.run_log:
+            self.run_log.close()
+        return metrics
+
+    def log_step(self, step: int, m: dict[str, Any], dt: float, eta_s: float) -> None:
+        utilization = mfu(m["tokens_per_s"], self.flops_per_token, self.peak_flops, self.rt.dist.world_size)
+        mfu_text = f"{100 * utilization:.1f}%" if utilization is not None else "-"
+        self.log(f"step {step:5d}/{self.cfg.optim.max_steps} | loss {m['train']:.6f} | lr {m['lr']:.4e} "
+                 f"| norm {m['grad_norm']:.4f} | {1000 * dt:.1f} ms | {m['tokens_per_s']:,.0f} tok/s "
+                 f"| MFU {mfu_text} | eta {eta_s / 60:.1f} min")
