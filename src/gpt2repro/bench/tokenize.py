@@ -4,7 +4,7 @@ The reference is the way build-nanogpt's ``fineweb.py`` tokenizes: a
 ``multiprocessing.Pool(workers).imap(one_document, docs, chunksize=16)`` where
 each call returns ``[<|endoftext|>] + encode_ordinary(text)`` as a uint16 array.
 Both run in this process on the same documents (read into memory first, not
-timed) with the same worker count; each is timed three times, alternating, and
+timed) with the same worker count; each is timed five times, alternating, and
 the median is reported. Both must produce the same tokens.
 """
 
@@ -23,7 +23,7 @@ from gpt2repro.data import tokenizer
 from gpt2repro.data.prepare import encoder_name, fast_encoding, tokenize_documents
 from gpt2repro.data.sources import open_source
 
-ROUNDS = 3
+ROUNDS = 5
 
 
 def _reference_one_document(document: dict) -> np.ndarray:

@@ -22,7 +22,6 @@ produces the remaining shards byte for byte as an uninterrupted run would.
 
 from __future__ import annotations
 
-import array
 import collections
 import functools
 import itertools
@@ -40,6 +39,7 @@ from gpt2repro.data.sources import open_source
 from gpt2repro.errors import UserError
 
 EOT = tokenizer.EOT_TOKEN
+_EOT_ONLY = [EOT]
 MANIFEST = "manifest.json"
 PROGRESS = "prepare_progress.json"
 FORMAT = "gpt2repro-shards"
@@ -129,13 +129,18 @@ def _tasks(documents: Iterable[str]) -> Iterator[tuple[list[str], list[bool]]]:
 def _encode_task(task: tuple[list[str], list[bool]]) -> tuple[np.ndarray, np.ndarray]:
     """A task's tokens as uint16, and the offsets of its documents' <|endoftext|> tokens."""
     encode = fast_encoding().encode_ordinary
-    tokens, doc_starts = array.array("H"), array.array("q")
+    pieces, doc_starts, count = [], [], 0
     for text, starts_document in zip(*task):
         if starts_document:
-            doc_starts.append(len(tokens))
-            tokens.append(EOT)
-        tokens.extend(encode(text))
-    return np.frombuffer(tokens, dtype=np.uint16), np.frombuffer(doc_starts, dtype=np.int64)
+            doc_starts.append(count)
+            pieces.append(_EOT_ONLY)
+            count += 1
+        ids = encode(text)
+        pieces.append(ids)
+        count += len(ids)
+    # One pass from the id lists into the array: cheaper than growing an array per piece.
+    tokens = np.fromiter(itertools.chain.from_iterable(pieces), dtype=np.uint16, count=count)
+    return tokens, np.array(doc_starts, dtype=np.int64)
 
 
 def tokenize_documents(documents: Iterable[str], workers: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
