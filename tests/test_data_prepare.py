@@ -11,6 +11,7 @@ from gpt2repro.data import prepare as prep
 from gpt2repro.data import sources
 from gpt2repro.data.shards import list_shards, open_shard
 from gpt2repro.data.tokenizer import EOT_TOKEN, gpt2_encoding
+from gpt2repro.errors import UserError
 
 WORDS = ["the", "cat", "naïve", "café", "東京", "😀", "def f(x):", "    return x", "<|endoftext|>",
          "don't", "12345", "3.14", "\t", "  ", "!!", "Hello", "world", "über", "—", "a\u00a0b"]
@@ -323,3 +324,16 @@ def test_bench_tokenize_reports_both_paths(tmp_path):
     rows = [ln for ln in result.stdout.splitlines() if ln.startswith("| ") and "tokens/s" not in ln]
     assert len(rows) == 2 and "Pool per document" in rows[0] and "prepare" in rows[1]
     assert rows[0].split("|")[2] == rows[1].split("|")[2]  # same token count
+
+
+def test_a_damaged_shard_is_redone_and_a_smaller_max_tokens_refused(tmp_path):
+    data = str(write_jsonl(tmp_path / "d.jsonl", make_documents(150)))
+    settings = dict(shard_tokens=1000, val_tokens=800, workers=1)
+    prep.prepare(data, tmp_path / "full", **settings)
+    prep.prepare(data, tmp_path / "out", **settings)
+    damaged = tmp_path / "out" / "d_train_000002.npy"
+    damaged.write_bytes(damaged.read_bytes()[:500])
+    prep.prepare(data, tmp_path / "out", **settings)
+    assert shard_bytes(tmp_path / "out") == shard_bytes(tmp_path / "full")
+    with pytest.raises(UserError, match="already holds"):
+        prep.prepare(data, tmp_path / "out", max_tokens=2000, **settings)

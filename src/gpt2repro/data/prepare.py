@@ -325,11 +325,17 @@ def prepare(source: str, out_dir, *, name: str = "sample-10BT", streaming: bool 
     run = {"source": corpus.label, "prefix": prefix, "shard_tokens": shard_tokens,
            "val_tokens": val_tokens}  # what a resumed run must share with the one it continues
     previous = _read_state(out_dir) if out_dir.is_dir() else None
-    if previous and previous.get("complete") and _same_run(previous, run) \
-            and previous.get("max_tokens") == max_tokens:
-        print(f"{out_dir}: already prepared ({previous['tokens']:,} tokens); nothing to do")
-        return previous
     kept = _kept_shards(out_dir, previous, run, val_tokens, shard_tokens)
+    if previous is not None:
+        shards = previous.get("shards", [])
+        written = sum(s["tokens"] for s in shards)
+        if max_tokens is not None and written > max_tokens:
+            raise UserError(f"--max-tokens {max_tokens:,}: {out_dir} already holds {written:,} tokens "
+                            "of this prepare; use a new --out for a smaller set")
+        intact = all(read_shard_length(out_dir / s["file"]) == s["tokens"] for s in shards)
+        if previous.get("complete") and previous.get("max_tokens") == max_tokens and intact:
+            print(f"{out_dir}: already prepared ({previous['tokens']:,} tokens); nothing to do")
+            return previous
     resume_document = kept[-1]["next"]["document"] if kept else 0
     documents = corpus.documents(resume_document)
     if not kept:
