@@ -36,9 +36,8 @@ def sample_next(logits: torch.Tensor, rng: torch.Generator, top_k: int | None, t
 def generate(model, prompt_tokens: list[int], *, num_samples: int = 4, max_new_tokens: int = 32,
              top_k: int | None = 50, temperature: float = 1.0, seed: int = 42, kv_cache: bool = True,
              device=None) -> list[list[int]]:
-    """``num_samples`` full sequences: the prompt, then ``max_new_tokens`` sampled tokens.
-
-    An empty prompt starts from <|endoftext|>, which is then the returned prompt.
+    """``num_samples`` lists of ``max_new_tokens`` new tokens each (the prompt is not repeated:
+    ``prompt + decode(tokens)`` is the sample). An empty prompt starts from <|endoftext|>.
     Tokens are drawn from the real 50,257-token vocabulary only, so every sample decodes.
     The model is put in eval mode and restored after; call under ``torch.autocast`` for
     reduced precision.
@@ -66,7 +65,7 @@ def generate(model, prompt_tokens: list[int], *, num_samples: int = 4, max_new_t
                 rows = torch.cat([rows, sample_next(logits, rng, top_k, temperature)], dim=1)
     finally:
         model.train(was_training)
-    return rows.tolist()
+    return rows[:, len(prompt):].tolist()
 
 
 def sample_cli(model: str, prompt: str, num: int, max_new_tokens: int, top_k: int, temperature: float,
@@ -89,7 +88,6 @@ def sample_cli(model: str, prompt: str, num: int, max_new_tokens: int, top_k: in
                            device=dev)
     texts = []
     for i, tokens in enumerate(samples):
-        new = tokens[len(tokens) - max_new_tokens:] if max_new_tokens else []
-        texts.append(prompt + decode(new))
+        texts.append(prompt + decode(tokens))
         print(f"sample {i}: {texts[-1]}")
     return texts

@@ -1,0 +1,87 @@
+import math
+
+import pytest
+
+from conftest import assert_one_line_error, run_cli
+from gpt2repro.errors import UserError
+from gpt2repro.report.plot import parse_log, plot_logs, smooth
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def write_log(path, steps=60, offset=0.0, hella=True, junk=()):
+    lines = []
+    for step in range(steps):
+        lines.append(f"{step} train {10.0 / (1 + step) + 3.0 + offset:.6f}")
+        if step % 10 == 0:
+            lines.append(f"{step} val {10.0 / (1 + step) + 3.2 + offset:.4f}")
+            if hella:
+                lines.append(f"{step} hella {0.25 + step / 1000:.4f}")
+    lines[3:3] = list(junk)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_parse_log_counts_malformed_lines(tmp_path):
+    log = write_log(tmp_path / "log.txt", steps=20, junk=["garbage", "5 train", "x val 3.0", "", "7 val 3.1 extra"])
+    streams, malformed = parse_log(log)
+    assert malformed == 4  # the blank line is not malformed
+    assert len(streams["train"]) == 20 and len(streams["val"]) == 2 and len(streams["hella"]) == 2
+    assert streams["val"][1] == (10, pytest.approx(10 / 11 + 3.2, abs=1e-4))
+
+
+def test_smooth_is_a_trailing_mean():
+    assert smooth([1.0, 3.0, 5.0, 7.0], 2).tolist() == [1.0, 2.0, 4.0, 6.0]
+
+
+def test_plot_writes_a_png_with_both_panels(tmp_path, capsys):
+    ours = write_log(tmp_path / "ours" / "log.txt", junk=["oops"])
+    theirs = write_log(tmp_path / "theirs" / "log.txt", offset=0.5, hella=False)
+    out = tmp_path / "plots" / "runs.png"
+    fig = plot_logs([str(ours), str(theirs)], size="350M", out=str(out))
+    assert out.read_bytes()[:8] == PNG_MAGIC
+    loss_ax, hella_ax = fig.axes
+    assert loss_ax.get_yscale() == "log"
+    loss_labels = [line.get_label() for line in loss_ax.get_lines()]
+    assert "ours train loss (mean of 3)" in loss_labels and "theirs val loss" in loss_labels
+    assert not any("checkpoint val loss" in label for label in loss_labels)  # known for 124M only
+    hella_lines = {line.get_label(): line for line in hella_ax.get_lines()}
+    assert "ours HellaSwag acc_norm" in hella_lines
+    assert hella_lines["OpenAI GPT-2 (350M) checkpoint"].get_ydata()[0] == 0.375224
+    assert hella_lines["OpenAI GPT-3 (350M) checkpoint"].get_ydata()[0] == 0.436
+    printed = capsys.readouterr().out
+    assert f"min train loss {10 / 60 + 3:.4f} (step 59)" in printed
+    assert f"min val loss {10 / 51 + 3.2:.4f} (step 50)" in printed
+    assert "max HellaSwag 0.3000 (step 50)" in printed
+    assert "skipped 1 malformed line" in printed
+
+
+def test_plot_cli_with_the_124m_baseline(tmp_path):
+    log = write_log(tmp_path / "run" / "log.txt")
+    result = run_cli("plot", "--log", log, "--sz", "124M", "--out", tmp_path / "p.png")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "p.png").read_bytes()[:8] == PNG_MAGIC
+    assert "min val loss" in result.stdout
+
+
+def test_log_with_nothing_to_plot(tmp_path):
+    (tmp_path / "log.txt").write_text("hello\nthis is not a log\n")
+    with pytest.raises(UserError, match="2 malformed"):
+        plot_logs([str(tmp_path / "log.txt")], out=str(tmp_path / "p.png"))
+    result = run_cli("plot", "--log", tmp_path / "log.txt", "--out", tmp_path / "p.png")
+    assert_one_line_error(result, "log.txt", "no lines like")
+    assert not (tmp_path / "p.png").exists()
+
+
+def test_missing_log_file(tmp_path):
+    with pytest.raises(UserError, match="no such file"):
+        parse_log(tmp_path / "absent.txt")
+
+
+def test_nonfinite_values_do_not_break_the_summary(tmp_path, capsys):
+    log = tmp_path / "log.txt"
+    log.write_text("0 train 5.0\n1 train nan\n2 train 4.0\n")
+    plot_logs([str(log)], out=str(tmp_path / "p.png"))
+    assert "min train loss 4.0000 (step 2)" in capsys.readouterr().out
+    assert math.isnan(parse_log(log)[0]["train"][1][1])
