@@ -99,7 +99,7 @@ def _npy_bytes(array):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("problem", ["token id", "truncated", "no train shards"])
+@pytest.mark.parametrize("problem", ["token id", "no train shards"])
 def test_bad_data_through_the_train_command(tmp_path, problem):
     from conftest import assert_one_line_error, run_cli
 
@@ -107,11 +107,8 @@ def test_bad_data_through_the_train_command(tmp_path, problem):
     data.mkdir()
     save(data / "d_val_000000.npy", np.arange(4000, dtype=np.uint16))
     train = data / "d_train_000001.npy"
-    if problem == "token id":
+    if problem == "token id":  # found by the first read of the shard, inside the training loop
         save(train, np.full(4000, 50300, dtype=np.uint16))
-    elif problem == "truncated":
-        train.write_bytes(_npy_bytes(np.arange(4000, dtype=np.uint16))[:3000])
     result = run_cli("train", "--preset", "tiny", "--data", data, "--out", tmp_path / "run", "--device", "cpu")
-    needles = {"token id": [str(train), "50300"], "truncated": [str(train), "truncated"],
-               "no train shards": [str(data), "no train shards"]}[problem]
+    needles = {"token id": [str(train), "50300"], "no train shards": [str(data), "no train shards"]}[problem]
     assert_one_line_error(result, *needles)

@@ -130,6 +130,9 @@ class TokenLoader:
         self._start_epoch()
 
 
+_warned: set[tuple[str, int]] = set()  # a short val split is reported once, not at every eval
+
+
 def val_batches(data_dir, seq_len: int, n_tokens: int, micro_batch: int, rank: int = 0,
                 world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """This rank's share of the first ``n_tokens // seq_len`` val sequences, in batches.
@@ -146,7 +149,8 @@ def val_batches(data_dir, seq_len: int, n_tokens: int, micro_batch: int, rank: i
         raise UserError(f"{data_dir}: the val split has {len(stream):,} tokens, fewer than one "
                         f"sequence of seq_len + 1 = {seq_len + 1}; prepare with a larger --val-tokens")
     wanted = n_tokens // seq_len
-    if wanted > available and rank == 0:
+    if wanted > available and rank == 0 and (str(data_dir), n_tokens) not in _warned:
+        _warned.add((str(data_dir), n_tokens))
         print(f"data: warning: {data_dir} has {len(stream):,} val tokens, fewer than the "
               f"{n_tokens:,} asked for; evaluating on {available * seq_len:,}", flush=True)
     mine = list(range(rank, min(wanted, available), world_size))

@@ -28,6 +28,7 @@ import itertools
 import json
 import multiprocessing
 import os
+import signal
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -143,12 +144,17 @@ def _encode_task(task: tuple[list[str], list[bool]]) -> tuple[np.ndarray, np.nda
     return tokens, np.array(doc_starts, dtype=np.int64)
 
 
+def _init_worker() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: one message
+    fast_encoding()
+
+
 def tokenize_documents(documents: Iterable[str], workers: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(tokens, document start offsets) per task, in corpus order, using ``workers`` processes."""
     if workers <= 1:
         yield from map(_encode_task, _tasks(documents))
         return
-    with multiprocessing.get_context().Pool(workers, initializer=fast_encoding) as pool:
+    with multiprocessing.get_context().Pool(workers, initializer=_init_worker) as pool:
         # apply_async with a bounded queue, not imap: imap would read the whole corpus ahead.
         pending: collections.deque = collections.deque()
         tasks = _tasks(documents)
