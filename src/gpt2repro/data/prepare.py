@@ -314,17 +314,9 @@ def prepare(source: str, out_dir, *, name: str = "sample-10BT", streaming: bool 
             workers: int | None = os.cpu_count(), max_tokens: int | None = None,
             prefix: str | None = None) -> dict:
     """Tokenize ``source`` into shards in ``out_dir``; return the manifest."""
-    from tqdm import tqdm
-
     workers = workers or 1
     val_tokens = shard_tokens if val_tokens is None else val_tokens
-    for flag, value in (("--shard-tokens", shard_tokens), ("--val-tokens", val_tokens),
-                        ("--workers", workers), ("--max-tokens", max_tokens)):
-        if value is not None and value < 1:
-            raise UserError(f"{flag} {value}: must be at least 1")
-    if max_tokens is not None and max_tokens <= val_tokens:
-        raise UserError(f"--max-tokens {max_tokens}: leaves no train tokens after the "
-                        f"{val_tokens:,}-token val shard; raise it or lower --val-tokens")
+    _check_sizes(shard_tokens, val_tokens, workers, max_tokens)
     corpus = open_source(source, name=name, streaming=streaming)
     prefix = prefix or corpus.default_prefix
     out_dir = Path(out_dir)
@@ -332,24 +324,12 @@ def prepare(source: str, out_dir, *, name: str = "sample-10BT", streaming: bool 
            "val_tokens": val_tokens}  # what a resumed run must share with the one it continues
     previous = _read_state(out_dir) if out_dir.is_dir() else None
     kept = _kept_shards(out_dir, previous, run, val_tokens, shard_tokens)
-    if previous is not None:
-        shards = previous.get("shards", [])
-        written = sum(s["tokens"] for s in shards)
-        if max_tokens is not None and written > max_tokens:
-            raise UserError(f"--max-tokens {max_tokens:,}: {out_dir} already holds {written:,} tokens "
-                            "of this prepare; use a new --out for a smaller set")
-        intact = all(read_shard_length(out_dir / s["file"]) == s["tokens"] for s in shards)
-        if previous.get("complete") and previous.get("max_tokens") == max_tokens and intact:
-            print(f"{out_dir}: already prepared ({previous['tokens']:,} tokens); nothing to do")
-            return previous
-    resume_document = kept[-1]["next"]["document"] if kept else 0
-    documents = corpus.documents(resume_document)
+    if previous is not None and _finished(out_dir, previous, max_tokens):
+        print(f"{out_dir}: already prepared ({previous['tokens']:,} tokens); nothing to do")
+        return previous
+    documents = corpus.documents(kept[-1]["next"]["document"] if kept else 0)
     if not kept:
-        first = next(documents, None)
-        if first is None:
-            raise UserError(f"{source}: empty corpus: no document has any text; "
-                            "check the files (a .jsonl needs a \"text\" field per line)")
-        documents = itertools.chain([first], documents)
+        documents = _not_empty(documents, source)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     _check_out_dir(out_dir, prefix)
@@ -361,16 +341,8 @@ def prepare(source: str, out_dir, *, name: str = "sample-10BT", streaming: bool 
     writer = _ShardWriter(out_dir, prefix, val_tokens, shard_tokens, state, kept)
     if kept:
         print(f"{out_dir}: resuming after {len(kept)} finished shards ({writer.written:,} tokens)")
-    bar = tqdm(total=max_tokens, initial=writer.written, unit="tok", unit_scale=True,
-               desc=f"tokenizing ({encoder_name()}, {workers} workers)",
-               disable=None)  # off when stderr is not a terminal: logs keep the summary line
-    with bar:
-        for tokens, doc_starts in tokenize_documents(documents, workers):
-            before = writer.written
-            going = writer.add(tokens, doc_starts, max_tokens)
-            bar.update(writer.written - before)
-            if not going:
-                break
+    _write_stream(writer, tokenize_documents(documents, workers), workers, max_tokens)
+
     if not writer.shards:
         raise UserError(f"{source}: only {writer.fill:,} tokens, not enough for the "
                         f"{val_tokens:,}-token val shard and any train tokens; "
@@ -386,3 +358,49 @@ def prepare(source: str, out_dir, *, name: str = "sample-10BT", streaming: bool 
     print(f"wrote {len(writer.shards)} shards, {manifest['tokens']:,} tokens from "
           f"{manifest['documents']:,} documents to {out_dir}")
     return manifest
+
+
+def _check_sizes(shard_tokens: int, val_tokens: int, workers: int, max_tokens: int | None) -> None:
+    for flag, value in (("--shard-tokens", shard_tokens), ("--val-tokens", val_tokens),
+                        ("--workers", workers), ("--max-tokens", max_tokens)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} {value}: must be at least 1")
+    if max_tokens is not None and max_tokens <= val_tokens:
+        raise UserError(f"--max-tokens {max_tokens}: leaves no train tokens after the "
+                        f"{val_tokens:,}-token val shard; raise it or lower --val-tokens")
+
+
+def _finished(out_dir: Path, previous: dict, max_tokens: int | None) -> bool:
+    """Whether an earlier run already made exactly these shards (and they are all there)."""
+    shards = previous.get("shards", [])
+    written = sum(s["tokens"] for s in shards)
+    if max_tokens is not None and written > max_tokens:
+        raise UserError(f"--max-tokens {max_tokens:,}: {out_dir} already holds {written:,} tokens "
+                        "of this prepare; use a new --out for a smaller set")
+    intact = all(read_shard_length(out_dir / s["file"]) == s["tokens"] for s in shards)
+    return bool(previous.get("complete")) and previous.get("max_tokens") == max_tokens and intact
+
+
+def _not_empty(documents: Iterator[str], source: str) -> Iterator[str]:
+    """The same documents; an error before anything is written when there are none."""
+    first = next(documents, None)
+    if first is None:
+        raise UserError(f"{source}: empty corpus: no document has any text; "
+                        "check the files (a .jsonl needs a \"text\" field per line)")
+    return itertools.chain([first], documents)
+
+
+def _write_stream(writer: _ShardWriter, tasks: Iterator[tuple[np.ndarray, np.ndarray]], workers: int,
+                  max_tokens: int | None) -> None:
+    from tqdm import tqdm
+
+    bar = tqdm(total=max_tokens, initial=writer.written, unit="tok", unit_scale=True,
+               desc=f"tokenizing ({encoder_name()}, {workers} workers)",
+               disable=None)  # off when stderr is not a terminal: logs keep the summary line
+    with bar:
+        for tokens, doc_starts in tasks:
+            before = writer.written
+            going = writer.add(tokens, doc_starts, max_tokens)
+            bar.update(writer.written - before)
+            if not going:
+                break
