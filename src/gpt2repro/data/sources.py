@@ -63,7 +63,7 @@ def load_fineweb(name: str, streaming: bool):
         return datasets.load_dataset(FINEWEB_EDU, name=name, split="train", streaming=streaming)
     except (ConnectionError, OSError) as e:
         raise UserError(f"--source fineweb-edu: could not load {FINEWEB_EDU} ({name}): {e}; "
-                        "check the network or HF_HOME, or use --streaming") from None
+                        "check the network, or point HF_HOME at a cache that holds it") from None
     except ValueError as e:  # e.g. an unknown config name
         raise UserError(f"--name {name}: {e}") from None
 
