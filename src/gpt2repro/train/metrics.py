@@ -53,8 +53,8 @@ def mfu(tokens_per_second: float, flops_per_token: int, peak: float | None, worl
 class RunLog:
     """``OUT/log.txt`` in the seed's format: one ``<step> <stream> <value>`` line per record.
 
-    On resume, lines from steps at or after the resumed step are dropped first, so a
-    run killed after its last checkpoint leaves no duplicate or orphaned points.
+    On resume (and rollback), lines from steps at or after the restored step are dropped
+    first, so a run killed after its last checkpoint leaves no duplicate or orphaned points.
     """
 
     LINE = re.compile(r"^(\d+) (\w+) (\S+)$")
@@ -64,17 +64,23 @@ class RunLog:
         path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is None:
             path.write_text("")
-        elif path.exists():
-            kept = [ln for ln in path.read_text().splitlines(keepends=True)
-                    if not (m := self.LINE.match(ln.strip())) or int(m.group(1)) < resume_step]
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text("".join(kept))
-            tmp.replace(path)
+        else:
+            self.truncate(resume_step)
         self.tb = None
         if tensorboard_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(tensorboard_dir))
+
+    def truncate(self, step: int) -> None:
+        """Drop the records of ``step`` and later (they are about to be recomputed)."""
+        if not self.path.exists():
+            return
+        kept = [ln for ln in self.path.read_text().splitlines(keepends=True)
+                if not (m := self.LINE.match(ln.strip())) or int(m.group(1)) < step]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(kept))
+        tmp.replace(self.path)
 
     def write(self, step: int, stream: str, value: float) -> None:
         with open(self.path, "a") as f:

@@ -340,6 +340,8 @@ class Trainer:
         skips = self.skip_steps | {bad_step}
         self.restore(path)
         self.skip_steps = skips
+        if self.run_log:
+            self.run_log.truncate(self.step)
         self.log(f"step {bad_step}: {what}; rolled back to {path.name} (step {self.step}), "
                  f"step {bad_step}'s batch will be skipped")
 

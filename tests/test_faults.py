@@ -1,0 +1,248 @@
+"""Fault injection: a run survives SIGKILL, SIGTERM, failed and corrupt checkpoints,
+non-finite losses and malicious pickles, and loses at most one checkpoint interval."""
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from gpt2repro.config import MODEL_PRESETS
+from gpt2repro.errors import UserError
+from gpt2repro.model.gpt import GPT
+from gpt2repro.train import checkpoint as ckpt
+
+from conftest import assert_one_line_error, run_cli
+from test_train import make_shards, max_abs_diff, train_cli, weights
+
+COMMON = ["max_steps=10", "checkpoint.every=2", "checkpoint.keep=0"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return make_shards(tmp_path_factory.mktemp("fault_shards"))
+
+
+@pytest.fixture(scope="module")
+def reference(shards, tmp_path_factory):
+    """The uninterrupted run every faulty run must reproduce."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    train_cli("--data", shards, "--out", out, *COMMON)
+    return weights(out, 10)
+
+
+def patched_cli(patch: str, *args, env=None):
+    """Run the CLI in a subprocess after executing ``patch`` (fault injection without hooks in
+    the product code)."""
+    code = f"import sys\n{patch}\nfrom gpt2repro.cli import main\nsys.exit(main({[str(a) for a in args]!r}))\n"
+    return run_cli("-c", code, module=None, env=env)
+
+
+def start_training(*args):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "gpt2repro", "train", "--preset", "tiny", *map(str, args)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_train_step(proc, log_path, step, timeout=120):
+    """Poll the run's log until step ``step``'s train loss is written."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if log_path.exists() and any(ln.startswith(f"{step} train ") for ln in log_path.read_text().splitlines()):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"training ended early: {proc.stderr.read()[-2000:]}")
+        time.sleep(0.02)
+    proc.kill()
+    raise AssertionError(f"step {step} never appeared in {log_path}")
+
+
+def test_sigkill_mid_run_then_resume_matches(shards, reference, tmp_path):
+    out = tmp_path / "run"
+    proc = start_training("--data", shards, "--out", out, *COMMON)
+    wait_for_train_step(proc, out / "log.txt", 5)  # between checkpoints 4 and 6, give or take
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    newest = ckpt.list_checkpoints(out)[0].name
+    assert newest in ("ckpt_000004", "ckpt_000006")
+    result = train_cli("--data", shards, "--out", out, "--resume", *COMMON)
+    assert f"resuming from {out / newest}" in result.stdout
+    assert max_abs_diff(weights(out, 10), reference) == 0.0
+
+
+@pytest.mark.parametrize("kill_at_fsync", [3, 8])  # 5 fsyncs per checkpoint: 1st and 2nd
+def test_sigkill_while_writing_a_checkpoint(shards, reference, tmp_path, kill_at_fsync):
+    # Each checkpoint fsyncs its files, meta.json and the run directory; dying at the N-th
+    # fsync leaves a half-written temporary directory that must never be taken for a checkpoint.
+    out = tmp_path / "run"
+    patch = f"""
+import os, signal
+import gpt2repro.train.checkpoint as c
+real, calls = c._fsync, [0]
+def dying_fsync(path):
+    calls[0] += 1
+    if calls[0] == {kill_at_fsync}:
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(path)
+c._fsync = dying_fsync
+"""
+    killed = patched_cli(patch, "train", "--preset", "tiny", "--data", shards, "--out", out, *COMMON)
+    assert killed.returncode == -signal.SIGKILL
+    assert list(out.glob(".tmp_ckpt_*")), "the kill should have left a partial checkpoint behind"
+    complete = ckpt.list_checkpoints(out)
+    assert all((p / ckpt.META_FILE).exists() for p in complete)
+    if not complete:
+        result = run_cli("train", "--preset", "tiny", "--data", shards, "--out", out, "--resume", *COMMON)
+        assert_one_line_error(result, "--resume found no complete checkpoint")
+        return
+    train_cli("--data", shards, "--out", out, "--resume", *COMMON)
+    assert not list(out.glob(".tmp_ckpt_*"))
+    assert max_abs_diff(weights(out, 10), reference) == 0.0
+
+
+def test_sigterm_checkpoints_and_exits_zero(shards, reference, tmp_path):
+    out = tmp_path / "run"
+    proc = start_training("--data", shards, "--out", out, *COMMON, "checkpoint.every=0")
+    wait_for_train_step(proc, out / "log.txt", 2)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-2000:]
+    assert "(SIGTERM); continue with --resume" in stdout
+    (stopped,) = ckpt.list_checkpoints(out)
+    assert 3 <= int(stopped.name.split("_")[1]) < 10
+    train_cli("--data", shards, "--out", out, "--resume", *COMMON, "checkpoint.every=0")
+    assert max_abs_diff(weights(out, 10), reference) == 0.0
+
+
+def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    model = GPT(MODEL_PRESETS["tiny"])
+    good = ckpt.save_checkpoint(tmp_path, 2, model, {"step": 2}, {})
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        ckpt.save_checkpoint(tmp_path, 4, model, {"step": 4}, {})
+    assert ckpt.list_checkpoints(tmp_path) == [good]
+    assert not list(tmp_path.glob(".tmp_*"))
+    ckpt.verify_checkpoint(good)
+
+
+def test_training_reports_a_failed_write_and_goes_on(shards, tmp_path):
+    out = tmp_path / "run"
+    patch = """
+import torch
+real, calls = torch.save, [0]
+def flaky_save(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == 2:
+        raise OSError(28, "No space left on device")
+    return real(*args, **kwargs)
+torch.save = flaky_save
+"""
+    result = patched_cli(patch, "train", "--preset", "tiny", "--data", shards, "--out", out, *COMMON)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "ERROR: checkpoint at step 4 failed" in result.stdout
+    names = [p.name for p in ckpt.list_checkpoints(out)]
+    assert names == ["ckpt_000010", "ckpt_000008", "ckpt_000006", "ckpt_000002"]
+
+
+def _corrupt(path, how):
+    target = path / "model.safetensors"
+    data = bytearray(target.read_bytes())
+    if how == "truncate":
+        target.write_bytes(data[: len(data) // 2])
+    else:  # same size, one byte flipped
+        data[len(data) // 2] ^= 0xFF
+        target.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how", ["truncate", "flip"])
+def test_corrupt_checkpoint_is_refused_and_resume_falls_back(shards, tmp_path, how):
+    out = tmp_path / "run"
+    train_cli("--data", shards, "--out", out, *COMMON, "--stop-at-step", "4")
+    _corrupt(out / "ckpt_000004", how)
+    with pytest.raises(UserError, match="ckpt_000004: checkpoint is corrupt"):
+        ckpt.verify_checkpoint(out / "ckpt_000004")
+    direct = run_cli("sample", "--model", out / "ckpt_000004", "--max-new-tokens", "2", "--num", "1")
+    assert_one_line_error(direct, "ckpt_000004: checkpoint is corrupt")
+    result = train_cli("--data", shards, "--out", out, "--resume", *COMMON, "--stop-at-step", "6")
+    assert "ckpt_000004: checkpoint is corrupt" in result.stdout
+    assert "falling back to an earlier checkpoint" in result.stdout
+    assert f"resuming from {out / 'ckpt_000002'} at step 2" in result.stdout
+
+
+def test_pickle_with_a_payload_is_refused(tmp_path):
+    marker = tmp_path / "payload_ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    path = ckpt.save_checkpoint(tmp_path, 1, GPT(MODEL_PRESETS["tiny"]), {"step": 1}, {})
+    state_file = path / ckpt.STATE_FILE
+    with open(state_file, "wb") as f:
+        pickle.dump({"step": 1, "evil": Payload()}, f)
+    # re-sign the file so that only the loader's weights_only refusal stands in the way
+    meta = json.loads((path / ckpt.META_FILE).read_text())
+    meta["files"][ckpt.STATE_FILE] = {"bytes": state_file.stat().st_size, "sha256": ckpt._sha256(state_file)}
+    (path / ckpt.META_FILE).write_text(json.dumps(meta))
+    ckpt.verify_checkpoint(path)
+    with pytest.raises(UserError, match="refused to load"):
+        ckpt.load_trainer_state(path)
+    assert not marker.exists()
+
+
+POISON = 50_000  # a token id that appears only in step 5's batch of the poisoned data
+
+
+@pytest.fixture(scope="module")
+def poisoned_shards(tmp_path_factory):
+    directory = make_shards(tmp_path_factory.mktemp("poisoned"), seed=1)
+    train = np.load(directory / "test_train_000001.npy")
+    train[train == POISON] = 0
+    train[5 * 256 + 7] = POISON  # tiny preset: 256 tokens per step, shard 1 starts the stream
+    np.save(directory / "test_train_000001.npy", train)
+    return directory
+
+
+NAN_ON_POISON = f"""
+import torch
+from gpt2repro.model.gpt import GPT
+real_forward = GPT.forward
+def forward(self, idx, targets=None):
+    logits, loss = real_forward(self, idx, targets)
+    if targets is not None and torch.is_grad_enabled() and bool((idx == {POISON}).any()):
+        loss = loss * float("nan")
+    return logits, loss
+GPT.forward = forward
+"""
+
+
+def test_nonfinite_loss_stops_with_the_step(poisoned_shards, tmp_path):
+    out = tmp_path / "run"
+    result = patched_cli(NAN_ON_POISON, "train", "--preset", "tiny", "--data", poisoned_shards, "--out", out, *COMMON)
+    assert_one_line_error(result, "step 5: non-finite loss", "ckpt_000004")
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["ckpt_000004", "ckpt_000002"]
+    ckpt.verify_checkpoint(out / "ckpt_000004")
+
+
+def test_nonfinite_rollback_skips_the_batch_and_says_so(poisoned_shards, tmp_path):
+    out = tmp_path / "run"
+    result = patched_cli(NAN_ON_POISON, "train", "--preset", "tiny", "--data", poisoned_shards, "--out", out,
+                         *COMMON, "runtime.on_nonfinite=rollback")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "step 5: non-finite loss" in result.stdout
+    assert "rolled back to ckpt_000004 (step 4), step 5's batch will be skipped" in result.stdout
+    assert "step     5 | skipped" in result.stdout
+    train_steps = [int(ln.split()[0]) for ln in (out / "log.txt").read_text().splitlines() if " train " in ln]
+    assert train_steps == [0, 1, 2, 3, 4, 6, 7, 8, 9]
+    final = weights(out, 10)
+    assert all(torch.isfinite(t).all() for t in final.values())
