@@ -416,6 +416,7 @@ def evaluate_cli(model: str, data: str | None, limit: int | None, batch_size: in
     autocast_dtype = pick_autocast_dtype(dtype, dev)
     items = load_items(data, limit)
     net = load_model(model, str(dev))
+    encode("")  # build the BPE tables now, so the first scoring's items/s does not include it
     info = init_distributed(dev.type)
     try:
         results = evaluate_hellaswag(net, items, batch_size=batch_size, device=dev, autocast_dtype=autocast_dtype,
