@@ -34,7 +34,10 @@ def run_demo(out_dir: str | Path = "demo_out", max_steps: int | None = None) -> 
             workers=os.cpu_count() or 1)
 
     print(f"[2/4] training the demo preset ({cfg.optim.max_steps} steps) into {out}")
-    train(cfg)
+    if train(cfg).get("stopped_early"):
+        print(f"training was stopped; continue with: gpt2repro train --preset demo --data {cfg.data.path} "
+              f"--out {out} --resume")
+        return out
 
     print("[3/4] plotting the log")
     plot_path = out / "plot.png"

@@ -445,6 +445,7 @@ class Trainer:
             if done == max_steps or stopping or (cfg.checkpoint.every > 0 and done % cfg.checkpoint.every == 0):
                 self.save(done, final=done == max_steps or stopping)
             if stopping and done < max_steps:
+                metrics["stopped_early"] = True
                 why = "SIGTERM" if stop.requested else "--stop-at-step"
                 self.log(f"stopping after step {step} ({why}); continue with --resume")
                 break
