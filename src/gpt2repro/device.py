@@ -55,6 +55,14 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host-to-GPU copies go through pinned memory without blocking, so they overlap with
+    the GPU's work and cost no host synchronisation."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def enable_tf32(device: torch.device) -> None:
     """TF32 for the float32 matmuls that remain under bf16 autocast (Ampere and newer)."""
     if device.type == "cuda":

@@ -77,5 +77,6 @@ def bench_eval(args: argparse.Namespace) -> list[list[str]]:
     print_table(f"HellaSwag eval: {model_name}, {len(items)} {source}, {dtype_name}, {machine_name(str(device))}",
                 ["path", "items/s (both scorings)", "completion items/s", "harness items/s", "speedup"], rows)
     print(f"same accuracies on both paths: {'yes' if agree else 'NO'} "
-          f"(completion acc_norm {ours['completion']['acc_norm']:.4f}, harness acc_norm {ours['harness']['acc_norm']:.4f})")
+          f"(completion acc_norm {ours['completion']['acc_norm']:.4f}, "
+          f"harness acc_norm {ours['harness']['acc_norm']:.4f})")
     return rows

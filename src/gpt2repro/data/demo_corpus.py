@@ -1,6 +1,6 @@
 """The built-in corpus: real English prose that ships with every CPython, no network needed.
 
-Two parts, in this order:
+Two parts:
 
 1. ``pydoc_data.topics``: the text of the Python Language Reference topics that
    ``help()`` shows (about 465 KB), one document per topic, sorted by topic name.
@@ -10,18 +10,24 @@ Two parts, in this order:
    docstring, with its signature. Files are taken in sorted path order; test
    suites, demos and bundled third-party code are skipped.
 
-The corpus stops after about ``TARGET_CHARS`` characters (~1M GPT-2 tokens),
-so it is the same for a given Python version and enough to train the demo model.
+The documents of both parts are shuffled with a fixed seed, so that the val shard
+(the first tokens) and the train shards come from the same mix of prose and API
+docs; in file order the val split would be reference topics only and the model
+would be measured on text unlike what it trains on. The corpus stops after about
+``TARGET_CHARS`` characters (~1M GPT-2 tokens), so it is the same for a given
+Python version and enough to train the demo model.
 """
 
 from __future__ import annotations
 
 import ast
+import random
 import sysconfig
 from pathlib import Path
 from typing import Iterator
 
 TARGET_CHARS = 4_000_000  # ~1M tokens at ~4 characters per token
+SHUFFLE_SEED = 1337
 SKIPPED_DIRS = {"test", "tests", "idle_test", "turtledemo", "site-packages", "dist-packages",
                 "__pycache__", "ensurepip", "pydoc_data"}
 
@@ -36,9 +42,10 @@ def documents(target_chars: int = TARGET_CHARS) -> Iterator[str]:
             return
 
 
-def _all_documents() -> Iterator[str]:
-    yield from _reference_topics()
-    yield from _stdlib_docstrings()
+def _all_documents() -> list[str]:
+    docs = [*_reference_topics(), *_stdlib_docstrings()]
+    random.Random(SHUFFLE_SEED).shuffle(docs)
+    return docs
 
 
 def _reference_topics() -> Iterator[str]:

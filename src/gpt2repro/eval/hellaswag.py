@@ -32,7 +32,6 @@ the packed and the reference path apply the same rule.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import os
@@ -49,6 +48,7 @@ import torch.nn.functional as F
 
 from gpt2repro.config import GPT2_VOCAB_SIZE
 from gpt2repro.data.tokenizer import encode
+from gpt2repro.device import autocast, to_device
 from gpt2repro.errors import UserError
 
 OFFICIAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
@@ -257,17 +257,6 @@ def packed_attention_mask(segment: torch.Tensor) -> torch.Tensor:
     return (visible | torch.eye(T, dtype=torch.bool, device=segment.device))[:, None]
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-
-
-def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    t = torch.from_numpy(array)
-    if device.type == "cuda":  # pinned memory: the copy does not wait for the GPU
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
-
-
 def _token_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log p(target) from hidden states (N, C), over the real 50,257-token vocabulary, float32."""
     logits = model.lm_head(hidden)[:, :GPT2_VOCAB_SIZE].float()
@@ -296,8 +285,9 @@ def ending_logprobs(model, tokenized: list[Tokenized], *, batch_size: int = 32, 
             target.append(row.target)
             slot.append(i * N_ENDINGS + row.ending)
         tokens, pos, segment, predictor, target, slot = (
-            _to_device(a, device) for a in (tokens, pos, segment, *map(np.concatenate, (predictor, target, slot))))
-        with _autocast(device, autocast_dtype):
+            to_device(torch.from_numpy(a), device)
+            for a in (tokens, pos, segment, *map(np.concatenate, (predictor, target, slot))))
+        with autocast(device, autocast_dtype):
             hidden = model.hidden(tokens, pos=pos, attn_mask=packed_attention_mask(segment))
             logprobs = _token_logprobs(model, hidden.flatten(0, 1)[predictor], target)
         sums.index_add_(0, slot, logprobs)
@@ -319,7 +309,7 @@ def ending_logprobs_reference(model, tokenized: list[Tokenized], *, device="cpu"
             tokens[j, :len(row)] = torch.tensor(row)
             is_ending[j, len(t.context):len(row)] = True
         tokens = tokens.to(device)
-        with _autocast(device, autocast_dtype):
+        with autocast(device, autocast_dtype):
             logits, _ = model(tokens[:, :-1])
         ce = F.cross_entropy(logits[..., :GPT2_VOCAB_SIZE].float().flatten(0, 1), tokens[:, 1:].flatten(),
                              reduction="none").view(N_ENDINGS, T - 1)

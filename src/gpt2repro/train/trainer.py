@@ -26,7 +26,7 @@ from gpt2repro.config import TrainConfig
 from gpt2repro.data.loader import TokenLoader, val_batches
 from gpt2repro.data.tokenizer import decode, encode
 from gpt2repro.device import (autocast, enable_tf32, fused_adamw_available, pick_autocast_dtype,
-                              pick_device, resolve_flag, synchronize)
+                              pick_device, resolve_flag, synchronize, to_device)
 from gpt2repro.errors import UserError
 from gpt2repro.model.gpt import GPT
 from gpt2repro.model.io import load_weights
@@ -223,13 +223,6 @@ def _due(step: int, every: int, last: bool) -> bool:
     return every > 0 and (step % every == 0 or last)
 
 
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Host-to-GPU copies from pinned memory overlap with compute; no sync here."""
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
-
-
 def train(cfg: TrainConfig, *, resume: bool = False, stop_at_step: int | None = None) -> dict[str, Any]:
     """Run (or continue) training; returns the last step's metrics."""
     validate_config(cfg)
@@ -376,7 +369,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.rt.device)
         for micro in range(self.accum):
             x, y = self.loader.next_batch()
-            x, y = _to_device(x, self.rt.device), _to_device(y, self.rt.device)
+            x, y = to_device(x, self.rt.device), to_device(y, self.rt.device)
             # Under DDP, gradients are all-reduced only on the last micro-step.
             last_micro = micro == self.accum - 1
             no_sync = self.train_model.no_sync() if self.rt.dist.enabled and not last_micro \
