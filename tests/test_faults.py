@@ -179,6 +179,7 @@ def test_corrupt_checkpoint_is_refused_and_resume_falls_back(shards, tmp_path, h
     assert f"resuming from {out / 'ckpt_000002'} at step 2" in result.stdout
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_pickle_with_a_payload_is_refused(tmp_path):
     marker = tmp_path / "payload_ran"
 

@@ -79,6 +79,16 @@ def resolve_flag(value, device: torch.device, auto_on: tuple[str, ...] = ("cuda"
     raise UserError(f"expected true, false or auto, got {value!r}")
 
 
+def resolve_ce_chunk_rows(value, device: torch.device) -> int:
+    """Rows per chunk of the fused LM head + loss (0: off). On the CPU small chunks keep the
+    logits in cache and skip the full-size softmax gradient; on GPUs it is opt-in."""
+    if value in ("auto", None, ""):
+        return 128 if device.type == "cpu" else 0
+    if isinstance(value, int) and value >= 0:
+        return value
+    raise UserError(f"runtime.ce_chunk_rows={value!r}: use auto, 0 (off) or a number of rows")
+
+
 def fused_adamw_available(device: torch.device) -> bool:
     return "fused" in inspect.signature(torch.optim.AdamW).parameters and device.type in ("cuda", "cpu", "mps")
 

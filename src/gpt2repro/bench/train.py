@@ -32,12 +32,12 @@ import torch
 from gpt2repro.bench import machine_name, print_table
 from gpt2repro.config import get_preset
 from gpt2repro.device import (autocast, enable_tf32, fused_adamw_available, pick_autocast_dtype,
-                              pick_device, synchronize)
+                              pick_device, resolve_ce_chunk_rows, synchronize)
 from gpt2repro.errors import UserError
 from gpt2repro.model.gpt import GPT
 from gpt2repro.train.metrics import mfu, peak_flops
 
-CHUNK_ROWS = 8192
+GPU_CHUNK_ROWS = 8192  # big enough to keep the matmuls efficient on a GPU
 CPU_VARIANTS = "baseline,eager,chunked-ce"
 CUDA_VARIANTS = "baseline,eager,compiled,compiled+chunked-ce,sdpa-flash,sdpa-cudnn"
 
@@ -76,7 +76,7 @@ def build_variant(name: str, reference: GPT, device: torch.device):
     model.load_state_dict(reference.state_dict())
     model.to(device)
     if "chunked-ce" in name:
-        model.ce_chunk_rows = CHUNK_ROWS
+        model.ce_chunk_rows = resolve_ce_chunk_rows("auto", device) or GPU_CHUNK_ROWS
     if name.startswith("sdpa-"):
         context = sdpa_backend(name.removeprefix("sdpa-"))
     if "compiled" in name or name.startswith("sdpa-"):

@@ -26,7 +26,8 @@ from gpt2repro.config import TrainConfig
 from gpt2repro.data.loader import TokenLoader, val_batches
 from gpt2repro.data.tokenizer import decode, encode
 from gpt2repro.device import (autocast, enable_tf32, fused_adamw_available, pick_autocast_dtype,
-                              pick_device, resolve_flag, synchronize, to_device)
+                              pick_device, resolve_ce_chunk_rows, resolve_flag, synchronize,
+                              to_device)
 from gpt2repro.errors import UserError
 from gpt2repro.model.gpt import GPT
 from gpt2repro.model.io import load_weights
@@ -88,6 +89,7 @@ class Runtime:
     autocast_dtype: torch.dtype | None
     compile: bool
     fused_adamw: bool
+    ce_chunk_rows: int
 
     def autocast(self):
         return autocast(self.device, self.autocast_dtype)
@@ -105,7 +107,8 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
     fused = (resolve_flag(cfg.runtime.fused_adamw, device, auto_on=("cuda", "cpu"))
              and fused_adamw_available(device))
     return Runtime(dist, device, pick_autocast_dtype(cfg.runtime.dtype, device),
-                   resolve_flag(cfg.runtime.compile, device), fused)
+                   resolve_flag(cfg.runtime.compile, device), fused,
+                   resolve_ce_chunk_rows(cfg.runtime.ce_chunk_rows, device))
 
 
 def choose_micro_batch(cfg: TrainConfig, model: GPT, rt: Runtime, log) -> int:
@@ -246,6 +249,7 @@ class Trainer:
         resume_from = self._find_resume_checkpoint() if resume else None
         torch.manual_seed(cfg.runtime.seed)
         self.model = GPT(cfg.model).to(rt.device)  # raw module: eval, sampling, checkpoints
+        self.model.ce_chunk_rows = rt.ce_chunk_rows
 
         self.micro_batch = choose_micro_batch(cfg, self.model, rt, self.log)
         self.accum = grad_accum_steps(cfg.optim.total_batch_tokens, self.micro_batch, cfg.data.seq_len,
@@ -279,7 +283,8 @@ class Trainer:
         self.flops_per_token = self.model.flops_per_token(cfg.data.seq_len)
         self.peak_flops = peak_flops(rt.device)
         self.log(f"model: {self.model.num_params():,} parameters | device {rt.device} | dtype "
-                 f"{rt.autocast_dtype or torch.float32} | compile {rt.compile} | fused AdamW {rt.fused_adamw}")
+                 f"{rt.autocast_dtype or torch.float32} | compile {rt.compile} | fused AdamW {rt.fused_adamw} "
+                 f"| chunked CE {rt.ce_chunk_rows or 'off'}")
         self.log(f"batch: {self.micro_batch} × {cfg.data.seq_len} tokens × {self.accum} accumulation × "
                  f"{rt.dist.world_size} ranks = {self.tokens_per_step:,} tokens/step; "
                  f"steps {self.step}..{cfg.optim.max_steps}")
