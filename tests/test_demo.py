@@ -12,7 +12,7 @@ def test_demo_preset_learns_and_the_log_plots(tmp_path):
                        "--shard-tokens", "1000000")
     assert prepared.returncode == 0, prepared.stderr
     trained = run_cli("train", "--preset", "demo", "--data", data, "--out", run, "--max-steps", "200",
-                      "val_every=199", "sample_every=0", "checkpoint.every=0")
+                      "val_every=199", "sample_every=0", "checkpoint.every=0", env={"OMP_NUM_THREADS": "2"})
     assert trained.returncode == 0, trained.stderr[-3000:]
     val = {int(step): float(value) for step, stream, value in
            (line.split() for line in (run / "log.txt").read_text().splitlines()) if stream == "val"}

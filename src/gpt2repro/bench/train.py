@@ -2,10 +2,11 @@
 
 Every variant trains the same weights on the same synthetic tokens: a full step
 (forward, backward, grad clip, AdamW) at the preset's micro-batch and sequence
-length. Warm-up steps (compilation, allocator growth) are excluded and the median
-of the timed steps is reported, with tokens/s, MFU (nanoGPT/PaLM FLOPs per token:
-6·N + 12·L·H·Q·T, 855 MFLOP for 124M at T=1024), peak memory, and the first
-step's loss: equal losses show the variants compute the same function.
+length. Warm-up steps (compilation, allocator growth) are excluded; the timed steps
+run in interleaved rounds and their median is reported, with tokens/s, MFU
+(nanoGPT/PaLM FLOPs per token: 6·N + 12·L·H·Q·T, 855 MFLOP for 124M at T=1024),
+the memory a step needs above the resident weights and optimizer state (GPUs), and
+the first step's loss: equal losses show the variants compute the same function.
 
 Variants:
   baseline        the nanoGPT-style model in benchmarks/ (explicit attention, full logits)
@@ -21,7 +22,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
-import resource
 import statistics
 import sys
 import time
@@ -84,38 +84,49 @@ def build_variant(name: str, reference: GPT, device: torch.device):
     return model, context
 
 
-def peak_memory(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
-    # ru_maxrss is the process's high-water mark (KiB on Linux): it only grows across variants
-    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB (process)"
+class Variant:
+    """One variant's model and optimizer, stepped a few times per round."""
+
+    def __init__(self, name: str, model, context, device: torch.device):
+        self.name, self.model, self.context, self.device = name, model, context, device
+        fused = fused_adamw_available(device)
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=fused or None)
+        self.times: list[float] = []
+        self.first_loss: float | None = None
+        self.step_memory = 0  # bytes a step needs above what is resident (GPU only)
+
+    def steps(self, x, y, dtype, n: int, timed: bool) -> None:
+        with self.context:
+            for _ in range(n):
+                synchronize(self.device)
+                if self.device.type == "cuda":
+                    resident = torch.cuda.memory_allocated(self.device)
+                    torch.cuda.reset_peak_memory_stats(self.device)
+                t0 = time.perf_counter()
+                with autocast(self.device, dtype):
+                    _, loss = self.model(x, y)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                synchronize(self.device)
+                if timed:
+                    self.times.append(time.perf_counter() - t0)
+                if self.first_loss is None:
+                    self.first_loss = loss.item()
+                if self.device.type == "cuda":
+                    self.step_memory = max(self.step_memory, torch.cuda.max_memory_allocated(self.device) - resident)
 
 
-def time_variant(model, context, x, y, device, dtype, steps: int, warmup: int):
-    fused = fused_adamw_available(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=fused or None)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times, first_loss = [], None
-    with context:
-        for i in range(warmup + steps):
-            synchronize(device)
-            t0 = time.perf_counter()
-            with autocast(device, dtype):
-                _, loss = model(x, y)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            synchronize(device)
-            if i == 0:
-                first_loss = loss.item()
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
-    return statistics.median(times), first_loss
+def memory_text(variant: Variant) -> str:
+    if variant.device.type == "cuda":
+        return f"{variant.step_memory / 2**30:.1f} GiB"
+    return "-"
 
 
 def bench_train(args: argparse.Namespace) -> list[dict]:
+    """All variants are built first; then rounds of a few timed steps each, interleaved, so
+    that drift in the machine's speed (other jobs, clocks) hits every variant alike."""
     device = pick_device(args.device)
     dtype = pick_autocast_dtype(args.dtype, device)
     enable_tf32(device)
@@ -131,35 +142,39 @@ def bench_train(args: argparse.Namespace) -> list[dict]:
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 50257, (B, T), generator=g).to(device)
     y = torch.randint(0, 50257, (B, T), generator=g).to(device)
-    flops_per_token = reference.flops_per_token(T)
-    peak = peak_flops(device)
 
-    rows, results = [], []
-    for name in names.split(","):
-        model, context = build_variant(name.strip(), reference, device)
+    variants = []
+    for name in (n.strip() for n in names.split(",")):
+        model, context = build_variant(name, reference, device)
         if model is None:
             print(f"{name}: skipped (benchmarks/nanogpt_baseline.py is not in this installation)")
             continue
-        try:
-            step_s, loss = time_variant(model, context, x, y, device, dtype, args.steps, args.warmup)
+        variant = Variant(name, model, context, device)
+        try:  # warm-up: compilation, allocator growth, kernel selection
+            variant.steps(x, y, dtype, args.warmup, timed=False)
         except (RuntimeError, torch.OutOfMemoryError) as e:  # e.g. an SDPA backend this card lacks
             print(f"{name}: failed ({str(e).splitlines()[0][:100]})")
-            del model
             continue
-        tokens_per_s = B * T / step_s
-        utilization = mfu(tokens_per_s, flops_per_token, peak)
-        results.append(dict(variant=name, tokens_per_s=tokens_per_s, step_ms=1000 * step_s, mfu=utilization,
-                            memory=peak_memory(device), loss=loss))
-        del model
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        variants.append(variant)
+    rounds = min(args.steps, 5)
+    for r in range(rounds):
+        for variant in variants:
+            variant.steps(x, y, dtype, args.steps // rounds + (r < args.steps % rounds), timed=True)
+
+    flops_per_token, peak = reference.flops_per_token(T), peak_flops(device)
+    results = []
+    for v in variants:
+        step_s = statistics.median(v.times)
+        results.append(dict(variant=v.name, tokens_per_s=B * T / step_s, step_ms=1000 * step_s,
+                            mfu=mfu(B * T / step_s, flops_per_token, peak), memory=memory_text(v),
+                            loss=v.first_loss))
     base = next((r["tokens_per_s"] for r in results if r["variant"] == "baseline"), None)
-    for r in results:
-        rows.append([r["variant"], f"{r['tokens_per_s']:,.0f}", f"{r['step_ms']:.1f}",
-                     f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-", r["memory"],
-                     f"{r['loss']:.5f}", f"{r['tokens_per_s'] / base:.2f}x" if base else "-"])
+    rows = [[r["variant"], f"{r['tokens_per_s']:,.0f}", f"{r['step_ms']:.1f}",
+             f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-", r["memory"],
+             f"{r['loss']:.5f}", f"{r['tokens_per_s'] / base:.2f}x" if base else "-"] for r in results]
     print_table(
         f"bench train: preset {args.preset}, B={B}, T={T}, dtype {dtype or torch.float32}, "
-        f"{machine_name(str(device))}, median of {args.steps} steps after {args.warmup} warm-up",
-        ["variant", "tokens/s", "step ms", "MFU", "peak memory", "loss step 0", "vs baseline"], rows)
+        f"{machine_name(str(device))}, median of {args.steps} steps in {rounds} interleaved rounds "
+        f"after {args.warmup} warm-up",
+        ["variant", "tokens/s", "step ms", "MFU", "step memory", "loss step 0", "vs baseline"], rows)
     return results

@@ -32,15 +32,17 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             rows = slice(start, start + chunk_rows)
             t = targets[rows]
             valid = t != IGNORE_INDEX
+            safe_t = t.clamp(min=0)[:, None]
             logits = (h[rows] @ w.t()).to(softmax_dtype)
-            loss += F.cross_entropy(logits, t, ignore_index=IGNORE_INDEX, reduction="sum")
-            # d(sum of CE)/d logits = softmax - onehot, zero on ignored rows
-            grad_logits = torch.softmax(logits, dim=-1)
-            grad_logits[valid, t[valid]] -= 1.0
-            grad_logits[~valid] = 0.0
-            grad_logits = (grad_logits / n_valid).to(compute_dtype)
+            lse = torch.logsumexp(logits, dim=-1)
+            loss += ((lse - logits.gather(1, safe_t).squeeze(1)) * valid).sum()
+            # d(mean CE)/d logits = (softmax - onehot) / n_valid, zero on ignored rows; in place
+            grad_logits = logits.sub_(lse[:, None]).exp_()
+            grad_logits.scatter_add_(1, safe_t, torch.full_like(safe_t, -1, dtype=softmax_dtype))
+            grad_logits.mul_((valid.to(softmax_dtype) / n_valid)[:, None])
+            grad_logits = grad_logits.to(compute_dtype)
             grad_hidden[rows] = (grad_logits @ w).to(hidden.dtype)
-            grad_weight += grad_logits.t() @ h[rows]
+            grad_weight.addmm_(grad_logits.t().to(softmax_dtype), h[rows].to(softmax_dtype))  # in place
         ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
         return loss / n_valid
 

@@ -1,0 +1,55 @@
+"""The fast paths compute the same function as the plain ones, on the CPU.
+
+Tolerances: float32 everywhere; only the order of floating-point sums differs
+(fused attention, chunked loss, compiled kernels), so losses agree to ~1e-5.
+"""
+
+import sys
+
+import pytest
+import torch
+
+from gpt2repro.bench.train import load_baseline_class
+from gpt2repro.config import MODEL_PRESETS
+from gpt2repro.model.gpt import GPT
+
+from conftest import REPO, run_cli
+
+
+def _pair(seed=0):
+    torch.manual_seed(seed)
+    ours = GPT(MODEL_PRESETS["tiny"])
+    tokens = torch.randint(0, 50257, (3, 48))
+    return ours, tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+
+def test_nanogpt_style_baseline_gives_the_same_loss_and_grads():
+    Baseline = load_baseline_class()
+    assert Baseline is not None, "benchmarks/nanogpt_baseline.py should be found from a source checkout"
+    ours, x, y = _pair()
+    baseline = Baseline(ours.config)
+    baseline.load_state_dict(ours.state_dict())
+    loss_ours, loss_base = ours(x, y)[1], baseline(x, y)[1]
+    assert abs(loss_ours.item() - loss_base.item()) < 1e-5
+    loss_ours.backward()
+    loss_base.backward()
+    for (name, a), b in zip(ours.named_parameters(), baseline.parameters()):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-6), name
+
+
+@pytest.mark.slow
+def test_compiled_model_gives_the_same_loss():
+    ours, x, y = _pair(1)
+    eager_loss = ours(x, y)[1]
+    compiled_loss = torch.compile(ours)(x, y)[1]
+    assert abs(eager_loss.item() - compiled_loss.item()) < 1e-5
+
+
+def test_bench_train_runs_every_cpu_variant_with_equal_losses():
+    result = run_cli("bench", "train", "--preset", "tiny", "--steps", "2", "--warmup", "1", cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| ")][1:]
+    by_variant = {cells[0].strip(): cells for cells in rows}
+    assert set(by_variant) == {"baseline", "eager", "chunked-ce"}
+    losses = {float(cells[5]) for cells in by_variant.values()}
+    assert max(losses) - min(losses) < 1e-4
