@@ -40,12 +40,15 @@ def from_hf_model(hf_model) -> GPT:
 
 def from_pretrained(name_or_path: str) -> GPT:
     """OpenAI's GPT-2 (``gpt2``, ``gpt2-medium``, ...) or a local Hugging Face GPT-2 directory."""
+    from huggingface_hub.utils import logging as hub_logging
     from transformers import GPT2LMHeadModel
 
+    hub_logging.set_verbosity_error()  # no retry chatter: success, or one line below
     try:
         hf_model = GPT2LMHeadModel.from_pretrained(name_or_path, torch_dtype=torch.float32)
     except OSError as e:
-        raise UserError(f"{name_or_path}: could not load a Hugging Face GPT-2 ({str(e).splitlines()[0]})") from None
+        raise UserError(f"{name_or_path}: could not load a Hugging Face GPT-2 ({str(e).splitlines()[0]}); "
+                        "pass a local directory, or check the network") from None
     return from_hf_model(hf_model)
 
 

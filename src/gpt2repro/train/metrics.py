@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from gpt2repro.errors import UserError
+
 # Dense (no sparsity) peak tensor-core FLOP/s in bf16/fp16, from the vendors' datasheets.
 PEAK_BF16_FLOPS = {
     "B200": 2250e12,
@@ -68,7 +70,10 @@ class RunLog:
             self.truncate(resume_step)
         self.tb = None
         if tensorboard_dir is not None:
-            from torch.utils.tensorboard import SummaryWriter
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise UserError("runtime.tensorboard=true needs TensorBoard: pip install 'gpt2repro[tensorboard]'") from None
 
             self.tb = SummaryWriter(str(tensorboard_dir))
 
