@@ -97,27 +97,21 @@ def plot_logs(logs: list[str], size: str = "124M", out: str = "plot.png", show: 
     for name, path, (streams, malformed) in zip(_names(logs), logs, parsed):
         label = f"{name} " if len(logs) > 1 else ""
         summary = []
-        train = _finite(streams.get("train", []))
-        if train:
-            steps, values = map(np.array, zip(*train))
-            raw = loss_ax.plot(steps, values, alpha=0.25, linewidth=0.8)[0]
-            window = max(1, min(100, len(values) // 20))
-            loss_ax.plot(steps, smooth(values, window), color=raw.get_color(),
-                         label=f"{label}train loss (mean of {window})")
-            i = int(values.argmin())
-            summary.append(f"min train loss {values[i]:.4f} (step {steps[i]})")
-        val = _finite(streams.get("val", []))
-        if val:
-            steps, values = map(np.array, zip(*val))
-            loss_ax.plot(steps, values, label=f"{label}val loss")
-            i = int(values.argmin())
-            summary.append(f"min val loss {values[i]:.4f} (step {steps[i]})")
-        hella = _finite(streams.get("hella", []))
-        if hella:
-            steps, values = map(np.array, zip(*hella))
-            hella_ax.plot(steps, values, label=f"{label}HellaSwag acc_norm")
-            i = int(values.argmax())
-            summary.append(f"max HellaSwag {values[i]:.4f} (step {steps[i]})")
+        for stream, ax, best, what in (("train", loss_ax, "min", "train loss"), ("val", loss_ax, "min", "val loss"),
+                                       ("hella", hella_ax, "max", "HellaSwag")):
+            points = _finite(streams.get(stream, []))
+            if not points:
+                continue
+            steps, values = map(np.array, zip(*points))
+            if stream == "train":  # noisy: a faint raw curve under its trailing mean
+                raw = ax.plot(steps, values, alpha=0.25, linewidth=0.8)[0]
+                window = max(1, min(100, len(values) // 20))
+                ax.plot(steps, smooth(values, window), color=raw.get_color(),
+                        label=f"{label}train loss (mean of {window})")
+            else:
+                ax.plot(steps, values, label=f"{label}{'HellaSwag acc_norm' if stream == 'hella' else what}")
+            i = int(values.argmin() if best == "min" else values.argmax())
+            summary.append(f"{best} {what} {values[i]:.4f} (step {steps[i]})")
         print(f"{path}: {', '.join(summary)}")
         if malformed:
             print(f"{path}: skipped {malformed} malformed line{'s' * (malformed != 1)}")
