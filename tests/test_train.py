@@ -131,3 +131,28 @@ def test_resume_with_a_different_model(shards, tmp_path):
 def test_seq_len_longer_than_block_size(shards, tmp_path):
     result = run_cli("train", "--preset", "tiny", "--data", shards, "--out", tmp_path, "seq_len=128")
     assert_one_line_error(result, "data.seq_len=128", "block_size=64")
+
+
+def test_periodic_val_hellaswag_and_samples_are_logged(shards, tmp_path):
+    import json
+
+    items = tmp_path / "hellaswag.jsonl"
+    items.write_text("".join(json.dumps({"ctx": f"A man opens door number {i}.", "activity_label": "Doors",
+                                         "endings": ["He walks in.", "It rains fish.", "Blue.", "The end."],
+                                         "label": i % 4}) + "\n" for i in range(6)))
+    result = train_cli("--data", shards, "--out", tmp_path / "run", "max_steps=3", "val_every=2",
+                       "hellaswag_every=2", f"hellaswag_data={items}", "sample_every=2", "sample_tokens=4")
+    records = [line.split() for line in (tmp_path / "run" / "log.txt").read_text().splitlines()]
+    assert [(int(s), k) for s, k, _ in records if k != "train"] == [(0, "val"), (0, "hella"), (2, "val"),
+                                                                    (2, "hella")]
+    hella = [float(v) * 6 for _, k, v in records if k == "hella"]  # accuracies over 6 items
+    assert all(0 <= h <= 6 and abs(h - round(h)) < 1e-4 for h in hella)
+    assert "hellaswag acc_norm" in result.stdout
+    assert (tmp_path / "run" / "samples.txt").read_text().count("step 2 sample") == 4
+
+
+def test_missing_hellaswag_file_fails_before_training(shards, tmp_path):
+    result = run_cli("train", "--preset", "tiny", "--data", shards, "--out", tmp_path / "run",
+                     "hellaswag_every=2", f"hellaswag_data={tmp_path / 'missing.jsonl'}")
+    assert_one_line_error(result, "missing.jsonl: no such file", "eval.hellaswag_data=FILE")
+    assert not (tmp_path / "run" / "log.txt").exists()

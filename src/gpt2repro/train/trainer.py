@@ -184,7 +184,7 @@ def evaluate_val_loss(model, cfg: TrainConfig, micro_batch: int, rt: Runtime) ->
     total = torch.zeros(2, device=rt.device, dtype=torch.float64)  # loss sum, token count
     for x, y in val_batches(cfg.data.path, cfg.data.seq_len, cfg.eval.val_tokens, micro_batch,
                             rt.dist.rank, rt.dist.world_size):
-        x, y = x.to(rt.device), y.to(rt.device)
+        x, y = to_device(x, rt.device), to_device(y, rt.device)
         with rt.autocast():
             _, loss = model(x, y)
         total[0] += loss.double() * y.numel()
@@ -214,12 +214,18 @@ def load_hellaswag_items(cfg: TrainConfig, rt: Runtime):
         return None
     from gpt2repro.eval.hellaswag import load_items
 
+    def load():
+        return load_items(cfg.eval.hellaswag_data or None, limit=cfg.eval.hellaswag_limit or None)
+
+    items, error = None, None
     if rt.dist.is_main:  # one download, then every rank reads the cached file
-        items = load_items(cfg.eval.hellaswag_data or None, limit=cfg.eval.hellaswag_limit or None)
-    barrier()
-    if not rt.dist.is_main:
-        items = load_items(cfg.eval.hellaswag_data or None, limit=cfg.eval.hellaswag_limit or None)
-    return items
+        try:
+            items = load()
+        except UserError as e:
+            error = UserError(f"{e} (in training: eval.hellaswag_data=FILE, or eval.hellaswag_every=0 to skip it)")
+    if any_rank(error is not None, rt.device):  # every rank stops, none waits forever
+        raise error or UserError("HellaSwag data could not be loaded on rank 0; see its error")
+    return items if rt.dist.is_main else load()
 
 
 def _due(step: int, every: int, last: bool) -> bool:
