@@ -275,8 +275,11 @@ class Trainer:
         self.fast_model = torch.compile(self.model) if rt.compile else self.model
         self.train_model = self.fast_model
         if rt.dist.enabled:
+            # Gradients live in DDP's buckets (no copy in or out); each bucket's all-reduce
+            # starts as soon as its gradients are ready, overlapping the rest of the backward.
             device_ids = [rt.device.index] if rt.device.type == "cuda" else None
-            self.train_model = DDP(self.fast_model, device_ids=device_ids)
+            self.train_model = DDP(self.fast_model, device_ids=device_ids, gradient_as_bucket_view=True,
+                                   bucket_cap_mb=cfg.runtime.ddp_bucket_mb)
 
         self.run_log = None
         if self.is_main:
