@@ -27,9 +27,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Pretrain GPT-2 from scratch and show it matches OpenAI's checkpoint.",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    # --debug is accepted after the subcommand too; SUPPRESS keeps a leading --debug intact.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("prepare", help="tokenize a corpus into GPT-2 token shards")
+    p = sub.add_parser("prepare", parents=[common], help="tokenize a corpus into GPT-2 token shards")
     p.add_argument("--source", default="fineweb-edu",
                    help="fineweb-edu | demo | a .txt/.jsonl/.parquet file, directory or glob")
     p.add_argument("--out", required=True, help="output directory for the .npy shards")
@@ -43,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=None, help="stop after this many tokens")
     p.add_argument("--prefix", default=None, help="shard file prefix (default from the source)")
 
-    p = sub.add_parser("train", help="pretrain a model (one process, or under torchrun)")
+    p = sub.add_parser("train", parents=[common], help="pretrain a model (one process, or under torchrun)")
     p.add_argument("--preset", default="gpt2-124m-10b", help="training preset (see README)")
     p.add_argument("--data", default=None, help="directory of token shards")
     p.add_argument("--out", default=None, help="run directory: log, checkpoints, samples")
@@ -58,9 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="config overrides, e.g. optim.max_lr=3e-4 or eval.val_every=100")
 
-    p = sub.add_parser("eval", help="evaluate a model")
+    p = sub.add_parser("eval", parents=[common], help="evaluate a model")
     eval_sub = p.add_subparsers(dest="task", metavar="TASK", required=True)
-    e = eval_sub.add_parser("hellaswag", help="HellaSwag val accuracy, two scorings")
+    e = eval_sub.add_parser("hellaswag", parents=[common], help="HellaSwag val accuracy, two scorings")
     e.add_argument("--model", required=True, help="our checkpoint/run dir, a Hugging Face dir, or a hub name")
     e.add_argument("--data", default=None, help="hellaswag jsonl (default: download the official val file)")
     e.add_argument("--limit", type=int, default=None, help="evaluate only the first N items")
@@ -68,13 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", default=None, help="also write the results to this file")
     _add_device_flags(e)
 
-    p = sub.add_parser("plot", help="plot loss and HellaSwag curves from training logs")
+    p = sub.add_parser("plot", parents=[common], help="plot loss and HellaSwag curves from training logs")
     p.add_argument("--log", action="append", required=True, help="log.txt (repeat to overlay runs)")
     p.add_argument("--sz", default="124M", choices=PLOT_SIZES, help="model size, for baselines")
     p.add_argument("--out", default="plot.png", help="output PNG")
     p.add_argument("--show", action="store_true", help="also open a window")
 
-    p = sub.add_parser("sample", help="generate text from a model")
+    p = sub.add_parser("sample", parents=[common], help="generate text from a model")
     p.add_argument("--model", required=True)
     p.add_argument("--prompt", default="Hello, I'm a language model,")
     p.add_argument("--num", type=int, default=5, help="number of samples")
@@ -85,13 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the prefix each token")
     _add_device_flags(p)
 
-    p = sub.add_parser("export", help="write a checkpoint as a Hugging Face GPT-2 directory")
+    p = sub.add_parser("export", parents=[common], help="write a checkpoint as a Hugging Face GPT-2 directory")
     p.add_argument("--model", required=True, help="our checkpoint or run directory")
     p.add_argument("--out", required=True, help="output directory")
 
-    p = sub.add_parser("bench", help="benchmarks: fast path against a plain baseline, same run")
+    p = sub.add_parser("bench", parents=[common], help="benchmarks: fast path against a plain baseline, same run")
     bench_sub = p.add_subparsers(dest="what", metavar="WHAT", required=True)
-    b = bench_sub.add_parser("train", help="training tokens/s, MFU, step time, memory")
+    b = bench_sub.add_parser("train", parents=[common], help="training tokens/s, MFU, step time, memory")
     b.add_argument("--preset", default="gpt2-124m-10b")
     b.add_argument("--micro-batch", type=int, default=None)
     b.add_argument("--seq-len", type=int, default=None)
@@ -99,18 +102,18 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     b.add_argument("--variants", default="auto", help="comma list, or auto for the device's set")
     _add_device_flags(b)
-    b = bench_sub.add_parser("eval", help="HellaSwag items/s, batched vs one at a time")
+    b = bench_sub.add_parser("eval", parents=[common], help="HellaSwag items/s, batched vs one at a time")
     b.add_argument("--model", default="tiny", help="a model preset name or MODEL")
     b.add_argument("--data", default=None, help="hellaswag jsonl (default: synthetic items)")
     b.add_argument("--limit", type=int, default=200)
     b.add_argument("--batch-size", type=int, default=32)
     _add_device_flags(b)
-    b = bench_sub.add_parser("tokenize", help="prepare's tokenizer path vs a per-document Pool loop")
+    b = bench_sub.add_parser("tokenize", parents=[common], help="prepare's tokenizer path vs a per-document Pool loop")
     b.add_argument("--source", default="demo", help="demo or a local corpus path")
     b.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     b.add_argument("--max-docs", type=int, default=None)
 
-    p = sub.add_parser("demo", help="prepare the built-in corpus, train a small model, plot, sample")
+    p = sub.add_parser("demo", parents=[common], help="prepare the built-in corpus, train a small model, plot, sample")
     p.add_argument("--out", default="demo_out", help="folder for everything the demo writes")
     p.add_argument("--max-steps", type=int, default=None, help="training steps (default: the demo preset's)")
     return parser
