@@ -4,6 +4,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from gpt2repro.config import OptimConfig
@@ -156,3 +157,21 @@ def test_missing_hellaswag_file_fails_before_training(shards, tmp_path):
                      "hellaswag_every=2", f"hellaswag_data={tmp_path / 'missing.jsonl'}")
     assert_one_line_error(result, "missing.jsonl: no such file", "eval.hellaswag_data=FILE")
     assert not (tmp_path / "run" / "log.txt").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("setting, tolerance", [("dtype=float16", 1e-3), ("dtype=bfloat16", 1e-2),
+                                                ("compile=true", 1e-5)])
+def test_precision_and_compile_paths_train_like_float32(shards, tmp_path, setting, tolerance):
+    """The GPU switches, exercised on the CPU: fp16 autocast with its GradScaler, bf16
+    autocast, and torch.compile of the training model give the float32 eager loss."""
+    def first_losses(out, *extra):
+        train_cli("--data", shards, "--out", out, "max_steps=3", *extra)
+        return [float(v) for s, k, v in (ln.split() for ln in (out / "log.txt").read_text().splitlines())
+                if k == "train"]
+
+    reference = first_losses(tmp_path / "fp32")
+    switched = first_losses(tmp_path / "switched", setting)
+    assert len(switched) == 3
+    assert abs(switched[0] - reference[0]) <= tolerance * reference[0]
+    assert all(torch.isfinite(t).all() for t in weights(tmp_path / "switched", 3).values())
