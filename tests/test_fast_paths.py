@@ -4,7 +4,6 @@ Tolerances: float32 everywhere; only the order of floating-point sums differs
 (fused attention, chunked loss, compiled kernels), so losses agree to ~1e-5.
 """
 
-import sys
 
 import pytest
 import torch

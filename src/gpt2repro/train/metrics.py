@@ -73,7 +73,8 @@ class RunLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise UserError("runtime.tensorboard=true needs TensorBoard: pip install 'gpt2repro[tensorboard]'") from None
+                raise UserError("runtime.tensorboard=true needs TensorBoard: "
+                                "pip install 'gpt2repro[tensorboard]'") from None
 
             self.tb = SummaryWriter(str(tensorboard_dir))
 
