@@ -32,23 +32,25 @@ def _reference_one_document(document: dict) -> np.ndarray:
     return np.array(tokens, dtype=np.uint16)
 
 
-def reference_tokenize(texts: list[str], workers: int) -> tuple[int, str]:
-    """build-nanogpt's loop; returns (tokens, sha256 of the token stream)."""
+def _count_and_hash(arrays) -> tuple[int, str]:
+    """(tokens, sha256 of the token stream) of a sequence of uint16 arrays."""
     digest, count = hashlib.sha256(), 0
-    with multiprocessing.get_context().Pool(workers) as pool:
-        for tokens in pool.imap(_reference_one_document, ({"text": t} for t in texts), chunksize=16):
-            digest.update(tokens.tobytes())
-            count += len(tokens)
+    for tokens in arrays:
+        digest.update(tokens.tobytes())
+        count += len(tokens)
     return count, digest.hexdigest()
+
+
+def reference_tokenize(texts: list[str], workers: int) -> tuple[int, str]:
+    """build-nanogpt's loop."""
+    with multiprocessing.get_context().Pool(workers) as pool:
+        docs = ({"text": t} for t in texts)
+        return _count_and_hash(pool.imap(_reference_one_document, docs, chunksize=16))
 
 
 def prepare_tokenize(texts: list[str], workers: int) -> tuple[int, str]:
     """``prepare``'s path: chunked tasks, split long documents, the fast encoder."""
-    digest, count = hashlib.sha256(), 0
-    for tokens, _ in tokenize_documents(texts, workers):
-        digest.update(tokens.tobytes())
-        count += len(tokens)
-    return count, digest.hexdigest()
+    return _count_and_hash(tokens for tokens, _ in tokenize_documents(texts, workers))
 
 
 def bench_tokenize(args) -> None:

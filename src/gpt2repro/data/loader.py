@@ -33,6 +33,7 @@ class TokenStream:
         # Opening reads headers only; token ids are checked when a shard is first read.
         self.shards = shards if shards is not None else [open_shard(p, check_tokens=False) for p in self.paths]
         self.starts = np.cumsum([0] + [len(s) for s in self.shards]).tolist()
+        self.checked = [False] * len(self.shards)  # ids checked: no stat() per batch after that
 
     def __len__(self) -> int:
         return self.starts[-1]
@@ -48,7 +49,9 @@ class TokenStream:
         shard = bisect.bisect_right(self.starts, start) - 1
         while filled < length:
             tokens = self.shards[shard]
-            check_token_ids(self.paths[shard], tokens)  # a full scan the first time only
+            if not self.checked[shard]:
+                check_token_ids(self.paths[shard], tokens)  # a full scan once per file and process
+                self.checked[shard] = True
             begin = start + filled - self.starts[shard]
             take = min(length - filled, len(tokens) - begin)
             out[filled:filled + take] = tokens[begin:begin + take]

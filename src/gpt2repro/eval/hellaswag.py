@@ -50,6 +50,7 @@ from gpt2repro.config import GPT2_VOCAB_SIZE
 from gpt2repro.data.tokenizer import encode
 from gpt2repro.device import autocast, to_device
 from gpt2repro.errors import UserError
+from gpt2repro.train.distributed import all_reduce_sum
 
 OFFICIAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 N_ENDINGS = 4
@@ -347,8 +348,7 @@ def _evaluate(model, items: list[dict], scorer, *, device, rank: int, world_size
                 start = time.perf_counter()
                 tokenized = tokenize(items[rank::world_size], scoring, model.config.block_size)
                 counts = correct_counts(scorer(tokenized), tokenized, scoring)
-                if torch.distributed.is_available() and torch.distributed.is_initialized():
-                    torch.distributed.all_reduce(counts)
+                all_reduce_sum(counts)
                 acc, acc_norm, n = counts.tolist()  # the one host sync per scoring
                 seconds = time.perf_counter() - start
                 total_seconds += seconds

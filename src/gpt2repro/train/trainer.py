@@ -199,7 +199,7 @@ def write_samples(model: GPT, cfg: TrainConfig, step: int, out_dir: Path, rt: Ru
 
     with rt.autocast():
         samples = generate(model, encode(cfg.eval.sample_prompt), num_samples=cfg.eval.sample_count,
-                           max_new_tokens=cfg.eval.sample_tokens, seed=cfg.runtime.seed + rt.dist.rank)
+                           max_new_tokens=cfg.eval.sample_tokens, seed=cfg.runtime.seed)
     texts = [cfg.eval.sample_prompt + decode(s) for s in samples]
     with open(out_dir / "samples.txt", "a") as f:
         for i, text in enumerate(texts):
