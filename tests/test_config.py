@@ -1,10 +1,8 @@
 import pytest
 
-from gpt2repro.config import (MODEL_PRESETS, TRAIN_PRESETS, apply_overrides, config_keys,
-                              get_preset)
-from gpt2repro.errors import UserError
-
 from conftest import assert_one_line_error
+from gpt2repro.config import MODEL_PRESETS, TRAIN_PRESETS, apply_overrides, config_keys, get_preset
+from gpt2repro.errors import UserError
 
 
 def test_overrides_by_dotted_and_bare_key():

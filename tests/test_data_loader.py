@@ -82,12 +82,12 @@ def test_shuffled_shard_order_is_seeded_per_epoch_and_shared_by_ranks(data_dir):
     loaders = [TokenLoader(data_dir, "train", 1, 4, rank=r, world_size=2, shuffle_shards=True, seed=7)
                for r in range(2)]
     orders = []
-    for epoch in range(3):
+    for _ in range(3):
         assert loaders[0].order == loaders[1].order
         orders.append(list(loaders[0].order))
         stream = np.concatenate([np.arange(sizes[:i].sum(), sizes[:i + 1].sum()) for i in orders[-1]])
-        seen = sorted(((s * 2 + r, loaders[r].next_batch()[0].flatten().tolist())
-                       for s in range(loaders[0].steps_per_epoch) for r in range(2)))
+        seen = sorted((s * 2 + r, loaders[r].next_batch()[0].flatten().tolist())
+                       for s in range(loaders[0].steps_per_epoch) for r in range(2))
         flat = [t for _, window in seen for t in window]
         assert flat == stream[:len(flat)].tolist()  # the permuted shards, read as one stream
     assert len({tuple(o) for o in orders}) > 1

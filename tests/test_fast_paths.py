@@ -8,11 +8,10 @@ Tolerances: float32 everywhere; only the order of floating-point sums differs
 import pytest
 import torch
 
+from conftest import REPO, assert_one_line_error, run_cli
 from gpt2repro.bench.train import load_baseline_class
 from gpt2repro.config import MODEL_PRESETS
 from gpt2repro.model.gpt import GPT
-
-from conftest import REPO, run_cli
 
 
 def _pair(seed=0):
@@ -45,10 +44,17 @@ def test_compiled_model_gives_the_same_loss():
 
 
 def test_bench_train_runs_every_cpu_variant_with_equal_losses():
-    result = run_cli("bench", "train", "--preset", "tiny", "--steps", "2", "--warmup", "1", cwd=REPO)
+    variants = ["baseline", "eager", "foreach-adamw", "chunked-ce"]
+    result = run_cli("bench", "train", "--preset", "tiny", "--steps", "2", "--warmup", "1",
+                     "--variants", ",".join(variants), cwd=REPO)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| ")][1:]
     by_variant = {cells[0].strip(): cells for cells in rows}
-    assert set(by_variant) == {"baseline", "eager", "chunked-ce"}
+    assert list(by_variant) == variants
     losses = {float(cells[5]) for cells in by_variant.values()}
     assert max(losses) - min(losses) < 1e-4
+
+
+def test_bench_train_refuses_an_unknown_variant():
+    result = run_cli("bench", "train", "--preset", "tiny", "--variants", "eager,turbo", cwd=REPO)
+    assert_one_line_error(result, "--variants: unknown turbo", "foreach-adamw")

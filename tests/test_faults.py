@@ -13,12 +13,11 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import assert_one_line_error, run_cli
 from gpt2repro.config import MODEL_PRESETS
 from gpt2repro.errors import UserError
 from gpt2repro.model.gpt import GPT
 from gpt2repro.train import checkpoint as ckpt
-
-from conftest import assert_one_line_error, run_cli
 from test_train import make_shards, max_abs_diff, train_cli, weights
 
 COMMON = ["max_steps=10", "checkpoint.every=2", "checkpoint.keep=0"]

@@ -7,11 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import assert_one_line_error, run_cli
 from gpt2repro.config import OptimConfig
 from gpt2repro.train.optim import build_optimizer, learning_rate
 from gpt2repro.train.trainer import grad_accum_steps
-
-from conftest import assert_one_line_error, run_cli
 
 
 def make_shards(directory, n_train=40_000, n_val=4_000, seed=0):

@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="sample-10BT", help="FineWeb-edu config (default sample-10BT)")
     p.add_argument("--streaming", action="store_true",
                    help="stream FineWeb-edu instead of downloading its parquet files first")
-    p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard")
+    p.add_argument("--shard-tokens", type=int, default=None,
+                   help="tokens per shard (default 100M; the demo corpus: 1M, val 65,536)")
     p.add_argument("--val-tokens", type=int, default=None,
                    help="tokens in the val shard (default: one full shard)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes")

@@ -30,8 +30,7 @@ def run_demo(out_dir: str | Path = "demo_out", max_steps: int | None = None) -> 
         cfg.optim.max_steps = max_steps
 
     print(f"[1/4] preparing the built-in corpus into {cfg.data.path}")
-    prepare(source="demo", out_dir=cfg.data.path, shard_tokens=1_000_000, val_tokens=65_536,
-            workers=os.cpu_count() or 1)
+    prepare(source="demo", out_dir=cfg.data.path, workers=os.cpu_count() or 1)
 
     print(f"[2/4] training the demo preset ({cfg.optim.max_steps} steps) into {out}")
     if train(cfg).get("stopped_early"):

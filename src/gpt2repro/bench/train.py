@@ -10,7 +10,8 @@ the first step's loss: equal losses show the variants compute the same function.
 
 Variants:
   baseline        the nanoGPT-style model in benchmarks/ (explicit attention, full logits)
-  eager           our model, eager PyTorch
+  eager           our model, eager PyTorch (fused AdamW, as the trainer uses it)
+  foreach-adamw   eager, with AdamW's multi-tensor loop instead of the fused kernel
   chunked-ce      + LM head and loss fused in row chunks (no full logits tensor)
   compiled        + torch.compile
   compiled+chunked-ce
@@ -31,15 +32,24 @@ import torch
 
 from gpt2repro.bench import machine_name, print_table
 from gpt2repro.config import get_preset
-from gpt2repro.device import (autocast, enable_tf32, fused_adamw_available, pick_autocast_dtype,
-                              pick_device, resolve_ce_chunk_rows, synchronize)
+from gpt2repro.device import (
+    autocast,
+    enable_tf32,
+    fused_adamw_available,
+    pick_autocast_dtype,
+    pick_device,
+    resolve_ce_chunk_rows,
+    synchronize,
+)
 from gpt2repro.errors import UserError
 from gpt2repro.model.gpt import GPT
 from gpt2repro.train.metrics import mfu, peak_flops
 
 GPU_CHUNK_ROWS = 8192  # big enough to keep the matmuls efficient on a GPU
 CPU_VARIANTS = "baseline,eager,chunked-ce"
-CUDA_VARIANTS = "baseline,eager,compiled,compiled+chunked-ce,sdpa-flash,sdpa-cudnn"
+CUDA_VARIANTS = "baseline,eager,foreach-adamw,compiled,compiled+chunked-ce,sdpa-flash,sdpa-cudnn"
+KNOWN_VARIANTS = ("baseline", "eager", "foreach-adamw", "chunked-ce", "compiled", "compiled+chunked-ce",
+                  "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "sdpa-math")
 
 
 def load_baseline_class():
@@ -89,8 +99,11 @@ class Variant:
 
     def __init__(self, name: str, model, context, device: torch.device):
         self.name, self.model, self.context, self.device = name, model, context, device
-        fused = fused_adamw_available(device)
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=fused or None)
+        if name == "foreach-adamw" or not fused_adamw_available(device):
+            options = {"foreach": True}
+        else:
+            options = {"fused": True}
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), **options)
         self.times: list[float] = []
         self.first_loss: float | None = None
         self.step_memory = 0  # bytes a step needs above what is resident (GPU only)
@@ -137,6 +150,9 @@ def bench_train(args: argparse.Namespace) -> list[dict]:
         raise UserError(f"--seq-len {T} is longer than the preset's block_size {cfg.model.block_size}")
     names = (CUDA_VARIANTS if device.type == "cuda" else CPU_VARIANTS) if args.variants == "auto" \
         else args.variants
+    unknown = [n for n in names.split(",") if n.strip() not in KNOWN_VARIANTS]
+    if unknown:
+        raise UserError(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(KNOWN_VARIANTS)}")
     torch.manual_seed(0)
     reference = GPT(cfg.model)
     g = torch.Generator().manual_seed(0)

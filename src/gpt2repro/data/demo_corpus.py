@@ -23,11 +23,13 @@ from __future__ import annotations
 import ast
 import random
 import sysconfig
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 TARGET_CHARS = 4_000_000  # ~1M tokens at ~4 characters per token
 SHUFFLE_SEED = 1337
+SHARD_TOKENS = 1_000_000  # the corpus is ~750K tokens: a small val shard, one train shard
+VAL_TOKENS = 65_536
 SKIPPED_DIRS = {"test", "tests", "idle_test", "turtledemo", "site-packages", "dist-packages",
                 "__pycache__", "ensurepip", "pydoc_data"}
 

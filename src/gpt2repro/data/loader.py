@@ -15,8 +15,8 @@ Shards are memory-mapped, so memory does not grow with the data set.
 from __future__ import annotations
 
 import bisect
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -38,7 +38,7 @@ class TokenStream:
     def __len__(self) -> int:
         return self.starts[-1]
 
-    def reordered(self, order: list[int]) -> "TokenStream":
+    def reordered(self, order: list[int]) -> TokenStream:
         """The same opened shards in another order."""
         return TokenStream([self.paths[i] for i in order], [self.shards[i] for i in order])
 

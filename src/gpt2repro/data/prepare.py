@@ -29,8 +29,8 @@ import json
 import multiprocessing
 import os
 import signal
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -310,14 +310,17 @@ def _check_out_dir(out_dir: Path, prefix: str) -> None:
 
 
 def prepare(source: str, out_dir, *, name: str = "sample-10BT", streaming: bool = False,
-            shard_tokens: int = 100_000_000, val_tokens: int | None = None,
+            shard_tokens: int | None = None, val_tokens: int | None = None,
             workers: int | None = os.cpu_count(), max_tokens: int | None = None,
             prefix: str | None = None) -> dict:
-    """Tokenize ``source`` into shards in ``out_dir``; return the manifest."""
+    """Tokenize ``source`` into shards in ``out_dir``; return the manifest. Shard sizes
+    default to the source's own (100M tokens; the built-in corpus: small ones)."""
     workers = workers or 1
+    corpus = open_source(source, name=name, streaming=streaming)
+    if shard_tokens is None:
+        shard_tokens, val_tokens = corpus.shard_tokens, corpus.val_tokens if val_tokens is None else val_tokens
     val_tokens = shard_tokens if val_tokens is None else val_tokens
     _check_sizes(shard_tokens, val_tokens, workers, max_tokens)
-    corpus = open_source(source, name=name, streaming=streaming)
     prefix = prefix or corpus.default_prefix
     out_dir = Path(out_dir)
     run = {"source": corpus.label, "prefix": prefix, "shard_tokens": shard_tokens,

@@ -16,9 +16,9 @@ from __future__ import annotations
 import glob
 import itertools
 import json
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 from gpt2repro.errors import UserError
 
@@ -32,6 +32,8 @@ class Source:
     label: str  # what the manifest records and error messages name
     default_prefix: str  # shard file prefix when --prefix is not given
     documents: Callable[[int], Iterator[str]]  # documents(skip) -> texts after the first `skip`
+    shard_tokens: int = 100_000_000  # build-nanogpt's shard size, when --shard-tokens is not given
+    val_tokens: int | None = None  # None: one full shard
 
 
 def open_source(spec: str, *, name: str = "sample-10BT", streaming: bool = False) -> Source:
@@ -41,7 +43,8 @@ def open_source(spec: str, *, name: str = "sample-10BT", streaming: bool = False
     if spec == "demo":
         from gpt2repro.data import demo_corpus
 
-        return Source("demo", "demo", lambda skip: itertools.islice(demo_corpus.documents(), skip, None))
+        return Source("demo", "demo", lambda skip: itertools.islice(demo_corpus.documents(), skip, None),
+                      shard_tokens=demo_corpus.SHARD_TOKENS, val_tokens=demo_corpus.VAL_TOKENS)
     files = local_files(spec)
     stem = Path(spec).stem if len(files) == 1 or Path(spec).is_dir() else "corpus"
     return Source(str(Path(spec).resolve()) if Path(spec).exists() else spec, stem or "corpus",

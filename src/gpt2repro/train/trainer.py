@@ -17,7 +17,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -25,15 +25,31 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from gpt2repro.config import TrainConfig
 from gpt2repro.data.loader import TokenLoader, val_batches
 from gpt2repro.data.tokenizer import decode, encode
-from gpt2repro.device import (autocast, enable_tf32, fused_adamw_available, pick_autocast_dtype,
-                              pick_device, resolve_ce_chunk_rows, resolve_flag, synchronize,
-                              to_device)
+from gpt2repro.device import (
+    autocast,
+    enable_tf32,
+    fused_adamw_available,
+    pick_autocast_dtype,
+    pick_device,
+    resolve_ce_chunk_rows,
+    resolve_flag,
+    synchronize,
+    to_device,
+)
 from gpt2repro.errors import UserError
 from gpt2repro.model.gpt import GPT
 from gpt2repro.model.io import load_weights
 from gpt2repro.train import checkpoint as ckpt
-from gpt2repro.train.distributed import (DistInfo, all_reduce_mean, all_reduce_min, all_reduce_sum,
-                                         any_rank, barrier, init_distributed, shutdown_distributed)
+from gpt2repro.train.distributed import (
+    DistInfo,
+    all_reduce_mean,
+    all_reduce_min,
+    all_reduce_sum,
+    any_rank,
+    barrier,
+    init_distributed,
+    shutdown_distributed,
+)
 from gpt2repro.train.metrics import RunLog, mfu, peak_flops
 from gpt2repro.train.optim import build_optimizer, learning_rate, set_learning_rate
 
@@ -141,6 +157,17 @@ def choose_micro_batch(cfg: TrainConfig, model: GPT, rt: Runtime, log) -> int:
     chosen = all_reduce_min(chosen, rt.device)
     log(f"micro_batch auto: {chosen}")
     return chosen
+
+
+class StepResult(NamedTuple):
+    loss: float
+    grad_norm: float
+    lr: float
+    fp16_overflow: bool = False  # the GradScaler skipped this update; not an error
+
+    @property
+    def nonfinite(self) -> bool:
+        return not math.isfinite(self.loss) or (not math.isfinite(self.grad_norm) and not self.fp16_overflow)
 
 
 class StopRequest:
@@ -376,9 +403,9 @@ class Trainer:
 
     # --- one optimizer step ------------------------------------------------------------------
 
-    def train_step(self, step: int) -> tuple[float, float, float]:
-        """Accumulate gradients over the micro-steps, clip, step AdamW. Returns (loss, grad norm,
-        lr); the optimizer is not stepped when either value is non-finite."""
+    def train_step(self, step: int) -> StepResult:
+        """Accumulate gradients over the micro-steps, clip, step AdamW. The optimizer is not
+        stepped when the loss or the gradient norm is non-finite."""
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=self.rt.device)
         for micro in range(self.accum):
@@ -400,13 +427,13 @@ class Trainer:
         lr = learning_rate(step, self.cfg.optim)
         set_learning_rate(self.optimizer, lr)
         loss_value, norm_value = loss_sum.item(), grad_norm.item()  # the step's one host sync
-        if self.scaler.is_enabled() and math.isfinite(loss_value):
-            # fp16: an overflowing gradient is routine; the scaler skips the step and lowers its scale
-            norm_value = norm_value if math.isfinite(norm_value) else 0.0
-        if math.isfinite(loss_value) and math.isfinite(norm_value):
+        # fp16: an overflowing gradient is routine; the scaler skips the update and lowers its scale
+        overflow = self.scaler.is_enabled() and math.isfinite(loss_value) and not math.isfinite(norm_value)
+        result = StepResult(loss_value, norm_value, lr, overflow)
+        if overflow or not result.nonfinite:
             self.scaler.step(self.optimizer)
             self.scaler.update()
-        return loss_value, norm_value, lr
+        return result
 
     def skip_step(self, step: int) -> None:
         for _ in range(self.accum):
@@ -428,8 +455,9 @@ class Trainer:
             if step in self.skip_steps:
                 self.skip_step(step)
             else:
-                loss, norm, lr = self.train_step(step)
-                if not (math.isfinite(loss) and math.isfinite(norm)):
+                result = self.train_step(step)
+                loss, norm, lr = result.loss, result.grad_norm, result.lr
+                if result.nonfinite:
                     what = f"non-finite {'loss' if not math.isfinite(loss) else 'grad norm'} ({loss}, norm {norm})"
                     if cfg.runtime.on_nonfinite == "rollback":
                         self.rollback(step, what)
@@ -444,6 +472,9 @@ class Trainer:
                 metrics.update(step=step, train=loss, lr=lr, grad_norm=norm, tokens_per_s=self.tokens_per_step / dt)
                 if self.run_log:
                     self.run_log.write(step, "train", loss)
+                if result.fp16_overflow:
+                    self.log(f"step {step:5d} | fp16 gradient overflow: update skipped, loss scale now "
+                             f"{self.scaler.get_scale():g}")
                 if step % cfg.runtime.log_every == 0 or last:
                     self.log_step(step, metrics, dt, eta_s=(max_steps - step - 1) * sum(recent) / len(recent))
 
