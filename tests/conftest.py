@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from torch.overrides import TorchFunctionMode
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,3 +38,18 @@ def assert_one_line_error(result, *needles: str) -> None:
 @pytest.fixture
 def cli():
     return run_cli
+
+
+# Tensor methods that copy a value to the host, and so wait for the device.
+HOST_READS = {"item", "tolist", "__bool__", "cpu", "numpy", "__float__", "__int__", "__index__"}
+
+
+class CountHostReads(TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in HOST_READS:
+            self.calls.append(func.__name__)
+        return func(*args, **(kwargs or {}))

@@ -68,9 +68,16 @@ def test_bf16_autocast_stays_close():
     torch.manual_seed(0)
     model = GPT(MODEL_PRESETS["tiny"])
     idx = torch.randint(0, 50257, (2, 32))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        ref = model(idx, idx)[1]
-        model.ce_chunk_rows = 16
-        out = model(idx, idx)[1]
+    grads = []
+    for chunk_rows in (0, 16):
+        model.ce_chunk_rows = chunk_rows
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(idx, idx)[1]
+        loss.backward()
+        grads.append((loss.item(), model.lm_head.weight.grad.clone(), model.transformer.h[0].mlp.c_fc.weight.grad))
+    (ref, ref_head, ref_fc), (out, out_head, out_fc) = grads
     # bf16 matmuls: agreement within bf16 rounding of the logits (~1e-2 relative)
-    assert abs(out.item() - ref.item()) / ref.item() < 1e-2
+    assert abs(out - ref) / ref < 1e-2
+    for a, b in ((ref_head, out_head), (ref_fc, out_fc)):
+        assert (a - b).norm() / a.norm() < 5e-3

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import assert_one_line_error, run_cli
+from conftest import CountHostReads, assert_one_line_error, run_cli
 from gpt2repro.config import GPT2_VOCAB_SIZE, MODEL_PRESETS
 from gpt2repro.data.tokenizer import encode
 from gpt2repro.errors import UserError
@@ -77,6 +77,30 @@ def test_evaluate_equals_reference_and_restores_train_mode():
         for key in ("acc", "acc_norm"):
             assert ours[scoring][key] == plain[scoring][key]
     assert ours["items_per_s"] > 0
+
+
+def test_chunks_of_items_give_the_same_result_and_one_host_read_per_scoring(tiny_model):
+    items = make_items(11, seed=2)
+    whole = hs.evaluate_hellaswag(tiny_model, items, batch_size=4)
+    with CountHostReads() as counter:
+        chunked = hs.evaluate_hellaswag(tiny_model, items, batch_size=4, items_per_chunk=3)
+    assert counter.calls == ["tolist"] * len(hs.SCORINGS)  # the final counts, nothing per chunk or batch
+    for scoring in hs.SCORINGS:
+        assert {k: v for k, v in chunked[scoring].items() if k != "items_per_s"} == \
+               {k: v for k, v in whole[scoring].items() if k != "items_per_s"}
+        assert whole[scoring]["n"] == 11
+
+
+def test_head_in_row_chunks_equals_the_whole_head(tiny_model):
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(300, tiny_model.config.n_embd, generator=g)
+    targets = torch.randint(0, GPT2_VOCAB_SIZE, (300,), generator=g)
+    with torch.no_grad():
+        whole = hs._token_logprobs(tiny_model, hidden, targets)
+        chunked = hs._token_logprobs(tiny_model, hidden, targets, chunk_rows=128)
+        logits = tiny_model.lm_head(hidden)[:, :GPT2_VOCAB_SIZE]
+    expected = torch.log_softmax(logits, dim=1).gather(1, targets[:, None]).squeeze(1)
+    assert torch.allclose(whole, expected, atol=1e-5) and torch.allclose(chunked, whole, atol=1e-6)
 
 
 def test_positions_fit_the_block_after_truncation():

@@ -3,25 +3,11 @@
 import math
 
 import torch
-from torch.overrides import TorchFunctionMode
 
+from conftest import CountHostReads
 from gpt2repro.config import apply_overrides, get_preset
 from gpt2repro.train.trainer import StopRequest, Trainer, setup_runtime
 from test_train import make_shards
-
-# Tensor methods that copy a value to the host, and so wait for the device.
-HOST_READS = {"item", "tolist", "__bool__", "cpu", "numpy", "__float__", "__int__", "__index__"}
-
-
-class CountHostReads(TorchFunctionMode):
-    def __init__(self):
-        super().__init__()
-        self.calls: list[str] = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if getattr(func, "__name__", "") in HOST_READS:
-            self.calls.append(func.__name__)
-        return func(*args, **(kwargs or {}))
 
 
 def make_trainer(tmp_path, *overrides):

@@ -20,9 +20,10 @@ compute-bound and batching alone gains little). One item is packed into ONE row,
 right after the context and an attention mask lets an ending see the context and
 its own earlier tokens only, so the context is computed once instead of four times.
 The last token of each ending is left out of the row (nothing is predicted from it),
-and the LM head runs only at the positions that predict ending tokens. Rows are
-sorted by length and padded per batch. Everything stays on the device until the
-final counts: no host synchronisation per item or per batch.
+and the LM head runs only at the positions that predict ending tokens. Items go in
+chunks; within a chunk rows are sorted by length and padded per batch. Everything
+stays on the device until the final counts: no host synchronisation per item, batch
+or chunk, so on a GPU the host prepares the next chunk while the device computes.
 
 An item too long for the model (context + longest ending > block_size + 1 tokens)
 keeps the end of its context, the tokens nearest the endings, as lm-eval does; an
@@ -48,7 +49,7 @@ import torch.nn.functional as F
 
 from gpt2repro.config import GPT2_VOCAB_SIZE
 from gpt2repro.data.tokenizer import encode
-from gpt2repro.device import autocast, to_device
+from gpt2repro.device import autocast, resolve_ce_chunk_rows, to_device
 from gpt2repro.errors import UserError
 from gpt2repro.train.distributed import all_reduce_sum
 
@@ -59,6 +60,9 @@ SCORINGS = {
     "harness": "harness-style (lm-eval)",
 }
 ITEM_LAYOUT = "each line is a JSON object with ctx (text), endings (4 texts) and label (0-3)"
+# Items are scored in chunks of this many: on a GPU, tokenizing and packing a chunk on the
+# host overlaps the device's work on the one before; within a chunk rows are sorted by length.
+ITEMS_PER_CHUNK = 1024
 
 
 # ---------------------------------------------------------------------------
@@ -232,16 +236,15 @@ def pack(t: Tokenized) -> PackedRow:
     tokens, pos, segment = list(t.context), list(range(n_ctx)), [0] * n_ctx
     predictor, target, ending = [], [], []
     for j, e in enumerate(t.endings):
-        previous = n_ctx - 1  # the first ending token is predicted by the last context token
-        for k, token in enumerate(e):
-            predictor.append(previous)
-            target.append(token)
-            ending.append(j)
-            if k < len(e) - 1:
-                previous = len(tokens)
-                tokens.append(token)
-                pos.append(n_ctx + k)
-                segment.append(j + 1)
+        start = len(tokens)  # where this ending's tokens go in the row
+        # the first ending token is predicted by the last context token, each later one by
+        # the ending token before it
+        predictor += [n_ctx - 1, *range(start, start + len(e) - 1)]
+        target += e
+        ending += [j] * len(e)
+        tokens += e[:-1]
+        pos += range(n_ctx, n_ctx + len(e) - 1)
+        segment += [j + 1] * (len(e) - 1)
     as_array = functools.partial(np.array, dtype=np.int64)
     return PackedRow(*map(as_array, (tokens, pos, segment, predictor, target, ending)))
 
@@ -258,16 +261,24 @@ def packed_attention_mask(segment: torch.Tensor) -> torch.Tensor:
     return (visible | torch.eye(T, dtype=torch.bool, device=segment.device))[:, None]
 
 
-def _token_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log p(target) from hidden states (N, C), over the real 50,257-token vocabulary, float32."""
-    logits = model.lm_head(hidden)[:, :GPT2_VOCAB_SIZE].float()
-    return logits.gather(1, targets[:, None]).squeeze(1) - logits.logsumexp(dim=1)
+def _token_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, chunk_rows: int = 0) -> torch.Tensor:
+    """log p(target) from hidden states (N, C), over the real 50,257-token vocabulary, float32.
+    ``chunk_rows`` > 0 runs the head in row chunks (on a CPU: logits that stay in cache)."""
+    weight = model.lm_head.weight[:GPT2_VOCAB_SIZE]
+    step = chunk_rows or hidden.size(0) or 1
+    out = []
+    for start in range(0, hidden.size(0), step):
+        rows = slice(start, start + step)
+        logits = F.linear(hidden[rows], weight).float()
+        out.append(logits.gather(1, targets[rows, None]).squeeze(1) - logits.logsumexp(dim=1))
+    return torch.cat(out)
 
 
 def ending_logprobs(model, tokenized: list[Tokenized], *, batch_size: int = 32, device="cpu",
                     autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Summed log-likelihood of every ending, (n, 4) on ``device``: packed, batched rows."""
     device = torch.device(device)
+    head_chunk_rows = resolve_ce_chunk_rows("auto", device)
     rows = [pack(t) for t in tokenized]
     sums = torch.zeros(len(rows) * N_ENDINGS, dtype=torch.float32, device=device)
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i].tokens))
@@ -290,7 +301,7 @@ def ending_logprobs(model, tokenized: list[Tokenized], *, batch_size: int = 32, 
             for a in (tokens, pos, segment, *map(np.concatenate, (predictor, target, slot))))
         with autocast(device, autocast_dtype):
             hidden = model.hidden(tokens, pos=pos, attn_mask=packed_attention_mask(segment))
-            logprobs = _token_logprobs(model, hidden.flatten(0, 1)[predictor], target)
+            logprobs = _token_logprobs(model, hidden.flatten(0, 1)[predictor], target, head_chunk_rows)
         sums.index_add_(0, slot, logprobs)
     return sums.view(-1, N_ENDINGS)
 
@@ -323,31 +334,37 @@ def ending_logprobs_reference(model, tokenized: list[Tokenized], *, device="cpu"
 
 
 def correct_counts(logprobs: torch.Tensor, tokenized: list[Tokenized], scoring: str) -> torch.Tensor:
-    """[acc hits, acc_norm hits, items] as a long tensor on the logprobs' device.
-    Ties go to the lower ending index, as argmin/argmax do in both reference codes."""
+    """[acc hits, acc_norm hits, items] as a long tensor on the logprobs' device, computed
+    without waiting for the device. Ties go to the lower ending index, as argmin/argmax do
+    in both reference codes."""
     device = logprobs.device
     if scoring == "completion":
         sizes = [[len(e) for e in t.endings] for t in tokenized]
     else:
         sizes = [[max(c, 1) for c in t.chars] for t in tokenized]
-    divisor = torch.tensor(sizes, dtype=torch.float32).view(-1, N_ENDINGS).to(device)
-    labels = torch.tensor([t.label for t in tokenized], dtype=torch.long).to(device)
+    divisor = to_device(torch.tensor(sizes, dtype=torch.float32).view(-1, N_ENDINGS), device)
+    labels = to_device(torch.tensor([t.label for t in tokenized], dtype=torch.long), device)
     acc = (logprobs.argmax(1) == labels).sum()
     acc_norm = ((logprobs / divisor).argmax(1) == labels).sum()
-    return torch.stack([acc, acc_norm, torch.tensor(len(tokenized), device=device)])
+    return torch.stack([acc, acc_norm, (labels >= 0).sum()])
 
 
-def _evaluate(model, items: list[dict], scorer, *, device, rank: int, world_size: int) -> dict:
+def _evaluate(model, items: list[dict], scorer, *, device, rank: int, world_size: int,
+              items_per_chunk: int = ITEMS_PER_CHUNK) -> dict:
     device = torch.device(device)
     was_training = model.training
     model.eval()
     results, total_seconds, n = {}, 0.0, 0
+    mine = items[rank::world_size]
     try:
         with torch.no_grad():
             for scoring in SCORINGS:
                 start = time.perf_counter()
-                tokenized = tokenize(items[rank::world_size], scoring, model.config.block_size)
-                counts = correct_counts(scorer(tokenized), tokenized, scoring)
+                counts = torch.zeros(3, dtype=torch.long, device=device)
+                # The device runs one chunk while the host tokenizes and packs the next.
+                for first in range(0, len(mine), items_per_chunk):
+                    tokenized = tokenize(mine[first:first + items_per_chunk], scoring, model.config.block_size)
+                    counts += correct_counts(scorer(tokenized), tokenized, scoring)
                 all_reduce_sum(counts)
                 acc, acc_norm, n = counts.tolist()  # the one host sync per scoring
                 seconds = time.perf_counter() - start
@@ -360,7 +377,8 @@ def _evaluate(model, items: list[dict], scorer, *, device, rank: int, world_size
 
 
 def evaluate_hellaswag(model, items: list[dict], *, batch_size: int = 32, device="cpu",
-                       autocast_dtype: torch.dtype | None = None, rank: int = 0, world_size: int = 1) -> dict:
+                       autocast_dtype: torch.dtype | None = None, rank: int = 0, world_size: int = 1,
+                       items_per_chunk: int = ITEMS_PER_CHUNK) -> dict:
     """Both scorings on ``items``: ``{"completion": {"acc", "acc_norm", "n", "items_per_s"},
     "harness": {...}, "n", "items_per_s"}``.
 
@@ -371,7 +389,8 @@ def evaluate_hellaswag(model, items: list[dict], *, batch_size: int = 32, device
     def scorer(tokenized):
         return ending_logprobs(model, tokenized, batch_size=batch_size, device=device,
                                autocast_dtype=autocast_dtype)
-    return _evaluate(model, items, scorer, device=device, rank=rank, world_size=world_size)
+    return _evaluate(model, items, scorer, device=device, rank=rank, world_size=world_size,
+                     items_per_chunk=items_per_chunk)
 
 
 def evaluate_hellaswag_reference(model, items: list[dict], *, device="cpu",

@@ -42,7 +42,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             grad_logits.mul_((valid.to(softmax_dtype) / n_valid)[:, None])
             grad_logits = grad_logits.to(compute_dtype)
             grad_hidden[rows] = (grad_logits @ w).to(hidden.dtype)
-            grad_weight.addmm_(grad_logits.t().to(softmax_dtype), h[rows].to(softmax_dtype))  # in place
+            if compute_dtype == softmax_dtype:
+                grad_weight.addmm_(grad_logits.t(), h[rows])  # in place
+            else:  # a bf16/fp16 matmul, as autocast's own backward would run it; summed in float32
+                grad_weight += (grad_logits.t() @ h[rows]).to(softmax_dtype)
         ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
         return loss / n_valid
 
