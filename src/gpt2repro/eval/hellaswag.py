@@ -346,7 +346,7 @@ def correct_counts(logprobs: torch.Tensor, tokenized: list[Tokenized], scoring: 
     labels = to_device(torch.tensor([t.label for t in tokenized], dtype=torch.long), device)
     acc = (logprobs.argmax(1) == labels).sum()
     acc_norm = ((logprobs / divisor).argmax(1) == labels).sum()
-    return torch.stack([acc, acc_norm, (labels >= 0).sum()])
+    return torch.stack([acc, acc_norm, torch.full_like(acc, len(tokenized))])  # a fill, not a copy
 
 
 def _evaluate(model, items: list[dict], scorer, *, device, rank: int, world_size: int,
