@@ -24,3 +24,18 @@ def test_demo_preset_learns_and_the_log_plots(tmp_path):
     assert plotted.returncode == 0, plotted.stderr
     assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"{val[199]:.4f}"[:4] in plotted.stdout  # min val loss is reported
+
+
+@pytest.mark.slow
+def test_demo_command_leaves_log_checkpoint_plot_and_samples(tmp_path):
+    # What `make demo` runs, shortened to 3 steps.
+    out = tmp_path / "demo_out"
+    result = run_cli("demo", "--out", out, "--max-steps", "3", env={"OMP_NUM_THREADS": "2"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    streams = [line.split()[1] for line in (out / "log.txt").read_text().splitlines()]
+    assert streams.count("train") == 3 and streams.count("val") == 2  # val at step 0 and at the end
+    assert (out / "ckpt_000003" / "model.safetensors").is_file()
+    assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    samples = (out / "final_samples.txt").read_text()
+    assert all(prompt in samples for prompt in ("The function", "In Python, a class", "The result of"))
+    assert "demo finished" in result.stdout
