@@ -57,6 +57,15 @@ def test_plot_writes_a_png_with_both_panels(tmp_path, capsys):
     assert "skipped 1 malformed line" in printed
 
 
+def test_a_log_without_hellaswag_says_so_in_its_panel(tmp_path):
+    log = write_log(tmp_path / "log.txt", hella=False)
+    loss_ax, hella_ax = plot_logs([str(log)], size="124M", out=str(tmp_path / "p.png")).axes
+    assert [t.get_text() for t in hella_ax.texts] == ["no HellaSwag evaluations in the log"]
+    assert hella_ax.get_xlim() == loss_ax.get_xlim()
+    with_hella = plot_logs([str(write_log(tmp_path / "h.txt"))], size="124M", out=str(tmp_path / "h.png"))
+    assert not with_hella.axes[1].texts
+
+
 def test_plot_cli_with_the_124m_baseline(tmp_path):
     log = write_log(tmp_path / "run" / "log.txt")
     result = run_cli("plot", "--log", log, "--sz", "124M", "--out", tmp_path / "p.png")

@@ -126,6 +126,10 @@ def plot_logs(logs: list[str], size: str = "124M", out: str = "plot.png", show: 
     hella_ax.axhline(gpt2, color="r", linestyle="--", label=f"OpenAI GPT-2 ({size}) checkpoint")
     hella_ax.axhline(gpt3, color="g", linestyle="--", label=f"OpenAI GPT-3 ({size}) checkpoint")
     hella_ax.set(xlabel="step", ylabel="accuracy", title="HellaSwag eval")
+    if not any(_finite(streams.get("hella", [])) for streams, _ in parsed):
+        hella_ax.set_xlim(loss_ax.get_xlim())
+        hella_ax.text(0.5, 0.5, "no HellaSwag evaluations in the log", transform=hella_ax.transAxes,
+                      ha="center", va="center", color="gray")
     hella_ax.legend()
     fig.tight_layout()
 
