@@ -317,8 +317,10 @@ def prepare(source: str, out_dir, *, name: str = "sample-10BT", streaming: bool 
     default to the source's own (100M tokens; the built-in corpus: small ones)."""
     workers = workers or 1
     corpus = open_source(source, name=name, streaming=streaming)
-    if shard_tokens is None:
-        shard_tokens, val_tokens = corpus.shard_tokens, corpus.val_tokens if val_tokens is None else val_tokens
+    if shard_tokens is None:  # the source's own sizes; a given --val-tokens still wins
+        shard_tokens = corpus.shard_tokens
+        if val_tokens is None:
+            val_tokens = corpus.val_tokens
     val_tokens = shard_tokens if val_tokens is None else val_tokens
     _check_sizes(shard_tokens, val_tokens, workers, max_tokens)
     prefix = prefix or corpus.default_prefix
