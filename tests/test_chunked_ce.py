@@ -51,10 +51,9 @@ def test_model_loss_and_grads_match_the_plain_path():
     plain = GPT(MODEL_PRESETS["tiny"])
     chunked = GPT(MODEL_PRESETS["tiny"])
     chunked.load_state_dict(plain.state_dict())
-    chunked.ce_chunk_rows = 24
     idx = torch.randint(0, 50257, (3, 40))
     logits, loss_plain = plain(idx, idx.roll(-1, 1))
-    none, loss_chunked = chunked(idx, idx.roll(-1, 1))
+    none, loss_chunked = chunked(idx, idx.roll(-1, 1), ce_chunk_rows=24)
     assert none is None and logits is not None
     loss_plain.backward()
     loss_chunked.backward()
@@ -70,10 +69,9 @@ def test_bf16_autocast_stays_close():
     idx = torch.randint(0, 50257, (2, 32))
     grads = []
     for chunk_rows in (0, 16):
-        model.ce_chunk_rows = chunk_rows
         model.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(idx, idx)[1]
+            loss = model(idx, idx, ce_chunk_rows=chunk_rows)[1]
         loss.backward()
         grads.append((loss.item(), model.lm_head.weight.grad.clone(), model.transformer.h[0].mlp.c_fc.weight.grad))
     (ref, ref_head, ref_fc), (out, out_head, out_fc) = grads

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import assert_one_line_error, run_cli
+from gpt2repro.atomic import temporary_name
 from gpt2repro.data import prepare as prep
 from gpt2repro.data import sources
 from gpt2repro.data.shards import list_shards, open_shard
@@ -137,17 +138,17 @@ def test_fineweb_path_through_datasets(tmp_path, monkeypatch):
 
 
 def _interrupt_after(monkeypatch, n_shards):
-    real_save = prep._atomic_save
+    real_save = prep.write_shard
     saved = []
 
     def save_then_stop(path, tokens):
         if len(saved) == n_shards:
-            path.with_name(f".{path.name}.tmp").write_bytes(b"half a shard")  # as if killed mid-write
+            temporary_name(path).write_bytes(b"half a shard")  # as if killed mid-write
             raise KeyboardInterrupt
         real_save(path, tokens)
         saved.append(path)
 
-    monkeypatch.setattr(prep, "_atomic_save", save_then_stop)
+    monkeypatch.setattr(prep, "write_shard", save_then_stop)
     return saved
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import REPO, assert_one_line_error, run_cli
-from gpt2repro.bench.train import load_baseline_class
+from gpt2repro.bench.nanogpt_baseline import BaselineGPT
 from gpt2repro.config import MODEL_PRESETS
 from gpt2repro.model.gpt import GPT
 
@@ -22,10 +22,8 @@ def _pair(seed=0):
 
 
 def test_nanogpt_style_baseline_gives_the_same_loss_and_grads():
-    Baseline = load_baseline_class()
-    assert Baseline is not None, "benchmarks/nanogpt_baseline.py should be found from a source checkout"
     ours, x, y = _pair()
-    baseline = Baseline(ours.config)
+    baseline = BaselineGPT(ours.config)
     baseline.load_state_dict(ours.state_dict())
     loss_ours, loss_base = ours(x, y)[1], baseline(x, y)[1]
     assert abs(loss_ours.item() - loss_base.item()) < 1e-5

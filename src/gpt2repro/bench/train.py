@@ -9,7 +9,7 @@ the memory a step needs above the resident weights and optimizer state (GPUs), a
 the first step's loss: equal losses show the variants compute the same function.
 
 Variants:
-  baseline        the nanoGPT-style model in benchmarks/ (explicit attention, full logits)
+  baseline        the nanoGPT-style model in nanogpt_baseline.py (explicit attention, full logits)
   eager           our model, eager PyTorch (fused AdamW, as the trainer uses it)
   foreach-adamw   eager, with AdamW's multi-tensor loop instead of the fused kernel
   chunked-ce      + LM head and loss fused in row chunks (no full logits tensor)
@@ -22,15 +22,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
 from gpt2repro.bench import machine_name, print_table
+from gpt2repro.bench.nanogpt_baseline import BaselineGPT
 from gpt2repro.config import get_preset
 from gpt2repro.device import (
     autocast,
@@ -52,18 +50,6 @@ KNOWN_VARIANTS = ("baseline", "eager", "foreach-adamw", "chunked-ce", "compiled"
                   "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "sdpa-math")
 
 
-def load_baseline_class():
-    """benchmarks/nanogpt_baseline.py from the source tree (it is not part of the package)."""
-    path = Path(__file__).resolve().parents[3] / "benchmarks" / "nanogpt_baseline.py"
-    if not path.is_file():
-        return None
-    spec = importlib.util.spec_from_file_location("nanogpt_baseline", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module.BaselineGPT
-
-
 def sdpa_backend(name: str):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -73,32 +59,29 @@ def sdpa_backend(name: str):
 
 
 def build_variant(name: str, reference: GPT, device: torch.device):
-    """(model to train, context to run it in) for one variant, with the reference's weights."""
+    """(model to train, context to run it in, loss chunk rows) for one variant, with the reference's weights."""
     context = contextlib.nullcontext()
     if name == "baseline":
-        baseline_cls = load_baseline_class()
-        if baseline_cls is None:
-            return None, context
-        model = baseline_cls(reference.config)
+        model = BaselineGPT(reference.config)
         model.load_state_dict(reference.state_dict(), strict=True)
-        return model.to(device), context
+        return model.to(device), context, 0
     model = GPT(reference.config)
     model.load_state_dict(reference.state_dict())
     model.to(device)
-    if "chunked-ce" in name:
-        model.ce_chunk_rows = resolve_ce_chunk_rows("auto", device) or GPU_CHUNK_ROWS
+    chunk_rows = resolve_ce_chunk_rows("auto", device) or GPU_CHUNK_ROWS if "chunked-ce" in name else 0
     if name.startswith("sdpa-"):
         context = sdpa_backend(name.removeprefix("sdpa-"))
     if "compiled" in name or name.startswith("sdpa-"):
-        return torch.compile(model), context
-    return model, context
+        return torch.compile(model), context, chunk_rows
+    return model, context, chunk_rows
 
 
 class Variant:
     """One variant's model and optimizer, stepped a few times per round."""
 
-    def __init__(self, name: str, model, context, device: torch.device):
+    def __init__(self, name: str, model, context, ce_chunk_rows: int, device: torch.device):
         self.name, self.model, self.context, self.device = name, model, context, device
+        self.loss_options = {"ce_chunk_rows": ce_chunk_rows} if ce_chunk_rows else {}
         if name == "foreach-adamw" or not fused_adamw_available(device):
             options = {"foreach": True}
         else:
@@ -117,7 +100,7 @@ class Variant:
                     torch.cuda.reset_peak_memory_stats(self.device)
                 t0 = time.perf_counter()
                 with autocast(self.device, dtype):
-                    _, loss = self.model(x, y)
+                    _, loss = self.model(x, y, **self.loss_options)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
                 self.optimizer.step()
@@ -161,11 +144,7 @@ def bench_train(args: argparse.Namespace) -> list[dict]:
 
     variants = []
     for name in (n.strip() for n in names.split(",")):
-        model, context = build_variant(name, reference, device)
-        if model is None:
-            print(f"{name}: skipped (benchmarks/nanogpt_baseline.py is not in this installation)")
-            continue
-        variant = Variant(name, model, context, device)
+        variant = Variant(name, *build_variant(name, reference, device), device)
         try:  # warm-up: compilation, allocator growth, kernel selection
             variant.steps(x, y, dtype, args.warmup, timed=False)
         except (RuntimeError, torch.OutOfMemoryError) as e:  # e.g. an SDPA backend this card lacks

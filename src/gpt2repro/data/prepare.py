@@ -34,8 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
+from gpt2repro.atomic import atomic_write
 from gpt2repro.data import tokenizer
-from gpt2repro.data.shards import SHARD_PATTERN, read_shard_length, shard_name
+from gpt2repro.data.shards import SHARD_PATTERN, read_shard_length, shard_name, write_shard
 from gpt2repro.data.sources import open_source
 from gpt2repro.errors import UserError
 
@@ -232,7 +233,7 @@ class _ShardWriter:
         index = len(self.shards)
         split = "val" if index == 0 else "train"
         name = shard_name(self.prefix, split, index)
-        _atomic_save(self.out_dir / name, self.buffer[:self.fill])
+        write_shard(self.out_dir / name, self.buffer[:self.fill])
         next_at = {"document": self.document, "token": self.written - self.doc_start}
         self.shards.append({"file": name, "split": split, "tokens": self.fill,
                             "documents": self.documents_in_shard, "next": next_at})
@@ -242,19 +243,8 @@ class _ShardWriter:
         self.documents_in_shard = 0
 
 
-def _atomic_save(path: Path, tokens: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, tokens)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(data, indent=1) + "\n")
 
 
 def _read_state(out_dir: Path) -> dict | None:
@@ -301,7 +291,7 @@ def _check_out_dir(out_dir: Path, prefix: str) -> None:
         if match and match["prefix"] != prefix:
             raise UserError(f"{out_dir}: already holds other shards ({path.name}); "
                             "use a new --out for this corpus")
-    for tmp in out_dir.glob(f".{prefix}_*.npy.tmp"):  # left by an interrupted run
+    for tmp in out_dir.glob(f".{prefix}_*.npy.*.tmp"):  # left by a killed run
         tmp.unlink()
 
 

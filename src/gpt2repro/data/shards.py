@@ -1,8 +1,8 @@
-"""Finding and checking token shards: ``<prefix>_<split>_<NNNNNN>.npy``, 1-D uint16.
+"""Token shards on disk: ``<prefix>_<split>_<NNNNNN>.npy``, 1-D uint16; written, found, checked.
 
 The names are build-nanogpt's, so its FineWeb-edu shards work here unchanged.
 A shard is opened memory-mapped; the first time a process opens it, every
-token is checked to be a GPT-2 id (< 50257) in one vectorised pass.
+token is checked to be a GPT-2 id (< GPT2_VOCAB_SIZE) in one vectorised pass.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gpt2repro.atomic import atomic_open
 from gpt2repro.config import GPT2_VOCAB_SIZE
 from gpt2repro.errors import UserError
 
@@ -22,6 +23,12 @@ _checked: set[tuple[str, int, int]] = set()  # (path, size, mtime) of shards who
 
 def shard_name(prefix: str, split: str, index: int) -> str:
     return f"{prefix}_{split}_{index:06d}.npy"
+
+
+def write_shard(path: Path, tokens: np.ndarray) -> None:
+    """Save ``tokens`` (uint16) as ``path``; a crash mid-write leaves no partial shard."""
+    with atomic_open(path) as f:
+        np.save(f, tokens)
 
 
 def list_shards(data_dir, split: str) -> list[Path]:
@@ -66,7 +73,7 @@ def open_shard(path, check_tokens: bool = True) -> np.ndarray:
 
 
 def check_token_ids(path, tokens: np.ndarray) -> None:
-    """Every id < 50257; scanned once per shard file per process."""
+    """Every id < GPT2_VOCAB_SIZE; scanned once per shard file per process."""
     stat = Path(path).stat()
     key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
     if key in _checked:

@@ -47,11 +47,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from gpt2repro.atomic import atomic_open
 from gpt2repro.config import GPT2_VOCAB_SIZE
 from gpt2repro.data.tokenizer import encode
 from gpt2repro.device import autocast, resolve_ce_chunk_rows, to_device
+from gpt2repro.distributed import all_reduce_sum
 from gpt2repro.errors import UserError
-from gpt2repro.train.distributed import all_reduce_sum
 
 OFFICIAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 N_ENDINGS = 4
@@ -78,14 +79,11 @@ def download_official() -> Path:
     path = cache_dir() / "hellaswag" / "hellaswag_val.jsonl"
     if path.is_file():
         return path
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with urllib.request.urlopen(OFFICIAL_URL, timeout=60) as response, open(tmp, "wb") as f:
+        with urllib.request.urlopen(OFFICIAL_URL, timeout=60) as response, atomic_open(path) as f:
             shutil.copyfileobj(response, f)
-        os.replace(tmp, path)
     except OSError as e:  # URLError, timeouts and disk errors are all OSErrors
-        tmp.unlink(missing_ok=True)
         reason = getattr(e, "reason", None) or e
         raise UserError(f"could not download HellaSwag from {OFFICIAL_URL} ({reason}); "
                         "download hellaswag_val.jsonl yourself and pass --data FILE") from None
@@ -414,8 +412,8 @@ def evaluate_cli(model: str, data: str | None, limit: int | None, batch_size: in
                  device: str, dtype: str) -> dict:
     """``gpt2repro eval hellaswag``: one process, or every rank under torchrun."""
     from gpt2repro.device import pick_autocast_dtype, pick_device
+    from gpt2repro.distributed import init_distributed, shutdown_distributed
     from gpt2repro.model.load import load_model
-    from gpt2repro.train.distributed import init_distributed, shutdown_distributed
 
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size}: must be at least 1")

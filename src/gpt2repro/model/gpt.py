@@ -35,15 +35,21 @@ class KVCache:
         shape = (batch_size, cfg.n_head, max_len, cfg.n_embd // cfg.n_head)
         self.keys = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.values = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
-        self.length = 0  # positions already stored
+        self.length = 0  # positions stored by completed forward passes
         self.max_len = max_len
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Append this call's keys/values; return everything stored so far for ``layer``."""
+        """Put this pass's keys/values after the stored ones; return all of them for ``layer``."""
         end = self.length + k.size(2)
         self.keys[layer][:, :, self.length:end] = k
         self.values[layer][:, :, self.length:end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def advance(self, n_tokens: int) -> None:
+        """A forward pass over ``n_tokens`` new positions is complete in every layer."""
+        if self.length + n_tokens > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; {self.length} + {n_tokens} do not fit")
+        self.length += n_tokens
 
 
 class CausalSelfAttention(nn.Module):
@@ -105,9 +111,6 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying: one tensor
-        # > 0: fuse LM head and loss in chunks of this many rows (chunked_ce.py); forward with
-        # targets then returns no logits. A speed/memory switch, not part of the model.
-        self.ce_chunk_rows = 0
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -141,15 +144,17 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             x = block(x, attn_mask, kv_cache)
         if kv_cache is not None:
-            kv_cache.length += T
+            kv_cache.advance(T)
         return self.transformer.ln_f(x)
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, ce_chunk_rows: int = 0):
         """Logits (B, T, vocab) and, given targets, the mean cross-entropy (targets -1 are ignored).
-        With ``ce_chunk_rows`` set and targets given, logits are None: they are never built."""
+
+        ``ce_chunk_rows`` > 0 with targets computes the head and the loss in chunks of that many
+        rows (``chunked_ce.py``): the logits are never built and None is returned in their place."""
         h = self.hidden(idx)
-        if targets is not None and self.ce_chunk_rows > 0:
-            return None, chunked_cross_entropy(h, self.lm_head.weight, targets, self.ce_chunk_rows)
+        if targets is not None and ce_chunk_rows > 0:
+            return None, chunked_cross_entropy(h, self.lm_head.weight, targets, ce_chunk_rows)
         logits = self.lm_head(h)
         if targets is None:
             return logits, None

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from gpt2repro.atomic import atomic_write
 from gpt2repro.errors import UserError
 
 # Dense (no sparsity) peak tensor-core FLOP/s in bf16/fp16, from the vendors' datasheets.
@@ -84,9 +85,7 @@ class RunLog:
             return
         kept = [ln for ln in self.path.read_text().splitlines(keepends=True)
                 if not (m := self.LINE.match(ln.strip())) or int(m.group(1)) < step]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(kept))
-        tmp.replace(self.path)
+        atomic_write(self.path, "".join(kept))
 
     def write(self, step: int, stream: str, value: float) -> None:
         with open(self.path, "a") as f:

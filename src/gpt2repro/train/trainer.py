@@ -36,11 +36,7 @@ from gpt2repro.device import (
     synchronize,
     to_device,
 )
-from gpt2repro.errors import UserError
-from gpt2repro.model.gpt import GPT
-from gpt2repro.model.io import load_weights
-from gpt2repro.train import checkpoint as ckpt
-from gpt2repro.train.distributed import (
+from gpt2repro.distributed import (
     DistInfo,
     all_reduce_mean,
     all_reduce_min,
@@ -50,6 +46,10 @@ from gpt2repro.train.distributed import (
     init_distributed,
     shutdown_distributed,
 )
+from gpt2repro.errors import UserError
+from gpt2repro.model.gpt import GPT
+from gpt2repro.model.io import load_weights
+from gpt2repro.train import checkpoint as ckpt
 from gpt2repro.train.metrics import RunLog, mfu, peak_flops
 from gpt2repro.train.optim import build_optimizer, learning_rate, set_learning_rate
 
@@ -213,7 +213,7 @@ def evaluate_val_loss(model, cfg: TrainConfig, micro_batch: int, rt: Runtime) ->
                             rt.dist.rank, rt.dist.world_size):
         x, y = to_device(x, rt.device), to_device(y, rt.device)
         with rt.autocast():
-            _, loss = model(x, y)
+            _, loss = model(x, y, ce_chunk_rows=rt.ce_chunk_rows)
         total[0] += loss.double() * y.numel()
         total[1] += y.numel()
     all_reduce_sum(total)
@@ -282,7 +282,6 @@ class Trainer:
         resume_from = self._find_resume_checkpoint() if resume else None
         torch.manual_seed(cfg.runtime.seed)
         self.model = GPT(cfg.model).to(rt.device)  # raw module: eval, sampling, checkpoints
-        self.model.ce_chunk_rows = rt.ce_chunk_rows
 
         self.micro_batch = choose_micro_batch(cfg, self.model, rt, self.log)
         self.accum = grad_accum_steps(cfg.optim.total_batch_tokens, self.micro_batch, cfg.data.seq_len,
@@ -417,7 +416,7 @@ class Trainer:
                 else contextlib.nullcontext()
             with no_sync:
                 with self.rt.autocast():
-                    _, loss = self.train_model(x, y)
+                    _, loss = self.train_model(x, y, ce_chunk_rows=self.rt.ce_chunk_rows)
                 loss = loss / self.accum
                 loss_sum += loss.detach()
                 self.scaler.scale(loss).backward()
