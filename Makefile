@@ -26,6 +26,7 @@ test: lint
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache

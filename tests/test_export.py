@@ -47,7 +47,8 @@ def test_lm_eval_hf_model_scores_like_our_harness_scoring(exported):
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
 
-    from gpt2repro.eval.hellaswag import ending_logprobs, harness_clean, harness_query, tokenize
+    from gpt2repro.eval.hellaswag import SCORINGS, harness_clean, harness_query
+    from gpt2repro.eval.multiple_choice import ending_logprobs, fit_to_block
 
     model, hf_dir = exported
     items = [{"activity_label": "Dog walking", "ctx": "A man walks a dog. the dog",
@@ -57,7 +58,8 @@ def test_lm_eval_hf_model_scores_like_our_harness_scoring(exported):
                 for e in items[0]["endings"]]
     theirs = torch.tensor([ll for ll, _ in lm.loglikelihood(requests)])
     with torch.no_grad():
-        ours = ending_logprobs(model, tokenize(items, "harness", model.config.block_size))[0]
+        question = fit_to_block(SCORINGS["harness"].tokenize(items[0]), model.config.block_size)
+        ours = ending_logprobs(model, [question])[0]
     assert torch.allclose(ours, theirs, atol=1e-4), (ours, theirs)
 
 

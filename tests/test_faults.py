@@ -217,8 +217,8 @@ NAN_ON_POISON = f"""
 import torch
 from gpt2repro.model.gpt import GPT
 real_forward = GPT.forward
-def forward(self, idx, targets=None):
-    logits, loss = real_forward(self, idx, targets)
+def forward(self, idx, targets=None, **options):
+    logits, loss = real_forward(self, idx, targets, **options)
     if targets is not None and torch.is_grad_enabled() and bool((idx == {POISON}).any()):
         loss = loss * float("nan")
     return logits, loss

@@ -6,10 +6,12 @@ import torch
 import torch.nn as nn
 
 from conftest import CountHostReads, assert_one_line_error, run_cli
+from gpt2repro.bench.hellaswag_reference import ending_logprobs_reference, evaluate_hellaswag_reference
 from gpt2repro.config import GPT2_VOCAB_SIZE, MODEL_PRESETS
-from gpt2repro.data.tokenizer import encode
+from gpt2repro.data.tokenizer import EOT_TOKEN, encode
 from gpt2repro.errors import UserError
 from gpt2repro.eval import hellaswag as hs
+from gpt2repro.eval import multiple_choice as mc
 from gpt2repro.model.gpt import GPT
 from gpt2repro.model.io import load_model_dir, save_model
 
@@ -38,6 +40,10 @@ def make_items(n, seed=0, long_every=4):
     return items
 
 
+def questions(items, scoring, block_size):
+    return [mc.fit_to_block(hs.SCORINGS[scoring].tokenize(item), block_size) for item in items]
+
+
 def write_jsonl(path, items):
     path.write_text("".join(json.dumps(it) + "\n" for it in items))
     return path
@@ -52,16 +58,17 @@ def tiny_model():
 @pytest.mark.parametrize("scoring", list(hs.SCORINGS))
 def test_packed_batches_equal_one_item_at_a_time(tiny_model, scoring):
     items = make_items(10)
-    tokenized = hs.tokenize(items, scoring, tiny_model.config.block_size)
-    assert any(t.context != hs.TOKENIZERS[scoring](it).context for t, it in zip(tokenized, items))  # truncation ran
+    qs = questions(items, scoring, tiny_model.config.block_size)
+    tokenize = hs.SCORINGS[scoring].tokenize
+    assert any(q.context != tokenize(it).context for q, it in zip(qs, items))  # truncation ran
     with torch.no_grad():
-        packed = hs.ending_logprobs(tiny_model, tokenized, batch_size=5)
-        plain = hs.ending_logprobs_reference(tiny_model, tokenized)
+        packed = mc.ending_logprobs(tiny_model, qs, batch_size=5)
+        plain = ending_logprobs_reference(tiny_model, qs)
     assert packed.shape == (10, 4)
     assert torch.allclose(packed, plain, atol=1e-4, rtol=0), (packed - plain).abs().max()
-    chars = torch.tensor([t.chars for t in tokenized], dtype=torch.float32)
-    ntok = torch.tensor([[len(e) for e in t.endings] for t in tokenized], dtype=torch.float32)
-    for divisor in (1.0, ntok, chars):
+    norm = torch.tensor([q.norm for q in qs], dtype=torch.float32)
+    ntok = torch.tensor([[len(e) for e in q.endings] for q in qs], dtype=torch.float32)
+    for divisor in (1.0, ntok, norm):
         assert torch.equal((packed / divisor).argmax(1), (plain / divisor).argmax(1))
 
 
@@ -71,12 +78,27 @@ def test_evaluate_equals_reference_and_restores_train_mode():
     items = make_items(9, seed=1)
     ours = hs.evaluate_hellaswag(model, items, batch_size=4)
     assert model.training
-    plain = hs.evaluate_hellaswag_reference(model, items)
+    plain = evaluate_hellaswag_reference(model, items)
     for scoring in hs.SCORINGS:
         assert ours[scoring]["n"] == 9
         for key in ("acc", "acc_norm"):
             assert ours[scoring][key] == plain[scoring][key]
-    assert ours["items_per_s"] > 0
+
+
+def test_only_the_scorings_asked_for(tiny_model):
+    items = make_items(9, seed=4)
+    both = hs.evaluate_hellaswag(tiny_model, items, batch_size=4)
+    with CountHostReads() as counter:
+        completion = hs.evaluate_hellaswag(tiny_model, items, scorings=("completion",), batch_size=4)
+    assert counter.calls == ["tolist"]  # the harness scoring did not run
+    assert set(completion) == {"completion", "n", "items_per_s"}
+    assert {k: v for k, v in completion["completion"].items() if k != "items_per_s"} == \
+           {k: v for k, v in both["completion"].items() if k != "items_per_s"}
+    assert completion["n"] == 9
+    assert hs.summary_lines(completion)[0].startswith("hellaswag completion-style")
+    for bad in (("completion", "lm-eval"), ()):
+        with pytest.raises(ValueError, match="choose one or more of"):
+            hs.evaluate_hellaswag(tiny_model, items, scorings=bad)
 
 
 def test_chunks_of_items_give_the_same_result_and_one_host_read_per_scoring(tiny_model):
@@ -96,32 +118,34 @@ def test_head_in_row_chunks_equals_the_whole_head(tiny_model):
     hidden = torch.randn(300, tiny_model.config.n_embd, generator=g)
     targets = torch.randint(0, GPT2_VOCAB_SIZE, (300,), generator=g)
     with torch.no_grad():
-        whole = hs._token_logprobs(tiny_model, hidden, targets)
-        chunked = hs._token_logprobs(tiny_model, hidden, targets, chunk_rows=128)
+        whole = mc.token_logprobs(tiny_model, hidden, targets)
+        chunked = mc.token_logprobs(tiny_model, hidden, targets, chunk_rows=128)
         logits = tiny_model.lm_head(hidden)[:, :GPT2_VOCAB_SIZE]
     expected = torch.log_softmax(logits, dim=1).gather(1, targets[:, None]).squeeze(1)
     assert torch.allclose(whole, expected, atol=1e-5) and torch.allclose(chunked, whole, atol=1e-6)
 
 
 def test_positions_fit_the_block_after_truncation():
-    t = hs.Tokenized(context=tuple(range(100)), endings=((1, 2, 3), (4,) * 5, (5, 6), (7,) * 4),
-                     chars=(3, 5, 2, 4), label=0)
-    fitted = hs.fit_to_block(t, block_size=64)
+    t = mc.Question(context=tuple(range(100)), endings=((1, 2, 3), (4,) * 5, (5, 6), (7,) * 4),
+                    norm=(3, 5, 2, 4), label=0)
+    fitted = mc.fit_to_block(t, block_size=64)
     # The longest ending (5 tokens) needs 4 input positions: 60 context tokens remain, the last ones.
     assert fitted.context == tuple(range(40, 100))
     assert fitted.endings == t.endings
-    row = hs.pack(fitted)
+    row = mc.pack(fitted)
     assert row.pos.max() == 63
     assert len(row.tokens) == 60 + (2 + 4 + 1 + 3)
     assert len(row.target) == 3 + 5 + 2 + 4
     # An ending alone longer than the block keeps its first block_size tokens and one context token.
-    huge = hs.fit_to_block(hs.Tokenized((9, 9), ((1,) * 70, (2,)), (70, 1), 1), block_size=64)
-    assert huge.context == (9,) and len(huge.endings[0]) == 64
+    huge = mc.fit_to_block(mc.Question((9, 9), ((1,) * 70, (2,)), (70, 1), 1), block_size=64)
+    assert huge.context == (9,) and len(huge.endings[0]) == 64 and huge.norm == (70, 1)
+    # Nothing left of the context: the endings are conditioned on <|endoftext|>, as lm-eval does.
+    assert mc.fit_to_block(mc.Question((), ((5, 6),), (2,), 0), block_size=64).context == (EOT_TOKEN,)
 
 
 def test_packed_mask_hides_other_endings():
     segment = torch.tensor([[0, 0, 1, 1, 2, 2, -1]])
-    mask = hs.packed_attention_mask(segment)[0, 0]
+    mask = mc.packed_attention_mask(segment)[0, 0]
     assert mask[4].tolist() == [True, True, False, False, True, False, False]  # ending 2 sees ctx + itself
     assert mask[3].tolist() == [True, True, True, True, False, False, False]
     assert mask[1].tolist() == [True, True, False, False, False, False, False]
@@ -140,6 +164,9 @@ class FixedLogits(nn.Module):
 
     def hidden(self, idx, pos=None, attn_mask=None, kv_cache=None):
         return torch.ones(*idx.shape, 1)
+
+    def logits(self, hidden, vocab_size=None):
+        return self.lm_head(hidden)[..., :vocab_size]
 
     def forward(self, idx, targets=None):
         return self.lm_head(self.hidden(idx)), None
@@ -166,11 +193,11 @@ def test_forced_answers_with_fixed_logits():
         "b": {"completion": (0, 0), "harness": (0, 1)},  # picks 3 by sum and per token, 1 per character
     }
     for name, item in (("a", item_a), ("b", item_b)):
-        for evaluate in (hs.evaluate_hellaswag, hs.evaluate_hellaswag_reference):
+        for evaluate in (hs.evaluate_hellaswag, evaluate_hellaswag_reference):
             result = evaluate(model, [item])
             for scoring, (acc, acc_norm) in expected[name].items():
                 assert (result[scoring]["acc"], result[scoring]["acc_norm"]) == (acc, acc_norm), (name, scoring)
-    sums = hs.ending_logprobs(model, hs.tokenize([item_b], "completion", 64))[0]
+    sums = mc.ending_logprobs(model, questions([item_b], "completion", 64))[0]
     assert torch.allclose(sums, torch.stack([3 * lp[bad], lp[rare], 2 * lp[bad] + lp[good], 2 * lp[good]]))
 
 
@@ -180,10 +207,11 @@ def test_harness_text_cleanup_and_query():
                 "ctx": "A woman mixes dough. she", "endings": ["a"] * 4, "label": 0}
     assert hs.harness_query(official) == "Baking cookies: A woman mixes dough. She"
     assert hs.harness_query({"ctx": "no label here", "endings": ["a"] * 4, "label": 0}) == "no label here"
-    t = hs.tokenize_harness({**official, "endings": ["[step] puts it in the oven.", "b", "c", "d"]})
+    t = hs.SCORINGS["harness"].tokenize({**official, "endings": ["[step] puts it in the oven.", "b", "c", "d"]})
     # Like the harness, the cleanup keeps the space left where "[step]" was.
     assert hs.harness_clean("[step] puts it in the oven.") == " puts it in the oven."
-    assert t.chars[0] == len(" puts it in the oven.")
+    assert t.norm[0] == len(" puts it in the oven.")
+    assert t.label == 0
     query = "Baking cookies: A woman mixes dough. She"
     assert t.context == tuple(encode(query))
     assert t.endings[0] == tuple(encode(query + "  puts it in the oven."))[len(t.context):]

@@ -67,12 +67,13 @@ def test_init_stds_on_the_124m_shape():
     torch.manual_seed(0)
     cfg = MODEL_PRESETS["gpt2"]
     model = GPT(cfg)
-    target = 0.02 / (2 * cfg.n_layer) ** 0.5
-    assert residual_init_std(cfg) == pytest.approx(target)
+    target = 0.0040824829  # GPT-2's residual projections: 0.02 / sqrt(2 * 12 layers)
+    assert residual_init_std(cfg) == pytest.approx(target, rel=1e-8)
     for block in model.transformer.h:
         for w in (block.attn.c_proj.weight, block.mlp.c_proj.weight):
             assert abs(w.std().item() - target) / target < 0.05
-        assert abs(block.attn.c_attn.weight.std().item() - 0.02) / 0.02 < 0.05
+        for w in (block.attn.c_attn.weight, block.mlp.c_fc.weight):
+            assert abs(w.std().item() - 0.02) / 0.02 < 0.05
         assert block.attn.c_attn.bias.abs().max().item() == 0.0
     assert abs(model.transformer.wte.weight.std().item() - 0.02) / 0.02 < 0.05
 
@@ -102,13 +103,9 @@ EXPECTED_PARAMS = {
 @pytest.mark.parametrize("preset", list(EXPECTED_PARAMS))
 def test_parameter_counts(preset):
     c = MODEL_PRESETS[preset]
-    # Counted without allocating 1.5B parameters: embeddings + per-block + final LayerNorm.
-    per_block = 12 * c.n_embd**2 + 13 * c.n_embd
-    analytic = c.vocab_size * c.n_embd + c.block_size * c.n_embd + c.n_layer * per_block + 2 * c.n_embd
-    assert analytic == EXPECTED_PARAMS[preset]
     if preset == "gpt2":
         assert GPT(c).num_params() == EXPECTED_PARAMS[preset]
-    with torch.device("meta"):
+    with torch.device("meta"):  # counted without allocating 1.5B parameters
         assert GPT(c).num_params() == EXPECTED_PARAMS[preset]
 
 

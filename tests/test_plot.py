@@ -94,3 +94,24 @@ def test_nonfinite_values_do_not_break_the_summary(tmp_path, capsys):
     plot_logs([str(log)], out=str(tmp_path / "p.png"))
     assert "min train loss 4.0000 (step 2)" in capsys.readouterr().out
     assert math.isnan(parse_log(log)[0]["train"][1][1])
+
+
+def test_tokens_on_the_x_axis_overlay_runs_of_different_batch_sizes(tmp_path):
+    import json
+
+    small = write_log(tmp_path / "small" / "log.txt", steps=40)
+    (tmp_path / "small" / "config.json").write_text(json.dumps({"optim": {"total_batch_tokens": 512}}))
+    nanogpt = write_log(tmp_path / "nanogpt" / "log.txt", steps=20)  # no config.json: --tokens-per-step
+    fig = plot_logs([str(small), str(nanogpt)], out=str(tmp_path / "p.png"), x="tokens",
+                    default_tokens_per_step=2048)
+    loss_ax, hella_ax = fig.axes
+    lines = {line.get_label(): line for line in loss_ax.get_lines()}
+    assert lines["small val loss"].get_xdata().tolist() == [0, 10 * 512, 20 * 512, 30 * 512]
+    assert lines["nanogpt val loss"].get_xdata().tolist() == [0, 10 * 2048]
+    assert lines["small train loss (mean of 2)"].get_xdata()[-1] == 39 * 512
+    assert loss_ax.get_xlabel() == "tokens" and hella_ax.get_xlabel() == "tokens"
+    by_step = plot_logs([str(small)], out=str(tmp_path / "q.png"))
+    val_line = {ln.get_label(): ln for ln in by_step.axes[0].get_lines()}["val loss"]
+    assert val_line.get_xdata().tolist() == [0, 10, 20, 30]
+    result = run_cli("plot", "--log", small, "--x", "tokens", "--out", tmp_path / "r.png")
+    assert result.returncode == 0 and "512 tokens per step (from" in result.stdout

@@ -1,8 +1,10 @@
+import shutil
 import socket
 
 import pytest
 
 from gpt2repro.data import tokenizer
+from gpt2repro.errors import UserError
 
 
 def test_hello_world():
@@ -35,9 +37,34 @@ def test_works_with_the_network_off(monkeypatch, tmp_path):
         tokenizer.gpt2_encoding.cache_clear()
 
 
-def test_bpe_files_have_openais_hashes():
-    import hashlib
+def _copy_of_the_bpe_files(directory):
+    directory.mkdir()
+    for name in ("encoder.json", "vocab.bpe"):
+        shutil.copyfile(tokenizer.bpe_data_dir() / name, directory / name)
+    return directory
 
-    encoder_json, vocab_bpe = tokenizer.bpe_files()
-    assert hashlib.sha256(encoder_json.read_bytes()).hexdigest().startswith("1961396")
-    assert hashlib.sha256(vocab_bpe.read_bytes()).hexdigest().startswith("1ce1664")
+
+def test_an_intact_copy_of_the_bpe_files_is_accepted(tmp_path):
+    data = _copy_of_the_bpe_files(tmp_path / "bpe")
+    assert tokenizer.bpe_files(data) == (data / "encoder.json", data / "vocab.bpe")
+
+
+@pytest.mark.parametrize("name", ["vocab.bpe", "encoder.json"])
+def test_a_tampered_bpe_file_is_refused(tmp_path, name):
+    data = _copy_of_the_bpe_files(tmp_path / "bpe")
+    tampered = data / name
+    content = bytearray(tampered.read_bytes())
+    content[len(content) // 2] ^= 0x01  # one byte, one bit
+    tampered.write_bytes(bytes(content))
+    with pytest.raises(UserError) as refused:
+        tokenizer.bpe_files(data)
+    message = str(refused.value)
+    assert "\n" not in message
+    assert message.startswith(f"{tampered}: ") and "sha256 mismatch" in message
+
+
+def test_a_missing_bpe_file_is_refused(tmp_path):
+    data = _copy_of_the_bpe_files(tmp_path / "bpe")
+    (data / "encoder.json").unlink()
+    with pytest.raises(UserError, match="encoder.json: missing"):
+        tokenizer.bpe_files(data)

@@ -6,14 +6,15 @@ import torch
 
 from conftest import CountHostReads
 from gpt2repro.config import apply_overrides, get_preset
-from gpt2repro.train.trainer import StopRequest, Trainer, setup_runtime
+from gpt2repro.runtime import setup_runtime
+from gpt2repro.train.trainer import StopRequest, Trainer
 from test_train import make_shards
 
 
 def make_trainer(tmp_path, *overrides):
     shards = make_shards(tmp_path / "shards", n_train=8_000, n_val=1_000)
     cfg = apply_overrides(get_preset("tiny"), [f"data.path={shards}", f"out_dir={tmp_path / 'run'}", *overrides])
-    return Trainer(cfg, setup_runtime(cfg), resume=False)
+    return Trainer(cfg, setup_runtime(cfg.runtime), resume=False)
 
 
 def test_one_host_read_of_loss_and_norm_per_step_whatever_the_accumulation(tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from gpt2repro.errors import UserError
 
@@ -76,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log", action="append", required=True, help="log.txt (repeat to overlay runs)")
     p.add_argument("--sz", default="124M", choices=PLOT_SIZES, help="model size, for baselines")
     p.add_argument("--out", default="plot.png", help="output PNG")
+    p.add_argument("--x", default="step", choices=("step", "tokens"),
+                   help="horizontal axis: optimizer steps, or tokens seen (runs of different batch sizes)")
+    p.add_argument("--tokens-per-step", type=int, default=524_288,
+                   help="with --x tokens, for a log without the run's config.json beside it")
     p.add_argument("--show", action="store_true", help="also open a window")
 
     p = sub.add_parser("sample", parents=[common], help="generate text from a model")
@@ -114,6 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     b.add_argument("--max-docs", type=int, default=None)
 
+    b = bench_sub.add_parser("recipe", parents=[common],
+                             help="quality per token: demo vs demo-modern on the built-in corpus, optional ablation")
+    b.add_argument("--out", default="runs/bench-recipe", help="a new folder for the runs, the data and the plot")
+    b.add_argument("--data", default=None, help="token shards (default: prepare the built-in corpus into OUT/data)")
+    b.add_argument("--seeds", default="1,2,3", help="comma list of seeds")
+    b.add_argument("--max-steps", type=int, default=500, help="steps per run (the demo preset's 500)")
+    b.add_argument("--val-every", type=int, default=25)
+    b.add_argument("--ablation", action="store_true", help="also each lever added alone / removed alone")
+
     p = sub.add_parser("demo", parents=[common], help="prepare the built-in corpus, train a small model, plot, sample")
     p.add_argument("--out", default="demo_out", help="folder for everything the demo writes")
     p.add_argument("--max-steps", type=int, default=None, help="training steps (default: the demo preset's)")
@@ -133,6 +147,63 @@ def train_config(args: argparse.Namespace):
     return apply_overrides(cfg, named + list(args.overrides))
 
 
+def sample_command(args: argparse.Namespace) -> list[str]:
+    """Print ``--num`` continuations of ``--prompt``."""
+    from gpt2repro.data.tokenizer import decode, encode
+    from gpt2repro.device import autocast
+    from gpt2repro.load import load_for_inference
+    from gpt2repro.model.generate import generate
+
+    for flag, value, low in (("--num", args.num, 1), ("--max-new-tokens", args.max_new_tokens, 0),
+                             ("--top-k", args.top_k, 0)):
+        if value < low:
+            raise UserError(f"{flag} {value}: must be at least {low}")
+    if not args.temperature >= 0:
+        raise UserError(f"--temperature {args.temperature}: must be 0 (greedy) or more")
+    net = load_for_inference(args.model, args.device, args.dtype)
+    with autocast(net.device, net.autocast_dtype):
+        samples = generate(net.model, encode(args.prompt), num_samples=args.num, max_new_tokens=args.max_new_tokens,
+                           top_k=args.top_k or None, temperature=args.temperature, seed=args.seed,
+                           kv_cache=not args.no_kv_cache, device=net.device)
+    texts = [args.prompt + decode(tokens) for tokens in samples]
+    for i, text in enumerate(texts):
+        print(f"sample {i}: {text}")
+    return texts
+
+
+def evaluate_hellaswag_command(args: argparse.Namespace) -> dict:
+    """HellaSwag on one process, or on every rank under torchrun (items spread over ranks)."""
+    import json
+
+    from gpt2repro.atomic import atomic_write
+    from gpt2repro.data.tokenizer import encode
+    from gpt2repro.distributed import init_distributed, shutdown_distributed
+    from gpt2repro.eval.hellaswag import OFFICIAL_URL, evaluate_hellaswag, load_items, summary_lines
+    from gpt2repro.load import load_for_inference
+
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit {args.limit}: must be at least 1 (leave it out for all items)")
+    items = load_items(args.data, args.limit)
+    net = load_for_inference(args.model, args.device, args.dtype, int(os.environ.get("LOCAL_RANK", "0")))
+    encode("")  # build the BPE tables now, so the first scoring's items/s does not include them
+    info = init_distributed(net.device.type)
+    try:
+        results = evaluate_hellaswag(net.model, items, batch_size=args.batch_size, device=net.device,
+                                     autocast_dtype=net.autocast_dtype, rank=info.rank, world_size=info.world_size)
+    finally:
+        shutdown_distributed()
+    if info.is_main:
+        for line in summary_lines(results):
+            print(line)
+        if args.json:
+            record = {"model": args.model, "data": str(args.data) if args.data else OFFICIAL_URL, **results}
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(args.json, json.dumps(record, indent=2) + "\n")
+    return results
+
+
 def run(args: argparse.Namespace) -> int:
     if args.command == "prepare":
         from gpt2repro.data.prepare import prepare
@@ -146,24 +217,17 @@ def run(args: argparse.Namespace) -> int:
 
         train(cfg, resume=args.resume, stop_at_step=args.stop_at_step)
     elif args.command == "eval":
-        from gpt2repro.eval.hellaswag import evaluate_cli
-
-        evaluate_cli(model=args.model, data=args.data, limit=args.limit, batch_size=args.batch_size,
-                     json_path=args.json, device=args.device, dtype=args.dtype)
+        evaluate_hellaswag_command(args)
     elif args.command == "plot":
         from gpt2repro.report.plot import plot_logs
 
-        plot_logs(args.log, size=args.sz, out=args.out, show=args.show)
+        plot_logs(args.log, size=args.sz, out=args.out, show=args.show, x=args.x,
+                  default_tokens_per_step=args.tokens_per_step)
     elif args.command == "sample":
-        from gpt2repro.model.generate import sample_cli
-
-        sample_cli(model=args.model, prompt=args.prompt, num=args.num,
-                   max_new_tokens=args.max_new_tokens, top_k=args.top_k,
-                   temperature=args.temperature, seed=args.seed, kv_cache=not args.no_kv_cache,
-                   device=args.device, dtype=args.dtype)
+        sample_command(args)
     elif args.command == "export":
+        from gpt2repro.load import load_model
         from gpt2repro.model.hf import export_hf
-        from gpt2repro.model.load import load_model
 
         out = export_hf(load_model(args.model), args.out)
         print(f"wrote a Hugging Face GPT-2 directory: {out}")

@@ -28,10 +28,35 @@ class ModelConfig:
     n_embd: int = 768
     block_size: int = 1024
     vocab_size: int = PADDED_VOCAB_SIZE
+    # Architecture switches of the modern recipe; the defaults are GPT-2's own.
+    pos_emb: str = "learned"  # learned (GPT-2) | rope (rotary, on queries and keys)
+    rope_base: float = 10_000.0
+    qk_norm: bool = False  # RMS-normalise queries and keys per head
+    mlp: str = "gelu"  # gelu (tanh approximation, GPT-2) | relu2 (ReLU squared)
+    norm: str = "layernorm"  # layernorm (learned gain and bias) | rmsnorm (no learned parameters)
+    bias: bool = True  # biases in every linear layer
+    tie_embeddings: bool = True  # the LM head is the token embedding
+    zero_init: bool = False  # output projections (and an untied head) start at zero
+    logit_softcap: float = 0.0  # > 0: logits = cap · tanh(logits / cap)
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head:
             raise UserError(f"model: n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        for key, allowed in (("pos_emb", ("learned", "rope")), ("mlp", ("gelu", "relu2")),
+                             ("norm", ("layernorm", "rmsnorm"))):
+            if getattr(self, key) not in allowed:
+                raise UserError(f"model.{key}={getattr(self, key)!r}: choose {' or '.join(allowed)}")
+        if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
+            raise UserError(f"model.pos_emb=rope needs an even head size, not n_embd/n_head = "
+                            f"{self.n_embd // self.n_head}")
+        if not self.logit_softcap >= 0:
+            raise UserError(f"model.logit_softcap={self.logit_softcap}: use 0 (off) or a positive cap, e.g. 15")
+
+    def non_gpt2_switches(self) -> list[str]:
+        """The switches, as ``key=value``, that make this model something other than GPT-2."""
+        gpt2 = ModelConfig(self.n_layer, self.n_head, self.n_embd, self.block_size, self.vocab_size)
+        return [f"model.{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self)
+                if f.name not in ("rope_base", "zero_init") and getattr(self, f.name) != getattr(gpt2, f.name)]
 
 
 @dataclass
@@ -55,6 +80,17 @@ class OptimConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0
+    schedule: str = "cosine"  # cosine (warmup, cosine to min_lr) | wsd (warmup, stable, linear decay)
+    decay_frac: float = 0.2  # wsd: the last fraction of the steps decays to min_lr
+    # The modern recipe's optimizer: Muon for the hidden matrices, AdamW for the rest, where
+    # max_lr is then the embeddings' peak LR and the other groups have their own.
+    optimizer: str = "adamw"  # adamw (every parameter) | muon
+    head_lr: float = 0.008  # muon: AdamW peak LR of an untied LM head
+    scalar_lr: float = 0.04  # muon: AdamW peak LR of biases and norm gains
+    muon_lr: float = 0.05
+    muon_momentum: float = 0.95
+    muon_weight_decay: float = 0.0
+    muon_adjust_lr: str = "original"  # torch.optim.Muon's adjust_lr_fn: original | match_rms_adamw
 
 
 @dataclass
@@ -101,6 +137,27 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     out_dir: str = "runs/gpt2-124m"
+
+    def validate(self) -> TrainConfig:
+        """One line per inconsistent setting, before anything is built or read."""
+        if self.data.seq_len > self.model.block_size:
+            raise UserError(f"data.seq_len={self.data.seq_len} is larger than model.block_size="
+                            f"{self.model.block_size}; use data.seq_len<={self.model.block_size}")
+        if self.optim.warmup_steps < 0 or self.optim.max_steps < 1:
+            raise UserError("optim.max_steps must be >= 1 and optim.warmup_steps >= 0")
+        o = self.optim
+        for key, allowed in (("optimizer", ("adamw", "muon")), ("schedule", ("cosine", "wsd")),
+                             ("muon_adjust_lr", ("original", "match_rms_adamw"))):
+            if getattr(o, key) not in allowed:
+                raise UserError(f"optim.{key}={getattr(o, key)!r}: choose {' or '.join(allowed)}")
+        if not 0 < o.decay_frac <= 1:
+            raise UserError(f"optim.decay_frac={o.decay_frac}: use a fraction of the steps in (0, 1]")
+        if self.runtime.on_nonfinite not in ("stop", "rollback"):
+            raise UserError(f"runtime.on_nonfinite={self.runtime.on_nonfinite!r}: choose stop or rollback")
+        mb = self.data.micro_batch
+        if not (mb == "auto" or (isinstance(mb, int) and mb > 0)):
+            raise UserError(f"data.micro_batch={mb!r}: use a positive integer or auto")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -169,6 +226,44 @@ def _tiny() -> TrainConfig:
     return cfg
 
 
+# The modern recipe, lever by lever: each lever is a few config overrides, all off in the
+# faithful presets, so that each can be added to or removed from a recipe on its own.
+MODERN_LEVERS: dict[str, dict[str, str]] = {
+    "muon": {"optim.optimizer": "muon"},
+    "rope": {"model.pos_emb": "rope"},
+    "qk-norm": {"model.qk_norm": "true"},
+    "relu2": {"model.mlp": "relu2"},
+    "rmsnorm-no-bias": {"model.norm": "rmsnorm", "model.bias": "false"},
+    "untied": {"model.tie_embeddings": "false"},
+    "zero-init": {"model.zero_init": "true"},
+    "softcap": {"model.logit_softcap": "15"},
+    "wsd": {"optim.schedule": "wsd"},
+}
+
+
+def _modern(faithful: typing.Callable[[], TrainConfig], out: str, tuned: dict[str, str]) -> TrainConfig:
+    """A faithful preset with every lever on, and the learning rates and betas tuned for them."""
+    cfg = faithful()
+    cfg.out_dir = out
+    levers = [f"{key}={value}" for lever in MODERN_LEVERS.values() for key, value in lever.items()]
+    return apply_overrides(cfg, levers + [f"{key}={value}" for key, value in tuned.items()])
+
+
+# Tuned on the built-in corpus's val split (docs/benchmarks.md: the sweep and its numbers).
+DEMO_MODERN_TUNED = {
+    "optim.max_lr": "0.01", "optim.min_lr": "0", "optim.head_lr": "0.004", "optim.muon_lr": "0.04",
+    "optim.beta1": "0.8", "optim.eps": "1e-10", "optim.weight_decay": "0", "optim.warmup_steps": "20",
+    "optim.decay_frac": "0.4",
+}
+# GPT-2 124M in 0.8B tokens: 1,526 steps of 524,288 tokens. The optimizer settings follow
+# modded-nanogpt's published records (docs/training.md); not yet run on a GPU by us.
+GPT2_124M_MODERN_TUNED = {
+    "optim.max_steps": "1526", "optim.warmup_steps": "30", "optim.max_lr": "0.01", "optim.min_lr": "0",
+    "optim.head_lr": "0.004", "optim.muon_lr": "0.04", "optim.beta1": "0.8", "optim.eps": "1e-10",
+    "optim.weight_decay": "0", "optim.decay_frac": "0.4", "eval.val_every": "125", "eval.hellaswag_every": "125",
+    "eval.sample_every": "500", "checkpoint.every": "500",
+}
+
 TRAIN_PRESETS: dict[str, typing.Callable[[], TrainConfig]] = {
     "gpt2-124m-10b": lambda: _gpt2_recipe("gpt2", 64, 6e-4, "runs/gpt2-124m-10b"),
     "gpt2-124m-8b": _gpt2_124m_8b,
@@ -178,6 +273,10 @@ TRAIN_PRESETS: dict[str, typing.Callable[[], TrainConfig]] = {
     "gpt2-1558m-10b": lambda: _gpt2_recipe("gpt2-xl", 8, 2e-4, "runs/gpt2-1558m-10b"),
     "demo": _demo,
     "tiny": _tiny,
+    "gpt2-124m-modern": lambda: _modern(TRAIN_PRESETS["gpt2-124m-10b"], "runs/gpt2-124m-modern",
+                                        GPT2_124M_MODERN_TUNED),
+    "demo-modern": lambda: _modern(_demo, "demo_out", DEMO_MODERN_TUNED),
+    "tiny-modern": lambda: _modern(_tiny, "runs/tiny-modern", {"optim.muon_lr": "0.02", "optim.min_lr": "0"}),
 }
 # Model-size names are accepted too and mean that size's 10B-token recipe.
 PRESET_ALIASES = {

@@ -9,19 +9,19 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from gpt2repro.atomic import atomic_write
 from gpt2repro.config import get_preset
+from gpt2repro.data.prepare import prepare
+from gpt2repro.data.tokenizer import decode, encode
+from gpt2repro.load import load_model
+from gpt2repro.model.generate import generate
+from gpt2repro.report.plot import plot_logs
+from gpt2repro.train.trainer import train
 
 DEMO_PROMPTS = ("The function", "In Python, a class", "The result of")
 
 
 def run_demo(out_dir: str | Path = "demo_out", max_steps: int | None = None) -> Path:
-    from gpt2repro.data.prepare import prepare
-    from gpt2repro.data.tokenizer import decode, encode
-    from gpt2repro.model.generate import generate
-    from gpt2repro.model.load import load_model
-    from gpt2repro.report.plot import plot_logs
-    from gpt2repro.train.trainer import train
-
     out = Path(out_dir)
     cfg = get_preset("demo")
     cfg.data.path = str(out / "data")
@@ -48,7 +48,7 @@ def run_demo(out_dir: str | Path = "demo_out", max_steps: int | None = None) -> 
     for prompt in DEMO_PROMPTS:
         for tokens in generate(model, encode(prompt), num_samples=2, max_new_tokens=40, seed=0):
             lines.append(f"{prompt}{decode(tokens)}")
-    (out / "final_samples.txt").write_text("\n\n".join(lines) + "\n")
+    atomic_write(out / "final_samples.txt", "\n\n".join(lines) + "\n")
     print("\n\n".join(lines))
 
     print(f"\ndemo finished; everything is in {out}/:")

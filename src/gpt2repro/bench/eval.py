@@ -14,8 +14,13 @@ import random
 import torch
 
 from gpt2repro.bench import machine_name, print_table
-from gpt2repro.config import MODEL_PRESETS
+from gpt2repro.bench.hellaswag_reference import evaluate_hellaswag_reference
+from gpt2repro.config import MODEL_PRESETS, get_model_preset
+from gpt2repro.device import pick_autocast_dtype, pick_device, synchronize
 from gpt2repro.errors import UserError
+from gpt2repro.eval.hellaswag import SCORINGS, evaluate_hellaswag, load_items
+from gpt2repro.load import load_model
+from gpt2repro.model.gpt import GPT
 
 WORDS = ("the man woman person is then a and to of in on with her his they camera shows "
          "continues begins while holding ball water into down up around back front people "
@@ -36,20 +41,12 @@ def synthetic_items(n: int, seed: int = 0) -> list[dict]:
 
 def _model(spec: str, device: torch.device):
     if spec in MODEL_PRESETS:  # randomly initialised: speed does not depend on the weights
-        from gpt2repro.config import get_model_preset
-        from gpt2repro.model.gpt import GPT
-
         torch.manual_seed(0)
         return GPT(get_model_preset(spec)).to(device), f"{spec} preset (random init)"
-    from gpt2repro.model.load import load_model
-
     return load_model(spec, str(device)), spec
 
 
 def bench_eval(args: argparse.Namespace) -> list[list[str]]:
-    from gpt2repro.device import pick_autocast_dtype, pick_device, synchronize
-    from gpt2repro.eval.hellaswag import SCORINGS, evaluate_hellaswag, evaluate_hellaswag_reference, load_items
-
     if (args.limit is not None and args.limit < 1) or args.batch_size < 1:
         raise UserError("--limit and --batch-size must be at least 1")
     device = pick_device(args.device)

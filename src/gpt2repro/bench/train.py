@@ -6,7 +6,9 @@ length. Warm-up steps (compilation, allocator growth) are excluded; the timed st
 run in interleaved rounds and their median is reported, with tokens/s, MFU
 (nanoGPT/PaLM FLOPs per token: 6·N + 12·L·H·Q·T, 855 MFLOP for 124M at T=1024),
 the memory a step needs above the resident weights and optimizer state (GPUs), and
-the first step's loss: equal losses show the variants compute the same function.
+the loss of the first and of the last step. Every variant takes the same number of
+steps on the same batch, so equal first losses show the variants compute the same
+function, and equal last losses that their optimizers take the same steps.
 
 Variants:
   baseline        the nanoGPT-style model in nanogpt_baseline.py (explicit attention, full logits)
@@ -29,7 +31,7 @@ import torch
 
 from gpt2repro.bench import machine_name, print_table
 from gpt2repro.bench.nanogpt_baseline import BaselineGPT
-from gpt2repro.config import get_preset
+from gpt2repro.config import GPT2_VOCAB_SIZE, get_preset
 from gpt2repro.device import (
     autocast,
     enable_tf32,
@@ -89,6 +91,7 @@ class Variant:
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), **options)
         self.times: list[float] = []
         self.first_loss: float | None = None
+        self.last_loss: torch.Tensor | None = None  # read once at the end: no extra host sync per step
         self.step_memory = 0  # bytes a step needs above what is resident (GPU only)
 
     def steps(self, x, y, dtype, n: int, timed: bool) -> None:
@@ -110,6 +113,7 @@ class Variant:
                     self.times.append(time.perf_counter() - t0)
                 if self.first_loss is None:
                     self.first_loss = loss.item()
+                self.last_loss = loss.detach()
                 if self.device.type == "cuda":
                     self.step_memory = max(self.step_memory, torch.cuda.max_memory_allocated(self.device) - resident)
 
@@ -139,8 +143,8 @@ def bench_train(args: argparse.Namespace) -> list[dict]:
     torch.manual_seed(0)
     reference = GPT(cfg.model)
     g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 50257, (B, T), generator=g).to(device)
-    y = torch.randint(0, 50257, (B, T), generator=g).to(device)
+    x = torch.randint(0, GPT2_VOCAB_SIZE, (B, T), generator=g).to(device)
+    y = torch.randint(0, GPT2_VOCAB_SIZE, (B, T), generator=g).to(device)
 
     variants = []
     for name in (n.strip() for n in names.split(",")):
@@ -162,14 +166,17 @@ def bench_train(args: argparse.Namespace) -> list[dict]:
         step_s = statistics.median(v.times)
         results.append(dict(variant=v.name, tokens_per_s=B * T / step_s, step_ms=1000 * step_s,
                             mfu=mfu(B * T / step_s, flops_per_token, peak), memory=memory_text(v),
-                            loss=v.first_loss))
+                            loss=v.first_loss, last_loss=v.last_loss.item()))
     base = next((r["tokens_per_s"] for r in results if r["variant"] == "baseline"), None)
     rows = [[r["variant"], f"{r['tokens_per_s']:,.0f}", f"{r['step_ms']:.1f}",
              f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-", r["memory"],
-             f"{r['loss']:.5f}", f"{r['tokens_per_s'] / base:.2f}x" if base else "-"] for r in results]
+             f"{r['loss']:.5f}", f"{r['last_loss']:.5f}", f"{r['tokens_per_s'] / base:.2f}x" if base else "-"]
+            for r in results]
+    last_step = args.warmup + args.steps - 1  # the same for every variant
     print_table(
         f"bench train: preset {args.preset}, B={B}, T={T}, dtype {dtype or torch.float32}, "
         f"{machine_name(str(device))}, median of {args.steps} steps in {rounds} interleaved rounds "
         f"after {args.warmup} warm-up",
-        ["variant", "tokens/s", "step ms", "MFU", "step memory", "loss step 0", "vs baseline"], rows)
+        ["variant", "tokens/s", "step ms", "MFU", "step memory", "loss step 0", f"loss step {last_step}",
+         "vs baseline"], rows)
     return results

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from gpt2repro.data import demo_corpus
 from gpt2repro.errors import UserError
 
 FINEWEB_EDU = "HuggingFaceFW/fineweb-edu"
@@ -41,8 +42,6 @@ def open_source(spec: str, *, name: str = "sample-10BT", streaming: bool = False
         return Source(f"{FINEWEB_EDU}/{name}", FINEWEB_PREFIX,
                       lambda skip: fineweb_documents(name, streaming, skip))
     if spec == "demo":
-        from gpt2repro.data import demo_corpus
-
         return Source("demo", "demo", lambda skip: itertools.islice(demo_corpus.documents(), skip, None),
                       shard_tokens=demo_corpus.SHARD_TOKENS, val_tokens=demo_corpus.VAL_TOKENS)
     files = local_files(spec)

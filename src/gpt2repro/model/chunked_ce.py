@@ -7,7 +7,8 @@ to the hidden states and the head weight; only those gradients (N × C and V × 
 are kept for the backward pass, which just scales them.
 
 Numerically it is ``F.cross_entropy(h @ W.T, targets, ignore_index=-1)`` (mean over
-the non-ignored targets) in value and gradient, up to float summation order.
+the non-ignored targets) in value and gradient, up to float summation order; with
+``softcap`` > 0 the logits are ``softcap · tanh(h @ W.T / softcap)`` first.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ IGNORE_INDEX = -1
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_rows: int, compute_dtype):
+    def forward(ctx, hidden, weight, targets, chunk_rows: int, compute_dtype, softcap: float):
         n_valid = (targets != IGNORE_INDEX).sum().clamp(min=1)
         softmax_dtype = torch.promote_types(compute_dtype, torch.float32)  # float32, or float64 in tests
         h = hidden.to(compute_dtype)
@@ -34,12 +35,17 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             valid = t != IGNORE_INDEX
             safe_t = t.clamp(min=0)[:, None]
             logits = (h[rows] @ w.t()).to(softmax_dtype)
+            if softcap > 0:
+                capped = torch.tanh(logits / softcap)
+                logits = capped * softcap
             lse = torch.logsumexp(logits, dim=-1)
             loss += ((lse - logits.gather(1, safe_t).squeeze(1)) * valid).sum()
             # d(mean CE)/d logits = (softmax - onehot) / n_valid, zero on ignored rows; in place
             grad_logits = logits.sub_(lse[:, None]).exp_()
             grad_logits.scatter_add_(1, safe_t, torch.full_like(safe_t, -1, dtype=softmax_dtype))
             grad_logits.mul_((valid.to(softmax_dtype) / n_valid)[:, None])
+            if softcap > 0:  # through the tanh: d(cap·tanh(z/cap))/dz = 1 - tanh²
+                grad_logits.mul_(1 - capped.square())
             grad_logits = grad_logits.to(compute_dtype)
             grad_hidden[rows] = (grad_logits @ w).to(hidden.dtype)
             if compute_dtype == softmax_dtype:
@@ -52,11 +58,11 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None, None
+        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None, None, None
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                          chunk_rows: int = 4096) -> torch.Tensor:
+                          chunk_rows: int = 4096, softcap: float = 0.0) -> torch.Tensor:
     """Mean CE of ``hidden @ weight.T`` against ``targets`` (-1 ignored), chunk by chunk.
 
     Under autocast the matmuls run in the autocast dtype and the softmax in float32,
@@ -67,11 +73,15 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     hidden, targets = hidden.flatten(0, -2), targets.flatten()
     with torch.autocast(device_type=device_type, enabled=False):
         if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-            return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk_rows, dtype)
+            return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk_rows, dtype, softcap)
         # evaluation: the same chunking, no gradients to keep
         h, w = hidden.to(dtype), weight.to(dtype)
         softmax_dtype = torch.promote_types(dtype, torch.float32)
-        total = sum(F.cross_entropy((h[i:i + chunk_rows] @ w.t()).to(softmax_dtype), targets[i:i + chunk_rows],
+        def chunk_logits(rows: slice) -> torch.Tensor:
+            logits = (h[rows] @ w.t()).to(softmax_dtype)
+            return softcap * torch.tanh(logits / softcap) if softcap > 0 else logits
+
+        total = sum(F.cross_entropy(chunk_logits(slice(i, i + chunk_rows)), targets[i:i + chunk_rows],
                                     ignore_index=IGNORE_INDEX, reduction="sum")
                     for i in range(0, h.size(0), chunk_rows))
         return total / (targets != IGNORE_INDEX).sum().clamp(min=1)

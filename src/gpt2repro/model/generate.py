@@ -17,8 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt2repro.config import GPT2_VOCAB_SIZE
-from gpt2repro.data.tokenizer import EOT_TOKEN, decode, encode
-from gpt2repro.errors import UserError
+from gpt2repro.data.tokenizer import EOT_TOKEN
 
 
 def sample_next(logits: torch.Tensor, rng: torch.Generator, top_k: int | None, temperature: float) -> torch.Tensor:
@@ -61,33 +60,8 @@ def generate(model, prompt_tokens: list[int], *, num_samples: int = 4, max_new_t
                         hidden = model.hidden(rows[:, -1:], kv_cache=cache)
                 else:
                     hidden = model.hidden(rows[:, -block_size:])
-                logits = model.lm_head(hidden[:, -1])[:, :GPT2_VOCAB_SIZE].float()
+                logits = model.logits(hidden[:, -1], GPT2_VOCAB_SIZE).float()
                 rows = torch.cat([rows, sample_next(logits, rng, top_k, temperature)], dim=1)
     finally:
         model.train(was_training)
     return rows[:, len(prompt):].tolist()
-
-
-def sample_cli(model: str, prompt: str, num: int, max_new_tokens: int, top_k: int, temperature: float,
-               seed: int, kv_cache: bool, device: str, dtype: str) -> list[str]:
-    """``gpt2repro sample``: print ``num`` continuations of ``prompt``."""
-    from gpt2repro.device import autocast, pick_autocast_dtype, pick_device
-    from gpt2repro.model.load import load_model
-
-    for flag, value, low in (("--num", num, 1), ("--max-new-tokens", max_new_tokens, 0), ("--top-k", top_k, 0)):
-        if value < low:
-            raise UserError(f"{flag} {value}: must be at least {low}")
-    if not temperature >= 0:
-        raise UserError(f"--temperature {temperature}: must be 0 (greedy) or more")
-    dev = pick_device(device)
-    autocast_dtype = pick_autocast_dtype(dtype, dev)
-    net = load_model(model, str(dev))
-    with autocast(dev, autocast_dtype):
-        samples = generate(net, encode(prompt), num_samples=num, max_new_tokens=max_new_tokens,
-                           top_k=top_k or None, temperature=temperature, seed=seed, kv_cache=kv_cache,
-                           device=dev)
-    texts = []
-    for i, tokens in enumerate(samples):
-        texts.append(prompt + decode(tokens))
-        print(f"sample {i}: {texts[-1]}")
-    return texts

@@ -1,10 +1,15 @@
-"""GPT-2, the whole model in one file.
+"""GPT-2, the whole model in one file, with the modern recipe's switches.
 
 Decoder-only transformer as in Radford et al. (2019): learned token and
 position embeddings, pre-LayerNorm blocks of causal self-attention and a 4x
 GELU(tanh) MLP, a final LayerNorm, and an LM head that shares its weight with
 the token embedding. Parameter names follow OpenAI's checkpoint (``c_attn``,
 ``c_fc``, ...) so that weights map one-to-one onto Hugging Face's GPT2LMHeadModel.
+
+The ``ModelConfig`` switches swap in what later recipes use (all off by default,
+which is GPT-2 exactly): rotary position embeddings, RMS-normalised queries and
+keys, a ReLU² MLP, parameter-free RMS norms, no biases, an untied head,
+zero-initialised output projections and tanh soft-capped logits.
 
 Beyond plain training, ``hidden`` accepts explicit positions and an attention
 mask (to score several continuations of one shared context in a single row) and
@@ -52,18 +57,44 @@ class KVCache:
         self.length += n_tokens
 
 
+def rotary_tables(head_size: int, length: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of position × frequency, (length, head_size / 2), as in RoFormer (Su et al., 2021)."""
+    inv_freq = 1.0 / base ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each (x_i, x_{i + d/2}) pair of (B, H, T, d) by its position's angles, (B or 1, 1, T, d/2).
+    A query–key dot product then depends only on the distance between their positions."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.n_embd, elementwise_affine=False)
+    return nn.LayerNorm(cfg.n_embd)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.n_head = cfg.n_head
         self.layer = layer
-        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
-        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.qk_norm = cfg.qk_norm
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
 
-    def forward(self, x, attn_mask=None, kv_cache: KVCache | None = None):
+    def forward(self, x, attn_mask=None, kv_cache: KVCache | None = None, rotary=None):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if self.qk_norm:  # bounded attention logits: no entropy collapse at high learning rates
+            q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
+        if rotary is not None:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         if kv_cache is not None:
             k, v = kv_cache.store(self.layer, k, v)
         if attn_mask is None and k.size(2) == T:
@@ -79,23 +110,26 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd)
-        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd)
+        self.relu2 = cfg.mlp == "relu2"
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
 
     def forward(self, x):
-        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+        x = self.c_fc(x)
+        x = F.relu(x).square() if self.relu2 else F.gelu(x, approximate="tanh")
+        return self.c_proj(x)
 
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.n_embd)
+        self.ln_1 = make_norm(cfg)
         self.attn = CausalSelfAttention(cfg, layer)
-        self.ln_2 = nn.LayerNorm(cfg.n_embd)
+        self.ln_2 = make_norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, attn_mask=None, kv_cache=None):
-        x = x + self.attn(self.ln_1(x), attn_mask, kv_cache)
+    def forward(self, x, attn_mask=None, kv_cache=None, rotary=None):
+        x = x + self.attn(self.ln_1(x), attn_mask, kv_cache, rotary)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -103,24 +137,32 @@ class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
-            wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
-            h=nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer)),
-            ln_f=nn.LayerNorm(cfg.n_embd),
-        ))
+        modules = dict(wte=nn.Embedding(cfg.vocab_size, cfg.n_embd))
+        if cfg.pos_emb == "learned":
+            modules["wpe"] = nn.Embedding(cfg.block_size, cfg.n_embd)
+        modules.update(h=nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer)), ln_f=make_norm(cfg))
+        self.transformer = nn.ModuleDict(modules)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight  # weight tying: one tensor
+        if cfg.tie_embeddings:
+            self.transformer.wte.weight = self.lm_head.weight  # weight tying: one tensor
+        if cfg.pos_emb == "rope":  # derived from the config, not learned: not in the state dict
+            cos, sin = rotary_tables(cfg.n_embd // cfg.n_head, cfg.block_size, cfg.rope_base)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """GPT-2 init: N(0, 0.02), zero biases; residual projections scaled by 1/sqrt(2·n_layer)
-        because each block adds two of them to the residual stream."""
+        because each block adds two of them to the residual stream. With ``zero_init`` the
+        projections (and an untied head) start at zero: every block starts as the identity."""
         residual_std = residual_init_std(self.config)
+        zero = self.config.zero_init
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear):
-                std = residual_std if name.endswith("c_proj") else 0.02
-                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if zero and (name.endswith("c_proj") or (name == "lm_head" and not self.config.tie_embeddings)):
+                    nn.init.zeros_(module.weight)
+                else:
+                    nn.init.normal_(module.weight, mean=0.0, std=residual_std if name.endswith("c_proj") else 0.02)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
@@ -130,7 +172,7 @@ class GPT(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def hidden(self, idx, pos=None, attn_mask=None, kv_cache: KVCache | None = None):
-        """Final-LayerNorm hidden states, (B, T, n_embd)."""
+        """Final-norm hidden states, (B, T, n_embd). ``pos``: (T,) or (B, T) positions."""
         B, T = idx.shape
         start = kv_cache.length if kv_cache is not None else 0
         if pos is None:
@@ -140,12 +182,25 @@ class GPT(nn.Module):
                     f"{self.config.block_size}; use at most {self.config.block_size} tokens"
                 )
             pos = torch.arange(start, start + T, device=idx.device)
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)
+        x = self.transformer.wte(idx)
+        rotary = None
+        if self.config.pos_emb == "learned":
+            x = x + self.transformer.wpe(pos)
+        else:  # (T, d/2) -> (1, 1, T, d/2); (B, T, d/2) -> (B, 1, T, d/2)
+            rotary = tuple(table[pos].unsqueeze(-3) if pos.dim() == 2 else table[pos][None, None]
+                           for table in (self.rope_cos, self.rope_sin))
         for block in self.transformer.h:
-            x = block(x, attn_mask, kv_cache)
+            x = block(x, attn_mask, kv_cache, rotary)
         if kv_cache is not None:
             kv_cache.advance(T)
         return self.transformer.ln_f(x)
+
+    def logits(self, hidden: torch.Tensor, vocab_size: int | None = None) -> torch.Tensor:
+        """The LM head over the first ``vocab_size`` tokens (default all), soft-capped if configured."""
+        weight = self.lm_head.weight if vocab_size is None else self.lm_head.weight[:vocab_size]
+        logits = F.linear(hidden, weight)
+        cap = self.config.logit_softcap
+        return cap * torch.tanh(logits / cap) if cap > 0 else logits
 
     def forward(self, idx, targets=None, ce_chunk_rows: int = 0):
         """Logits (B, T, vocab) and, given targets, the mean cross-entropy (targets -1 are ignored).
@@ -154,18 +209,24 @@ class GPT(nn.Module):
         rows (``chunked_ce.py``): the logits are never built and None is returned in their place."""
         h = self.hidden(idx)
         if targets is not None and ce_chunk_rows > 0:
-            return None, chunked_cross_entropy(h, self.lm_head.weight, targets, ce_chunk_rows)
-        logits = self.lm_head(h)
+            return None, chunked_cross_entropy(h, self.lm_head.weight, targets, ce_chunk_rows,
+                                               softcap=self.config.logit_softcap)
+        logits = self.logits(h)
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
         return logits, loss
 
     def num_params(self, non_embedding: bool = False) -> int:
-        """Parameters counted once (the tied embedding/head is one tensor).
-        ``non_embedding`` drops the position embedding, as nanoGPT's FLOPs count does."""
+        """Parameters counted once (the tied embedding/head is one tensor). ``non_embedding``
+        drops the position embedding (and an untied input embedding), as nanoGPT's FLOPs count does."""
         n = sum(p.numel() for p in self.parameters())
-        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+        if non_embedding:
+            if "wpe" in self.transformer:
+                n -= self.transformer.wpe.weight.numel()
+            if not self.config.tie_embeddings:  # the input embedding is a lookup, not a matmul
+                n -= self.transformer.wte.weight.numel()
+        return n
 
     def flops_per_token(self, seq_len: int) -> int:
         """Training FLOPs per token, nanoGPT/PaLM convention: 6·N + 12·L·H·Q·T

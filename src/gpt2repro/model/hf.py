@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from gpt2repro.config import GPT2_VOCAB_SIZE, ModelConfig
+from gpt2repro.data.tokenizer import EOT_TOKEN, bpe_files
 from gpt2repro.errors import UserError
 from gpt2repro.model.gpt import GPT
 from gpt2repro.model.io import load_state_strict
@@ -26,8 +27,8 @@ HF_ONLY_BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers of 
 def from_hf_model(hf_model) -> GPT:
     """Our GPT with the weights of a ``transformers`` GPT2LMHeadModel."""
     c = hf_model.config
-    cfg = ModelConfig(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd,
-                      block_size=c.n_positions, vocab_size=c.vocab_size)
+    cfg = ModelConfig(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, block_size=c.n_positions,
+                      vocab_size=c.vocab_size, tie_embeddings=bool(getattr(c, "tie_word_embeddings", True)))
     model = GPT(cfg)
     state = {}
     for key, value in hf_model.state_dict().items():
@@ -59,7 +60,7 @@ def hf_config(cfg: ModelConfig):
         vocab_size=GPT2_VOCAB_SIZE, n_positions=cfg.block_size, n_embd=cfg.n_embd,
         n_layer=cfg.n_layer, n_head=cfg.n_head, activation_function="gelu_new",
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=1e-5,
-        bos_token_id=50256, eos_token_id=50256, tie_word_embeddings=True,
+        bos_token_id=EOT_TOKEN, eos_token_id=EOT_TOKEN, tie_word_embeddings=cfg.tie_embeddings,
         architectures=["GPT2LMHeadModel"],
     )
 
@@ -68,6 +69,13 @@ def to_hf_model(model: GPT):
     """A ``transformers`` GPT2LMHeadModel with our weights, vocabulary cut to 50,257."""
     from transformers import GPT2LMHeadModel
 
+    # An untied head is still GPT-2 to transformers; the other switches are not, and a GPT-2
+    # config would load such weights without complaint and compute something else.
+    refused = [s for s in model.config.non_gpt2_switches() if not s.startswith("model.tie_embeddings=")]
+    if refused:
+        raise UserError(f"this model is not GPT-2's architecture ({', '.join(refused)}); transformers' "
+                        "GPT2LMHeadModel cannot run it, so there is no Hugging Face export: use "
+                        "gpt2repro eval/sample with the checkpoint itself")
     if model.config.vocab_size < GPT2_VOCAB_SIZE:
         raise UserError(f"model vocab_size {model.config.vocab_size} is smaller than GPT-2's {GPT2_VOCAB_SIZE}")
     hf_model = GPT2LMHeadModel(hf_config(model.config))
@@ -79,7 +87,8 @@ def to_hf_model(model: GPT):
         state[key] = value.t().contiguous() if key.endswith(CONV1D_WEIGHTS) else value
     missing, unexpected = hf_model.load_state_dict(state, strict=False)
     assert not unexpected and all(k.endswith(HF_ONLY_BUFFERS) for k in missing), (missing, unexpected)
-    hf_model.tie_weights()
+    if model.config.tie_embeddings:
+        hf_model.tie_weights()
     return hf_model.eval()
 
 
@@ -88,11 +97,10 @@ def export_hf(model: GPT, out_dir: Path) -> Path:
     config.json, model.safetensors and the GPT-2 tokenizer files."""
     from transformers import GPT2TokenizerFast
 
-    from gpt2repro.data.tokenizer import bpe_files
-
+    hf_model = to_hf_model(model)  # refuses a model it cannot express before anything is written
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    to_hf_model(model).save_pretrained(out_dir, safe_serialization=True)
+    hf_model.save_pretrained(out_dir, safe_serialization=True)
     # OpenAI's two files under the names transformers looks for, in every version.
     encoder_json, vocab_bpe = bpe_files()
     shutil.copyfile(encoder_json, out_dir / "vocab.json")

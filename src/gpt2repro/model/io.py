@@ -1,7 +1,8 @@
 """Our weights on disk: ``model.safetensors`` plus a ``config.json`` that says what they are.
 
-The tied embedding/LM-head tensor is stored once (under ``transformer.wte.weight``);
-safetensors refuses shared storage and never executes code on load.
+A tied embedding/LM-head tensor is stored once (under ``transformer.wte.weight``);
+safetensors refuses shared storage and never executes code on load. ``config.json``
+holds the whole ``ModelConfig``, so a checkpoint of either recipe loads with no flags.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ TIED_KEY = "lm_head.weight"  # restored from transformer.wte.weight by tying
 
 def save_model(model: GPT, directory: Path, extra: dict[str, Any] | None = None) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k != TIED_KEY}
+    tied = model.config.tie_embeddings
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if not (tied and k == TIED_KEY)}
     save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": FORMAT})
     config = {"format": FORMAT, "model": dataclasses.asdict(model.config), **(extra or {})}
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
@@ -66,13 +68,13 @@ def load_weights(model: GPT, directory: Path) -> None:
 
 
 def load_state_strict(model: GPT, state: dict[str, torch.Tensor], source: Path | str) -> None:
-    """Load weights, allowing only the tied LM head to be absent; one clear line otherwise."""
+    """Load weights, allowing only a tied LM head to be absent; one clear line otherwise."""
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:
         first = str(e).strip().splitlines()[-1].strip()
         raise UserError(f"{source}: weights do not fit the model config ({first})") from None
-    missing = [k for k in missing if k != TIED_KEY]
+    missing = [k for k in missing if not (model.config.tie_embeddings and k == TIED_KEY)]
     if missing or unexpected:
         raise UserError(f"{source}: weights do not fit the model config "
                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")

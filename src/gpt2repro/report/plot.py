@@ -5,12 +5,18 @@ the streams drawn are ``train``, ``val`` and ``hella``. build-nanogpt writes the
 format, so its logs plot too. Lines that do not parse are counted and reported, not
 fatal; a log with nothing to draw at all is an error.
 
+With ``x="tokens"`` the x axis is tokens seen, ``(step + 1) · tokens per step``, so runs
+with different batch sizes overlay honestly. A run's tokens per step come from the
+``config.json`` that training writes beside its log (``optim.total_batch_tokens``);
+a log without one (build-nanogpt's) uses ``tokens_per_step``, 524,288 by default.
+
 The horizontal lines are OpenAI's checkpoints: GPT-2's val loss on FineWeb-edu (known
 for 124M only) and the HellaSwag acc_norm of GPT-2 and GPT-3 of the same size.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -28,6 +34,8 @@ HELLASWAG_BASELINES = {  # size: (GPT-2, GPT-3) acc_norm
 }
 
 Streams = dict[str, list[tuple[int, float]]]
+X_AXES = ("step", "tokens")
+DEFAULT_TOKENS_PER_STEP = 524_288  # build-nanogpt's 2**19
 
 
 def parse_log(path: str | Path) -> tuple[Streams, int]:
@@ -76,9 +84,22 @@ def _finite(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
     return [(s, v) for s, v in points if math.isfinite(v)]
 
 
-def plot_logs(logs: list[str], size: str = "124M", out: str = "plot.png", show: bool = False):
+def tokens_per_step(log: str | Path, default: int = DEFAULT_TOKENS_PER_STEP) -> tuple[int, str]:
+    """(tokens per optimizer step, where that number came from) for the run that wrote ``log``."""
+    config = Path(log).with_name("config.json")
+    try:
+        tokens = json.loads(config.read_text())["optim"]["total_batch_tokens"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return default, "--tokens-per-step"
+    if not isinstance(tokens, int) or tokens < 1:
+        raise UserError(f"{config}: optim.total_batch_tokens is {tokens!r}, not a positive integer")
+    return tokens, str(config)
+
+
+def plot_logs(logs: list[str], size: str = "124M", out: str = "plot.png", show: bool = False,
+              x: str = "step", default_tokens_per_step: int = DEFAULT_TOKENS_PER_STEP):
     """Draw every log into one two-panel figure, save it as ``out``, print the key numbers;
-    returns the matplotlib Figure."""
+    returns the matplotlib Figure. ``x``: ``step`` or ``tokens`` on the horizontal axes."""
     import matplotlib
 
     if not show:
@@ -87,6 +108,8 @@ def plot_logs(logs: list[str], size: str = "124M", out: str = "plot.png", show: 
 
     if size not in HELLASWAG_BASELINES:
         raise UserError(f"--sz {size}: choose one of {', '.join(HELLASWAG_BASELINES)}")
+    if x not in X_AXES:
+        raise UserError(f"--x {x}: choose one of {', '.join(X_AXES)}")
     parsed = [parse_log(p) for p in logs]
     for path, (streams, malformed) in zip(logs, parsed):
         if not any(streams.get(s) for s in PLOTTED_STREAMS):
@@ -97,19 +120,26 @@ def plot_logs(logs: list[str], size: str = "124M", out: str = "plot.png", show: 
     for name, path, (streams, malformed) in zip(_names(logs), logs, parsed):
         label = f"{name} " if len(logs) > 1 else ""
         summary = []
+        per_step = 1  # x = step
+        if x == "tokens":
+            per_step, source = tokens_per_step(path, default_tokens_per_step)
+            print(f"{path}: {per_step:,} tokens per step (from {source})")
         for stream, ax, best, what in (("train", loss_ax, "min", "train loss"), ("val", loss_ax, "min", "val loss"),
                                        ("hella", hella_ax, "max", "HellaSwag")):
             points = _finite(streams.get(stream, []))
             if not points:
                 continue
             steps, values = map(np.array, zip(*points))
+            # tokens trained on before the value was measured: s steps' worth at step s (the val
+            # and HellaSwag of step s run before it; step s's train loss is on its own batch)
+            xs = steps * per_step
             if stream == "train":  # noisy: a faint raw curve under its trailing mean
-                raw = ax.plot(steps, values, alpha=0.25, linewidth=0.8)[0]
+                raw = ax.plot(xs, values, alpha=0.25, linewidth=0.8)[0]
                 window = max(1, min(100, len(values) // 20))
-                ax.plot(steps, smooth(values, window), color=raw.get_color(),
+                ax.plot(xs, smooth(values, window), color=raw.get_color(),
                         label=f"{label}train loss (mean of {window})")
             else:
-                ax.plot(steps, values, label=f"{label}{'HellaSwag acc_norm' if stream == 'hella' else what}")
+                ax.plot(xs, values, label=f"{label}{'HellaSwag acc_norm' if stream == 'hella' else what}")
             i = int(values.argmin() if best == "min" else values.argmax())
             summary.append(f"{best} {what} {values[i]:.4f} (step {steps[i]})")
         print(f"{path}: {', '.join(summary)}")
@@ -120,12 +150,13 @@ def plot_logs(logs: list[str], size: str = "124M", out: str = "plot.png", show: 
         loss_ax.axhline(GPT2_VAL_LOSS[size], color="r", linestyle="--",
                         label=f"OpenAI GPT-2 ({size}) checkpoint val loss")
     loss_ax.set_yscale("log")
-    loss_ax.set(xlabel="step", ylabel="loss", title="Loss")
+    xlabel = "step" if x == "step" else "tokens"
+    loss_ax.set(xlabel=xlabel, ylabel="loss", title="Loss")
     loss_ax.legend()
     gpt2, gpt3 = HELLASWAG_BASELINES[size]
     hella_ax.axhline(gpt2, color="r", linestyle="--", label=f"OpenAI GPT-2 ({size}) checkpoint")
     hella_ax.axhline(gpt3, color="g", linestyle="--", label=f"OpenAI GPT-3 ({size}) checkpoint")
-    hella_ax.set(xlabel="step", ylabel="accuracy", title="HellaSwag eval")
+    hella_ax.set(xlabel=xlabel, ylabel="accuracy", title="HellaSwag eval")
     if not any(_finite(streams.get("hella", [])) for streams, _ in parsed):
         hella_ax.set_xlim(loss_ax.get_xlim())
         hella_ax.text(0.5, 0.5, "no HellaSwag evaluations in the log", transform=hella_ax.transAxes,

@@ -4,8 +4,8 @@ A checkpoint is a directory ``OUT/ckpt_<step>`` (step = optimizer steps complete
 
 - ``model.safetensors`` + ``config.json``: the weights and the full run config
   (a model directory that ``gpt2repro eval/sample/export`` load directly);
-- ``trainer_state.pt``: optimizer state, loader position, RNG states; only
-  tensors and primitives, loaded with ``torch.load(weights_only=True)``;
+- ``trainer_state.pt``: optimizer state, loader position, RNG states (``rng_state``);
+  only tensors and primitives, loaded with ``torch.load(weights_only=True)``;
 - ``meta.json``: byte size and sha256 of each file, written last.
 
 Everything is written into a hidden temporary directory that is renamed into
@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import pickle
+import random
 import re
 import shutil
 from collections.abc import Callable
@@ -32,6 +33,8 @@ from gpt2repro.errors import UserError
 from gpt2repro.model.gpt import GPT
 from gpt2repro.model.io import save_model
 
+# Config keys that define the experiment: resuming with different values is refused.
+RESUME_MUST_MATCH = ("model", "data.seq_len", "optim.total_batch_tokens", "optim.optimizer")
 STATE_FILE = "trainer_state.pt"
 META_FILE = "meta.json"
 NAME = re.compile(r"^ckpt_(\d{6,})$")
@@ -146,3 +149,35 @@ def load_trainer_state(path: Path) -> dict[str, Any]:
                         f"primitives ({reason[:120]})") from None
     except (OSError, RuntimeError, EOFError) as e:
         raise UserError(f"{state_path}: unreadable trainer state ({e}); use an earlier checkpoint") from None
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG a training step draws from, so that a resumed run draws the same numbers."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def check_resume_config(saved: dict[str, Any], now: dict[str, Any], where: Path) -> None:
+    """Refuse to continue a run under a different model, sequence length or total batch."""
+    saved_flat, now_flat = _flatten(saved), _flatten(now)
+    differs = [k for k in now_flat if k.startswith(RESUME_MUST_MATCH) and saved_flat.get(k) != now_flat[k]]
+    if differs:
+        detail = ", ".join(f"{k}: {saved_flat.get(k)!r} -> {now_flat[k]!r}" for k in differs[:4])
+        raise UserError(f"{where}: --resume with a different config ({detail}); "
+                        "resume with the original settings or start a new --out")

@@ -1,8 +1,18 @@
-"""AdamW with GPT-2/3's settings, and the learning-rate schedule.
+"""The optimizers and the learning-rate schedules of both recipes.
 
-Weight decay applies to matrices and embeddings (parameters with >= 2 dims) and
-not to biases or LayerNorm gains: decaying those only pulls the model towards
-zero offsets and unit-free scales for no regularisation benefit.
+Faithful (``optim.optimizer=adamw``): one AdamW with GPT-2/3's settings. Weight
+decay applies to matrices and embeddings (parameters with >= 2 dims) and not to
+biases or LayerNorm gains: decaying those only pulls the model towards zero offsets
+and unit-free scales for no regularisation benefit.
+
+Modern (``optim.optimizer=muon``): PyTorch's ``torch.optim.Muon`` for the hidden
+matrices (attention and MLP weights inside the blocks), whose updates it
+orthogonalises, and AdamW for what Muon is not meant for: the embeddings, the
+untied head and every 1-D parameter, each group with its own peak LR.
+
+Every param group keeps ``lr_scale``, its peak LR over ``optim.max_lr``; the
+schedule sets ``lr = lr_scale · schedule(step)``, so all groups warm up and decay
+together.
 """
 
 from __future__ import annotations
@@ -12,9 +22,51 @@ import math
 import torch
 
 from gpt2repro.config import OptimConfig
+from gpt2repro.errors import UserError
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, fused: bool) -> torch.optim.AdamW:
+def partition_parameters(model: torch.nn.Module) -> dict[str, list[tuple[str, torch.nn.Parameter]]]:
+    """Every trainable parameter in exactly one of: ``hidden`` (2-D weights inside the blocks),
+    ``embed`` (token and position embeddings, and a tied head), ``head`` (an untied head) and
+    ``scalar`` (biases and norm gains)."""
+    groups: dict[str, list] = {"hidden": [], "embed": [], "head": [], "scalar": []}
+    for name, p in model.named_parameters():  # a tied tensor is listed once, as transformer.wte
+        if not p.requires_grad:
+            continue
+        if p.dim() < 2:
+            groups["scalar"].append((name, p))
+        elif name.startswith("transformer.h."):
+            groups["hidden"].append((name, p))
+        elif name == "lm_head.weight":
+            groups["head"].append((name, p))
+        else:
+            groups["embed"].append((name, p))
+    return groups
+
+
+def build_optimizers(model: torch.nn.Module, cfg: OptimConfig, fused: bool) -> list[torch.optim.Optimizer]:
+    """[AdamW] for the faithful recipe, [AdamW, Muon] for the modern one."""
+    if cfg.optimizer == "adamw":
+        return [build_adamw(model, cfg, fused)]
+    if cfg.optimizer != "muon":
+        raise UserError(f"optim.optimizer={cfg.optimizer!r}: choose adamw or muon")
+    parts = partition_parameters(model)
+
+    def adam_group(part: str, peak_lr: float, weight_decay: float) -> dict:
+        return {"params": [p for _, p in parts[part]], "weight_decay": weight_decay, "lr": peak_lr,
+                "lr_scale": peak_lr / cfg.max_lr}
+
+    adam_groups = [g for g in (adam_group("embed", cfg.max_lr, cfg.weight_decay),
+                               adam_group("head", cfg.head_lr, cfg.weight_decay),
+                               adam_group("scalar", cfg.scalar_lr, 0.0)) if g["params"]]
+    adamw = torch.optim.AdamW(adam_groups, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused or None)
+    muon = torch.optim.Muon([p for _, p in parts["hidden"]], lr=cfg.muon_lr, momentum=cfg.muon_momentum,
+                            weight_decay=cfg.muon_weight_decay, adjust_lr_fn=cfg.muon_adjust_lr)
+    muon.param_groups[0]["lr_scale"] = cfg.muon_lr / cfg.max_lr
+    return [adamw, muon]
+
+
+def build_adamw(model: torch.nn.Module, cfg: OptimConfig, fused: bool) -> torch.optim.AdamW:
     params = [p for p in model.parameters() if p.requires_grad]  # the tied tensor appears once
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
@@ -25,16 +77,26 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, fused: bool) -> to
 
 
 def learning_rate(step: int, cfg: OptimConfig) -> float:
-    """Linear warmup over ``warmup_steps`` (step 0 gets max_lr/warmup), then cosine decay
-    from max_lr at ``warmup_steps`` to min_lr at ``max_steps``; min_lr after that."""
+    """The peak-``max_lr`` schedule at ``step``: linear warmup over ``warmup_steps`` (step 0
+    gets max_lr/warmup), then ``cosine`` decay from max_lr to min_lr at ``max_steps``, or
+    ``wsd`` (warmup-stable-decay): max_lr until the last ``decay_frac`` of the steps, then a
+    linear decay to min_lr. min_lr after ``max_steps``."""
     if step < cfg.warmup_steps:
         return cfg.max_lr * (step + 1) / cfg.warmup_steps
     if step >= cfg.max_steps:
         return cfg.min_lr
+    if cfg.schedule == "wsd":
+        decay_steps = max(1, round(cfg.decay_frac * cfg.max_steps))
+        decay_start = cfg.max_steps - decay_steps
+        if step < decay_start:
+            return cfg.max_lr
+        return cfg.max_lr + (step - decay_start) / decay_steps * (cfg.min_lr - cfg.max_lr)
     progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.max_lr - cfg.min_lr)
 
 
-def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+def set_learning_rate(optimizers: list[torch.optim.Optimizer], lr: float) -> None:
+    """``lr`` is the schedule's value for a group whose peak is max_lr; other groups scale it."""
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)

@@ -1,0 +1,143 @@
+"""``gpt2repro bench recipe``: quality per token, the faithful recipe against the modern one.
+
+Both train on the same data for the same number of tokens (the ``demo`` and
+``demo-modern`` presets: same shape, same batch, same steps) for each seed. The
+result is the fraction of the faithful run's tokens that the modern run needs to
+reach the faithful run's final val loss, read off the modern val curve with linear
+interpolation between evaluations (above 1: never reached).
+
+``--ablation`` adds one run per lever and direction: each lever of
+``MODERN_LEVERS`` added alone to the faithful recipe, and removed alone from the
+modern one (its keys set back to the faithful defaults), with the final val loss
+and the time per step.
+
+Every run is a real ``train`` into ``OUT/<run>/`` (log, config, final checkpoint),
+so any of them can be plotted or sampled afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import time
+from pathlib import Path
+
+from gpt2repro.bench import machine_name, print_table
+from gpt2repro.config import MODERN_LEVERS, TrainConfig, apply_overrides, get_preset
+from gpt2repro.data.prepare import prepare
+from gpt2repro.errors import UserError
+from gpt2repro.report.plot import parse_log, plot_logs
+from gpt2repro.train.trainer import train
+
+RECIPES = ("demo", "demo-modern")
+
+
+def faithful_defaults(keys) -> list[str]:
+    """``key=value`` overrides that set ``keys`` back to GPT-2's defaults."""
+    default = TrainConfig()
+    overrides = []
+    for key in keys:
+        node = default
+        *parents, leaf = key.split(".")
+        for name in parents:
+            node = getattr(node, name)
+        overrides.append(f"{key}={getattr(node, leaf)}")
+    return overrides
+
+
+def run_one(preset: str, overrides: list[str], out: Path, data: Path, steps: int, val_every: int, seed: int) -> dict:
+    """Train one configuration quietly; returns its val curve, final val loss and seconds per step."""
+    if out.exists():
+        raise UserError(f"{out}: already exists; pass a new --out for this benchmark")
+    cfg = apply_overrides(get_preset(preset), [
+        f"data.path={data}", f"out_dir={out}", f"optim.max_steps={steps}", f"eval.val_every={val_every}",
+        "eval.sample_every=0", "eval.hellaswag_every=0", "checkpoint.every=0", "checkpoint.keep=1",
+        f"runtime.log_every={steps}", f"runtime.seed={seed}", *overrides])
+    out.mkdir(parents=True)
+    start = time.perf_counter()
+    with open(out / "console.txt", "w") as console, contextlib.redirect_stdout(console):
+        train(cfg)
+    seconds = time.perf_counter() - start
+    val = parse_log(out / "log.txt")[0]["val"]
+    return {"val": val, "final": val[-1][1], "step_ms": 1000 * seconds / steps,
+            "tokens_per_step": cfg.optim.total_batch_tokens}
+
+
+def tokens_to_reach(target: float, val: list[tuple[int, float]], tokens_per_step: int) -> float | None:
+    """Tokens after which the val curve first reaches ``target``, interpolated; None if never."""
+    for (s0, v0), (s1, v1) in zip(val, val[1:]):
+        if v1 <= target:
+            fraction = 0.0 if v0 <= target else (v0 - target) / (v0 - v1)
+            return (s0 + fraction * (s1 - s0)) * tokens_per_step
+    return None
+
+
+def bench_recipe(args: argparse.Namespace) -> dict:
+    out = Path(args.out)
+    data = Path(args.data) if args.data else out / "data"
+    if not args.data:
+        prepare(source="demo", out_dir=data)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    steps, every = args.max_steps, args.val_every
+    if steps < 2 or every < 1:
+        raise UserError("--max-steps must be at least 2 and --val-every at least 1")
+
+    runs: dict[tuple[str, int], dict] = {}
+    for seed in seeds:
+        for preset in RECIPES:
+            print(f"training {preset} seed {seed} ({steps} steps) ...", flush=True)
+            runs[preset, seed] = run_one(preset, [], out / f"{preset}-seed{seed}", data, steps, every, seed)
+
+    rows, fractions = [], []
+    for seed in seeds:
+        faithful, modern = runs["demo", seed], runs["demo-modern", seed]
+        total = steps * faithful["tokens_per_step"]
+        needed = tokens_to_reach(faithful["final"], modern["val"], modern["tokens_per_step"])
+        fraction = needed / total if needed is not None else float("inf")
+        fractions.append(fraction)
+        rows.append([str(seed), f"{faithful['final']:.4f}", f"{modern['final']:.4f}",
+                     f"{needed:,.0f}" if needed is not None else "not reached", f"{fraction:.3f}",
+                     f"{faithful['step_ms']:.0f}", f"{modern['step_ms']:.0f}"])
+    print_table(f"bench recipe: demo vs demo-modern, {steps} steps × {runs['demo', seeds[0]]['tokens_per_step']} "
+                f"tokens, val every {every} steps, {machine_name()}",
+                ["seed", "faithful final val", "modern final val", "modern tokens to reach it",
+                 "fraction of faithful tokens", "faithful ms/step", "modern ms/step"], rows)
+    print(f"fraction of the faithful run's tokens the modern run needs: median {statistics.median(fractions):.3f}, "
+          f"max {max(fractions):.3f} over {len(seeds)} seeds")
+    print_curves(runs, seeds)
+    plot_logs([str(out / f"{p}-seed{seeds[0]}" / "log.txt") for p in RECIPES], out=str(out / "recipe.png"),
+              x="tokens")
+
+    ablation = run_ablation(out, data, steps, every, seeds[0], runs) if args.ablation else None
+    return {"fractions": fractions, "ablation": ablation}
+
+
+def print_curves(runs: dict, seeds: list[int]) -> None:
+    """Val loss at each evaluation, mean over seeds, both recipes side by side."""
+    steps = [s for s, _ in runs["demo", seeds[0]]["val"]]
+    mean = {p: [statistics.mean(runs[p, seed]["val"][i][1] for seed in seeds) for i in range(len(steps))]
+            for p in RECIPES}
+    print_table("val loss curves (mean over seeds)", ["step", "tokens", "demo", "demo-modern"],
+                [[str(s), f"{s * runs['demo', seeds[0]]['tokens_per_step']:,}", f"{mean['demo'][i]:.4f}",
+                  f"{mean['demo-modern'][i]:.4f}"] for i, s in enumerate(steps)])
+
+
+def run_ablation(out: Path, data: Path, steps: int, every: int, seed: int, runs: dict) -> list[dict]:
+    faithful, modern = runs["demo", seed], runs["demo-modern", seed]
+    results, rows = [], []
+    for lever, keys in MODERN_LEVERS.items():
+        print(f"ablation: {lever} ...", flush=True)
+        added = run_one("demo", [f"{k}={v}" for k, v in keys.items()], out / f"demo+{lever}", data, steps, every,
+                        seed)
+        removed = run_one("demo-modern", faithful_defaults(keys), out / f"demo-modern-{lever}", data, steps, every,
+                          seed)
+        results.append({"lever": lever, "added": added, "removed": removed})
+        rows.append([lever, f"{added['final']:.4f}", f"{added['final'] - faithful['final']:+.4f}",
+                     f"{added['step_ms']:.0f}", f"{removed['final']:.4f}",
+                     f"{removed['final'] - modern['final']:+.4f}", f"{removed['step_ms']:.0f}"])
+    print_table(f"ablation, seed {seed}: final val loss after {steps} steps (faithful {faithful['final']:.4f}, "
+                f"modern {modern['final']:.4f}); negative deltas are better",
+                ["lever", "faithful + lever", "vs faithful", "ms/step", "modern − lever", "vs modern", "ms/step"],
+                rows)
+    return results
