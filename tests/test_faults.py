@@ -121,14 +121,14 @@ def test_sigterm_checkpoints_and_exits_zero(shards, reference, tmp_path):
 
 def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
     model = GPT(MODEL_PRESETS["tiny"])
-    good = ckpt.save_checkpoint(tmp_path, 2, model, {"step": 2}, {})
+    good = ckpt.save_checkpoint(tmp_path, 2, model.state_dict(), model.config, {"step": 2}, {})
 
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", disk_full)
     with pytest.raises(OSError, match="No space left"):
-        ckpt.save_checkpoint(tmp_path, 4, model, {"step": 4}, {})
+        ckpt.save_checkpoint(tmp_path, 4, model.state_dict(), model.config, {"step": 4}, {})
     assert ckpt.list_checkpoints(tmp_path) == [good]
     assert not list(tmp_path.glob(".tmp_*"))
     ckpt.verify_checkpoint(good)
@@ -186,7 +186,8 @@ def test_pickle_with_a_payload_is_refused(tmp_path):
         def __reduce__(self):
             return (os.system, (f"touch {marker}",))
 
-    path = ckpt.save_checkpoint(tmp_path, 1, GPT(MODEL_PRESETS["tiny"]), {"step": 1}, {})
+    model = GPT(MODEL_PRESETS["tiny"])
+    path = ckpt.save_checkpoint(tmp_path, 1, model.state_dict(), model.config, {"step": 1}, {})
     state_file = path / ckpt.STATE_FILE
     with open(state_file, "wb") as f:
         pickle.dump({"step": 1, "evil": Payload()}, f)

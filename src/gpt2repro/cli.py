@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint and exit after this step, without changing the schedule")
     p.add_argument("--micro-batch", default=None, help="sequences per rank per micro-step, or 'auto'")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    p.add_argument("--parallel", default=None,
+                   help="ddp (default: a replica per rank) or fsdp (FSDP2: shards weights, grads, optimizer state)")
     p.add_argument("--compile", dest="compile", action="store_true", default=None)
     p.add_argument("--no-compile", dest="compile", action="store_false")
     _add_device_flags(p)
@@ -128,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--val-every", type=int, default=25)
     b.add_argument("--ablation", action="store_true", help="also each lever added alone / removed alone")
 
+    b = bench_sub.add_parser("memory", parents=[common], help="estimated per-rank memory: sizes × DDP/FSDP × ranks")
+    b.add_argument("--presets", default="gpt2-124m-10b,gpt2-350m-10b,gpt2-774m-10b,gpt2-1558m-10b")
+    b.add_argument("--ranks", default="2,4,8", help="FSDP world sizes")
+
     p = sub.add_parser("demo", parents=[common], help="prepare the built-in corpus, train a small model, plot, sample")
     p.add_argument("--out", default="demo_out", help="folder for everything the demo writes")
     p.add_argument("--max-steps", type=int, default=None, help="training steps (default: the demo preset's)")
@@ -140,7 +146,7 @@ def train_config(args: argparse.Namespace):
 
     cfg = get_preset(args.preset)
     flags = {"data.path": args.data, "out_dir": args.out, "optim.max_steps": args.max_steps,
-             "data.micro_batch": args.micro_batch, "runtime.compile": args.compile,
+             "data.micro_batch": args.micro_batch, "runtime.compile": args.compile, "runtime.parallel": args.parallel,
              "runtime.device": None if args.device == "auto" else args.device,
              "runtime.dtype": None if args.dtype == "auto" else args.dtype}
     named = [f"{key}={value}" for key, value in flags.items() if value is not None]

@@ -121,6 +121,8 @@ class RuntimeConfig:
     # LM head + loss fused in chunks of this many rows, 0 = off (plain logits + F.cross_entropy).
     # auto: 128 on the CPU (measured 1.37x faster step for the demo model), off on GPUs.
     ce_chunk_rows: Union[int, str] = "auto"
+    parallel: str = "ddp"  # ddp (a whole replica per rank) | fsdp (FSDP2: weights, grads, optimizer sharded)
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
     ddp_bucket_mb: int = 25  # DDP gradient bucket size: all-reduces overlap the backward pass
     seed: int = 1337
     log_every: int = 1
@@ -152,6 +154,8 @@ class TrainConfig:
                 raise UserError(f"optim.{key}={getattr(o, key)!r}: choose {' or '.join(allowed)}")
         if not 0 < o.decay_frac <= 1:
             raise UserError(f"optim.decay_frac={o.decay_frac}: use a fraction of the steps in (0, 1]")
+        if self.runtime.parallel not in ("ddp", "fsdp"):
+            raise UserError(f"--parallel {self.runtime.parallel}: choose ddp or fsdp")
         if self.runtime.on_nonfinite not in ("stop", "rollback"):
             raise UserError(f"runtime.on_nonfinite={self.runtime.on_nonfinite!r}: choose stop or rollback")
         mb = self.data.micro_batch

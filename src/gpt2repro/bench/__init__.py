@@ -1,6 +1,6 @@
 """Benchmarks: each compares, in one process run, the fast path with a plain baseline.
 
-``gpt2repro bench train|eval|tokenize|recipe`` prints one table; docs/benchmarks.md keeps
+``gpt2repro bench train|eval|tokenize|recipe|memory`` prints one table; docs/benchmarks.md keeps
 the measured rows with the command and machine that produced them.
 """
 
@@ -36,7 +36,9 @@ def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    if args.what == "recipe":
+    if args.what == "memory":
+        from gpt2repro.bench.memory import bench_memory as bench
+    elif args.what == "recipe":
         from gpt2repro.bench.recipe import bench_recipe as bench
     elif args.what == "train":
         from gpt2repro.bench.train import bench_train as bench

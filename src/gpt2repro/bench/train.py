@@ -1,11 +1,13 @@
 """``gpt2repro bench train``: training throughput of each speed lever, in one process run.
 
 Every variant trains the same weights on the same synthetic tokens: a full step
-(forward, backward, grad clip, AdamW) at the preset's micro-batch and sequence
-length. Warm-up steps (compilation, allocator growth) are excluded; the timed steps
-run in interleaved rounds and their median is reported, with tokens/s, MFU
-(nanoGPT/PaLM FLOPs per token: 6·N + 12·L·H·Q·T, 855 MFLOP for 124M at T=1024),
-the memory a step needs above the resident weights and optimizer state (GPUs), and
+(forward, backward, grad clip, AdamW; plus Muon for a Muon recipe's hidden
+matrices) at the preset's micro-batch and sequence length. Warm-up steps
+(compilation, allocator growth) are excluded; the timed steps run in interleaved
+rounds and their median is reported, with tokens/s, MFU (nanoGPT/PaLM FLOPs per
+token: 6·N + 12·L·H·Q·T, 855 MFLOP for 124M at T=1024),
+the memory a step needs above the resident weights and optimizer state (GPUs), the
+bytes of weights, gradients and optimizer state counted from the tensors (any device), and
 the loss of the first and of the last step. Every variant takes the same number of
 steps on the same batch, so equal first losses show the variants compute the same
 function, and equal last losses that their optimizers take the same steps.
@@ -31,19 +33,13 @@ import torch
 
 from gpt2repro.bench import machine_name, print_table
 from gpt2repro.bench.nanogpt_baseline import BaselineGPT
-from gpt2repro.config import GPT2_VOCAB_SIZE, get_preset
-from gpt2repro.device import (
-    autocast,
-    enable_tf32,
-    fused_adamw_available,
-    pick_autocast_dtype,
-    pick_device,
-    resolve_ce_chunk_rows,
-    synchronize,
-)
+from gpt2repro.config import GPT2_VOCAB_SIZE, OptimConfig, RuntimeConfig, get_preset
+from gpt2repro.device import autocast, fused_adamw_available, resolve_ce_chunk_rows, synchronize
 from gpt2repro.errors import UserError
 from gpt2repro.model.gpt import GPT
+from gpt2repro.runtime import setup_runtime
 from gpt2repro.train.metrics import mfu, peak_flops
+from gpt2repro.train.optim import partition_parameters
 
 GPU_CHUNK_ROWS = 8192  # big enough to keep the matmuls efficient on a GPU
 CPU_VARIANTS = "baseline,eager,chunked-ce"
@@ -61,12 +57,13 @@ def sdpa_backend(name: str):
 
 
 def build_variant(name: str, reference: GPT, device: torch.device):
-    """(model to train, context to run it in, loss chunk rows) for one variant, with the reference's weights."""
+    """(raw module, module to train, context to run it in, loss chunk rows) for one variant,
+    with the reference's weights."""
     context = contextlib.nullcontext()
     if name == "baseline":
         model = BaselineGPT(reference.config)
         model.load_state_dict(reference.state_dict(), strict=True)
-        return model.to(device), context, 0
+        return model.to(device), model, context, 0
     model = GPT(reference.config)
     model.load_state_dict(reference.state_dict())
     model.to(device)
@@ -74,21 +71,30 @@ def build_variant(name: str, reference: GPT, device: torch.device):
     if name.startswith("sdpa-"):
         context = sdpa_backend(name.removeprefix("sdpa-"))
     if "compiled" in name or name.startswith("sdpa-"):
-        return torch.compile(model), context, chunk_rows
-    return model, context, chunk_rows
+        return model, torch.compile(model), context, chunk_rows
+    return model, model, context, chunk_rows
+
+
+def build_optimizers(name: str, raw, cfg: OptimConfig, device: torch.device) -> list[torch.optim.Optimizer]:
+    """AdamW (fused, or its multi-tensor loop) over everything; in a Muon recipe, over what Muon
+    does not take, with the recipe's Muon for the hidden matrices."""
+    options = {"foreach": True} if name == "foreach-adamw" or not fused_adamw_available(device) else {"fused": True}
+    if cfg.optimizer != "muon":
+        return [torch.optim.AdamW(raw.parameters(), lr=1e-4, betas=(0.9, 0.95), **options)]
+    parts = partition_parameters(raw)
+    rest = [p for part in ("embed", "head", "scalar") for _, p in parts[part]]
+    return [torch.optim.AdamW(rest, lr=1e-4, betas=(cfg.beta1, cfg.beta2), **options),
+            torch.optim.Muon([p for _, p in parts["hidden"]], lr=cfg.muon_lr, momentum=cfg.muon_momentum,
+                             adjust_lr_fn=cfg.muon_adjust_lr)]
 
 
 class Variant:
-    """One variant's model and optimizer, stepped a few times per round."""
+    """One variant's model and optimizers, stepped a few times per round."""
 
-    def __init__(self, name: str, model, context, ce_chunk_rows: int, device: torch.device):
+    def __init__(self, name: str, raw, model, context, ce_chunk_rows: int, cfg: OptimConfig, device: torch.device):
         self.name, self.model, self.context, self.device = name, model, context, device
         self.loss_options = {"ce_chunk_rows": ce_chunk_rows} if ce_chunk_rows else {}
-        if name == "foreach-adamw" or not fused_adamw_available(device):
-            options = {"foreach": True}
-        else:
-            options = {"fused": True}
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), **options)
+        self.optimizers = build_optimizers(name, raw, cfg, device)
         self.times: list[float] = []
         self.first_loss: float | None = None
         self.last_loss: torch.Tensor | None = None  # read once at the end: no extra host sync per step
@@ -106,8 +112,9 @@ class Variant:
                     _, loss = self.model(x, y, **self.loss_options)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                for optimizer in self.optimizers:
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
                 synchronize(self.device)
                 if timed:
                     self.times.append(time.perf_counter() - t0)
@@ -124,12 +131,20 @@ def memory_text(variant: Variant) -> str:
     return "-"
 
 
+def model_state_bytes(variant: Variant) -> int:
+    """Weights, gradients and optimizer state this process holds, counted from the tensors
+    (a gradient, from the backward to the optimizer step, is the size of its weight)."""
+    params = list({id(p): p for p in variant.model.parameters()}.values())
+    state = [v for opt in variant.optimizers for s in opt.state.values() for v in s.values()
+             if isinstance(v, torch.Tensor) and v.dim() > 0]
+    return 2 * sum(p.numel() * p.element_size() for p in params) + sum(t.numel() * t.element_size() for t in state)
+
+
 def bench_train(args: argparse.Namespace) -> list[dict]:
     """All variants are built first; then rounds of a few timed steps each, interleaved, so
     that drift in the machine's speed (other jobs, clocks) hits every variant alike."""
-    device = pick_device(args.device)
-    dtype = pick_autocast_dtype(args.dtype, device)
-    enable_tf32(device)
+    rt = setup_runtime(RuntimeConfig(device=args.device, dtype=args.dtype))
+    device, dtype = rt.device, rt.autocast_dtype
     cfg = get_preset(args.preset)
     B = args.micro_batch or (cfg.data.micro_batch if cfg.data.micro_batch != "auto" else 8)
     T = args.seq_len or cfg.data.seq_len
@@ -140,6 +155,10 @@ def bench_train(args: argparse.Namespace) -> list[dict]:
     unknown = [n for n in names.split(",") if n.strip() not in KNOWN_VARIANTS]
     if unknown:
         raise UserError(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(KNOWN_VARIANTS)}")
+    names = ",".join(n.strip() for n in names.split(","))
+    if "baseline" in names.split(",") and cfg.model.non_gpt2_switches():
+        print(f"baseline: skipped (the nanoGPT-style baseline is GPT-2 itself; {args.preset} is not)")
+        names = ",".join(n for n in names.split(",") if n != "baseline")
     torch.manual_seed(0)
     reference = GPT(cfg.model)
     g = torch.Generator().manual_seed(0)
@@ -148,7 +167,7 @@ def bench_train(args: argparse.Namespace) -> list[dict]:
 
     variants = []
     for name in (n.strip() for n in names.split(",")):
-        variant = Variant(name, *build_variant(name, reference, device), device)
+        variant = Variant(name, *build_variant(name, reference, device), cfg.optim, device)
         try:  # warm-up: compilation, allocator growth, kernel selection
             variant.steps(x, y, dtype, args.warmup, timed=False)
         except (RuntimeError, torch.OutOfMemoryError) as e:  # e.g. an SDPA backend this card lacks
@@ -166,10 +185,11 @@ def bench_train(args: argparse.Namespace) -> list[dict]:
         step_s = statistics.median(v.times)
         results.append(dict(variant=v.name, tokens_per_s=B * T / step_s, step_ms=1000 * step_s,
                             mfu=mfu(B * T / step_s, flops_per_token, peak), memory=memory_text(v),
-                            loss=v.first_loss, last_loss=v.last_loss.item()))
+                            loss=v.first_loss, last_loss=v.last_loss.item(), model_states=model_state_bytes(v)))
     base = next((r["tokens_per_s"] for r in results if r["variant"] == "baseline"), None)
     rows = [[r["variant"], f"{r['tokens_per_s']:,.0f}", f"{r['step_ms']:.1f}",
              f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-", r["memory"],
+             f"{r['model_states'] / 2**20:,.1f} MiB",
              f"{r['loss']:.5f}", f"{r['last_loss']:.5f}", f"{r['tokens_per_s'] / base:.2f}x" if base else "-"]
             for r in results]
     last_step = args.warmup + args.steps - 1  # the same for every variant
@@ -177,6 +197,7 @@ def bench_train(args: argparse.Namespace) -> list[dict]:
         f"bench train: preset {args.preset}, B={B}, T={T}, dtype {dtype or torch.float32}, "
         f"{machine_name(str(device))}, median of {args.steps} steps in {rounds} interleaved rounds "
         f"after {args.warmup} warm-up",
-        ["variant", "tokens/s", "step ms", "MFU", "step memory", "loss step 0", f"loss step {last_step}",
+        ["variant", "tokens/s", "step ms", "MFU", "step memory", "weights+grads+optimizer", "loss step 0",
+         f"loss step {last_step}",
          "vs baseline"], rows)
     return results

@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from gpt2repro.config import model_config_from_dict
+from gpt2repro.config import ModelConfig, model_config_from_dict
 from gpt2repro.errors import UserError
 from gpt2repro.model.gpt import GPT
 
@@ -27,11 +27,18 @@ TIED_KEY = "lm_head.weight"  # restored from transformer.wte.weight by tying
 
 
 def save_model(model: GPT, directory: Path, extra: dict[str, Any] | None = None) -> None:
+    save_weights(model.state_dict(), model.config, directory, extra)
+
+
+def save_weights(weights: dict[str, torch.Tensor], model_config: ModelConfig, directory: Path,
+                 extra: dict[str, Any] | None = None) -> None:
+    """A model directory from full weights and the config that built them."""
+    directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tied = model.config.tie_embeddings
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if not (tied and k == TIED_KEY)}
+    tied = model_config.tie_embeddings
+    state = {k: v.detach().contiguous().cpu() for k, v in weights.items() if not (tied and k == TIED_KEY)}
     save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": FORMAT})
-    config = {"format": FORMAT, "model": dataclasses.asdict(model.config), **(extra or {})}
+    config = {"format": FORMAT, "model": dataclasses.asdict(model_config), **(extra or {})}
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
 
 
@@ -59,12 +66,16 @@ def load_model_dir(directory: Path, device: str | torch.device = "cpu") -> GPT:
 
 def load_weights(model: GPT, directory: Path) -> None:
     """Our saved weights into an existing model, in place (its optimizer and wrappers stay valid)."""
+    load_state_strict(model, read_weights(directory), Path(directory) / WEIGHTS_FILE)
+
+
+def read_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """The full weights of a model directory, on the CPU."""
     weights = Path(directory) / WEIGHTS_FILE
     try:
-        state = load_file(str(weights))
+        return load_file(str(weights))
     except (SafetensorError, OSError) as e:
         raise UserError(f"{weights}: unreadable weights ({e}); the checkpoint is corrupt, use an earlier one") from None
-    load_state_strict(model, state, weights)
 
 
 def load_state_strict(model: GPT, state: dict[str, torch.Tensor], source: Path | str) -> None:

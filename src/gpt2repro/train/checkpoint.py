@@ -29,9 +29,9 @@ from typing import Any
 
 import torch
 
+from gpt2repro.config import ModelConfig
 from gpt2repro.errors import UserError
-from gpt2repro.model.gpt import GPT
-from gpt2repro.model.io import save_model
+from gpt2repro.model.io import save_weights
 
 # Config keys that define the experiment: resuming with different values is refused.
 RESUME_MUST_MATCH = ("model", "data.seq_len", "optim.total_batch_tokens", "optim.optimizer")
@@ -60,15 +60,16 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(run_dir: Path, step: int, model: GPT, state: dict[str, Any],
-                    config: dict[str, Any], keep: int = 0) -> Path:
-    """Write ``ckpt_<step>`` atomically; then keep only the newest ``keep`` (0 keeps all)."""
+def save_checkpoint(run_dir: Path, step: int, weights: dict[str, torch.Tensor], model_config: ModelConfig,
+                    state: dict[str, Any], config: dict[str, Any], keep: int = 0) -> Path:
+    """Write ``ckpt_<step>`` atomically: full ``weights``, the trainer ``state`` and the run
+    ``config``; then keep only the newest ``keep`` (0 keeps all)."""
     run_dir = Path(run_dir)
     final = run_dir / checkpoint_name(step)
     tmp = run_dir / f".tmp_{final.name}_{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        save_model(model, tmp, extra={"step": step, "train": config})
+        save_weights(weights, model_config, tmp, extra={"step": step, "train": config})
         torch.save(state, tmp / STATE_FILE)
         files = sorted(p.name for p in tmp.iterdir())
         meta = {"step": step, "files": {name: {"bytes": (tmp / name).stat().st_size,

@@ -1,8 +1,16 @@
-"""How the training model is spread over ranks: DistributedDataParallel.
+"""How the model is spread over ranks while it trains: one process, DDP or FSDP2.
 
-Every rank holds the whole model and computes gradients on its own micro-batches;
-DDP all-reduces them (mean over ranks) during the backward pass of the last
-micro-step of each optimizer step.
+``ddp`` (the default): every rank holds the whole model, gradients and optimizer
+state; DDP all-reduces the gradients during the backward of the last micro-step.
+``fsdp``: PyTorch's FSDP2 (``fully_shard``) shards each transformer block, then the
+root (embeddings, head, final norm), so each rank holds 1/world_size of the
+float32 weights, gradients and optimizer state; a block's weights are all-gathered
+just before it computes (in bf16 on GPUs) and its gradients reduce-scattered (in
+float32) right after its backward.
+
+Whatever the layout, checkpoints hold full tensors under the model's own parameter
+names (torch.distributed.checkpoint's full state dicts, gathered on rank 0), so a
+checkpoint written under one layout resumes under any other.
 """
 
 from __future__ import annotations
@@ -10,24 +18,145 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from gpt2repro.config import TrainConfig
+from gpt2repro.errors import UserError
+from gpt2repro.model.gpt import GPT
+from gpt2repro.model.io import load_state_strict
 from gpt2repro.runtime import Runtime
 
+GATHERED_ON_RANK0 = StateDictOptions(full_state_dict=True, cpu_offload=True)
+GATHERED_EVERYWHERE = StateDictOptions(full_state_dict=True)
 
-def wrap_for_training(model: torch.nn.Module, rt: Runtime, bucket_mb: int) -> torch.nn.Module:
-    """The module the training step calls: ``model`` itself for one process, else DDP around it.
-    ``model`` may be compiled; the wrapper shares its parameters."""
+
+def check_layout(cfg: TrainConfig, rt: Runtime) -> None:
+    """Combinations that cannot work, refused before anything is built."""
+    if cfg.runtime.parallel != "fsdp":
+        return
     if not rt.dist.enabled:
-        return model
-    # Gradients live in DDP's buckets (no copy in or out); each bucket's all-reduce starts as
-    # soon as its gradients are ready, overlapping the rest of the backward pass.
-    device_ids = [rt.device.index] if rt.device.type == "cuda" else None
-    return DDP(model, device_ids=device_ids, gradient_as_bucket_view=True, bucket_cap_mb=bucket_mb)
+        raise UserError("--parallel fsdp shards the model over ranks and needs at least 2: run under torchrun "
+                        "(e.g. --nproc_per_node=2), or use the default --parallel ddp for one process")
+    if rt.autocast_dtype == torch.float16:
+        raise UserError("--parallel fsdp trains in bfloat16 or float32, not float16 (no GradScaler for sharded "
+                        "gradients here); use --dtype bfloat16 or --parallel ddp")
+    if cfg.optim.optimizer == "muon":
+        raise UserError("--parallel fsdp with optim.optimizer=muon: Muon orthogonalises whole matrices and FSDP "
+                        "gives each rank a shard of each; use --parallel ddp for the modern recipe")
 
 
-def gradient_sync(train_model: torch.nn.Module, last_micro_step: bool):
-    """Accumulate locally on every micro-step but the last: one all-reduce per optimizer step."""
-    if isinstance(train_model, DDP) and not last_micro_step:
-        return train_model.no_sync()
-    return contextlib.nullcontext()
+class Parallel:
+    """The model as this run trains it, and the collectives its checkpoints need."""
+
+    def __init__(self, model: GPT, cfg: TrainConfig, rt: Runtime):
+        check_layout(cfg, rt)
+        self.model, self.rt = model, rt
+        self.fsdp = cfg.runtime.parallel == "fsdp"
+        if cfg.runtime.activation_checkpointing:
+            # Each block keeps only its input for the backward and recomputes the rest.
+            for i, block in enumerate(model.transformer.h):
+                model.transformer.h[i] = checkpoint_wrapper(block)
+        if self.fsdp:
+            mixed = MixedPrecisionPolicy()  # float32 throughout
+            if rt.device.type == "cuda" and rt.autocast_dtype == torch.bfloat16:
+                mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            for block in model.transformer.h:
+                if rt.compile:
+                    block.compile()  # per block, in place: names and sharding unchanged
+                fully_shard(block, mp_policy=mixed)
+            fully_shard(model, mp_policy=mixed)
+            self.fast_model = self.train_model = model
+        else:
+            # compiled, then DDP-wrapped; both share the raw model's parameters
+            self.fast_model = torch.compile(model) if rt.compile else model
+            self.train_model = self.fast_model
+            if rt.dist.enabled:
+                # Gradients live in DDP's buckets (no copy in or out); each bucket's all-reduce starts
+                # as soon as its gradients are ready, overlapping the rest of the backward pass.
+                device_ids = [rt.device.index] if rt.device.type == "cuda" else None
+                self.train_model = DDP(self.fast_model, device_ids=device_ids, gradient_as_bucket_view=True,
+                                       bucket_cap_mb=cfg.runtime.ddp_bucket_mb)
+
+    def gradient_sync(self, last_micro_step: bool):
+        """Accumulate locally on every micro-step but the last: one all-reduce (DDP) or
+        reduce-scatter (FSDP) per optimizer step."""
+        if self.fsdp:
+            self.model.set_requires_gradient_sync(last_micro_step)
+        elif isinstance(self.train_model, DDP) and not last_micro_step:
+            return self.train_model.no_sync()
+        return contextlib.nullcontext()
+
+    @staticmethod
+    def total_norm(norm: torch.Tensor) -> torch.Tensor:
+        """``clip_grad_norm_``'s result; under FSDP a DTensor of the shards' norms, made whole."""
+        return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+    # --- checkpoints: full tensors under the model's names --------------------------------------
+
+    def model_state(self) -> dict[str, torch.Tensor]:
+        """Full weights on CPU; under FSDP only rank 0 gets them (every rank must call this)."""
+        return get_model_state_dict(self.model, options=GATHERED_ON_RANK0)
+
+    def optimizer_state(self, optimizers: list[torch.optim.Optimizer]) -> dict:
+        """Full optimizer state keyed by parameter name, whatever the layout (every rank calls this)."""
+        return get_optimizer_state_dict(self.model, optimizers, options=GATHERED_ON_RANK0)
+
+    def load_model_state(self, state: dict[str, torch.Tensor], source) -> None:
+        """Full weights (on every rank) into the model; each FSDP rank keeps its shard."""
+        if not self.fsdp:
+            load_state_strict(self.model, state, source)
+            return
+        missing, unexpected = set_model_state_dict(self.model, state, options=StateDictOptions(
+            full_state_dict=True, strict=False))
+        missing = [k for k in missing if not (self.model.config.tie_embeddings and k == "lm_head.weight")]
+        if missing or unexpected:
+            raise UserError(f"{source}: weights do not fit the model config "
+                            f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+    def load_optimizer_state(self, optimizers: list[torch.optim.Optimizer], state: dict) -> None:
+        if all(isinstance(k, int) for k in state["state"]):  # written before names: one AdamW's own state_dict
+            if self.fsdp or len(optimizers) != 1:
+                raise UserError("this checkpoint's optimizer state predates sharded checkpoints; "
+                                "resume it once with --parallel ddp and the same recipe")
+            optimizers[0].load_state_dict(state)
+            return
+        set_optimizer_state_dict(self.model, optimizers, state, options=GATHERED_EVERYWHERE)
+
+    # --- evaluation ------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def eval_models(self):
+        """(model for val loss, plain model for HellaSwag and sampling). Under FSDP every rank
+        gets a whole copy for the evaluation (ranks run different numbers of forward passes,
+        which sharded weights cannot do); it is freed afterwards."""
+        if not self.fsdp:
+            yield self.fast_model, self.model
+            return
+        replica = GPT(self.model.config).to(self.rt.device)
+        load_state_strict(replica, get_model_state_dict(self.model, options=GATHERED_EVERYWHERE), "FSDP weights")
+        try:
+            yield replica, replica
+        finally:
+            del replica
+
+    def local_bytes(self, optimizers: list[torch.optim.Optimizer]) -> dict[str, int]:
+        """Bytes this rank holds of the weights, gradients and optimizer state (its shards under FSDP)."""
+        def local(t):
+            t = t.to_local() if isinstance(t, DTensor) else t
+            return t.numel() * t.element_size()
+
+        params = list({id(p): p for p in self.model.parameters()}.values())
+        state = [v for opt in optimizers for s in opt.state.values() for v in s.values()
+                 if isinstance(v, torch.Tensor) and v.dim() > 0]
+        return {"params": sum(map(local, params)), "grads": sum(local(p.grad) for p in params if p.grad is not None),
+                "optimizer": sum(map(local, state))}

@@ -1,6 +1,6 @@
 """The training loop: GPT-2 pretraining as build-nanogpt/llm.c run it.
 
-One entry point for one process and for ``torchrun`` (DDP). Each optimizer step
+One entry point for one process and for ``torchrun`` (DDP, or FSDP2 with ``--parallel fsdp``). Each optimizer step
 accumulates gradients over ``total_batch_tokens / (B·T·world)`` micro-steps,
 clips the global norm to 1.0 and steps AdamW under a warmup + cosine schedule.
 Every so often it measures val loss, HellaSwag and writes samples; it saves
@@ -30,12 +30,12 @@ from gpt2repro.eval.hellaswag import evaluate_hellaswag, load_items
 from gpt2repro.eval.val_loss import evaluate_val_loss
 from gpt2repro.model.generate import generate
 from gpt2repro.model.gpt import GPT
-from gpt2repro.model.io import load_weights
+from gpt2repro.model.io import read_weights
 from gpt2repro.runtime import Runtime, choose_micro_batch, grad_accum_steps, setup_runtime
 from gpt2repro.train import checkpoint as ckpt
 from gpt2repro.train.metrics import RunLog, mfu, peak_flops
 from gpt2repro.train.optim import build_optimizers, learning_rate, set_learning_rate
-from gpt2repro.train.parallel import gradient_sync, wrap_for_training
+from gpt2repro.train.parallel import Parallel
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, stop_at_step: int | None = None) -> dict[str, Any]:
@@ -95,13 +95,17 @@ class Trainer:
 
         resume_from = self._find_resume_checkpoint() if resume else None
         torch.manual_seed(cfg.runtime.seed)
-        self.model = GPT(cfg.model).to(rt.device)  # raw module: eval, sampling, checkpoints
+        self.model = GPT(cfg.model).to(rt.device)  # the module itself: eval, sampling, checkpoints
+        self.num_params, flops_per_token = self.model.num_params(), self.model.flops_per_token(cfg.data.seq_len)
         self.micro_batch = choose_micro_batch(cfg.data.micro_batch, cfg.optim.total_batch_tokens, cfg.data.seq_len,
                                               cfg.model.vocab_size, self.model, rt, self.log)
         self.accum = grad_accum_steps(cfg.optim.total_batch_tokens, self.micro_batch, cfg.data.seq_len,
                                       rt.dist.world_size)
         self.loader = TokenLoader(cfg.data.path, "train", self.micro_batch, cfg.data.seq_len, rt.dist.rank,
                                   rt.dist.world_size, shuffle_shards=cfg.data.shuffle_shards, seed=cfg.data.seed)
+        # sharded (FSDP) or wrapped (DDP), compiled; built before the optimizers, which take
+        # FSDP's sharded parameters
+        self.parallel = Parallel(self.model, cfg, rt)
         self.optimizers = build_optimizers(self.model, cfg.optim, fused=rt.fused_adamw)
         self.scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.autocast_dtype == torch.float16)
         self.step = 0
@@ -111,10 +115,6 @@ class Trainer:
             self.log(f"resuming from {resume_from} at step {self.step}")
         self.hellaswag_items = self._load_hellaswag_items()
 
-        # compiled, then DDP-wrapped; both share the raw model's parameters
-        self.fast_model = torch.compile(self.model) if rt.compile else self.model
-        self.train_model = wrap_for_training(self.fast_model, rt, cfg.runtime.ddp_bucket_mb)
-
         self.run_log = None
         if self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -122,11 +122,12 @@ class Trainer:
             atomic_write(self.out_dir / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
             self.run_log = RunLog(self.out_dir / "log.txt", resume_step=self.step if resume_from else None,
                                   tensorboard_dir=self.out_dir / "tb" if cfg.runtime.tensorboard else None)
-        self.flops_per_token = self.model.flops_per_token(cfg.data.seq_len)
+        self.flops_per_token = flops_per_token
         self.peak_flops = peak_flops(rt.device)
-        self.log(f"model: {self.model.num_params():,} parameters | device {rt.device} | dtype "
+        self.log(f"model: {self.num_params:,} parameters | device {rt.device} | dtype "
                  f"{rt.autocast_dtype or torch.float32} | compile {rt.compile} | fused AdamW {rt.fused_adamw} "
-                 f"| chunked CE {rt.ce_chunk_rows or 'off'}")
+                 f"| chunked CE {rt.ce_chunk_rows or 'off'} | {cfg.runtime.parallel} | activation checkpointing "
+                 f"{cfg.runtime.activation_checkpointing}")
         self.log(f"batch: {self.micro_batch} × {cfg.data.seq_len} tokens × {self.accum} accumulation × "
                  f"{rt.dist.world_size} ranks = {cfg.optim.total_batch_tokens:,} tokens/step; "
                  f"steps {self.step}..{cfg.optim.max_steps}")
@@ -170,6 +171,8 @@ class Trainer:
                 why = "SIGTERM" if stop.requested else "--stop-at-step"
                 self.log(f"stopping after step {step} ({why}); continue with --resume")
                 break
+        held = self.parallel.local_bytes(self.optimizers)
+        self.log("held by this rank: " + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in held.items()))
         if self.run_log:
             self.run_log.close()
         return metrics
@@ -185,16 +188,17 @@ class Trainer:
         for micro in range(self.accum):
             x, y = self.loader.next_batch()
             x, y = to_device(x, self.rt.device), to_device(y, self.rt.device)
-            with gradient_sync(self.train_model, last_micro_step=micro == self.accum - 1):
+            with self.parallel.gradient_sync(last_micro_step=micro == self.accum - 1):
                 with self.rt.autocast():
-                    _, loss = self.train_model(x, y, ce_chunk_rows=self.rt.ce_chunk_rows)
+                    _, loss = self.parallel.train_model(x, y, ce_chunk_rows=self.rt.ce_chunk_rows)
                 loss = loss / self.accum
                 loss_sum += loss.detach()
                 self.scaler.scale(loss).backward()
         all_reduce_mean(loss_sum)
         for optimizer in self.optimizers:
             self.scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        grad_norm = self.parallel.total_norm(torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                                            self.cfg.optim.grad_clip))
         lr = learning_rate(step, self.cfg.optim)
         set_learning_rate(self.optimizers, lr)
         loss_value, norm_value = loss_sum.item(), grad_norm.item()  # the step's one host sync
@@ -275,12 +279,9 @@ class Trainer:
 
     def restore(self, path: Path) -> None:
         """Weights, optimizer, data position, RNG and step from a checkpoint, in place."""
-        load_weights(self.model, path)
+        self.parallel.load_model_state(read_weights(path), path)
         state = ckpt.load_trainer_state(path)
-        saved = state["optimizer"]  # one optimizer's state, or a list of them in optimizer order
-        for optimizer, optimizer_state in zip(self.optimizers, saved if isinstance(saved, list) else [saved],
-                                              strict=True):
-            optimizer.load_state_dict(optimizer_state)
+        self.parallel.load_optimizer_state(self.optimizers, state["optimizer"])
         self.loader.load_state_dict(state["loader"])
         ckpt.set_rng_state(state["rng"])
         self.step = state["step"]
@@ -290,14 +291,14 @@ class Trainer:
         """Rank 0 writes; a failed write keeps the previous checkpoint and, unless it is the
         final one, the run goes on and tries again at the next interval."""
         error = None
+        weights = self.parallel.model_state()  # collectives: every rank takes part, rank 0 gets the tensors
+        optimizer_state = self.parallel.optimizer_state(self.optimizers)
         if self.is_main:
-            optimizer_states = [optimizer.state_dict() for optimizer in self.optimizers]
-            state = {"step": step_done,
-                     "optimizer": optimizer_states[0] if len(optimizer_states) == 1 else optimizer_states,
+            state = {"step": step_done, "optimizer": optimizer_state,
                      "loader": self.loader.state_dict(), "rng": ckpt.rng_state(), "skip_steps": sorted(self.skip_steps)}
             try:
-                path = ckpt.save_checkpoint(self.out_dir, step_done, self.model, state, self.cfg.to_dict(),
-                                            keep=self.cfg.checkpoint.keep)
+                path = ckpt.save_checkpoint(self.out_dir, step_done, weights, self.cfg.model, state,
+                                            self.cfg.to_dict(), keep=self.cfg.checkpoint.keep)
                 self.log(f"saved checkpoint {path}")
             except OSError as e:
                 error = f"checkpoint at step {step_done} failed ({e}); the previous checkpoint is intact"
@@ -310,28 +311,34 @@ class Trainer:
 
     def evaluate(self, step: int, last: bool, metrics: dict[str, Any]) -> None:
         cfg, rt = self.cfg, self.rt
-        if _due(step, cfg.eval.val_every, last):
-            metrics["val"] = evaluate_val_loss(self.fast_model, cfg.data.path, cfg.data.seq_len, cfg.eval.val_tokens,
-                                               self.micro_batch, rt)
-            self.log(f"step {step:5d} | val loss {metrics['val']:.4f}")
-            if self.run_log:
-                self.run_log.write(step, "val", metrics["val"])
-        if self.hellaswag_items is not None and _due(step, cfg.eval.hellaswag_every, last):
-            result = evaluate_hellaswag(self.model, self.hellaswag_items, scorings=("completion",),
-                                        batch_size=self.micro_batch, device=rt.device,
-                                        autocast_dtype=rt.autocast_dtype, rank=rt.dist.rank,
-                                        world_size=rt.dist.world_size)
-            metrics["hella"] = result["completion"]["acc_norm"]
-            self.log(f"step {step:5d} | hellaswag acc_norm {metrics['hella']:.4f}")
-            if self.run_log:
-                self.run_log.write(step, "hella", metrics["hella"])
-        if self.is_main and step > 0 and _due(step, cfg.eval.sample_every, last):
-            self.write_samples(step)
+        val = _due(step, cfg.eval.val_every, last)
+        hella = self.hellaswag_items is not None and _due(step, cfg.eval.hellaswag_every, last)
+        samples = step > 0 and _due(step, cfg.eval.sample_every, last)
+        if not (val or hella or samples):
+            return
+        with self.parallel.eval_models() as (fast_model, model):
+            if val:
+                metrics["val"] = evaluate_val_loss(fast_model, cfg.data.path, cfg.data.seq_len, cfg.eval.val_tokens,
+                                                   self.micro_batch, rt)
+                self.log(f"step {step:5d} | val loss {metrics['val']:.4f}")
+                if self.run_log:
+                    self.run_log.write(step, "val", metrics["val"])
+            if hella:
+                result = evaluate_hellaswag(model, self.hellaswag_items, scorings=("completion",),
+                                            batch_size=self.micro_batch, device=rt.device,
+                                            autocast_dtype=rt.autocast_dtype, rank=rt.dist.rank,
+                                            world_size=rt.dist.world_size)
+                metrics["hella"] = result["completion"]["acc_norm"]
+                self.log(f"step {step:5d} | hellaswag acc_norm {metrics['hella']:.4f}")
+                if self.run_log:
+                    self.run_log.write(step, "hella", metrics["hella"])
+            if samples and self.is_main:
+                self.write_samples(model, step)
 
-    def write_samples(self, step: int) -> None:
+    def write_samples(self, model: GPT, step: int) -> None:
         ev = self.cfg.eval
         with self.rt.autocast():
-            samples = generate(self.model, encode(ev.sample_prompt), num_samples=ev.sample_count,
+            samples = generate(model, encode(ev.sample_prompt), num_samples=ev.sample_count,
                                max_new_tokens=ev.sample_tokens, seed=self.cfg.runtime.seed)
         texts = [ev.sample_prompt + decode(s) for s in samples]
         with open(self.out_dir / "samples.txt", "a") as f:

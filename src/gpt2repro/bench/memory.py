@@ -1,0 +1,50 @@
+"""``gpt2repro bench memory``: per-rank training memory of each size, DDP against FSDP.
+
+An estimate from the shapes (``train/memory.py`` says what it counts and what it
+leaves out), not a measurement: it needs no GPU. For each preset and layout it
+prints the GiB per rank with and without activation checkpointing at the preset's
+micro-batch, and the largest power-of-two micro-batch that fits each card size.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from gpt2repro.bench import print_table
+from gpt2repro.config import get_preset
+from gpt2repro.errors import UserError
+from gpt2repro.train.memory import GiB, estimate
+
+PRESETS = "gpt2-124m-10b,gpt2-350m-10b,gpt2-774m-10b,gpt2-1558m-10b"
+CARDS_GIB = (80, 40, 24)
+HEADROOM_GIB = 2  # CUDA context and allocator slack, which the estimate leaves out
+
+
+def largest_micro_batch(cfg, world: int, parallel: str, ac: bool, card_gib: float) -> int:
+    budget = (card_gib - HEADROOM_GIB) * GiB
+    fitting = [b for b in (64, 32, 16, 8, 4, 2, 1)
+               if estimate(cfg.model, b, cfg.data.seq_len, world, parallel, ac).total <= budget]
+    return fitting[0] if fitting else 0
+
+
+def bench_memory(args: argparse.Namespace) -> list[list[str]]:
+    ranks = [int(r) for r in args.ranks.split(",")]
+    if any(r < 1 for r in ranks):
+        raise UserError(f"--ranks {args.ranks}: positive numbers of ranks, e.g. 2,4,8")
+    rows = []
+    for name in args.presets.split(","):
+        cfg = get_preset(name.strip())
+        B, T = cfg.data.micro_batch, cfg.data.seq_len
+        for parallel, world in [("ddp", 1)] + [("fsdp", r) for r in ranks]:
+            plain = estimate(cfg.model, B, T, world, parallel)
+            ac = estimate(cfg.model, B, T, world, parallel, activation_checkpointing=True)
+            states = plain.params + plain.grads + plain.optimizer + plain.gathered
+            fits = [f"{largest_micro_batch(cfg, world, parallel, False, card)}/"
+                    f"{largest_micro_batch(cfg, world, parallel, True, card)}" for card in CARDS_GIB]
+            rows.append([name, "DDP (any ranks)" if parallel == "ddp" else f"FSDP × {world}", str(B),
+                         f"{states / GiB:.1f}", f"{plain.total / GiB:.1f}", f"{ac.total / GiB:.1f}", *fits])
+    print_table(f"estimated GiB per rank, bf16 activations, AdamW, seq_len from the preset; micro-batch fits as "
+                f"without/with activation checkpointing ({HEADROOM_GIB} GiB headroom)",
+                ["preset", "layout", "micro-batch", "weights+grads+optimizer", "total", "total with AC",
+                 *(f"fits {c} GB" for c in CARDS_GIB)], rows)
+    return rows

@@ -1,0 +1,75 @@
+"""Per-rank training memory, estimated from the shapes alone: what fits on which card.
+
+The estimate counts, per rank:
+
+- **model states**: float32 weights (4 bytes per parameter), float32 gradients (4),
+  and the optimizer's state (AdamW: two float32 moments, 8; Muon: one momentum, 4).
+  DDP keeps all of it on every rank; FSDP (full sharding) keeps 1/world_size of it,
+  plus the gathered bf16 copies FSDP needs while it computes: the root's parameters
+  (embeddings, head, final norm) and two blocks at a time (the one computing and the
+  one prefetched).
+- **activations** kept for the backward pass of one micro-batch, bf16, with flash
+  attention (no T² scores kept): 34·B·T·C bytes per block, the count of Korthikanti
+  et al. (2022, "Reducing Activation Recomputation in Large Transformer Models")
+  without its attention-score term. With activation checkpointing a block keeps
+  only its input (2·B·T·C) and one block's activations exist at a time, during its
+  recomputation. The LM head and loss add B·T·V·6 bytes (bf16 logits and their
+  float32 softmax), or nothing worth counting with the chunked loss.
+
+What it leaves out: the CUDA context and allocator slack (~1–3 GB), temporary
+buffers of the collectives, and torch.compile's own fusions, which usually lower
+the activation term. It is a planning number; ``bench train`` on the card measures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from gpt2repro.config import ModelConfig
+from gpt2repro.model.gpt import GPT
+
+GiB = 2**30
+ACTIVATION_BYTES_PER_BLOCK = 34  # × B·T·C, bf16, flash attention
+OPTIMIZER_BYTES = {"adamw": 8, "muon": 4}
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    params: float
+    grads: float
+    optimizer: float
+    gathered: float  # FSDP's unsharded bf16 working copies
+    activations: float
+
+    @property
+    def total(self) -> float:
+        return self.params + self.grads + self.optimizer + self.gathered + self.activations
+
+
+def parameter_counts(cfg: ModelConfig) -> tuple[int, int]:
+    """(all parameters, parameters of one block), counted on the meta device: no memory used."""
+    with torch.device("meta"):
+        model = GPT(cfg)
+    return model.num_params(), sum(p.numel() for p in model.transformer.h[0].parameters())
+
+
+def estimate(cfg: ModelConfig, micro_batch: int, seq_len: int, world_size: int = 1, parallel: str = "ddp",
+             activation_checkpointing: bool = False, chunked_loss: bool = False,
+             optimizer: str = "adamw") -> MemoryEstimate:
+    n, per_block = parameter_counts(cfg)
+    shard = world_size if parallel == "fsdp" else 1
+    gathered = 0.0
+    if parallel == "fsdp" and world_size > 1:
+        root = n - cfg.n_layer * per_block
+        gathered = 2 * (root + 2 * per_block)
+    btc = micro_batch * seq_len * cfg.n_embd
+    if activation_checkpointing:
+        activations = cfg.n_layer * 2 * btc + ACTIVATION_BYTES_PER_BLOCK * btc
+    else:
+        activations = cfg.n_layer * ACTIVATION_BYTES_PER_BLOCK * btc
+    if not chunked_loss:
+        activations += 6 * micro_batch * seq_len * cfg.vocab_size
+    return MemoryEstimate(params=4 * n / shard, grads=4 * n / shard, optimizer=OPTIMIZER_BYTES[optimizer] * n / shard,
+                          gathered=gathered, activations=activations)

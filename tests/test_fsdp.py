@@ -1,0 +1,145 @@
+"""Sharded training (FSDP2) and activation checkpointing, on the CPU with gloo."""
+
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import assert_one_line_error, run_cli
+from gpt2repro.config import apply_overrides, get_preset
+from gpt2repro.model.gpt import GPT
+from gpt2repro.runtime import setup_runtime
+from gpt2repro.train.parallel import Parallel
+from test_train import max_abs_diff, weights
+
+pytestmark = pytest.mark.slow
+
+COMMON = ["--preset", "tiny", "max_steps=10", "total_batch_tokens=512", "micro_batch=4", "seq_len=32",
+          "max_lr=3e-3", "warmup_steps=2", "val_every=5", "checkpoint.every=5", "checkpoint.keep=0"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Random tokens from 300 ids: learnable (their frequencies), and every batch differs."""
+    directory = tmp_path_factory.mktemp("fsdp_data")
+    rng = np.random.default_rng(0)
+    np.save(directory / "t_val_000000.npy", rng.integers(0, 300, 4_000, dtype=np.uint16))
+    np.save(directory / "t_train_000001.npy", rng.integers(0, 300, 40_000, dtype=np.uint16))
+    return directory
+
+
+def torchrun(*args, nproc=2):
+    return run_cli("-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "gpt2repro",
+                   "train", *args, module=None)
+
+
+def train(out, data, *extra, parallel=None, nproc=1):
+    args = ["--out", out, "--data", data, *COMMON, *extra]
+    if parallel:
+        args = ["--parallel", parallel, *args]
+    result = torchrun(*args, nproc=nproc) if nproc > 1 else run_cli("train", *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def train_losses(run_dir):
+    return [float(v) for _, k, v in (ln.split() for ln in (run_dir / "log.txt").read_text().splitlines())
+            if k == "train"]
+
+
+def held(stdout):
+    """{"params": MiB, "grads": MiB, "optimizer": MiB} that rank 0 reports holding."""
+    line = next(ln for ln in stdout.splitlines() if ln.startswith("held by this rank:"))
+    return {k: float(v) for k, v in re.findall(r"(\w+) ([\d.]+) MiB", line)}
+
+
+@pytest.fixture(scope="module")
+def runs(data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("fsdp_runs")
+    out = {"single": train(root / "single", data), "ddp": train(root / "ddp", data, nproc=2),
+           "fsdp": train(root / "fsdp", data, parallel="fsdp", nproc=2)}
+    return root, out
+
+
+def test_fsdp_equals_ddp_and_single_process_accumulation(runs):
+    root, out = runs
+    assert "4 accumulation × 1 ranks" in out["single"].stdout and "2 accumulation × 2 ranks" in out["fsdp"].stdout
+    single, ddp, fsdp = (train_losses(root / name) for name in ("single", "ddp", "fsdp"))
+    assert len(fsdp) == 10 and single[0] - single[-1] > 0.5  # it learns (10.82 -> 10.08)
+    assert max(abs(a - b) for a, b in zip(fsdp, ddp)) <= 1e-5
+    assert max(abs(a - b) for a, b in zip(fsdp, single)) <= 1e-5
+    assert max_abs_diff(weights(root / "fsdp", 10), weights(root / "ddp", 10)) <= 1e-5
+
+
+def test_each_fsdp_rank_holds_half_of_the_weights_and_optimizer_state(runs):
+    _, out = runs
+    ddp, fsdp = held(out["ddp"].stdout), held(out["fsdp"].stdout)
+    for kind in ("params", "grads", "optimizer"):
+        assert 0.45 <= fsdp[kind] / ddp[kind] <= 0.55, (kind, fsdp, ddp)
+
+
+def test_fsdp_resume_is_exact_and_checkpoints_move_between_layouts(runs, data, tmp_path):
+    root, _ = runs
+    # FSDP stopped at step 5, resumed under FSDP: the uninterrupted FSDP run, bit for bit
+    train(tmp_path / "split", data, "--stop-at-step", "5", parallel="fsdp", nproc=2)
+    resumed = train(tmp_path / "split", data, "--resume", parallel="fsdp", nproc=2)
+    assert "at step 5" in resumed.stdout
+    assert max_abs_diff(weights(tmp_path / "split", 10), weights(root / "fsdp", 10)) == 0.0
+    # the FSDP checkpoint of step 5 resumes in one process, as the single-process run continued
+    one = tmp_path / "one"
+    one.mkdir()
+    (root / "fsdp" / "ckpt_000005").rename(one / "ckpt_000005")
+    train(one, data, "--resume")
+    assert max_abs_diff(weights(one, 10), weights(root / "single", 10)) <= 1e-5
+    # a DDP checkpoint resumes under FSDP on 4 ranks (a different world size: accumulation 1)
+    four = tmp_path / "four"
+    four.mkdir()
+    (root / "ddp" / "ckpt_000005").rename(four / "ckpt_000005")
+    result = train(four, data, "--resume", parallel="fsdp", nproc=4)
+    assert "1 accumulation × 4 ranks" in result.stdout
+    assert max_abs_diff(weights(four, 10), weights(root / "single", 10)) <= 1e-5
+    # and sample reads an FSDP checkpoint with no flag
+    sampled = run_cli("sample", "--model", tmp_path / "split", "--num", "1", "--max-new-tokens", "4")
+    assert sampled.returncode == 0 and sampled.stdout.startswith("sample 0:"), sampled.stderr
+
+
+def saved_bytes_and_grads(activation_checkpointing: bool):
+    """Loss and gradients of one step, and the bytes autograd keeps for the blocks' backward."""
+    cfg = apply_overrides(get_preset("tiny"), [f"runtime.activation_checkpointing={activation_checkpointing}",
+                                               "runtime.device=cpu"])
+    torch.manual_seed(0)
+    model = GPT(cfg.model)
+    parallel = Parallel(model, cfg, setup_runtime(cfg.runtime))
+    x = torch.randint(0, 50257, (4, 64), generator=torch.Generator().manual_seed(1))
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size() if not isinstance(t, torch.nn.Parameter) else 0)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.hidden(x)  # the blocks alone: the LM head's logits would swamp the count
+    loss = parallel.train_model(x, x)[1]
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.state_dict(keep_vars=True).items() if p.grad is not None}
+    return loss.item(), grads, sum(saved)
+
+
+def test_activation_checkpointing_gives_the_same_gradients_and_keeps_less():
+    loss, grads, kept = saved_bytes_and_grads(False)
+    ac_loss, ac_grads, ac_kept = saved_bytes_and_grads(True)
+    assert abs(loss - ac_loss) <= 1e-6
+    assert grads.keys() == ac_grads.keys()
+    assert max((grads[k] - ac_grads[k]).abs().max().item() for k in grads) <= 1e-6
+    assert ac_kept < 0.6 * kept, (ac_kept, kept)
+
+
+def test_bad_layouts_are_one_line(data, tmp_path):
+    result = run_cli("train", "--parallel", "fsdp", "--out", tmp_path / "a", "--data", data, *COMMON)
+    assert_one_line_error(result, "--parallel fsdp", "torchrun")
+    result = run_cli("train", "--parallel", "zero", "--out", tmp_path / "b", "--data", data, *COMMON)
+    assert_one_line_error(result, "--parallel zero", "choose ddp or fsdp")
+    result = torchrun("--parallel", "fsdp", "--out", tmp_path / "c", "--data", data, *COMMON, "optimizer=muon")
+    assert result.returncode != 0
+    assert "gpt2repro train: error: --parallel fsdp with optim.optimizer=muon" in result.stderr
