@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/gpt2repro demo --out demo_out
+	$(VENV)/bin/gpt2repro demo --out demo_out --overwrite  # make's own folder: a rerun replaces it
 
 test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -148,7 +148,7 @@ torch.save = flaky_save
 """
     result = patched_cli(patch, "train", "--preset", "tiny", "--data", shards, "--out", out, *COMMON)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "ERROR: checkpoint at step 4 failed" in result.stdout
+    assert "WARNING: checkpoint at step 4 failed" in result.stdout
     names = [p.name for p in ckpt.list_checkpoints(out)]
     assert names == ["ckpt_000010", "ckpt_000008", "ckpt_000006", "ckpt_000002"]
 

@@ -9,21 +9,87 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from pathlib import Path
 
+from gpt2repro.config import PRESET_ALIASES, TRAIN_PRESETS, parse_int
 from gpt2repro.errors import UserError
 
 PLOT_SIZES = ("124M", "350M", "774M", "1558M")
+# More new tokens than this in one `sample` run is a typo, not a request: hours of generation.
+MAX_SAMPLE_TOKENS = 1_000_000
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every flag's default in --help, except the empty ones (None, an unset switch), where the
+    help line says what happens instead."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """A bad flag is one line, like every other error: no usage block above it."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def count(low: int = 1):
+    """An argparse type: a whole number >= ``low``, written 100000, 100_000 or 1e5."""
+    def parse(text: str) -> int:
+        try:
+            value = parse_int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number (e.g. 1000, 1_000 or 1e3)") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{text} is below the minimum, {low}")
+        return value
+    return parse
+
+
+def number(low: float = 0.0):
+    """An argparse type: a finite number >= ``low``."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not low <= value < float("inf"):
+            raise argparse.ArgumentTypeError(f"{text} is outside [{low:g}, inf)")
+        return value
+    return parse
+
+
+def count_list(low: int = 1):
+    """An argparse type: a comma list of whole numbers >= ``low``, e.g. 1,2,3; checked, and
+    kept as written (the command splits it)."""
+    one = count(low)
+
+    def parse(text: str) -> str:
+        for part in text.split(","):
+            if not part.strip().isdigit():  # the command reads each item with int()
+                raise argparse.ArgumentTypeError(f"{text!r}: {part.strip()!r} is not a whole number; write "
+                                                 "numbers separated by commas, e.g. 1,2,3")
+            one(part)
+        return text
+    return parse
 
 
 def _add_device_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto | cuda | cuda:N | mps | cpu")
-    p.add_argument("--dtype", default="auto", help="auto | bfloat16 | float16 | float32")
+    p.add_argument("--dtype", default="auto", help="autocast dtype: auto | bfloat16 | float16 | float32")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="gpt2repro",
         description="Pretrain GPT-2 from scratch and show it matches OpenAI's checkpoint.",
     )
@@ -37,30 +103,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", default="fineweb-edu",
                    help="fineweb-edu | demo | a .txt/.jsonl/.parquet file, directory or glob")
     p.add_argument("--out", required=True, help="output directory for the .npy shards")
-    p.add_argument("--name", default="sample-10BT", help="FineWeb-edu config (default sample-10BT)")
+    p.add_argument("--name", default="sample-10BT", help="FineWeb-edu config")
     p.add_argument("--streaming", action="store_true",
                    help="stream FineWeb-edu instead of downloading its parquet files first")
-    p.add_argument("--shard-tokens", type=int, default=None,
+    p.add_argument("--shard-tokens", type=count(1), default=None,
                    help="tokens per shard (default 100M; the demo corpus: 1M, val 65,536)")
-    p.add_argument("--val-tokens", type=int, default=None,
+    p.add_argument("--val-tokens", type=count(1), default=None,
                    help="tokens in the val shard (default: one full shard)")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes")
-    p.add_argument("--max-tokens", type=int, default=None, help="stop after this many tokens")
+    p.add_argument("--workers", type=count(1), default=os.cpu_count() or 1, help="tokenizer processes")
+    p.add_argument("--max-tokens", type=count(1), default=None, help="stop after this many tokens (default: all)")
     p.add_argument("--prefix", default=None, help="shard file prefix (default from the source)")
 
     p = sub.add_parser("train", parents=[common], help="pretrain a model (one process, or under torchrun)")
-    p.add_argument("--preset", default="gpt2-124m-10b", help="training preset (see README)")
-    p.add_argument("--data", default=None, help="directory of token shards")
-    p.add_argument("--out", default=None, help="run directory: log, checkpoints, samples")
-    p.add_argument("--max-steps", type=int, default=None, help="length of the LR schedule")
-    p.add_argument("--stop-at-step", type=int, default=None,
+    p.add_argument("--preset", default="gpt2-124m-10b", metavar="NAME",
+                   help=f"training preset: {', '.join(TRAIN_PRESETS)}; or a size alias: "
+                        f"{', '.join(f'{a} = {p}' for a, p in PRESET_ALIASES.items())}")
+    p.add_argument("--data", default=None, help="directory of token shards (default: the preset's data.path)")
+    p.add_argument("--out", default=None, help="run directory: log, checkpoints, samples (default: the preset's)")
+    p.add_argument("--max-steps", type=count(1), default=None,
+                   help="length of the LR schedule, in optimizer steps (default: the preset's)")
+    p.add_argument("--stop-at-step", type=count(1), default=None,
                    help="checkpoint and exit after this step, without changing the schedule")
     p.add_argument("--micro-batch", default=None, help="sequences per rank per micro-step, or 'auto'")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over: delete the run already in --out (checkpoints, log, samples, config) first")
     p.add_argument("--parallel", default=None,
                    help="ddp (default: a replica per rank) or fsdp (FSDP2: shards weights, grads, optimizer state)")
-    p.add_argument("--compile", dest="compile", action="store_true", default=None)
-    p.add_argument("--no-compile", dest="compile", action="store_false")
+    p.add_argument("--compile", dest="compile", action="store_true", default=None,
+                   help="torch.compile the training model (default: on CUDA only)")
+    p.add_argument("--no-compile", dest="compile", action="store_false", help="never torch.compile")
     _add_device_flags(p)
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="config overrides, e.g. optim.max_lr=3e-4 or eval.val_every=100")
@@ -70,73 +142,83 @@ def build_parser() -> argparse.ArgumentParser:
     e = eval_sub.add_parser("hellaswag", parents=[common], help="HellaSwag val accuracy, two scorings")
     e.add_argument("--model", required=True, help="our checkpoint/run dir, a Hugging Face dir, or a hub name")
     e.add_argument("--data", default=None, help="hellaswag jsonl (default: download the official val file)")
-    e.add_argument("--limit", type=int, default=None, help="evaluate only the first N items")
-    e.add_argument("--batch-size", type=int, default=32, help="items per forward pass")
+    e.add_argument("--limit", type=count(1), default=None, help="evaluate only the first N items (default: all)")
+    e.add_argument("--batch-size", type=count(1), default=32, help="items per forward pass")
     e.add_argument("--json", default=None, help="also write the results to this file")
     _add_device_flags(e)
 
     p = sub.add_parser("plot", parents=[common], help="plot loss and HellaSwag curves from training logs")
     p.add_argument("--log", action="append", required=True, help="log.txt (repeat to overlay runs)")
     p.add_argument("--sz", default="124M", choices=PLOT_SIZES, help="model size, for baselines")
-    p.add_argument("--out", default="plot.png", help="output PNG")
+    p.add_argument("--out", default="plot.png", help="output image; its suffix picks the format (.png, .pdf, .svg)")
     p.add_argument("--x", default="step", choices=("step", "tokens"),
                    help="horizontal axis: optimizer steps, or tokens seen (runs of different batch sizes)")
-    p.add_argument("--tokens-per-step", type=int, default=524_288,
+    p.add_argument("--tokens-per-step", type=count(1), default=524_288,
                    help="with --x tokens, for a log without the run's config.json beside it")
     p.add_argument("--show", action="store_true", help="also open a window")
 
     p = sub.add_parser("sample", parents=[common], help="generate text from a model")
-    p.add_argument("--model", required=True)
-    p.add_argument("--prompt", default="Hello, I'm a language model,")
-    p.add_argument("--num", type=int, default=5, help="number of samples")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--top-k", type=int, default=50)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--model", required=True, help="our checkpoint/run dir, a Hugging Face dir, or a hub name")
+    p.add_argument("--prompt", default="Hello, I'm a language model,", help="the text every sample continues")
+    p.add_argument("--num", type=count(1), default=5, help="number of samples (one is printed as it is generated)")
+    p.add_argument("--max-new-tokens", type=count(0), default=64,
+                   help="tokens generated per sample; past the model's block size the context slides")
+    p.add_argument("--top-k", type=count(0), default=50,
+                   help="draw from the K most likely tokens; 0 draws from the whole vocabulary")
+    p.add_argument("--temperature", type=number(0), default=1.0,
+                   help="divides the logits; 0 is greedy (always the most likely token)")
+    p.add_argument("--seed", type=count(0), default=42, help="same seed, same samples")
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the prefix each token")
     _add_device_flags(p)
 
     p = sub.add_parser("export", parents=[common], help="write a checkpoint as a Hugging Face GPT-2 directory")
     p.add_argument("--model", required=True, help="our checkpoint or run directory")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", required=True, help="output directory (new, or empty)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty --out, replacing files of the same names")
 
     p = sub.add_parser("bench", parents=[common], help="benchmarks: fast path against a plain baseline, same run")
     bench_sub = p.add_subparsers(dest="what", metavar="WHAT", required=True)
     b = bench_sub.add_parser("train", parents=[common], help="training tokens/s, MFU, step time, memory")
-    b.add_argument("--preset", default="gpt2-124m-10b")
-    b.add_argument("--micro-batch", type=int, default=None)
-    b.add_argument("--seq-len", type=int, default=None)
-    b.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
-    b.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    b.add_argument("--preset", default="gpt2-124m-10b", help="training preset whose model and batch to time")
+    b.add_argument("--micro-batch", type=count(1), default=None, help="sequences per step (default: the preset's)")
+    b.add_argument("--seq-len", type=count(1), default=None, help="tokens per sequence (default: the preset's)")
+    b.add_argument("--steps", type=count(1), default=10, help="timed steps (median reported)")
+    b.add_argument("--warmup", type=count(0), default=3, help="untimed steps first")
     b.add_argument("--variants", default="auto", help="comma list, or auto for the device's set")
     _add_device_flags(b)
     b = bench_sub.add_parser("eval", parents=[common], help="HellaSwag items/s, batched vs one at a time")
     b.add_argument("--model", default="tiny", help="a model preset name or MODEL")
     b.add_argument("--data", default=None, help="hellaswag jsonl (default: synthetic items)")
-    b.add_argument("--limit", type=int, default=200)
-    b.add_argument("--batch-size", type=int, default=32)
+    b.add_argument("--limit", type=count(1), default=200, help="items to score")
+    b.add_argument("--batch-size", type=count(1), default=32, help="items per forward pass (packed path)")
     _add_device_flags(b)
     b = bench_sub.add_parser("tokenize", parents=[common], help="prepare's tokenizer path vs a per-document Pool loop")
     b.add_argument("--source", default="demo", help="demo or a local corpus path")
-    b.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    b.add_argument("--max-docs", type=int, default=None)
+    b.add_argument("--workers", type=count(1), default=os.cpu_count() or 1, help="tokenizer processes")
+    b.add_argument("--max-docs", type=count(1), default=None, help="documents to tokenize (default: all)")
 
     b = bench_sub.add_parser("recipe", parents=[common],
                              help="quality per token: demo vs demo-modern on the built-in corpus, optional ablation")
     b.add_argument("--out", default="runs/bench-recipe", help="a new folder for the runs, the data and the plot")
     b.add_argument("--data", default=None, help="token shards (default: prepare the built-in corpus into OUT/data)")
-    b.add_argument("--seeds", default="1,2,3", help="comma list of seeds")
-    b.add_argument("--max-steps", type=int, default=500, help="steps per run (the demo preset's 500)")
-    b.add_argument("--val-every", type=int, default=25)
+    b.add_argument("--seeds", type=count_list(0), default="1,2,3", help="comma list of seeds")
+    b.add_argument("--max-steps", type=count(2), default=500, help="steps per run (the demo preset's 500)")
+    b.add_argument("--val-every", type=count(1), default=25, help="steps between val loss measurements")
+    b.add_argument("--fractions", default="0.5",
+                   help="shorter modern budgets to try, as fractions of the faithful run's tokens")
     b.add_argument("--ablation", action="store_true", help="also each lever added alone / removed alone")
+    b.add_argument("--levers", default=None, help="with --ablation: a comma list of levers (default: all)")
 
     b = bench_sub.add_parser("memory", parents=[common], help="estimated per-rank memory: sizes × DDP/FSDP × ranks")
-    b.add_argument("--presets", default="gpt2-124m-10b,gpt2-350m-10b,gpt2-774m-10b,gpt2-1558m-10b")
-    b.add_argument("--ranks", default="2,4,8", help="FSDP world sizes")
+    b.add_argument("--presets", default="gpt2-124m-10b,gpt2-350m-10b,gpt2-774m-10b,gpt2-1558m-10b",
+                   help="comma list of training presets")
+    b.add_argument("--ranks", type=count_list(1), default="2,4,8", help="comma list of FSDP world sizes")
 
     p = sub.add_parser("demo", parents=[common], help="prepare the built-in corpus, train a small model, plot, sample")
     p.add_argument("--out", default="demo_out", help="folder for everything the demo writes")
-    p.add_argument("--max-steps", type=int, default=None, help="training steps (default: the demo preset's)")
+    p.add_argument("--max-steps", type=count(1), default=None, help="training steps (default: the demo preset's)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --out (its data is kept)")
     return parser
 
 
@@ -150,30 +232,46 @@ def train_config(args: argparse.Namespace):
              "runtime.device": None if args.device == "auto" else args.device,
              "runtime.dtype": None if args.dtype == "auto" else args.dtype}
     named = [f"{key}={value}" for key, value in flags.items() if value is not None]
-    return apply_overrides(cfg, named + list(args.overrides))
+    return apply_overrides(cfg, named + list(args.overrides)).validate()
 
 
 def sample_command(args: argparse.Namespace) -> list[str]:
-    """Print ``--num`` continuations of ``--prompt``."""
-    from gpt2repro.data.tokenizer import decode, encode
-    from gpt2repro.device import autocast
+    """Print ``--num`` continuations of ``--prompt``, as ``sample i: TEXT`` lines; a single
+    sample is printed token by token as it is generated."""
+    from gpt2repro.data.tokenizer import StreamDecoder, decode, encode
+    from gpt2repro.device import autocast, free_memory_bytes
     from gpt2repro.load import load_for_inference
-    from gpt2repro.model.generate import generate
+    from gpt2repro.model.generate import generate, sampling_bytes
 
-    for flag, value, low in (("--num", args.num, 1), ("--max-new-tokens", args.max_new_tokens, 0),
-                             ("--top-k", args.top_k, 0)):
-        if value < low:
-            raise UserError(f"{flag} {value}: must be at least {low}")
-    if not args.temperature >= 0:
-        raise UserError(f"--temperature {args.temperature}: must be 0 (greedy) or more")
+    total = args.num * args.max_new_tokens
+    if total > MAX_SAMPLE_TOKENS:
+        raise UserError(f"--num {args.num} × --max-new-tokens {args.max_new_tokens} = {total:,} new tokens, more "
+                        f"than one sample run makes ({MAX_SAMPLE_TOKENS:,}); lower --num or --max-new-tokens")
     net = load_for_inference(args.model, args.device, args.dtype)
+    need, free = sampling_bytes(net.model.config, args.num), free_memory_bytes(net.device)
+    if free is not None and need > free:
+        fits = max(1, free * args.num // need)
+        raise UserError(f"--num {args.num}: that many samples need about {need / 2**30:,.1f} GiB on {net.device} "
+                        f"(KV cache and activations of this model), more than the {free / 2**30:,.1f} GiB free; "
+                        f"lower --num (about {fits:,} fit)")
+    on_token = None
+    if args.num == 1:
+        stream = StreamDecoder()
+        print(f"sample 0: {args.prompt}", end="", flush=True)
+
+        def on_token(tokens: list[int]) -> None:
+            print(stream.push(tokens[0]), end="", flush=True)
+
     with autocast(net.device, net.autocast_dtype):
         samples = generate(net.model, encode(args.prompt), num_samples=args.num, max_new_tokens=args.max_new_tokens,
                            top_k=args.top_k or None, temperature=args.temperature, seed=args.seed,
-                           kv_cache=not args.no_kv_cache, device=net.device)
+                           kv_cache=not args.no_kv_cache, device=net.device, on_token=on_token)
     texts = [args.prompt + decode(tokens) for tokens in samples]
-    for i, text in enumerate(texts):
-        print(f"sample {i}: {text}")
+    if args.num == 1:
+        print(stream.flush(), flush=True)
+    else:
+        for i, text in enumerate(texts):
+            print(f"sample {i}: {text}")
     return texts
 
 
@@ -181,31 +279,38 @@ def evaluate_hellaswag_command(args: argparse.Namespace) -> dict:
     """HellaSwag on one process, or on every rank under torchrun (items spread over ranks)."""
     import json
 
-    from gpt2repro.atomic import atomic_write
+    from tqdm import tqdm
+
+    from gpt2repro.atomic import atomic_write, writing
     from gpt2repro.data.tokenizer import encode
     from gpt2repro.distributed import init_distributed, shutdown_distributed
-    from gpt2repro.eval.hellaswag import OFFICIAL_URL, evaluate_hellaswag, load_items, summary_lines
+    from gpt2repro.eval.hellaswag import OFFICIAL_URL, SCORINGS, evaluate_hellaswag, load_items, summary_lines
     from gpt2repro.load import load_for_inference
+    from gpt2repro.outdir import file_target
 
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
-    if args.limit is not None and args.limit < 1:
-        raise UserError(f"--limit {args.limit}: must be at least 1 (leave it out for all items)")
+    if args.json:
+        file_target(args.json, "--json")  # now, not after the evaluation
     items = load_items(args.data, args.limit)
     net = load_for_inference(args.model, args.device, args.dtype, int(os.environ.get("LOCAL_RANK", "0")))
     encode("")  # build the BPE tables now, so the first scoring's items/s does not include them
     info = init_distributed(net.device.type)
+    # Rank 0's share of the items, once per scoring; a bar only for a person watching a terminal.
+    bar = tqdm(total=len(SCORINGS) * len(items[::info.world_size]), desc="hellaswag", unit="item",
+               disable=info.rank != 0 or not sys.stderr.isatty())
     try:
         results = evaluate_hellaswag(net.model, items, batch_size=args.batch_size, device=net.device,
-                                     autocast_dtype=net.autocast_dtype, rank=info.rank, world_size=info.world_size)
+                                     autocast_dtype=net.autocast_dtype, rank=info.rank, world_size=info.world_size,
+                                     progress=bar.update)
     finally:
+        bar.close()
         shutdown_distributed()
     if info.is_main:
         for line in summary_lines(results):
             print(line)
         if args.json:
             record = {"model": args.model, "data": str(args.data) if args.data else OFFICIAL_URL, **results}
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            with writing(Path(args.json).parent):
+                Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             atomic_write(args.json, json.dumps(record, indent=2) + "\n")
     return results
 
@@ -221,7 +326,11 @@ def run(args: argparse.Namespace) -> int:
         cfg = train_config(args)  # config errors surface before torch is imported
         from gpt2repro.train.trainer import train
 
-        train(cfg, resume=args.resume, stop_at_step=args.stop_at_step)
+        metrics = train(cfg, resume=args.resume, stop_at_step=args.stop_at_step, overwrite=args.overwrite)
+        if metrics.get("stopped_early") and os.environ.get("RANK", "0") == "0":
+            print(f"continue with: {resume_command(getattr(args, 'argv', None))}")
+            if metrics.get("stopped_by") == "SIGINT":
+                return 130  # interrupted, as a shell expects from Ctrl-C, though the run is saved
     elif args.command == "eval":
         evaluate_hellaswag_command(args)
     elif args.command == "plot":
@@ -232,10 +341,9 @@ def run(args: argparse.Namespace) -> int:
     elif args.command == "sample":
         sample_command(args)
     elif args.command == "export":
-        from gpt2repro.load import load_model
-        from gpt2repro.model.hf import export_hf
+        from gpt2repro.load import export_model
 
-        out = export_hf(load_model(args.model), args.out)
+        out = export_model(args.model, args.out, overwrite=args.overwrite)
         print(f"wrote a Hugging Face GPT-2 directory: {out}")
     elif args.command == "bench":
         from gpt2repro import bench
@@ -244,12 +352,24 @@ def run(args: argparse.Namespace) -> int:
     elif args.command == "demo":
         from gpt2repro.demo import run_demo
 
-        run_demo(out_dir=args.out, max_steps=args.max_steps)
+        run_demo(out_dir=args.out, max_steps=args.max_steps, overwrite=args.overwrite)
     return 0
 
 
+def resume_command(argv: list[str] | None) -> str:
+    """The command that continues a stopped run: its own arguments with --resume, never --overwrite."""
+    if argv is None:
+        return "the same command with --resume"
+    args = [a for a in argv if a != "--overwrite"] + ([] if "--resume" in argv else ["--resume"])
+    launcher = "torchrun <the same torchrun options> -m gpt2repro" if os.environ.get("WORLD_SIZE", "1") != "1" \
+        else "gpt2repro"
+    return f"{launcher} {shlex.join(args)}"
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # for the --resume command printed when a run stops early
     try:
         return run(args)
     except UserError as e:

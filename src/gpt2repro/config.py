@@ -9,7 +9,9 @@ resumed run can check that it is continuing the same experiment.
 from __future__ import annotations
 
 import dataclasses
+import decimal
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +21,78 @@ from gpt2repro.errors import UserError
 
 GPT2_VOCAB_SIZE = 50257  # OpenAI's BPE: 50,000 merges + 256 bytes + <|endoftext|>
 PADDED_VOCAB_SIZE = 50304  # next multiple of 128: friendlier matmul shapes, same model
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric setting may take, written in interval notation in error messages:
+    ``[0, 1)`` includes 0 and excludes 1. NaN and values of other types are never inside."""
+
+    low: float
+    high: float = math.inf
+    brackets: str = "[)"
+
+    def __contains__(self, value: object) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        above = value >= self.low if self.brackets[0] == "[" else value > self.low
+        below = value <= self.high if self.brackets[1] == "]" else value < self.high
+        return above and below
+
+    def __str__(self) -> str:
+        def show(x: float) -> str:
+            if isinstance(x, int) and x >= 2**16 and x & (x - 1) == 0:
+                return f"2**{x.bit_length() - 1}"
+            return f"{x:g}"
+
+        return f"{self.brackets[0]}{show(self.low)}, {show(self.high)}{self.brackets[1]}"
+
+
+AT_LEAST_0, AT_LEAST_1, POSITIVE = Range(0), Range(1), Range(0, brackets="()")
+FRACTION = Range(0, 1)  # betas and momenta: 1 would never forget
+SEED = Range(0, 2**32)  # numpy's, torch's and Python's generators all take these
+
+MODEL_RANGES = {"n_layer": AT_LEAST_1, "n_head": AT_LEAST_1, "n_embd": AT_LEAST_1, "block_size": AT_LEAST_1,
+                "vocab_size": Range(GPT2_VOCAB_SIZE), "rope_base": POSITIVE, "logit_softcap": AT_LEAST_0}
+# Every other numeric key of the tree; settings that only matter when a feature is on
+# (eval.val_tokens, eval.sample_count, ...) are checked in validate() with that condition.
+TRAIN_RANGES = {
+    "data.seq_len": AT_LEAST_1, "data.seed": SEED,
+    "optim.total_batch_tokens": AT_LEAST_1, "optim.max_steps": AT_LEAST_1, "optim.warmup_steps": AT_LEAST_0,
+    "optim.max_lr": POSITIVE, "optim.min_lr": AT_LEAST_0, "optim.weight_decay": AT_LEAST_0,
+    "optim.beta1": FRACTION, "optim.beta2": FRACTION, "optim.eps": POSITIVE, "optim.grad_clip": POSITIVE,
+    "optim.decay_frac": Range(0, 1, "(]"), "optim.head_lr": POSITIVE, "optim.scalar_lr": POSITIVE,
+    "optim.muon_lr": POSITIVE, "optim.muon_momentum": FRACTION, "optim.muon_weight_decay": AT_LEAST_0,
+    "eval.val_every": AT_LEAST_0, "eval.hellaswag_every": AT_LEAST_0, "eval.hellaswag_limit": AT_LEAST_0,
+    "eval.sample_every": AT_LEAST_0,
+    "checkpoint.every": AT_LEAST_0, "checkpoint.keep": AT_LEAST_0, "checkpoint.max_failures": AT_LEAST_1,
+    "runtime.ddp_bucket_mb": AT_LEAST_1, "runtime.seed": SEED, "runtime.log_every": AT_LEAST_0,
+}
+
+
+def check_ranges(node: Any, prefix: str, ranges: dict[str, Range]) -> None:
+    """One line for the first value of ``node`` outside its range, with the default as the example."""
+    defaults = {f.name: f.default for f in dataclasses.fields(node)}
+    for name, allowed in ranges.items():
+        value = getattr(node, name)
+        if value not in allowed:
+            raise UserError(f"{prefix}{name}={value!r}: must be in {allowed}, e.g. {prefix}{name}={defaults[name]!r}")
+
+
+def parse_int(text: str) -> int:
+    """An integer written as ``100000``, ``100_000`` or ``1e5``; ValueError unless it is exactly one."""
+    text = text.strip().replace("_", "")
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        number = decimal.Decimal(text)
+    except decimal.InvalidOperation:
+        raise ValueError(f"{text!r} is not a number") from None
+    if not number.is_finite() or number != number.to_integral_value() or number.adjusted() > 30:
+        raise ValueError(f"{text!r} is not a whole number")
+    return int(number)
 
 
 @dataclass
@@ -40,6 +114,7 @@ class ModelConfig:
     logit_softcap: float = 0.0  # > 0: logits = cap · tanh(logits / cap)
 
     def __post_init__(self) -> None:
+        check_ranges(self, "model.", MODEL_RANGES)
         if self.n_embd % self.n_head:
             raise UserError(f"model: n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         for key, allowed in (("pos_emb", ("learned", "rope")), ("mlp", ("gelu", "relu2")),
@@ -49,8 +124,6 @@ class ModelConfig:
         if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
             raise UserError(f"model.pos_emb=rope needs an even head size, not n_embd/n_head = "
                             f"{self.n_embd // self.n_head}")
-        if not self.logit_softcap >= 0:
-            raise UserError(f"model.logit_softcap={self.logit_softcap}: use 0 (off) or a positive cap, e.g. 15")
 
     def non_gpt2_switches(self) -> list[str]:
         """The switches, as ``key=value``, that make this model something other than GPT-2."""
@@ -110,6 +183,7 @@ class EvalConfig:
 class CheckpointConfig:
     every: int = 1000  # 0: only at the end
     keep: int = 3  # newest K complete checkpoints are kept
+    max_failures: int = 3  # failed writes in a row (full disk, I/O error) after which the run stops
 
 
 @dataclass
@@ -125,8 +199,11 @@ class RuntimeConfig:
     activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
     ddp_bucket_mb: int = 25  # DDP gradient bucket size: all-reduces overlap the backward pass
     seed: int = 1337
-    log_every: int = 1
+    log_every: int = 1  # a console line every N steps; 0: none (the summary at the end still shows)
     tensorboard: bool = False
+    wandb: bool = False  # log.txt's scalars to Weights & Biases too (pip install 'gpt2repro[wandb]')
+    wandb_project: str = "gpt2repro"
+    wandb_run_name: str = ""  # empty: the run folder's name
     on_nonfinite: str = "stop"  # stop | rollback
 
 
@@ -142,22 +219,42 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         """One line per inconsistent setting, before anything is built or read."""
+        check_ranges(self.model, "model.", MODEL_RANGES)
+        for section in ("data", "optim", "eval", "checkpoint", "runtime"):
+            check_ranges(getattr(self, section), f"{section}.",
+                         {k.split(".", 1)[1]: r for k, r in TRAIN_RANGES.items() if k.startswith(section + ".")})
         if self.data.seq_len > self.model.block_size:
             raise UserError(f"data.seq_len={self.data.seq_len} is larger than model.block_size="
                             f"{self.model.block_size}; use data.seq_len<={self.model.block_size}")
-        if self.optim.warmup_steps < 0 or self.optim.max_steps < 1:
-            raise UserError("optim.max_steps must be >= 1 and optim.warmup_steps >= 0")
-        o = self.optim
+        o, ev, rt = self.optim, self.eval, self.runtime
+        if o.min_lr > o.max_lr:
+            raise UserError(f"optim.min_lr={o.min_lr!r} is above optim.max_lr={o.max_lr!r}: the schedule decays "
+                            f"from max_lr to min_lr, so use optim.min_lr<={o.max_lr!r}, e.g. max_lr/10")
+        if ev.val_every > 0 and ev.val_tokens < self.data.seq_len:
+            raise UserError(f"eval.val_tokens={ev.val_tokens!r}: must be at least data.seq_len={self.data.seq_len} "
+                            f"(one sequence) while eval.val_every={ev.val_every} measures val loss; raise it, "
+                            "e.g. eval.val_tokens=10485760, or turn val off with eval.val_every=0")
+        for key in ("sample_count", "sample_tokens"):
+            if ev.sample_every > 0 and getattr(ev, key) not in AT_LEAST_1:
+                raise UserError(f"eval.{key}={getattr(ev, key)!r}: must be in {AT_LEAST_1} while eval.sample_every="
+                                f"{ev.sample_every} writes samples, e.g. eval.{key}=4; or eval.sample_every=0")
         for key, allowed in (("optimizer", ("adamw", "muon")), ("schedule", ("cosine", "wsd")),
                              ("muon_adjust_lr", ("original", "match_rms_adamw"))):
             if getattr(o, key) not in allowed:
                 raise UserError(f"optim.{key}={getattr(o, key)!r}: choose {' or '.join(allowed)}")
-        if not 0 < o.decay_frac <= 1:
-            raise UserError(f"optim.decay_frac={o.decay_frac}: use a fraction of the steps in (0, 1]")
         if self.runtime.parallel not in ("ddp", "fsdp"):
             raise UserError(f"--parallel {self.runtime.parallel}: choose ddp or fsdp")
         if self.runtime.on_nonfinite not in ("stop", "rollback"):
             raise UserError(f"runtime.on_nonfinite={self.runtime.on_nonfinite!r}: choose stop or rollback")
+        for key in ("compile", "fused_adamw"):
+            if getattr(rt, key) not in (True, False, "auto"):
+                raise UserError(f"runtime.{key}={getattr(rt, key)!r}: choose true, false or auto")
+        if not (rt.ce_chunk_rows == "auto" or rt.ce_chunk_rows in AT_LEAST_0):
+            raise UserError(f"runtime.ce_chunk_rows={rt.ce_chunk_rows!r}: use auto, 0 (off) or a number of rows "
+                            f"in {AT_LEAST_1}, e.g. runtime.ce_chunk_rows=128")
+        if rt.wandb and not rt.wandb_project.strip():
+            raise UserError("runtime.wandb_project='': name the Weights & Biases project, "
+                            "e.g. runtime.wandb_project=gpt2repro")
         mb = self.data.micro_batch
         if not (mb == "auto" or (isinstance(mb, int) and mb > 0)):
             raise UserError(f"data.micro_batch={mb!r}: use a positive integer or auto")
@@ -353,9 +450,9 @@ def _parse_value(text: str, annotation: Any, key: str) -> Any:
         raise UserError(f"{key}={text!r}: expected true or false")
     if annotation is int:
         try:
-            return int(text.replace("_", ""))
+            return parse_int(text)
         except ValueError:
-            raise UserError(f"{key}={text!r}: expected an integer") from None
+            raise UserError(f"{key}={text!r}: expected an integer (e.g. 1000, 1_000 or 1e3)") from None
     if annotation is float:
         try:
             return float(text)
@@ -382,18 +479,36 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
     return cfg
 
 
-def _from_dict(cls: type, d: dict[str, Any]) -> Any:
+def _json_type_fits(value: Any, annotation: Any) -> bool:
+    if typing.get_origin(annotation) in (Union, types.UnionType):
+        return any(_json_type_fits(value, option) for option in typing.get_args(annotation))
+    if annotation is float:  # JSON writes 10000.0 as a float, but a hand-written 10000 is fine too
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, annotation)
+
+
+def _from_dict(cls: type, d: Any, prefix: str = "") -> Any:
+    """A config section from its JSON form; keys it does not know are ignored (newer files),
+    a value of the wrong type is one UserError naming the dotted key."""
+    if not isinstance(d, dict):
+        got = "nothing" if d is None else f"{d!r:.60}"
+        raise UserError(f"{prefix.rstrip('.') or cls.__name__}: expected a JSON object, got {got}")
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name not in d:
             continue
         value = d[f.name]
-        if dataclasses.is_dataclass(hints[f.name]) and isinstance(value, dict):
-            value = _from_dict(hints[f.name], value)
+        if dataclasses.is_dataclass(hints[f.name]):
+            value = _from_dict(hints[f.name], value, f"{prefix}{f.name}.")
+        elif not _json_type_fits(value, hints[f.name]):
+            expected = getattr(hints[f.name], "__name__", hints[f.name])
+            raise UserError(f"{prefix}{f.name}={value!r:.60}: expected {expected}")
         kwargs[f.name] = value
     return cls(**kwargs)
 
 
-def model_config_from_dict(d: dict[str, Any]) -> ModelConfig:
-    return _from_dict(ModelConfig, d)
+def model_config_from_dict(d: Any) -> ModelConfig:
+    return _from_dict(ModelConfig, d, "model.")

@@ -9,20 +9,42 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from gpt2repro.atomic import atomic_write
+from gpt2repro.atomic import atomic_write, writing
 from gpt2repro.config import get_preset
 from gpt2repro.data.prepare import prepare
 from gpt2repro.data.tokenizer import decode, encode
+from gpt2repro.errors import UserError
 from gpt2repro.load import load_model
 from gpt2repro.model.generate import generate
+from gpt2repro.outdir import FolderLock
 from gpt2repro.report.plot import plot_logs
+from gpt2repro.train.rundir import existing_run
 from gpt2repro.train.trainer import train
 
 DEMO_PROMPTS = ("The function", "In Python, a class", "The result of")
+DEMO_FILES = ("plot.png", "final_samples.txt")  # what the demo writes besides the run and the data
 
 
-def run_demo(out_dir: str | Path = "demo_out", max_steps: int | None = None) -> Path:
+def run_demo(out_dir: str | Path = "demo_out", max_steps: int | None = None, overwrite: bool = False) -> Path:
+    """The demo into ``out_dir``. A folder with an earlier demo (or any training run) in it is
+    refused unless ``overwrite``: then the earlier run, plot and samples are replaced and the
+    prepared corpus in ``OUT/data`` is kept (prepare finds it finished)."""
     out = Path(out_dir)
+    # Held for the whole demo (train takes it again, a no-op in this process): a second demo
+    # started meanwhile is refused at once, not halfway through.
+    with FolderLock(out):
+        found = existing_run(out)
+        if found and not overwrite:
+            raise UserError(f"{out}: holds an earlier demo ({', '.join(found[:2])}); replace it with "
+                            f"`gpt2repro demo --out {out} --overwrite`, or pass a new --out")
+        if overwrite:
+            for name in DEMO_FILES:
+                with writing(out / name):
+                    (out / name).unlink(missing_ok=True)
+        return _run(out, max_steps, overwrite)
+
+
+def _run(out: Path, max_steps: int | None, overwrite: bool) -> Path:
     cfg = get_preset("demo")
     cfg.data.path = str(out / "data")
     cfg.out_dir = str(out)
@@ -33,9 +55,10 @@ def run_demo(out_dir: str | Path = "demo_out", max_steps: int | None = None) -> 
     prepare(source="demo", out_dir=cfg.data.path, workers=os.cpu_count() or 1)
 
     print(f"[2/4] training the demo preset ({cfg.optim.max_steps} steps) into {out}")
-    if train(cfg).get("stopped_early"):
+    if train(cfg, overwrite=overwrite).get("stopped_early"):
+        steps = f" --max-steps {max_steps}" if max_steps is not None else ""
         print(f"training was stopped; continue with: gpt2repro train --preset demo --data {cfg.data.path} "
-              f"--out {out} --resume")
+              f"--out {out}{steps} --resume")
         return out
 
     print("[3/4] plotting the log")

@@ -6,8 +6,23 @@ raises ``UserError`` with a message that names the file or flag and the fix.
 traceback instead.
 """
 
+import errno
+
 
 class UserError(Exception):
     """A problem with the user's input or files, reported without a traceback."""
 
     exit_code = 2
+
+
+def write_error(path, error: OSError) -> UserError:
+    """A failed write (full disk, read-only folder, a file where a folder should be) as one line naming
+    ``path``; callers raise it ``from`` the OSError so that ``--debug`` still shows where it came from."""
+    reason = error.strerror or str(error) or type(error).__name__
+    if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):  # the data did not fit
+        fix = "free disk space (or raise the quota) and run the command again"
+    elif error.errno in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.EEXIST):
+        fix = "choose a writable location"
+    else:  # e.g. numpy's short write, which carries no errno: most often a full disk
+        fix = "check the disk's free space and permissions, and run the command again"
+    return UserError(f"{path}: cannot write ({reason}); {fix}")

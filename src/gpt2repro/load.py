@@ -2,22 +2,29 @@
 GPT-2 directory, or a hub name such as ``gpt2``.
 
 It sits above ``train`` (it reads our checkpoint layout) and below the commands
-that take ``--model``: eval, sample, export, bench and the demo.
+that take ``--model``: eval, sample, export, bench and the demo. ``export_model``
+also decides where an export may go, since it knows which folders are ours.
 """
 
 from __future__ import annotations
 
+import re
+import shutil
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from safetensors import SafetensorError
 
+from gpt2repro.atomic import writing
 from gpt2repro.device import pick_autocast_dtype, pick_device
 from gpt2repro.errors import UserError
 from gpt2repro.model.gpt import GPT
-from gpt2repro.model.hf import from_pretrained
+from gpt2repro.model.hf import export_hf, from_pretrained
 from gpt2repro.model.io import load_model_dir, read_config
+from gpt2repro.outdir import folder_target
 from gpt2repro.train.checkpoint import META_FILE, latest_checkpoint, verify_checkpoint
+from gpt2repro.train.rundir import describe_ours
 
 
 def load_model(spec: str, device: str | torch.device = "cpu") -> GPT:
@@ -36,9 +43,55 @@ def load_model(spec: str, device: str | torch.device = "cpu") -> GPT:
                         "ckpt_*) nor a Hugging Face GPT-2 directory (config.json + weights)")
     if path.exists():
         raise UserError(f"{path}: is a file; pass the checkpoint directory that holds it")
-    if spec.startswith((".", "/", "~")) or spec.endswith("/") or spec.count("/") > 1:
-        raise UserError(f"{spec}: no such directory; pass a checkpoint, run or Hugging Face directory")
+    if not looks_like_hub_name(spec):
+        raise UserError(f"{spec}: no such directory; pass a checkpoint, run or Hugging Face directory "
+                        "(or a hub name such as gpt2 or org/name)")
     return from_pretrained(spec).to(device)
+
+
+HUB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
+
+
+def looks_like_hub_name(spec: str) -> bool:
+    """``gpt2`` or ``org/name``, and not a path into a folder that is here (``runs/x`` when
+    ``runs/`` exists): only such names are worth a network round trip."""
+    if not HUB_NAME.match(spec) or "--" in spec or ".." in spec or spec.endswith((".", "-")):
+        return False
+    return "/" not in spec or not Path(spec.split("/")[0]).exists()
+
+
+def export_model(spec: str, out: str | Path, overwrite: bool = False) -> Path:
+    """``gpt2repro export``: MODEL as a Hugging Face GPT-2 directory ``out``.
+
+    Never into a folder of ours (a checkpoint, a run, shards: the export would replace files
+    that resuming, sampling or training read) nor inside a checkpoint (``checkpoint.keep``
+    deletes old checkpoints, and the export with them); into any other non-empty folder only
+    with ``overwrite``. A failed write leaves no half-written new folder behind."""
+    out = folder_target(out, "--out")
+    if out.is_dir() and (what := describe_ours(out)) is not None:
+        raise UserError(f"--out {out}: is {what}; export into a new folder, e.g. {out}-hf")
+    for parent in out.parents:
+        if (parent / META_FILE).is_file():
+            raise UserError(f"--out {out}: is inside the checkpoint {parent}, which checkpoint.keep may delete; "
+                            f"export next to it instead, e.g. {parent}-hf")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"--out {out}: is not empty; pass --overwrite to write the export into it (files of "
+                        "the same names are replaced), or choose a new folder")
+    model = load_model(spec)
+    created = not out.exists()
+    try:
+        with writing(out):
+            export_hf(model, out)
+            for weights in out.glob("*.safetensors"):  # created 0600 by safetensors: give them the umask's mode
+                shutil.copymode(out / "config.json", weights)
+            return out
+    except BaseException as e:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        if isinstance(e, SafetensorError):  # safetensors' writer reports a full disk as its own error type
+            raise UserError(f"{out}: cannot write the export ({str(e).splitlines()[0]}); free disk space or "
+                            "choose a writable folder") from e
+        raise
 
 
 class Inference(NamedTuple):

@@ -1,10 +1,17 @@
 """``gpt2repro bench recipe``: quality per token, the faithful recipe against the modern one.
 
-Both train on the same data for the same number of tokens (the ``demo`` and
-``demo-modern`` presets: same shape, same batch, same steps) for each seed. The
-result is the fraction of the faithful run's tokens that the modern run needs to
-reach the faithful run's final val loss, read off the modern val curve with linear
-interpolation between evaluations (above 1: never reached).
+Both train on the same data with the same batch (the ``demo`` and ``demo-modern``
+presets: same shape, same tokens per step) for each seed. The question: what
+fraction of the faithful run's tokens does the modern recipe need to reach the
+faithful run's final val loss? Two answers are printed:
+
+- **budget**: the modern recipe also trains with a smaller budget of tokens, each a
+  complete run with its own schedule (``--fractions``, default 0.5). The answer is the
+  smallest budget whose final val loss is at or below the faithful final val loss.
+  This is how a user would run it: a shorter run decays its learning rate sooner.
+- **curve**: read off the full-length modern run's val curve, interpolated between
+  evaluations, where it first reaches that loss. Its warmup-stable-decay schedule only
+  decays at the end, so this reading is an upper bound.
 
 ``--ablation`` adds one run per lever and direction: each lever of
 ``MODERN_LEVERS`` added alone to the faithful recipe, and removed alone from the
@@ -27,6 +34,7 @@ from gpt2repro.bench import machine_name, print_table
 from gpt2repro.config import MODERN_LEVERS, TrainConfig, apply_overrides, get_preset
 from gpt2repro.data.prepare import prepare
 from gpt2repro.errors import UserError
+from gpt2repro.outdir import folder_target
 from gpt2repro.report.plot import parse_log, plot_logs
 from gpt2repro.train.trainer import train
 
@@ -74,43 +82,59 @@ def tokens_to_reach(target: float, val: list[tuple[int, float]], tokens_per_step
 
 
 def bench_recipe(args: argparse.Namespace) -> dict:
-    out = Path(args.out)
+    out = folder_target(args.out, "--out")
     data = Path(args.data) if args.data else out / "data"
+    seeds = [int(s) for s in args.seeds.split(",")]
+    fractions = sorted(float(f) for f in args.fractions.split(",")) if args.fractions else []
+    steps, every = args.max_steps, args.val_every
+    if steps < 2 or every < 1 or any(not 0 < f < 1 for f in fractions):
+        raise UserError("--max-steps must be at least 2, --val-every at least 1 and --fractions between 0 and 1")
     if not args.data:
         prepare(source="demo", out_dir=data)
-    seeds = [int(s) for s in args.seeds.split(",")]
-    steps, every = args.max_steps, args.val_every
-    if steps < 2 or every < 1:
-        raise UserError("--max-steps must be at least 2 and --val-every at least 1")
 
     runs: dict[tuple[str, int], dict] = {}
     for seed in seeds:
         for preset in RECIPES:
             print(f"training {preset} seed {seed} ({steps} steps) ...", flush=True)
             runs[preset, seed] = run_one(preset, [], out / f"{preset}-seed{seed}", data, steps, every, seed)
+        for fraction in fractions:
+            short = max(2, round(fraction * steps))
+            print(f"training demo-modern seed {seed} ({short} steps, its own schedule) ...", flush=True)
+            runs[f"demo-modern@{fraction}", seed] = run_one("demo-modern", [], out / f"demo-modern-{short}-seed{seed}",
+                                                            data, short, every, seed)
 
-    rows, fractions = [], []
+    rows, budget_needed, curve_needed = [], [], []
     for seed in seeds:
         faithful, modern = runs["demo", seed], runs["demo-modern", seed]
-        total = steps * faithful["tokens_per_step"]
-        needed = tokens_to_reach(faithful["final"], modern["val"], modern["tokens_per_step"])
-        fraction = needed / total if needed is not None else float("inf")
-        fractions.append(fraction)
-        rows.append([str(seed), f"{faithful['final']:.4f}", f"{modern['final']:.4f}",
-                     f"{needed:,.0f}" if needed is not None else "not reached", f"{fraction:.3f}",
-                     f"{faithful['step_ms']:.0f}", f"{modern['step_ms']:.0f}"])
+        target, total = faithful["final"], steps * faithful["tokens_per_step"]
+        reached = [f for f in fractions if runs[f"demo-modern@{f}", seed]["final"] <= target]
+        budget = reached[0] if reached else (1.0 if modern["final"] <= target else float("inf"))
+        needed = tokens_to_reach(target, modern["val"], modern["tokens_per_step"])
+        curve = needed / total if needed is not None else float("inf")
+        budget_needed.append(budget)
+        curve_needed.append(curve)
+        short_finals = [f"{runs[f'demo-modern@{f}', seed]['final']:.4f}" for f in fractions]
+        rows.append([str(seed), f"{target:.4f}", f"{modern['final']:.4f}", *short_finals, f"{budget:g}",
+                     f"{curve:.3f}", f"{faithful['step_ms']:.0f}", f"{modern['step_ms']:.0f}"])
     print_table(f"bench recipe: demo vs demo-modern, {steps} steps × {runs['demo', seeds[0]]['tokens_per_step']} "
                 f"tokens, val every {every} steps, {machine_name()}",
-                ["seed", "faithful final val", "modern final val", "modern tokens to reach it",
-                 "fraction of faithful tokens", "faithful ms/step", "modern ms/step"], rows)
-    print(f"fraction of the faithful run's tokens the modern run needs: median {statistics.median(fractions):.3f}, "
-          f"max {max(fractions):.3f} over {len(seeds)} seeds")
+                ["seed", "faithful final val", "modern final val",
+                 *(f"modern in {f:g} of the tokens" for f in fractions), "budget needed", "curve reading",
+                 "faithful ms/step", "modern ms/step"], rows)
+    print(f"fraction of the faithful run's tokens the modern recipe needs: budget {max(budget_needed):g} "
+          f"(worst seed), curve reading median {statistics.median(curve_needed):.3f}, max {max(curve_needed):.3f}")
     print_curves(runs, seeds)
     plot_logs([str(out / f"{p}-seed{seeds[0]}" / "log.txt") for p in RECIPES], out=str(out / "recipe.png"),
               x="tokens")
 
-    ablation = run_ablation(out, data, steps, every, seeds[0], runs) if args.ablation else None
-    return {"fractions": fractions, "ablation": ablation}
+    ablation = None
+    if args.ablation:
+        levers = args.levers.split(",") if args.levers else list(MODERN_LEVERS)
+        unknown = [lever for lever in levers if lever not in MODERN_LEVERS]
+        if unknown:
+            raise UserError(f"--levers: unknown {', '.join(unknown)}; choose from {', '.join(MODERN_LEVERS)}")
+        ablation = run_ablation(out, data, steps, every, seeds[0], runs, levers)
+    return {"budget": budget_needed, "curve": curve_needed, "ablation": ablation}
 
 
 def print_curves(runs: dict, seeds: list[int]) -> None:
@@ -123,10 +147,12 @@ def print_curves(runs: dict, seeds: list[int]) -> None:
                   f"{mean['demo-modern'][i]:.4f}"] for i, s in enumerate(steps)])
 
 
-def run_ablation(out: Path, data: Path, steps: int, every: int, seed: int, runs: dict) -> list[dict]:
+def run_ablation(out: Path, data: Path, steps: int, every: int, seed: int, runs: dict,
+                 levers: list[str]) -> list[dict]:
     faithful, modern = runs["demo", seed], runs["demo-modern", seed]
     results, rows = [], []
-    for lever, keys in MODERN_LEVERS.items():
+    for lever in levers:
+        keys = MODERN_LEVERS[lever]
         print(f"ablation: {lever} ...", flush=True)
         added = run_one("demo", [f"{k}={v}" for k, v in keys.items()], out / f"demo+{lever}", data, steps, every,
                         seed)

@@ -39,6 +39,7 @@ from gpt2repro.data import tokenizer
 from gpt2repro.data.shards import SHARD_PATTERN, read_shard_length, shard_name, write_shard
 from gpt2repro.data.sources import open_source
 from gpt2repro.errors import UserError
+from gpt2repro.outdir import FolderLock, plain_name
 
 EOT = tokenizer.EOT_TOKEN
 _EOT_ONLY = [EOT]
@@ -233,11 +234,14 @@ class _ShardWriter:
         index = len(self.shards)
         split = "val" if index == 0 else "train"
         name = shard_name(self.prefix, split, index)
-        write_shard(self.out_dir / name, self.buffer[:self.fill])
         next_at = {"document": self.document, "token": self.written - self.doc_start}
         self.shards.append({"file": name, "split": split, "tokens": self.fill,
                             "documents": self.documents_in_shard, "next": next_at})
+        # The progress file first: a run killed between the two leaves a progress file naming a
+        # missing shard (redone on resume), never a shard that no progress file vouches for (which
+        # _check_out_dir would refuse as someone else's).
         _write_json(self.out_dir / PROGRESS, {**self.state, "shards": self.shards, "complete": False})
+        write_shard(self.out_dir / name, self.buffer[:self.fill])
         self.buffer = np.empty(self._capacity(len(self.shards)), dtype=np.uint16)
         self.fill = 0
         self.documents_in_shard = 0
@@ -284,8 +288,12 @@ def _kept_shards(out_dir: Path, previous: dict | None, run: dict, val_tokens: in
     return kept
 
 
-def _check_out_dir(out_dir: Path, prefix: str) -> None:
-    """Refuse to mix our shards with shards of another corpus in the same directory."""
+def _check_out_dir(out_dir: Path, prefix: str, previous: dict | None) -> None:
+    """Refuse to mix our shards with shards of another corpus, or with .npy files that no
+    prepare of ours wrote (build-nanogpt's own shards, say: same names, other tokens maybe)."""
+    if previous is None and (foreign := next(out_dir.glob("*.npy"), None)) is not None:
+        raise UserError(f"{out_dir}: already holds other shards, .npy files that gpt2repro prepare did not write "
+                        f"there ({foreign.name}, and no {MANIFEST} or {PROGRESS}); use a new --out, or move them away")
     for path in out_dir.glob("*.npy"):
         match = SHARD_PATTERN.match(path.name)
         if match and match["prefix"] != prefix:
@@ -306,6 +314,8 @@ def prepare(source: str, out_dir, *, name: str = "sample-10BT", streaming: bool 
     """Tokenize ``source`` into shards in ``out_dir``; return the manifest. Shard sizes
     default to the source's own (100M tokens; the built-in corpus: small ones)."""
     workers = workers or 1
+    if prefix is not None:
+        plain_name(prefix, "--prefix")
     corpus = open_source(source, name=name, streaming=streaming)
     if shard_tokens is None:  # the source's own sizes; a given --val-tokens still wins
         shard_tokens = corpus.shard_tokens
@@ -317,7 +327,13 @@ def prepare(source: str, out_dir, *, name: str = "sample-10BT", streaming: bool 
     out_dir = Path(out_dir)
     run = {"source": corpus.label, "prefix": prefix, "shard_tokens": shard_tokens,
            "val_tokens": val_tokens}  # what a resumed run must share with the one it continues
-    previous = _read_state(out_dir) if out_dir.is_dir() else None
+    with FolderLock(out_dir):  # one writer; what the folder holds is read under the lock
+        return _prepare_locked(corpus, source, out_dir, run, workers, max_tokens)
+
+
+def _prepare_locked(corpus, source: str, out_dir: Path, run: dict, workers: int, max_tokens: int | None) -> dict:
+    prefix, shard_tokens, val_tokens = run["prefix"], run["shard_tokens"], run["val_tokens"]
+    previous = _read_state(out_dir)
     kept = _kept_shards(out_dir, previous, run, val_tokens, shard_tokens)
     if previous is not None and _finished(out_dir, previous, max_tokens):
         print(f"{out_dir}: already prepared ({previous['tokens']:,} tokens); nothing to do")
@@ -327,7 +343,7 @@ def prepare(source: str, out_dir, *, name: str = "sample-10BT", streaming: bool 
         documents = _not_empty(documents, source)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    _check_out_dir(out_dir, prefix)
+    _check_out_dir(out_dir, prefix, previous)
     (out_dir / MANIFEST).unlink(missing_ok=True)  # from here on the directory is being changed
     state = {"format": FORMAT, "version": 1, **run, "max_tokens": max_tokens,
              "tokenizer": {"encoding": "gpt2", "encoder.json": tokenizer.ENCODER_JSON_SHA256,

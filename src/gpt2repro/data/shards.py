@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gpt2repro.atomic import atomic_open
+from gpt2repro.atomic import atomic_open, writing
 from gpt2repro.config import GPT2_VOCAB_SIZE
 from gpt2repro.errors import UserError
 
@@ -27,7 +27,7 @@ def shard_name(prefix: str, split: str, index: int) -> str:
 
 def write_shard(path: Path, tokens: np.ndarray) -> None:
     """Save ``tokens`` (uint16) as ``path``; a crash mid-write leaves no partial shard."""
-    with atomic_open(path) as f:
+    with writing(path), atomic_open(path) as f:  # numpy reports a full disk as a short write, no errno
         np.save(f, tokens)
 
 

@@ -151,6 +151,13 @@ def _parquet_documents(path: Path) -> Iterator[str]:
     if "text" not in columns:
         raise UserError(f"{path}: no \"text\" column (columns: {', '.join(columns) or 'none'}); "
                         "rename the column that holds the documents to \"text\"")
+    kind = parquet.schema_arrow.field("text").type
+    if pyarrow.types.is_dictionary(kind):  # dictionary-encoded strings read back as strings
+        kind = kind.value_type
+    if not (pyarrow.types.is_string(kind) or pyarrow.types.is_large_string(kind)
+            or getattr(pyarrow.types, "is_string_view", lambda _: False)(kind)):
+        raise UserError(f"{path}: the \"text\" column holds {kind}, not strings; "
+                        "store each document's text as a string in the \"text\" column")
     for batch in parquet.iter_batches(batch_size=1024, columns=["text"]):
         for text in batch.column(0).to_pylist():
             yield text or ""

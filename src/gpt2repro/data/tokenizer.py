@@ -71,3 +71,27 @@ def encode(text: str) -> list[int]:
 
 def decode(tokens: list[int]) -> str:
     return gpt2_encoding().decode(tokens)
+
+
+class StreamDecoder:
+    """The text of a token stream as it grows, for printing tokens as they are generated. A
+    token that ends inside a multi-byte character (one emoji is often two tokens) is held
+    back until the character is complete, so the pieces join into exactly ``decode(tokens)``."""
+
+    def __init__(self):
+        self.pending: list[int] = []
+
+    def push(self, token: int) -> str:
+        """The text that ``token`` completes; empty while a character is unfinished."""
+        self.pending.append(token)
+        text = decode(self.pending)
+        if text.endswith("\ufffd"):  # an unfinished character decodes to U+FFFD for now
+            return ""
+        self.pending = []
+        return text
+
+    def flush(self) -> str:
+        """Whatever is held back, as it decodes now (the stream ended)."""
+        text = decode(self.pending) if self.pending else ""
+        self.pending = []
+        return text

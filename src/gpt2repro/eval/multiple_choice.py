@@ -184,14 +184,16 @@ def correct_counts(logprobs: torch.Tensor, questions: list[Question]) -> torch.T
 
 def score(model, items: Sequence[Any], to_question: Callable[[Any], Question],
           ending_scorer: Callable[[list[Question]], torch.Tensor], *, device="cpu", rank: int = 0,
-          world_size: int = 1, items_per_chunk: int = ITEMS_PER_CHUNK) -> dict:
+          world_size: int = 1, items_per_chunk: int = ITEMS_PER_CHUNK,
+          progress: Callable[[int], Any] | None = None) -> dict:
     """``{"acc", "acc_norm", "n", "items_per_s"}`` of one scoring: every item made a question
     by ``to_question`` and fitted to the model's block, its endings' summed log-likelihoods
     from ``ending_scorer`` ((n, N) on ``device``; ``ending_logprobs`` or a reference).
 
     ``model`` is put in eval mode under ``no_grad`` and restored after. Under a process group,
     rank r scores items r, r + world_size, ... and the counts are summed across ranks, so
-    every rank returns the global result.
+    every rank returns the global result. ``progress(n)`` is told of each chunk of n of this
+    rank's items as it is handed to the device (on a GPU the device may still be working on it).
     """
     device = torch.device(device)
     was_training = model.training
@@ -206,6 +208,8 @@ def score(model, items: Sequence[Any], to_question: Callable[[Any], Question],
                 questions = [fit_to_block(to_question(item), model.config.block_size)
                              for item in mine[first:first + items_per_chunk]]
                 counts += correct_counts(ending_scorer(questions), questions)
+                if progress is not None:
+                    progress(len(questions))
             all_reduce_sum(counts)
             acc, acc_norm, n = counts.tolist()  # the one host sync of the scoring
             seconds = time.perf_counter() - start

@@ -13,11 +13,20 @@ depends on.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
-from gpt2repro.config import GPT2_VOCAB_SIZE
+from gpt2repro.config import GPT2_VOCAB_SIZE, ModelConfig
 from gpt2repro.data.tokenizer import EOT_TOKEN
+
+
+def sampling_bytes(config: ModelConfig, num_samples: int, element_size: int = 4) -> int:
+    """About the memory ``generate`` needs beyond the weights: per sample, a KV cache of a whole
+    block (2 · n_layer · block_size · n_embd values) and one block's activations on the way
+    (about 8 · block_size · n_embd: the MLP's 4x hidden layer, attention's queries and output)."""
+    return num_samples * (2 * config.n_layer + 8) * config.block_size * config.n_embd * element_size
 
 
 def sample_next(logits: torch.Tensor, rng: torch.Generator, top_k: int | None, temperature: float) -> torch.Tensor:
@@ -34,12 +43,13 @@ def sample_next(logits: torch.Tensor, rng: torch.Generator, top_k: int | None, t
 
 def generate(model, prompt_tokens: list[int], *, num_samples: int = 4, max_new_tokens: int = 32,
              top_k: int | None = 50, temperature: float = 1.0, seed: int = 42, kv_cache: bool = True,
-             device=None) -> list[list[int]]:
+             device=None, on_token: Callable[[list[int]], None] | None = None) -> list[list[int]]:
     """``num_samples`` lists of ``max_new_tokens`` new tokens each (the prompt is not repeated:
     ``prompt + decode(tokens)`` is the sample). An empty prompt starts from <|endoftext|>.
     Tokens are drawn from the real 50,257-token vocabulary only, so every sample decodes.
     The model is put in eval mode and restored after; call under ``torch.autocast`` for
-    reduced precision.
+    reduced precision. ``on_token``, when given, receives each step's new token of every
+    sample as it is drawn (for streaming; it costs a host sync per step).
     """
     device = torch.device(device) if device is not None else model.lm_head.weight.device
     block_size = model.config.block_size
@@ -61,7 +71,10 @@ def generate(model, prompt_tokens: list[int], *, num_samples: int = 4, max_new_t
                 else:
                     hidden = model.hidden(rows[:, -block_size:])
                 logits = model.logits(hidden[:, -1], GPT2_VOCAB_SIZE).float()
-                rows = torch.cat([rows, sample_next(logits, rng, top_k, temperature)], dim=1)
+                new = sample_next(logits, rng, top_k, temperature)
+                rows = torch.cat([rows, new], dim=1)
+                if on_token is not None:
+                    on_token(new[:, 0].tolist())
     finally:
         model.train(was_training)
     return rows[:, len(prompt):].tolist()

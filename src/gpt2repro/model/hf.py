@@ -9,7 +9,10 @@ to it from our padded 50,304.
 
 from __future__ import annotations
 
+import pickle
 import shutil
+import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -39,18 +42,82 @@ def from_hf_model(hf_model) -> GPT:
     return model
 
 
-def from_pretrained(name_or_path: str) -> GPT:
-    """OpenAI's GPT-2 (``gpt2``, ``gpt2-medium``, ...) or a local Hugging Face GPT-2 directory."""
+HUB_TIMEOUT_S = 10  # the one request that decides whether the hub is reachable
+
+
+def quiet_transformers() -> None:
+    """transformers' and the hub's progress bars and warnings stay out of our commands' output:
+    it is either the model, or one line saying why not."""
+    from huggingface_hub.utils import disable_progress_bars
     from huggingface_hub.utils import logging as hub_logging
+    from transformers.utils import logging as transformers_logging
+
+    hub_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    disable_progress_bars()
+
+
+def from_pretrained(name_or_path: str) -> GPT:
+    """OpenAI's GPT-2 (``gpt2``, ``gpt2-medium``, ...) or a local Hugging Face GPT-2 directory.
+
+    A hub name is read from the local cache when it is there, with no network at all;
+    otherwise one short request asks the hub for it, so that no network or no such model
+    is one line within seconds, not a minute of retries per file."""
     from transformers import GPT2LMHeadModel
 
-    hub_logging.set_verbosity_error()  # no retry chatter: success, or one line below
+    quiet_transformers()
+    local = Path(name_or_path).is_dir()
+
+    def load(**options):
+        with warnings.catch_warnings():  # e.g. torch.load's note on an old pickle protocol
+            warnings.simplefilter("ignore")
+            return GPT2LMHeadModel.from_pretrained(name_or_path, torch_dtype=torch.float32, **options)
+
     try:
-        hf_model = GPT2LMHeadModel.from_pretrained(name_or_path, torch_dtype=torch.float32)
-    except OSError as e:
-        raise UserError(f"{name_or_path}: could not load a Hugging Face GPT-2 ({str(e).splitlines()[0]}); "
-                        "pass a local directory, or check the network") from None
+        if local:
+            hf_model = load()
+        else:
+            try:
+                hf_model = load(local_files_only=True)
+            except OSError:
+                _check_hub(name_or_path)
+                print(f"downloading {name_or_path} from the Hugging Face hub (once: it is cached)",
+                      file=sys.stderr, flush=True)
+                hf_model = load()
+    except pickle.UnpicklingError as e:
+        reason = next((ln for ln in str(e).splitlines() if "GLOBAL" in ln), str(e).splitlines()[0]).strip()
+        raise UserError(f"{name_or_path}: refused to load its pytorch_model.bin, a pickle that holds more than "
+                        f"tensors ({reason[:120]}); loading it could run code: use a model.safetensors copy of "
+                        "these weights") from None
+    except (OSError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"{name_or_path}: could not load a Hugging Face GPT-2 ({first[:200]}); "
+                        "pass a GPT-2 directory with config.json and model.safetensors") from None
     return from_hf_model(hf_model)
+
+
+def _check_hub(name: str) -> None:
+    """One request with a short timeout: is ``name`` a model on the hub, and is the hub reachable?"""
+    from huggingface_hub import constants, model_info
+    from huggingface_hub.utils import GatedRepoError, RepositoryNotFoundError
+
+    where = f"{name}: no such local directory"
+    if constants.HF_HUB_OFFLINE:
+        raise UserError(f"{where}, and not in the Hugging Face cache while HF_HUB_OFFLINE is set; "
+                        "pass a local directory, or unset HF_HUB_OFFLINE to download it")
+    try:
+        model_info(name, timeout=HUB_TIMEOUT_S)
+    except GatedRepoError:
+        raise UserError(f"{name}: a gated model on the Hugging Face hub; accept its terms on the hub "
+                        "and log in (hf auth login)") from None
+    except RepositoryNotFoundError:
+        raise UserError(f"{where}, and no model of that name on the Hugging Face hub; pass a checkpoint, "
+                        "run or Hugging Face directory, or a hub name such as gpt2") from None
+    except Exception as e:  # the HTTP client's own errors: DNS, refused, timeout, proxy
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"{where}, and the Hugging Face hub is unreachable ({reason[:120]}); "
+                        "pass a local directory, or check the network") from None
 
 
 def hf_config(cfg: ModelConfig):
@@ -97,6 +164,7 @@ def export_hf(model: GPT, out_dir: Path) -> Path:
     config.json, model.safetensors and the GPT-2 tokenizer files."""
     from transformers import GPT2TokenizerFast
 
+    quiet_transformers()
     hf_model = to_hf_model(model)  # refuses a model it cannot express before anything is written
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

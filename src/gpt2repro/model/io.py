@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,9 @@ def save_weights(weights: dict[str, torch.Tensor], model_config: ModelConfig, di
     save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": FORMAT})
     config = {"format": FORMAT, "model": dataclasses.asdict(model_config), **(extra or {})}
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    # safetensors creates its file 0600 whatever the umask; a team's checkpoints should be as
+    # readable as its other files, so the weights take the mode open() gave config.json
+    shutil.copymode(directory / CONFIG_FILE, directory / WEIGHTS_FILE)
 
 
 def read_config(directory: Path) -> dict[str, Any] | None:
@@ -59,7 +63,12 @@ def load_model_dir(directory: Path, device: str | torch.device = "cpu") -> GPT:
     config = read_config(directory)
     if config is None:
         raise UserError(f"{directory}: no gpt2repro model here (expected {CONFIG_FILE} and {WEIGHTS_FILE})")
-    model = GPT(model_config_from_dict(config["model"]))
+    try:
+        model_config = model_config_from_dict(config.get("model"))
+    except UserError as e:
+        raise UserError(f"{directory / CONFIG_FILE}: {e}; the config does not describe a model, "
+                        "use an earlier checkpoint or re-export") from None
+    model = GPT(model_config)
     load_weights(model, directory)
     return model.to(device)
 

@@ -22,7 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
+from gpt2repro.atomic import atomic_open, writing
 from gpt2repro.errors import UserError
+from gpt2repro.outdir import file_target
 
 PLOTTED_STREAMS = ("train", "val", "hella")
 GPT2_VAL_LOSS = {"124M": 3.2924}
@@ -96,6 +98,20 @@ def tokens_per_step(log: str | Path, default: int = DEFAULT_TOKENS_PER_STEP) -> 
     return tokens, str(config)
 
 
+def check_out(out: str | Path) -> Path:
+    """``--out`` as a file whose suffix names a format matplotlib writes, checked before any drawing."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    path = file_target(out)
+    formats = FigureCanvasBase.get_supported_filetypes()
+    suffix = path.suffix.lower().removeprefix(".")
+    if suffix not in formats:
+        what = f"unsupported suffix .{suffix}" if suffix else "no file suffix"
+        raise UserError(f"--out {out}: {what}; end the name with one of "
+                        f"{', '.join('.' + f for f in sorted(formats))}, e.g. plot.png")
+    return path
+
+
 def plot_logs(logs: list[str], size: str = "124M", out: str = "plot.png", show: bool = False,
               x: str = "step", default_tokens_per_step: int = DEFAULT_TOKENS_PER_STEP):
     """Draw every log into one two-panel figure, save it as ``out``, print the key numbers;
@@ -110,6 +126,9 @@ def plot_logs(logs: list[str], size: str = "124M", out: str = "plot.png", show: 
         raise UserError(f"--sz {size}: choose one of {', '.join(HELLASWAG_BASELINES)}")
     if x not in X_AXES:
         raise UserError(f"--x {x}: choose one of {', '.join(X_AXES)}")
+    out_path = check_out(out)
+    if any(Path(p).resolve() == out_path.resolve() for p in logs):
+        raise UserError(f"--out {out}: is also a --log file, which the plot would replace; pass e.g. --out plot.png")
     parsed = [parse_log(p) for p in logs]
     for path, (streams, malformed) in zip(logs, parsed):
         if not any(streams.get(s) for s in PLOTTED_STREAMS):
@@ -164,9 +183,10 @@ def plot_logs(logs: list[str], size: str = "124M", out: str = "plot.png", show: 
     hella_ax.legend()
     fig.tight_layout()
 
-    out_path = Path(out)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, dpi=100)
+    with writing(out_path.parent):
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+    with writing(out_path), atomic_open(out_path) as f:  # a full disk leaves the previous plot, not half a new one
+        fig.savefig(f, dpi=100, format=out_path.suffix.lower().removeprefix("."))
     print(f"wrote {out_path}")
     if show:
         plt.show()

@@ -80,8 +80,12 @@ def save_checkpoint(run_dir: Path, step: int, weights: dict[str, torch.Tensor], 
         if final.exists():  # re-saving the same step (e.g. after a rollback): swap, then delete
             old = run_dir / f".old_{final.name}_{os.getpid()}"
             final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old)
+            try:
+                tmp.rename(final)
+            except BaseException:
+                old.rename(final)  # the previous checkpoint of this step stays the valid one
+                raise
+            shutil.rmtree(old, ignore_errors=True)  # the new one is in place: leftovers only cost space
         else:
             tmp.rename(final)
         _fsync(run_dir)
@@ -104,9 +108,16 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def remove_temporaries(run_dir: Path) -> None:
-    """Half-written checkpoints left by a crash."""
+    """Half-written checkpoints left by a crash; a checkpoint moved aside for a re-save of its
+    step goes back into place when the crash came before its replacement did."""
     for p in Path(run_dir).glob(".tmp_ckpt_*"):
         shutil.rmtree(p, ignore_errors=True)
+    for p in Path(run_dir).glob(".old_ckpt_*"):
+        target = Path(run_dir) / p.name[len(".old_"):].rsplit("_", 1)[0]
+        if NAME.match(target.name) and not target.exists():
+            p.rename(target)
+        else:
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def verify_checkpoint(path: Path) -> None:

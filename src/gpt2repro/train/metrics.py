@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from gpt2repro.atomic import atomic_write
+from gpt2repro.atomic import atomic_write, writing
 from gpt2repro.errors import UserError
 
 # Dense (no sparsity) peak tensor-core FLOP/s in bf16/fp16, from the vendors' datasheets.
@@ -62,12 +62,14 @@ class RunLog:
 
     LINE = re.compile(r"^(\d+) (\w+) (\S+)$")
 
-    def __init__(self, path: Path, resume_step: int | None = None, tensorboard_dir: Path | None = None):
+    def __init__(self, path: Path, resume_step: int | None = None, tensorboard_dir: Path | None = None,
+                 wandb_run: dict | None = None):
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is None:
-            path.write_text("")
-        else:
+        with writing(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if resume_step is None:
+                path.write_text("")
+        if resume_step is not None:
             self.truncate(resume_step)
         self.tb = None
         if tensorboard_dir is not None:
@@ -78,6 +80,9 @@ class RunLog:
                                 "pip install 'gpt2repro[tensorboard]'") from None
 
             self.tb = SummaryWriter(str(tensorboard_dir))
+        self.wandb = None
+        if wandb_run is not None:  # wandb.init's keyword arguments: project, name, config, dir
+            self.wandb = _start_wandb(wandb_run)
 
     def truncate(self, step: int) -> None:
         """Drop the records of ``step`` and later (they are about to be recomputed)."""
@@ -88,11 +93,36 @@ class RunLog:
         atomic_write(self.path, "".join(kept))
 
     def write(self, step: int, stream: str, value: float) -> None:
-        with open(self.path, "a") as f:
+        with writing(self.path), open(self.path, "a") as f:
             f.write(f"{step} {stream} {value:.6f}\n")
         if self.tb is not None and math.isfinite(value):
             self.tb.add_scalar(stream, value, step)
+        if self.wandb is not None and math.isfinite(value):
+            self.wandb.log({stream: value}, step=step)
+
+    def records(self, stream: str) -> list[tuple[int, float]]:
+        """``(step, value)`` of every ``stream`` line in the file, resumed runs' earlier lines included."""
+        if not self.path.exists():
+            return []
+        matches = (self.LINE.match(ln.strip()) for ln in self.path.read_text().splitlines())
+        return [(int(m.group(1)), float(m.group(3))) for m in matches if m and m.group(2) == stream]
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _start_wandb(settings: dict):
+    try:
+        import wandb
+    except ImportError:
+        raise UserError("runtime.wandb=true needs Weights & Biases: pip install 'gpt2repro[wandb]', "
+                        "or drop runtime.wandb") from None
+    try:
+        return wandb.init(**settings)
+    except Exception as e:  # wandb's own errors (no API key, no network) have no common base class
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"runtime.wandb=true: could not start a Weights & Biases run ({reason[:200]}); "
+                        "run `wandb login`, or set WANDB_MODE=offline to log locally") from None

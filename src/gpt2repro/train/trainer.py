@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import shlex
 import signal
 import time
 from pathlib import Path
@@ -19,12 +20,12 @@ from typing import Any, NamedTuple
 
 import torch
 
-from gpt2repro.atomic import atomic_write
-from gpt2repro.config import TrainConfig
+from gpt2repro.atomic import atomic_write, writing
+from gpt2repro.config import MODEL_PRESETS, ModelConfig, TrainConfig
 from gpt2repro.data.loader import TokenLoader
 from gpt2repro.data.tokenizer import decode, encode
 from gpt2repro.device import synchronize, to_device
-from gpt2repro.distributed import all_reduce_mean, any_rank, barrier, shutdown_distributed
+from gpt2repro.distributed import all_reduce_mean, any_rank, shutdown_distributed
 from gpt2repro.errors import UserError
 from gpt2repro.eval.hellaswag import evaluate_hellaswag, load_items
 from gpt2repro.eval.val_loss import evaluate_val_loss
@@ -33,17 +34,22 @@ from gpt2repro.model.gpt import GPT
 from gpt2repro.model.io import read_weights
 from gpt2repro.runtime import Runtime, choose_micro_batch, grad_accum_steps, setup_runtime
 from gpt2repro.train import checkpoint as ckpt
+from gpt2repro.train import rundir
 from gpt2repro.train.metrics import RunLog, mfu, peak_flops
 from gpt2repro.train.optim import build_optimizers, learning_rate, set_learning_rate
 from gpt2repro.train.parallel import Parallel
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, stop_at_step: int | None = None) -> dict[str, Any]:
-    """Run (or continue) training; returns the last step's metrics."""
+def train(cfg: TrainConfig, *, resume: bool = False, stop_at_step: int | None = None,
+          overwrite: bool = False) -> dict[str, Any]:
+    """Run (or continue) training; returns the last step's metrics. ``overwrite``: delete the run
+    already in ``out_dir`` first (without it such a folder is refused unless ``resume``)."""
     cfg.validate()
     rt = setup_runtime(cfg.runtime)
     try:
-        with StopRequest() as stop:
+        log = print if rt.dist.is_main else (lambda *a, **k: None)
+        with rundir.claim(cfg.out_dir, resume=resume, overwrite=overwrite, is_main=rt.dist.is_main,
+                          device=rt.device, log=log), StopRequest() as stop:
             return Trainer(cfg, rt, resume).run(stop, stop_at_step)
     finally:
         shutdown_distributed()
@@ -61,27 +67,53 @@ class StepResult(NamedTuple):
 
 
 class StopRequest:
-    """SIGTERM (what schedulers send before preemption) asks for a checkpoint at the next step."""
+    """SIGTERM (what schedulers send before preemption) and Ctrl-C (SIGINT) ask for a checkpoint
+    after the current step; a second Ctrl-C quits at once, as Ctrl-C always did, keeping the last
+    checkpoint."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
-        self.requested = False
-        self._previous = None
+        self.signal_name: str | None = None  # the first stop signal received
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_name is not None
 
     def __enter__(self):
         with contextlib.suppress(ValueError):  # not the main thread: no signal handling
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def _handle(self, signum, frame):
-        self.requested = True
+        if signum == signal.SIGINT and self.signal_name == "SIGINT":
+            raise KeyboardInterrupt
+        self.signal_name = self.signal_name or signal.Signals(signum).name
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, previous in self._previous.items():
+            if previous is not None:  # None: a handler installed outside Python, which cannot be put back
+                signal.signal(signum, previous)
 
 
 def _due(step: int, every: int, last: bool) -> bool:
     return every > 0 and (step % every == 0 or last)
+
+
+# `gpt2repro plot --sz` of each GPT-2 size: the summary's plot command draws that size's baselines.
+PLOT_SIZES = {"gpt2": "124M", "gpt2-medium": "350M", "gpt2-large": "774M", "gpt2-xl": "1558M"}
+
+
+def _same_shape(a: ModelConfig, b: ModelConfig) -> bool:
+    return (a.n_layer, a.n_head, a.n_embd) == (b.n_layer, b.n_head, b.n_embd)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.2f} h"
 
 
 class Trainer:
@@ -121,7 +153,8 @@ class Trainer:
             ckpt.remove_temporaries(self.out_dir)
             atomic_write(self.out_dir / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
             self.run_log = RunLog(self.out_dir / "log.txt", resume_step=self.step if resume_from else None,
-                                  tensorboard_dir=self.out_dir / "tb" if cfg.runtime.tensorboard else None)
+                                  tensorboard_dir=self.out_dir / "tb" if cfg.runtime.tensorboard else None,
+                                  wandb_run=self.wandb_settings() if cfg.runtime.wandb else None)
         self.flops_per_token = flops_per_token
         self.peak_flops = peak_flops(rt.device)
         self.log(f"model: {self.num_params:,} parameters | device {rt.device} | dtype "
@@ -145,6 +178,8 @@ class Trainer:
         max_steps = self.cfg.optim.max_steps
         metrics: dict[str, Any] = {}
         recent: list[float] = []  # seconds of the last steps, for the ETA
+        started = time.perf_counter()
+        self.log_outputs()
         while self.step < max_steps:
             step = self.step
             last = step == max_steps - 1
@@ -168,14 +203,57 @@ class Trainer:
                 self.save(done, final=done == max_steps or stopping)
             if stopping and done < max_steps:
                 metrics["stopped_early"] = True
-                why = "SIGTERM" if stop.requested else "--stop-at-step"
+                why = stop.signal_name or ("--stop-at-step" if stop_at_step is not None and done >= stop_at_step
+                                           else "a signal to another rank")
+                metrics["stopped_by"] = why
                 self.log(f"stopping after step {step} ({why}); continue with --resume")
                 break
         held = self.parallel.local_bytes(self.optimizers)
         self.log("held by this rank: " + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in held.items()))
+        self.summary(time.perf_counter() - started)
         if self.run_log:
             self.run_log.close()
         return metrics
+
+    def wandb_settings(self) -> dict[str, Any]:
+        """``wandb.init``'s arguments, as nanoGPT sets them: project, run name, the whole config."""
+        rt = self.cfg.runtime
+        return {"project": rt.wandb_project, "name": rt.wandb_run_name or self.out_dir.resolve().name,
+                "config": self.cfg.to_dict(), "dir": str(self.out_dir)}
+
+    def log_outputs(self) -> None:
+        """Where this run writes, said once before the first step."""
+        cfg, out = self.cfg, self.out_dir
+        every = f"every {cfg.checkpoint.every} steps and " if cfg.checkpoint.every > 0 else ""
+        keep = f", newest {cfg.checkpoint.keep} kept" if cfg.checkpoint.keep > 0 else ""
+        where = [f"{out / 'log.txt'} (train/val/hella lines)", f"{out / 'ckpt_NNNNNN'} ({every}at the end{keep})"]
+        if cfg.eval.sample_every > 0:
+            where.append(str(out / "samples.txt"))
+        if cfg.runtime.tensorboard:
+            where.append(f"{out / 'tb'} (TensorBoard)")
+        if cfg.runtime.wandb:
+            where.append(f"Weights & Biases project {cfg.runtime.wandb_project}")
+        self.log("outputs: " + "; ".join(where))
+
+    def summary(self, seconds: float) -> None:
+        """The run's outcome at the end of the console: the numbers a run is judged by, where
+        its checkpoint is, and the command that plots it."""
+        if self.run_log is None:  # not rank 0
+            return
+        cfg, out, max_steps = self.cfg, self.out_dir, self.cfg.optim.max_steps
+        val, hella = self.run_log.records("val"), self.run_log.records("hella")
+        val_text = f"{val[-1][1]:.4f} (step {val[-1][0]})" if val else "not measured (eval.val_every)"
+        best = max(hella, key=lambda record: record[1], default=None)
+        hella_text = f"{best[1]:.4f} (step {best[0]})" if best else "not measured (eval.hellaswag_every)"
+        newest = ckpt.list_checkpoints(out)
+        size = next((PLOT_SIZES[name] for name in PLOT_SIZES if _same_shape(MODEL_PRESETS[name], cfg.model)), None)
+        plot = (f"gpt2repro plot --log {shlex.quote(str(out / 'log.txt'))}" + (f" --sz {size}" if size else "")
+                + f" --out {shlex.quote(str(out / 'plot.png'))}")
+        self.log(f"{'finished' if self.step >= max_steps else 'stopped'}: {self.step:,} of {max_steps:,} steps, "
+                 f"{self.step * cfg.optim.total_batch_tokens:,} tokens; this run took {_duration(seconds)}")
+        self.log(f"final val loss {val_text} | best HellaSwag acc_norm {hella_text}")
+        self.log(f"checkpoint: {newest[0] if newest else 'none'}")
+        self.log(f"plot: {plot}")
 
     # --- one optimizer step ------------------------------------------------------------------
 
@@ -226,7 +304,8 @@ class Trainer:
         if result.fp16_overflow:
             self.log(f"step {step:5d} | fp16 gradient overflow: update skipped, loss scale now "
                      f"{self.scaler.get_scale():g}")
-        if step % self.cfg.runtime.log_every == 0 or last:
+        every = self.cfg.runtime.log_every
+        if every > 0 and (step % every == 0 or last):
             eta_s = (self.cfg.optim.max_steps - step - 1) * sum(recent) / len(recent)
             utilization = mfu(metrics["tokens_per_s"], self.flops_per_token, self.peak_flops, self.rt.dist.world_size)
             mfu_text = f"{100 * utilization:.1f}%" if utilization is not None else "-"
@@ -273,8 +352,21 @@ class Trainer:
         if path is None:
             raise UserError(f"{self.out_dir}: --resume found no complete checkpoint to resume from; "
                             "drop --resume to start a new run")
-        saved = json.loads((path / "config.json").read_text())["train"]
-        ckpt.check_resume_config(saved, self.cfg.to_dict(), path)
+        try:
+            saved = json.loads((path / "config.json").read_text())
+        except (OSError, ValueError):
+            saved = None
+        if not (isinstance(saved, dict) and isinstance(saved.get("train"), dict)
+                and type(saved.get("step")) is int):
+            raise UserError(f"{path / 'config.json'}: not a training checkpoint's config (a JSON object with a "
+                            "'train' object and a 'step' number); move this checkpoint aside to resume from the "
+                            "one before, or drop --resume")
+        ckpt.check_resume_config(saved["train"], self.cfg.to_dict(), path)
+        max_steps = self.cfg.optim.max_steps
+        if saved["step"] >= max_steps:
+            raise UserError(f"optim.max_steps={max_steps} (--max-steps): {path.name} has already done "
+                            f"{saved['step']} steps, so --resume has nothing to train; pass --max-steps above "
+                            f"{saved['step']} to train on, or a new --out for a new run")
         return path
 
     def restore(self, path: Path) -> None:
@@ -287,9 +379,13 @@ class Trainer:
         self.step = state["step"]
         self.skip_steps = set(state.get("skip_steps", []))
 
+    checkpoint_failures = 0  # failed checkpoint writes in a row, the same count on every rank
+
     def save(self, step_done: int, final: bool = False) -> None:
-        """Rank 0 writes; a failed write keeps the previous checkpoint and, unless it is the
-        final one, the run goes on and tries again at the next interval."""
+        """Rank 0 writes; a failed write keeps the previous checkpoint and, unless it is the final
+        one or the ``checkpoint.max_failures``-th in a row, the run goes on and tries again at the
+        next interval. Any exception counts as a failed write: a full disk surfaces as an OSError
+        from Python, but as safetensors' or torch's own error types from their writers."""
         error = None
         weights = self.parallel.model_state()  # collectives: every rank takes part, rank 0 gets the tensors
         optimizer_state = self.parallel.optimizer_state(self.optimizers)
@@ -300,12 +396,24 @@ class Trainer:
                 path = ckpt.save_checkpoint(self.out_dir, step_done, weights, self.cfg.model, state,
                                             self.cfg.to_dict(), keep=self.cfg.checkpoint.keep)
                 self.log(f"saved checkpoint {path}")
-            except OSError as e:
-                error = f"checkpoint at step {step_done} failed ({e}); the previous checkpoint is intact"
-                self.log(f"ERROR: {error}")
-        barrier()
-        if final and error:
-            raise UserError(f"{self.out_dir}: {error}; free disk space and rerun with --resume")
+            except Exception as e:
+                reason = (str(e).strip().splitlines() or [""])[0][:300]
+                error = f"checkpoint at step {step_done} failed ({type(e).__name__}: {reason})"
+        if not any_rank(error is not None, self.rt.device):  # also the barrier: rank 0 has finished writing
+            self.checkpoint_failures = 0
+            return
+        self.checkpoint_failures += 1
+        failures, allowed = self.checkpoint_failures, self.cfg.checkpoint.max_failures
+        error = error or f"checkpoint at step {step_done} failed on rank 0 (see its error)"
+        previous = ckpt.list_checkpoints(self.out_dir)
+        kept = f"{previous[0].name} is intact" if previous else "there is no earlier checkpoint"
+        if final or failures >= allowed:
+            why = "the final checkpoint" if final else f"{failures} checkpoint writes in a row"
+            fix = "continue with --resume" if previous else "start over with --overwrite"
+            raise UserError(f"{self.out_dir}: {error}; {why} failed, so the run stops ({kept}): free disk space "
+                            f"and {fix}")
+        self.log(f"WARNING: {error}; {kept}; training goes on and tries again at the next checkpoint "
+                 f"({failures} of checkpoint.max_failures={allowed} failures in a row)")
 
     # --- periodic evaluation -------------------------------------------------------------------
 
@@ -341,7 +449,7 @@ class Trainer:
             samples = generate(model, encode(ev.sample_prompt), num_samples=ev.sample_count,
                                max_new_tokens=ev.sample_tokens, seed=self.cfg.runtime.seed)
         texts = [ev.sample_prompt + decode(s) for s in samples]
-        with open(self.out_dir / "samples.txt", "a") as f:
+        with writing(self.out_dir / "samples.txt"), open(self.out_dir / "samples.txt", "a") as f:
             for i, text in enumerate(texts):
                 f.write(f"step {step} sample {i}: {text!r}\n")
         for i, text in enumerate(texts):
