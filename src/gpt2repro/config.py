@@ -352,17 +352,17 @@ def _modern(faithful: typing.Callable[[], TrainConfig], out: str, tuned: dict[st
 
 # Tuned on the built-in corpus's val split (docs/benchmarks.md: the sweep and its numbers).
 DEMO_MODERN_TUNED = {
-    "optim.max_lr": "0.01", "optim.min_lr": "0", "optim.head_lr": "0.004", "optim.muon_lr": "0.04",
-    "optim.beta1": "0.8", "optim.eps": "1e-10", "optim.weight_decay": "0", "optim.warmup_steps": "20",
-    "optim.decay_frac": "0.4",
+    "optim.max_lr": "0.02", "optim.min_lr": "0", "optim.head_lr": "0.008", "optim.muon_lr": "0.005",
+    "optim.muon_momentum": "0.9", "optim.beta1": "0.8", "optim.eps": "1e-10", "optim.weight_decay": "0",
+    "optim.warmup_steps": "20", "optim.decay_frac": "0.4",
 }
-# GPT-2 124M in 0.8B tokens: 1,526 steps of 524,288 tokens. The optimizer settings follow
-# modded-nanogpt's published records (docs/training.md); not yet run on a GPU by us.
+# GPT-2 124M in 0.8B tokens: 1,526 steps of 524,288 tokens. Muon's and the head's learning
+# rates are modded-nanogpt's published ones, the embeddings' the demo's; not yet run on a GPU.
 GPT2_124M_MODERN_TUNED = {
-    "optim.max_steps": "1526", "optim.warmup_steps": "30", "optim.max_lr": "0.01", "optim.min_lr": "0",
-    "optim.head_lr": "0.004", "optim.muon_lr": "0.04", "optim.beta1": "0.8", "optim.eps": "1e-10",
-    "optim.weight_decay": "0", "optim.decay_frac": "0.4", "eval.val_every": "125", "eval.hellaswag_every": "125",
-    "eval.sample_every": "500", "checkpoint.every": "500",
+    "optim.max_steps": "1526", "optim.warmup_steps": "30", "optim.max_lr": "0.02", "optim.min_lr": "0",
+    "optim.head_lr": "0.008", "optim.muon_lr": "0.05", "optim.muon_momentum": "0.95", "optim.beta1": "0.8",
+    "optim.eps": "1e-10", "optim.weight_decay": "0", "optim.decay_frac": "0.4", "eval.val_every": "125",
+    "eval.hellaswag_every": "125", "eval.sample_every": "500", "checkpoint.every": "500",
 }
 
 TRAIN_PRESETS: dict[str, typing.Callable[[], TrainConfig]] = {
