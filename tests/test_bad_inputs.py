@@ -22,10 +22,11 @@ import torch
 
 from conftest import assert_one_line_error, make_pattern_shards, run_cli
 from gpt2repro import cli
-from gpt2repro.config import MODEL_PRESETS, apply_overrides, get_preset
+from gpt2repro.config import apply_overrides
 from gpt2repro.errors import UserError
 from gpt2repro.model.gpt import GPT
 from gpt2repro.model.io import save_model
+from gpt2repro.presets import MODEL_PRESETS, get_preset
 from gpt2repro.train import checkpoint as ckpt
 
 # ---------------------------------------------------------------------------
@@ -125,7 +126,7 @@ def test_values_at_the_edges_of_their_ranges_are_accepted(overrides):
 
 
 def test_every_preset_is_valid():
-    from gpt2repro.config import TRAIN_PRESETS
+    from gpt2repro.presets import TRAIN_PRESETS
 
     for name in TRAIN_PRESETS:
         get_preset(name).validate()

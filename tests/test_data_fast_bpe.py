@@ -6,13 +6,13 @@ import types
 
 import pytest
 
-from gpt2repro.data import prepare as prep
+from gpt2repro.data import encode
 from gpt2repro.data.tokenizer import gpt2_encoding
 
 riptoken = pytest.importorskip("riptoken")
 
 VARIED = [
-    prep.PROBE_TEXT,
+    encode.PROBE_TEXT,
     "",
     " ",
     "\n\n\n",
@@ -65,8 +65,8 @@ def _random_code_points(rng: random.Random) -> str:
 
 
 def test_fast_encoder_is_used_and_matches_tiktoken_on_varied_text():
-    fast, reference = prep.fast_encoding(), gpt2_encoding()
-    assert fast is not reference and prep.encoder_name() == "riptoken"
+    fast, reference = encode.fast_encoding(), gpt2_encoding()
+    assert fast is not reference and encode.encoder_name() == "riptoken"
     rng = random.Random(0)
     texts = VARIED + [_random_text(rng) for _ in range(300)] + [_random_code_points(rng) for _ in range(50)]
     for text in texts:
@@ -76,7 +76,7 @@ def test_fast_encoder_is_used_and_matches_tiktoken_on_varied_text():
 def test_fast_encoder_matches_tiktoken_on_real_prose():
     from gpt2repro.data import demo_corpus
 
-    fast, reference = prep.fast_encoding(), gpt2_encoding()
+    fast, reference = encode.fast_encoding(), gpt2_encoding()
     for doc in list(demo_corpus.documents(target_chars=300_000))[::7]:
         assert fast.encode_ordinary(doc) == reference.encode_ordinary(doc)
 
@@ -94,9 +94,9 @@ def test_tiktoken_is_the_fallback(monkeypatch, broken):
                 return [0] * len(text)
 
         monkeypatch.setitem(sys.modules, "riptoken", types.SimpleNamespace(CoreBPE=WrongBPE))
-    prep.fast_encoding.cache_clear()
+    encode.fast_encoding.cache_clear()
     try:
-        assert prep.fast_encoding() is gpt2_encoding()
-        assert prep.encoder_name() == "tiktoken"
+        assert encode.fast_encoding() is gpt2_encoding()
+        assert encode.encoder_name() == "tiktoken"
     finally:
-        prep.fast_encoding.cache_clear()
+        encode.fast_encoding.cache_clear()

@@ -8,8 +8,8 @@ import pytest
 
 from conftest import assert_one_line_error, run_cli
 from gpt2repro.atomic import temporary_name
+from gpt2repro.data import encode, sources
 from gpt2repro.data import prepare as prep
-from gpt2repro.data import sources
 from gpt2repro.data.shards import list_shards, open_shard
 from gpt2repro.data.tokenizer import EOT_TOKEN, gpt2_encoding
 from gpt2repro.errors import UserError
@@ -54,8 +54,8 @@ def shard_bytes(out_dir) -> dict:
 @pytest.fixture
 def small_tasks(monkeypatch):
     # Many small tasks and document pieces, so that a small corpus exercises the cuts.
-    monkeypatch.setattr(prep, "TASK_CHARS", 3000)
-    monkeypatch.setattr(prep, "SEGMENT_CHARS", 700)
+    monkeypatch.setattr(encode, "TASK_CHARS", 3000)
+    monkeypatch.setattr(encode, "SEGMENT_CHARS", 700)
 
 
 # ---------------------------------------------------------------------------
@@ -96,7 +96,7 @@ def test_cut_documents_encode_like_the_whole():
     enc = gpt2_encoding()
     for _ in range(200):
         text = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 120)))
-        parts = prep.split_document(text, max_chars=rng.randint(1, 12))
+        parts = encode.split_document(text, max_chars=rng.randint(1, 12))
         assert "".join(parts) == text
         assert sum((enc.encode_ordinary(p) for p in parts), []) == enc.encode_ordinary(text), parts
 

@@ -10,8 +10,9 @@ import torch
 
 from conftest import REPO, assert_one_line_error, run_cli
 from gpt2repro.bench.nanogpt_baseline import BaselineGPT
-from gpt2repro.config import GPT2_VOCAB_SIZE, MODEL_PRESETS
+from gpt2repro.config import GPT2_VOCAB_SIZE
 from gpt2repro.model.gpt import GPT
+from gpt2repro.presets import MODEL_PRESETS
 
 
 def _pair(seed=0):

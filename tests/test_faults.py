@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from conftest import assert_one_line_error, run_cli
-from gpt2repro.config import MODEL_PRESETS
 from gpt2repro.errors import UserError
 from gpt2repro.model.gpt import GPT
+from gpt2repro.presets import MODEL_PRESETS
 from gpt2repro.train import checkpoint as ckpt
 from test_train import make_shards, max_abs_diff, train_cli, weights
 

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from conftest import assert_one_line_error, run_cli
-from gpt2repro.config import apply_overrides, get_preset
+from gpt2repro.config import apply_overrides
 from gpt2repro.model.gpt import GPT
+from gpt2repro.presets import get_preset
 from gpt2repro.runtime import setup_runtime
 from gpt2repro.train.parallel import Parallel
 from test_train import max_abs_diff, weights

@@ -142,7 +142,7 @@ def _start_stuck_prepare(args, out: Path):
     the corpus's second half: the parent writes its first shards, then waits, holding the folder."""
     patch = """
 import time
-import gpt2repro.data.prepare as p
+import gpt2repro.data.encode as p
 p.TASK_CHARS = 3000  # many small tasks
 real = p._encode_task
 def encode_or_hang(task):
@@ -369,8 +369,8 @@ def test_checkpoint_failures_of_any_type_are_retried_and_a_final_one_fails(shard
 
 
 def test_a_failed_resave_keeps_that_steps_checkpoint(tmp_path, monkeypatch):
-    from gpt2repro.config import MODEL_PRESETS
     from gpt2repro.model.gpt import GPT
+    from gpt2repro.presets import MODEL_PRESETS
 
     model = GPT(MODEL_PRESETS["tiny"])
     good = ckpt.save_checkpoint(tmp_path, 4, model.state_dict(), model.config, {"step": 4}, {})

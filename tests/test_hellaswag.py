@@ -7,13 +7,14 @@ import torch.nn as nn
 
 from conftest import CountHostReads, assert_one_line_error, run_cli
 from gpt2repro.bench.hellaswag_reference import ending_logprobs_reference, evaluate_hellaswag_reference
-from gpt2repro.config import GPT2_VOCAB_SIZE, MODEL_PRESETS
+from gpt2repro.config import GPT2_VOCAB_SIZE
 from gpt2repro.data.tokenizer import EOT_TOKEN, encode
 from gpt2repro.errors import UserError
 from gpt2repro.eval import hellaswag as hs
 from gpt2repro.eval import multiple_choice as mc
 from gpt2repro.model.gpt import GPT
 from gpt2repro.model.io import load_model_dir, save_model
+from gpt2repro.presets import MODEL_PRESETS
 
 WORDS = "the a man woman dog runs jumps into water then slowly ball kitchen outside again".split()
 

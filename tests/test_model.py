@@ -3,10 +3,11 @@ import dataclasses
 import pytest
 import torch
 
-from gpt2repro.config import GPT2_VOCAB_SIZE, MODEL_PRESETS, ModelConfig
+from gpt2repro.config import GPT2_VOCAB_SIZE, ModelConfig
 from gpt2repro.errors import UserError
 from gpt2repro.model.gpt import GPT, residual_init_std
 from gpt2repro.model.hf import export_hf, from_hf_model, to_hf_model
+from gpt2repro.presets import MODEL_PRESETS
 
 transformers = pytest.importorskip("transformers")
 

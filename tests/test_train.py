@@ -7,8 +7,9 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import assert_one_line_error, run_cli
-from gpt2repro.config import MODEL_PRESETS, OptimConfig
+from gpt2repro.config import OptimConfig
 from gpt2repro.model.gpt import GPT
+from gpt2repro.presets import MODEL_PRESETS
 from gpt2repro.runtime import grad_accum_steps
 from gpt2repro.train.optim import build_optimizers, learning_rate
 

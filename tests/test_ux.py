@@ -16,12 +16,12 @@ import torch
 
 from conftest import make_pattern_shards, run_cli
 from gpt2repro import cli
-from gpt2repro.config import MODEL_PRESETS, PRESET_ALIASES, TRAIN_PRESETS
 from gpt2repro.data.tokenizer import StreamDecoder, decode, encode
 from gpt2repro.errors import UserError
 from gpt2repro.model.generate import generate
 from gpt2repro.model.gpt import GPT
 from gpt2repro.model.io import load_model_dir, save_model
+from gpt2repro.presets import MODEL_PRESETS, PRESET_ALIASES, TRAIN_PRESETS
 from gpt2repro.train.metrics import RunLog
 
 # ---------------------------------------------------------------------------

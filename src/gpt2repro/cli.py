@@ -13,8 +13,9 @@ import shlex
 import sys
 from pathlib import Path
 
-from gpt2repro.config import PRESET_ALIASES, TRAIN_PRESETS, parse_int
+from gpt2repro.config import parse_int
 from gpt2repro.errors import UserError
+from gpt2repro.presets import PRESET_ALIASES, TRAIN_PRESETS
 
 PLOT_SIZES = ("124M", "350M", "774M", "1558M")
 # More new tokens than this in one `sample` run is a typo, not a request: hours of generation.
@@ -224,7 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def train_config(args: argparse.Namespace):
     """The preset, then the named flags, then KEY=VALUE overrides (last wins)."""
-    from gpt2repro.config import apply_overrides, get_preset
+    from gpt2repro.config import apply_overrides
+    from gpt2repro.presets import get_preset
 
     cfg = get_preset(args.preset)
     flags = {"data.path": args.data, "out_dir": args.out, "optim.max_steps": args.max_steps,

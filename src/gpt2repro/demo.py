@@ -10,13 +10,13 @@ import os
 from pathlib import Path
 
 from gpt2repro.atomic import atomic_write, writing
-from gpt2repro.config import get_preset
 from gpt2repro.data.prepare import prepare
 from gpt2repro.data.tokenizer import decode, encode
 from gpt2repro.errors import UserError
 from gpt2repro.load import load_model
 from gpt2repro.model.generate import generate
 from gpt2repro.outdir import FolderLock
+from gpt2repro.presets import get_preset
 from gpt2repro.report.plot import plot_logs
 from gpt2repro.train.rundir import existing_run
 from gpt2repro.train.trainer import train

@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 
 from gpt2repro.bench import print_table
-from gpt2repro.config import get_preset
 from gpt2repro.errors import UserError
+from gpt2repro.presets import get_preset
 from gpt2repro.train.memory import GiB, estimate
 
 PRESETS = "gpt2-124m-10b,gpt2-350m-10b,gpt2-774m-10b,gpt2-1558m-10b"

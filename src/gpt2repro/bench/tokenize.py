@@ -20,7 +20,7 @@ import numpy as np
 
 from gpt2repro.bench import machine_name, print_table
 from gpt2repro.data import tokenizer
-from gpt2repro.data.prepare import encoder_name, fast_encoding, tokenize_documents
+from gpt2repro.data.encode import encoder_name, fast_encoding, tokenize_documents
 from gpt2repro.data.sources import open_source
 
 ROUNDS = 5

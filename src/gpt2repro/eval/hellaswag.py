@@ -31,6 +31,7 @@ import torch
 
 from gpt2repro.atomic import atomic_open
 from gpt2repro.data.tokenizer import encode
+from gpt2repro.distributed import any_rank
 from gpt2repro.errors import UserError
 from gpt2repro.eval.multiple_choice import ITEMS_PER_CHUNK, Question, ending_logprobs, score
 
@@ -112,6 +113,20 @@ def load_items(path: str | Path | None = None, limit: int | None = None) -> list
     if not items:
         raise UserError(f"{path}: no HellaSwag items in this file; {ITEM_LAYOUT}")
     return items
+
+
+def load_items_on_every_rank(path: str | None, limit: int | None, is_main: bool, device) -> list[dict]:
+    """``load_items`` for a training run: rank 0 downloads (once) and checks first; if it fails,
+    every rank raises, so that none waits forever; then the other ranks read the cached file."""
+    items, error = None, None
+    if is_main:
+        try:
+            items = load_items(path, limit)
+        except UserError as e:
+            error = UserError(f"{e} (in training: eval.hellaswag_data=FILE, or eval.hellaswag_every=0 to skip it)")
+    if any_rank(error is not None, device):
+        raise error or UserError("HellaSwag data could not be loaded on rank 0; see its error")
+    return items if is_main else load_items(path, limit)
 
 
 # ---------------------------------------------------------------------------

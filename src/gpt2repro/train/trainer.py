@@ -9,11 +9,8 @@ checkpoints that resume to the same parameters an uninterrupted run reaches.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import shlex
-import signal
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -21,13 +18,13 @@ from typing import Any, NamedTuple
 import torch
 
 from gpt2repro.atomic import atomic_write, writing
-from gpt2repro.config import MODEL_PRESETS, ModelConfig, TrainConfig
+from gpt2repro.config import TrainConfig
 from gpt2repro.data.loader import TokenLoader
 from gpt2repro.data.tokenizer import decode, encode
 from gpt2repro.device import synchronize, to_device
 from gpt2repro.distributed import all_reduce_mean, any_rank, shutdown_distributed
 from gpt2repro.errors import UserError
-from gpt2repro.eval.hellaswag import evaluate_hellaswag, load_items
+from gpt2repro.eval.hellaswag import evaluate_hellaswag, load_items_on_every_rank
 from gpt2repro.eval.val_loss import evaluate_val_loss
 from gpt2repro.model.generate import generate
 from gpt2repro.model.gpt import GPT
@@ -35,9 +32,11 @@ from gpt2repro.model.io import read_weights
 from gpt2repro.runtime import Runtime, choose_micro_batch, grad_accum_steps, setup_runtime
 from gpt2repro.train import checkpoint as ckpt
 from gpt2repro.train import rundir
+from gpt2repro.train.console import outputs_line, summary_lines, wandb_settings
 from gpt2repro.train.metrics import RunLog, mfu, peak_flops
 from gpt2repro.train.optim import build_optimizers, learning_rate, set_learning_rate
 from gpt2repro.train.parallel import Parallel
+from gpt2repro.train.signals import StopRequest
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, stop_at_step: int | None = None,
@@ -66,54 +65,8 @@ class StepResult(NamedTuple):
         return not math.isfinite(self.loss) or (not math.isfinite(self.grad_norm) and not self.fp16_overflow)
 
 
-class StopRequest:
-    """SIGTERM (what schedulers send before preemption) and Ctrl-C (SIGINT) ask for a checkpoint
-    after the current step; a second Ctrl-C quits at once, as Ctrl-C always did, keeping the last
-    checkpoint."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self):
-        self.signal_name: str | None = None  # the first stop signal received
-        self._previous: dict[int, Any] = {}
-
-    @property
-    def requested(self) -> bool:
-        return self.signal_name is not None
-
-    def __enter__(self):
-        with contextlib.suppress(ValueError):  # not the main thread: no signal handling
-            for signum in self.SIGNALS:
-                self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if signum == signal.SIGINT and self.signal_name == "SIGINT":
-            raise KeyboardInterrupt
-        self.signal_name = self.signal_name or signal.Signals(signum).name
-
-    def __exit__(self, *exc):
-        for signum, previous in self._previous.items():
-            if previous is not None:  # None: a handler installed outside Python, which cannot be put back
-                signal.signal(signum, previous)
-
-
 def _due(step: int, every: int, last: bool) -> bool:
     return every > 0 and (step % every == 0 or last)
-
-
-# `gpt2repro plot --sz` of each GPT-2 size: the summary's plot command draws that size's baselines.
-PLOT_SIZES = {"gpt2": "124M", "gpt2-medium": "350M", "gpt2-large": "774M", "gpt2-xl": "1558M"}
-
-
-def _same_shape(a: ModelConfig, b: ModelConfig) -> bool:
-    return (a.n_layer, a.n_head, a.n_embd) == (b.n_layer, b.n_head, b.n_embd)
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.1f} s"
-    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.2f} h"
 
 
 class Trainer:
@@ -145,7 +98,9 @@ class Trainer:
         if resume_from is not None:
             self.restore(resume_from)
             self.log(f"resuming from {resume_from} at step {self.step}")
-        self.hellaswag_items = self._load_hellaswag_items()
+        ev = cfg.eval  # loaded at start-up, so a missing file fails before hours of training
+        self.hellaswag_items = load_items_on_every_rank(ev.hellaswag_data or None, ev.hellaswag_limit or None,
+                                                        self.is_main, rt.device) if ev.hellaswag_every > 0 else None
 
         self.run_log = None
         if self.is_main:
@@ -154,7 +109,7 @@ class Trainer:
             atomic_write(self.out_dir / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
             self.run_log = RunLog(self.out_dir / "log.txt", resume_step=self.step if resume_from else None,
                                   tensorboard_dir=self.out_dir / "tb" if cfg.runtime.tensorboard else None,
-                                  wandb_run=self.wandb_settings() if cfg.runtime.wandb else None)
+                                  wandb_run=wandb_settings(cfg) if cfg.runtime.wandb else None)
         self.flops_per_token = flops_per_token
         self.peak_flops = peak_flops(rt.device)
         self.log(f"model: {self.num_params:,} parameters | device {rt.device} | dtype "
@@ -179,7 +134,7 @@ class Trainer:
         metrics: dict[str, Any] = {}
         recent: list[float] = []  # seconds of the last steps, for the ETA
         started = time.perf_counter()
-        self.log_outputs()
+        self.log(outputs_line(self.cfg))
         while self.step < max_steps:
             step = self.step
             last = step == max_steps - 1
@@ -210,50 +165,12 @@ class Trainer:
                 break
         held = self.parallel.local_bytes(self.optimizers)
         self.log("held by this rank: " + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in held.items()))
-        self.summary(time.perf_counter() - started)
+        if self.run_log:  # rank 0
+            for line in summary_lines(self.cfg, self.step, self.run_log, time.perf_counter() - started):
+                self.log(line)
         if self.run_log:
             self.run_log.close()
         return metrics
-
-    def wandb_settings(self) -> dict[str, Any]:
-        """``wandb.init``'s arguments, as nanoGPT sets them: project, run name, the whole config."""
-        rt = self.cfg.runtime
-        return {"project": rt.wandb_project, "name": rt.wandb_run_name or self.out_dir.resolve().name,
-                "config": self.cfg.to_dict(), "dir": str(self.out_dir)}
-
-    def log_outputs(self) -> None:
-        """Where this run writes, said once before the first step."""
-        cfg, out = self.cfg, self.out_dir
-        every = f"every {cfg.checkpoint.every} steps and " if cfg.checkpoint.every > 0 else ""
-        keep = f", newest {cfg.checkpoint.keep} kept" if cfg.checkpoint.keep > 0 else ""
-        where = [f"{out / 'log.txt'} (train/val/hella lines)", f"{out / 'ckpt_NNNNNN'} ({every}at the end{keep})"]
-        if cfg.eval.sample_every > 0:
-            where.append(str(out / "samples.txt"))
-        if cfg.runtime.tensorboard:
-            where.append(f"{out / 'tb'} (TensorBoard)")
-        if cfg.runtime.wandb:
-            where.append(f"Weights & Biases project {cfg.runtime.wandb_project}")
-        self.log("outputs: " + "; ".join(where))
-
-    def summary(self, seconds: float) -> None:
-        """The run's outcome at the end of the console: the numbers a run is judged by, where
-        its checkpoint is, and the command that plots it."""
-        if self.run_log is None:  # not rank 0
-            return
-        cfg, out, max_steps = self.cfg, self.out_dir, self.cfg.optim.max_steps
-        val, hella = self.run_log.records("val"), self.run_log.records("hella")
-        val_text = f"{val[-1][1]:.4f} (step {val[-1][0]})" if val else "not measured (eval.val_every)"
-        best = max(hella, key=lambda record: record[1], default=None)
-        hella_text = f"{best[1]:.4f} (step {best[0]})" if best else "not measured (eval.hellaswag_every)"
-        newest = ckpt.list_checkpoints(out)
-        size = next((PLOT_SIZES[name] for name in PLOT_SIZES if _same_shape(MODEL_PRESETS[name], cfg.model)), None)
-        plot = (f"gpt2repro plot --log {shlex.quote(str(out / 'log.txt'))}" + (f" --sz {size}" if size else "")
-                + f" --out {shlex.quote(str(out / 'plot.png'))}")
-        self.log(f"{'finished' if self.step >= max_steps else 'stopped'}: {self.step:,} of {max_steps:,} steps, "
-                 f"{self.step * cfg.optim.total_batch_tokens:,} tokens; this run took {_duration(seconds)}")
-        self.log(f"final val loss {val_text} | best HellaSwag acc_norm {hella_text}")
-        self.log(f"checkpoint: {newest[0] if newest else 'none'}")
-        self.log(f"plot: {plot}")
 
     # --- one optimizer step ------------------------------------------------------------------
 
@@ -454,22 +371,3 @@ class Trainer:
                 f.write(f"step {step} sample {i}: {text!r}\n")
         for i, text in enumerate(texts):
             self.log(f"sample {i}: {text!r}")
-
-    def _load_hellaswag_items(self):
-        """Loaded once at start-up, so a missing file fails before hours of training."""
-        ev = self.cfg.eval
-        if ev.hellaswag_every <= 0:
-            return None
-
-        def load():
-            return load_items(ev.hellaswag_data or None, limit=ev.hellaswag_limit or None)
-
-        items, error = None, None
-        if self.is_main:  # one download, then every rank reads the cached file
-            try:
-                items = load()
-            except UserError as e:
-                error = UserError(f"{e} (in training: eval.hellaswag_data=FILE, or eval.hellaswag_every=0 to skip it)")
-        if any_rank(error is not None, self.rt.device):  # every rank stops, none waits forever
-            raise error or UserError("HellaSwag data could not be loaded on rank 0; see its error")
-        return items if self.is_main else load()

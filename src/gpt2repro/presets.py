@@ -1,0 +1,153 @@
+"""Presets: the GPT-2 sizes, their faithful and modern recipes, and the small CPU configs.
+
+``get_preset(name)`` returns a fresh ``TrainConfig``. The faithful presets are
+build-nanogpt's recipe at each size; ``*-modern`` turns on every lever of
+``MODERN_LEVERS`` with learning rates tuned for them; ``demo`` and ``tiny`` are
+shapes a CPU trains in minutes or seconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+
+from gpt2repro.config import (
+    CheckpointConfig,
+    DataConfig,
+    EvalConfig,
+    ModelConfig,
+    OptimConfig,
+    TrainConfig,
+    apply_overrides,
+)
+from gpt2repro.errors import UserError
+
+MODEL_PRESETS: dict[str, ModelConfig] = {
+    "gpt2": ModelConfig(n_layer=12, n_head=12, n_embd=768),  # 124M
+    "gpt2-medium": ModelConfig(n_layer=24, n_head=16, n_embd=1024),  # 350M
+    "gpt2-large": ModelConfig(n_layer=36, n_head=20, n_embd=1280),  # 774M
+    "gpt2-xl": ModelConfig(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+    "demo": ModelConfig(n_layer=4, n_head=4, n_embd=64, block_size=128),
+    "tiny": ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=64),
+}
+
+
+def _gpt2_recipe(model: str, micro_batch: int, max_lr: float, out: str) -> TrainConfig:
+    """The build-nanogpt recipe: FineWeb-edu sample-10BT, 0.5M tokens/step, one epoch."""
+    cfg = TrainConfig(model=dataclasses.replace(MODEL_PRESETS[model]), out_dir=out)
+    cfg.data.micro_batch = micro_batch
+    cfg.optim.max_lr = max_lr
+    cfg.optim.min_lr = round(max_lr / 10, 12)
+    return cfg
+
+
+def _gpt2_124m_8b() -> TrainConfig:
+    # The seed's shorter schedule: 15,285 steps (~8B tokens), 415 warmup steps.
+    cfg = _gpt2_recipe("gpt2", 64, 6e-4, "runs/gpt2-124m-8b")
+    cfg.optim.max_steps = 15_285
+    cfg.optim.warmup_steps = 415
+    return cfg
+
+
+def _demo() -> TrainConfig:
+    # A few minutes on a laptop CPU. On a CPU the 50,304-way LM head dominates the cost
+    # (6·50,304·n_embd FLOPs per token), so the model is narrow and the batch small.
+    cfg = TrainConfig(model=dataclasses.replace(MODEL_PRESETS["demo"]), out_dir="demo_out")
+    cfg.data = DataConfig(path="demo_out/data", seq_len=128, micro_batch=4)
+    cfg.optim = OptimConfig(
+        total_batch_tokens=512, max_steps=500, warmup_steps=20, max_lr=3e-3, min_lr=3e-4
+    )
+    cfg.eval = EvalConfig(
+        val_every=50, val_tokens=8192, hellaswag_every=0, sample_every=200,
+        sample_prompt="The function", sample_count=2, sample_tokens=24,
+    )
+    cfg.checkpoint = CheckpointConfig(every=100, keep=2)
+    cfg.runtime.log_every = 10
+    return cfg
+
+
+def _tiny() -> TrainConfig:
+    # For tests: seconds per run on a CPU.
+    cfg = TrainConfig(model=dataclasses.replace(MODEL_PRESETS["tiny"]), out_dir="runs/tiny")
+    cfg.data = DataConfig(path="data/tiny", seq_len=32, micro_batch=4)
+    cfg.optim = OptimConfig(
+        total_batch_tokens=256, max_steps=10, warmup_steps=2, max_lr=1e-3, min_lr=1e-4
+    )
+    cfg.eval = EvalConfig(val_every=0, val_tokens=1024, hellaswag_every=0, sample_every=0)
+    cfg.checkpoint = CheckpointConfig(every=0, keep=2)
+    return cfg
+
+
+# The modern recipe, lever by lever: each lever is a few config overrides, all off in the
+# faithful presets, so that each can be added to or removed from a recipe on its own.
+MODERN_LEVERS: dict[str, dict[str, str]] = {
+    "muon": {"optim.optimizer": "muon"},
+    "rope": {"model.pos_emb": "rope"},
+    "qk-norm": {"model.qk_norm": "true"},
+    "relu2": {"model.mlp": "relu2"},
+    "rmsnorm-no-bias": {"model.norm": "rmsnorm", "model.bias": "false"},
+    "untied": {"model.tie_embeddings": "false"},
+    "zero-init": {"model.zero_init": "true"},
+    "softcap": {"model.logit_softcap": "15"},
+    "wsd": {"optim.schedule": "wsd"},
+}
+
+
+def _modern(faithful: typing.Callable[[], TrainConfig], out: str, tuned: dict[str, str]) -> TrainConfig:
+    """A faithful preset with every lever on, and the learning rates and betas tuned for them."""
+    cfg = faithful()
+    cfg.out_dir = out
+    levers = [f"{key}={value}" for lever in MODERN_LEVERS.values() for key, value in lever.items()]
+    return apply_overrides(cfg, levers + [f"{key}={value}" for key, value in tuned.items()])
+
+
+# Tuned on the built-in corpus's val split (docs/benchmarks.md: the sweep and its numbers).
+DEMO_MODERN_TUNED = {
+    "optim.max_lr": "0.02", "optim.min_lr": "0", "optim.head_lr": "0.008", "optim.muon_lr": "0.005",
+    "optim.muon_momentum": "0.9", "optim.beta1": "0.8", "optim.eps": "1e-10", "optim.weight_decay": "0",
+    "optim.warmup_steps": "20", "optim.decay_frac": "0.4",
+}
+# GPT-2 124M in 0.8B tokens: 1,526 steps of 524,288 tokens. Muon's and the head's learning
+# rates are modded-nanogpt's published ones, the embeddings' the demo's; not yet run on a GPU.
+GPT2_124M_MODERN_TUNED = {
+    "optim.max_steps": "1526", "optim.warmup_steps": "30", "optim.max_lr": "0.02", "optim.min_lr": "0",
+    "optim.head_lr": "0.008", "optim.muon_lr": "0.05", "optim.muon_momentum": "0.95", "optim.beta1": "0.8",
+    "optim.eps": "1e-10", "optim.weight_decay": "0", "optim.decay_frac": "0.4", "eval.val_every": "125",
+    "eval.hellaswag_every": "125", "eval.sample_every": "500", "checkpoint.every": "500",
+}
+
+TRAIN_PRESETS: dict[str, typing.Callable[[], TrainConfig]] = {
+    "gpt2-124m-10b": lambda: _gpt2_recipe("gpt2", 64, 6e-4, "runs/gpt2-124m-10b"),
+    "gpt2-124m-8b": _gpt2_124m_8b,
+    # Larger sizes: GPT-3 paper learning rates, micro-batches that fit 80 GB in bf16.
+    "gpt2-350m-10b": lambda: _gpt2_recipe("gpt2-medium", 32, 3e-4, "runs/gpt2-350m-10b"),
+    "gpt2-774m-10b": lambda: _gpt2_recipe("gpt2-large", 16, 2.5e-4, "runs/gpt2-774m-10b"),
+    "gpt2-1558m-10b": lambda: _gpt2_recipe("gpt2-xl", 8, 2e-4, "runs/gpt2-1558m-10b"),
+    "demo": _demo,
+    "tiny": _tiny,
+    "gpt2-124m-modern": lambda: _modern(TRAIN_PRESETS["gpt2-124m-10b"], "runs/gpt2-124m-modern",
+                                        GPT2_124M_MODERN_TUNED),
+    "demo-modern": lambda: _modern(_demo, "demo_out", DEMO_MODERN_TUNED),
+    "tiny-modern": lambda: _modern(_tiny, "runs/tiny-modern", {"optim.muon_lr": "0.02", "optim.min_lr": "0"}),
+}
+# Model-size names are accepted too and mean that size's 10B-token recipe.
+PRESET_ALIASES = {
+    "gpt2": "gpt2-124m-10b",
+    "gpt2-medium": "gpt2-350m-10b",
+    "gpt2-large": "gpt2-774m-10b",
+    "gpt2-xl": "gpt2-1558m-10b",
+}
+
+
+def get_model_preset(name: str) -> ModelConfig:
+    if name not in MODEL_PRESETS:
+        raise UserError(f"unknown model preset {name!r}; choose one of: {', '.join(MODEL_PRESETS)}")
+    return dataclasses.replace(MODEL_PRESETS[name])
+
+
+def get_preset(name: str) -> TrainConfig:
+    key = PRESET_ALIASES.get(name, name)
+    if key not in TRAIN_PRESETS:
+        choices = ", ".join([*TRAIN_PRESETS, *PRESET_ALIASES])
+        raise UserError(f"unknown preset {name!r}; choose one of: {choices}")
+    return TRAIN_PRESETS[key]()
