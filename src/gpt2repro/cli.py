@@ -11,6 +11,7 @@ import argparse
 import os
 import shlex
 import sys
+import textwrap
 from pathlib import Path
 
 from gpt2repro.config import parse_int
@@ -30,6 +31,11 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.default in (None, False):
             return action.help
         return super()._get_help_string(action)
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        # Preset names hold hyphens; a name split over two lines cannot be copied.
+        text = self._whitespace_matcher.sub(" ", text).strip()
+        return textwrap.wrap(text, width, break_on_hyphens=False)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -127,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint and exit after this step, without changing the schedule")
     p.add_argument("--micro-batch", default=None, help="sequences per rank per micro-step, or 'auto'")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    p.add_argument("--init-from", default=None, metavar="MODEL",
+                   help="start from MODEL's weights (our checkpoint or run, a Hugging Face GPT-2 folder, a hub name "
+                        "such as gpt2) with a fresh optimizer and schedule: fine-tuning, continued pretraining")
     p.add_argument("--overwrite", action="store_true",
                    help="start over: delete the run already in --out (checkpoints, log, samples, config) first")
     p.add_argument("--parallel", default=None,
@@ -231,6 +240,7 @@ def train_config(args: argparse.Namespace):
     cfg = get_preset(args.preset)
     flags = {"data.path": args.data, "out_dir": args.out, "optim.max_steps": args.max_steps,
              "data.micro_batch": args.micro_batch, "runtime.compile": args.compile, "runtime.parallel": args.parallel,
+             "init_from": args.init_from,
              "runtime.device": None if args.device == "auto" else args.device,
              "runtime.dtype": None if args.dtype == "auto" else args.dtype}
     named = [f"{key}={value}" for key, value in flags.items() if value is not None]
@@ -326,9 +336,18 @@ def run(args: argparse.Namespace) -> int:
                 max_tokens=args.max_tokens, prefix=args.prefix)
     elif args.command == "train":
         cfg = train_config(args)  # config errors surface before torch is imported
+        from gpt2repro.load import load_init, start_from
         from gpt2repro.train.trainer import train
 
-        metrics = train(cfg, resume=args.resume, stop_at_step=args.stop_at_step, overwrite=args.overwrite)
+        init = None
+        if cfg.init_from:
+            if args.resume:
+                raise UserError(f"--init-from {cfg.init_from} starts a new run from that model's weights and "
+                                "--resume continues this run from its own checkpoint: pass one of them")
+            init = load_init(cfg.init_from)
+            cfg = start_from(cfg, init, log=print if os.environ.get("RANK", "0") == "0" else lambda *a: None)
+        metrics = train(cfg, resume=args.resume, stop_at_step=args.stop_at_step, overwrite=args.overwrite,
+                        init_weights=init.weights if init else None)
         if metrics.get("stopped_early") and os.environ.get("RANK", "0") == "0":
             print(f"continue with: {resume_command(getattr(args, 'argv', None))}")
             if metrics.get("stopped_by") == "SIGINT":

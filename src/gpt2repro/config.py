@@ -53,13 +53,14 @@ FRACTION = Range(0, 1)  # betas and momenta: 1 would never forget
 SEED = Range(0, 2**32)  # numpy's, torch's and Python's generators all take these
 
 MODEL_RANGES = {"n_layer": AT_LEAST_1, "n_head": AT_LEAST_1, "n_embd": AT_LEAST_1, "block_size": AT_LEAST_1,
-                "vocab_size": Range(GPT2_VOCAB_SIZE), "rope_base": POSITIVE, "logit_softcap": AT_LEAST_0}
+                "vocab_size": Range(GPT2_VOCAB_SIZE), "rope_base": POSITIVE, "logit_softcap": AT_LEAST_0,
+                "real_vocab_size": AT_LEAST_0}
 # Every other numeric key of the tree; settings that only matter when a feature is on
 # (eval.val_tokens, eval.sample_count, ...) are checked in validate() with that condition.
 TRAIN_RANGES = {
     "data.seq_len": AT_LEAST_1, "data.seed": SEED,
     "optim.total_batch_tokens": AT_LEAST_1, "optim.max_steps": AT_LEAST_1, "optim.warmup_steps": AT_LEAST_0,
-    "optim.max_lr": POSITIVE, "optim.min_lr": AT_LEAST_0, "optim.weight_decay": AT_LEAST_0,
+    "optim.max_lr": AT_LEAST_0, "optim.min_lr": AT_LEAST_0, "optim.weight_decay": AT_LEAST_0,
     "optim.beta1": FRACTION, "optim.beta2": FRACTION, "optim.eps": POSITIVE, "optim.grad_clip": POSITIVE,
     "optim.decay_frac": Range(0, 1, "(]"), "optim.head_lr": POSITIVE, "optim.scalar_lr": POSITIVE,
     "optim.muon_lr": POSITIVE, "optim.muon_momentum": FRACTION, "optim.muon_weight_decay": AT_LEAST_0,
@@ -112,6 +113,9 @@ class ModelConfig:
     tie_embeddings: bool = True  # the LM head is the token embedding
     zero_init: bool = False  # output projections (and an untied head) start at zero
     logit_softcap: float = 0.0  # > 0: logits = cap · tanh(logits / cap)
+    # > 0: only the first real_vocab_size logits enter the loss; the rows above are padding of a
+    # model imported with fewer tokens (--init-from OpenAI's GPT-2). 0: every row, as from scratch.
+    real_vocab_size: int = 0
 
     def __post_init__(self) -> None:
         check_ranges(self, "model.", MODEL_RANGES)
@@ -124,12 +128,16 @@ class ModelConfig:
         if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
             raise UserError(f"model.pos_emb=rope needs an even head size, not n_embd/n_head = "
                             f"{self.n_embd // self.n_head}")
+        if self.real_vocab_size > self.vocab_size:
+            raise UserError(f"model.real_vocab_size={self.real_vocab_size} is above model.vocab_size="
+                            f"{self.vocab_size}; use 0 (every row) or at most {self.vocab_size}")
 
     def non_gpt2_switches(self) -> list[str]:
         """The switches, as ``key=value``, that make this model something other than GPT-2."""
         gpt2 = ModelConfig(self.n_layer, self.n_head, self.n_embd, self.block_size, self.vocab_size)
         return [f"model.{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self)
-                if f.name not in ("rope_base", "zero_init") and getattr(self, f.name) != getattr(gpt2, f.name)]
+                if f.name not in ("rope_base", "zero_init", "real_vocab_size")
+                and getattr(self, f.name) != getattr(gpt2, f.name)]
 
 
 @dataclass
@@ -216,6 +224,8 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     out_dir: str = "runs/gpt2-124m"
+    init_from: str = ""  # the MODEL the run started from (--init-from); empty: from scratch
+    init_sha256: str = ""  # of the weights it started from, as loaded
 
     def validate(self) -> TrainConfig:
         """One line per inconsistent setting, before anything is built or read."""

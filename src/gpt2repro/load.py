@@ -8,6 +8,8 @@ also decides where an export may go, since it knows which folders are ours.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import re
 import shutil
 from pathlib import Path
@@ -15,8 +17,10 @@ from typing import NamedTuple
 
 import torch
 from safetensors import SafetensorError
+from safetensors.torch import save as safetensors_bytes
 
 from gpt2repro.atomic import writing
+from gpt2repro.config import GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE, ModelConfig, TrainConfig
 from gpt2repro.device import pick_autocast_dtype, pick_device
 from gpt2repro.errors import UserError
 from gpt2repro.model.gpt import GPT
@@ -105,3 +109,43 @@ def load_for_inference(spec: str, device: str = "auto", dtype: str = "auto", loc
     dev = pick_device(device, local_rank)
     autocast_dtype = pick_autocast_dtype(dtype, dev)
     return Inference(load_model(spec, dev).eval(), dev, autocast_dtype)
+
+
+class InitWeights(NamedTuple):
+    """What ``train --init-from MODEL`` starts from: the model's shape and its weights."""
+
+    config: ModelConfig
+    weights: dict[str, torch.Tensor]
+    sha256: str  # of the weights as loaded, before any padding
+
+
+def load_init(spec: str) -> InitWeights:
+    """MODEL's weights on the CPU for a new training run. A model with GPT-2's 50,257 tokens
+    (OpenAI's, through transformers) gets zero rows up to the 50,304 from-scratch runs have, and
+    ``real_vocab_size`` keeps those rows out of the loss, so it trains exactly as it computes."""
+    model = load_model(spec)
+    cfg = model.config
+    if not GPT2_VOCAB_SIZE <= cfg.vocab_size <= PADDED_VOCAB_SIZE:
+        raise UserError(f"--init-from {spec}: its vocabulary has {cfg.vocab_size:,} tokens; training here reads "
+                        f"GPT-2 token ids, so it needs GPT-2's {GPT2_VOCAB_SIZE:,} "
+                        f"(or our padded {PADDED_VOCAB_SIZE:,})")
+    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    stored = {k: v for k, v in weights.items() if not (cfg.tie_embeddings and k == "lm_head.weight")}
+    sha256 = hashlib.sha256(safetensors_bytes(stored)).hexdigest()
+    if cfg.vocab_size < PADDED_VOCAB_SIZE:
+        for key in ("transformer.wte.weight", "lm_head.weight"):
+            rows = weights[key]
+            weights[key] = torch.cat([rows, rows.new_zeros(PADDED_VOCAB_SIZE - len(rows), rows.size(1))])
+        cfg = dataclasses.replace(cfg, vocab_size=PADDED_VOCAB_SIZE, real_vocab_size=cfg.vocab_size)
+    return InitWeights(cfg, weights, sha256)
+
+
+def start_from(cfg: TrainConfig, init: InitWeights, log=print) -> TrainConfig:
+    """``cfg`` with MODEL's shape (it wins over the preset's) and where the run started from."""
+    if dataclasses.replace(cfg.model, vocab_size=init.config.vocab_size) != init.config:
+        log(f"--init-from {cfg.init_from}: the model shape is MODEL's ({init.config.n_layer} layers, "
+            f"{init.config.n_head} heads, {init.config.n_embd} wide, block {init.config.block_size}), not the "
+            "preset's; config.json records it")
+    cfg.model = init.config
+    cfg.init_sha256 = init.sha256
+    return cfg.validate()

@@ -78,6 +78,19 @@ def _tiny() -> TrainConfig:
     return cfg
 
 
+def _finetune() -> TrainConfig:
+    # nanoGPT's Shakespeare fine-tune: from a pretrained model (train --init-from, whose shape
+    # wins over this one), 32 sequences of 1,024 tokens per step, a small constant learning
+    # rate, 20 steps, frequent val.
+    cfg = TrainConfig(model=dataclasses.replace(MODEL_PRESETS["gpt2"]), out_dir="runs/finetune")
+    cfg.data = DataConfig(path="data/finetune", seq_len=1024, micro_batch=1)
+    cfg.optim = OptimConfig(total_batch_tokens=32_768, max_steps=20, warmup_steps=0, max_lr=3e-5, min_lr=3e-5)
+    cfg.eval = EvalConfig(val_every=5, val_tokens=40_960, hellaswag_every=0, sample_every=10, sample_count=2,
+                          sample_tokens=48)
+    cfg.checkpoint = CheckpointConfig(every=0, keep=1)
+    return cfg
+
+
 # The modern recipe, lever by lever: each lever is a few config overrides, all off in the
 # faithful presets, so that each can be added to or removed from a recipe on its own.
 MODERN_LEVERS: dict[str, dict[str, str]] = {
@@ -125,6 +138,7 @@ TRAIN_PRESETS: dict[str, typing.Callable[[], TrainConfig]] = {
     "gpt2-1558m-10b": lambda: _gpt2_recipe("gpt2-xl", 8, 2e-4, "runs/gpt2-1558m-10b"),
     "demo": _demo,
     "tiny": _tiny,
+    "finetune": _finetune,
     "gpt2-124m-modern": lambda: _modern(TRAIN_PRESETS["gpt2-124m-10b"], "runs/gpt2-124m-modern",
                                         GPT2_124M_MODERN_TUNED),
     "demo-modern": lambda: _modern(_demo, "demo_out", DEMO_MODERN_TUNED),

@@ -208,13 +208,14 @@ class GPT(nn.Module):
         ``ce_chunk_rows`` > 0 with targets computes the head and the loss in chunks of that many
         rows (``chunked_ce.py``): the logits are never built and None is returned in their place."""
         h = self.hidden(idx)
+        real = self.config.real_vocab_size or None  # padding rows of an imported vocabulary stay out
         if targets is not None and ce_chunk_rows > 0:
-            return None, chunked_cross_entropy(h, self.lm_head.weight, targets, ce_chunk_rows,
+            return None, chunked_cross_entropy(h, self.lm_head.weight[:real], targets, ce_chunk_rows,
                                                softcap=self.config.logit_softcap)
         logits = self.logits(h)
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
+        loss = F.cross_entropy(logits[..., :real].float().flatten(0, 1), targets.flatten(), ignore_index=-1)
         return logits, loss
 
     def num_params(self, non_embedding: bool = False) -> int:

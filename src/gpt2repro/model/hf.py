@@ -30,6 +30,9 @@ HF_ONLY_BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers of 
 def from_hf_model(hf_model) -> GPT:
     """Our GPT with the weights of a ``transformers`` GPT2LMHeadModel."""
     c = hf_model.config
+    if c.vocab_size < GPT2_VOCAB_SIZE:
+        raise UserError(f"{getattr(c, 'name_or_path', '') or 'this model'}: its vocabulary has {c.vocab_size:,} "
+                        f"tokens; gpt2repro reads GPT-2 token ids, so a model needs GPT-2's {GPT2_VOCAB_SIZE:,}")
     cfg = ModelConfig(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, block_size=c.n_positions,
                       vocab_size=c.vocab_size, tie_embeddings=bool(getattr(c, "tie_word_embeddings", True)))
     model = GPT(cfg)

@@ -52,9 +52,12 @@ def build_optimizers(model: torch.nn.Module, cfg: OptimConfig, fused: bool) -> l
         raise UserError(f"optim.optimizer={cfg.optimizer!r}: choose adamw or muon")
     parts = partition_parameters(model)
 
+    def scale(peak_lr: float) -> float:  # max_lr=0 freezes every group, as it does the faithful recipe
+        return peak_lr / cfg.max_lr if cfg.max_lr > 0 else 0.0
+
     def adam_group(part: str, peak_lr: float, weight_decay: float) -> dict:
         return {"params": [p for _, p in parts[part]], "weight_decay": weight_decay, "lr": peak_lr,
-                "lr_scale": peak_lr / cfg.max_lr}
+                "lr_scale": scale(peak_lr)}
 
     adam_groups = [g for g in (adam_group("embed", cfg.max_lr, cfg.weight_decay),
                                adam_group("head", cfg.head_lr, cfg.weight_decay),
@@ -62,7 +65,7 @@ def build_optimizers(model: torch.nn.Module, cfg: OptimConfig, fused: bool) -> l
     adamw = torch.optim.AdamW(adam_groups, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused or None)
     muon = torch.optim.Muon([p for _, p in parts["hidden"]], lr=cfg.muon_lr, momentum=cfg.muon_momentum,
                             weight_decay=cfg.muon_weight_decay, adjust_lr_fn=cfg.muon_adjust_lr)
-    muon.param_groups[0]["lr_scale"] = cfg.muon_lr / cfg.max_lr
+    muon.param_groups[0]["lr_scale"] = scale(cfg.muon_lr)
     return [adamw, muon]
 
 

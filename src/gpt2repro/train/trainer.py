@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 import torch
 
 from gpt2repro.atomic import atomic_write, writing
-from gpt2repro.config import TrainConfig
+from gpt2repro.config import TrainConfig, model_config_from_dict
 from gpt2repro.data.loader import TokenLoader
 from gpt2repro.data.tokenizer import decode, encode
 from gpt2repro.device import synchronize, to_device
@@ -28,7 +28,7 @@ from gpt2repro.eval.hellaswag import evaluate_hellaswag, load_items_on_every_ran
 from gpt2repro.eval.val_loss import evaluate_val_loss
 from gpt2repro.model.generate import generate
 from gpt2repro.model.gpt import GPT
-from gpt2repro.model.io import read_weights
+from gpt2repro.model.io import load_state_strict, read_weights
 from gpt2repro.runtime import Runtime, choose_micro_batch, grad_accum_steps, setup_runtime
 from gpt2repro.train import checkpoint as ckpt
 from gpt2repro.train import rundir
@@ -40,16 +40,17 @@ from gpt2repro.train.signals import StopRequest
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, stop_at_step: int | None = None,
-          overwrite: bool = False) -> dict[str, Any]:
+          overwrite: bool = False, init_weights: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
     """Run (or continue) training; returns the last step's metrics. ``overwrite``: delete the run
-    already in ``out_dir`` first (without it such a folder is refused unless ``resume``)."""
+    already in ``out_dir`` first (without it such a folder is refused unless ``resume``).
+    ``init_weights``: full weights of ``cfg.model`` to start from instead of a random init."""
     cfg.validate()
     rt = setup_runtime(cfg.runtime)
     try:
         log = print if rt.dist.is_main else (lambda *a, **k: None)
         with rundir.claim(cfg.out_dir, resume=resume, overwrite=overwrite, is_main=rt.dist.is_main,
                           device=rt.device, log=log), StopRequest() as stop:
-            return Trainer(cfg, rt, resume).run(stop, stop_at_step)
+            return Trainer(cfg, rt, resume, init_weights).run(stop, stop_at_step)
     finally:
         shutdown_distributed()
 
@@ -72,7 +73,8 @@ def _due(step: int, every: int, last: bool) -> bool:
 class Trainer:
     """Owns the model, optimizer, data and run directory of one training run."""
 
-    def __init__(self, cfg: TrainConfig, rt: Runtime, resume: bool):
+    def __init__(self, cfg: TrainConfig, rt: Runtime, resume: bool,
+                 init_weights: dict[str, torch.Tensor] | None = None):
         self.cfg, self.rt = cfg, rt
         self.out_dir = Path(cfg.out_dir)
         self.is_main = rt.dist.is_main
@@ -81,6 +83,8 @@ class Trainer:
         resume_from = self._find_resume_checkpoint() if resume else None
         torch.manual_seed(cfg.runtime.seed)
         self.model = GPT(cfg.model).to(rt.device)  # the module itself: eval, sampling, checkpoints
+        if init_weights is not None:  # --init-from: its weights, a fresh optimizer, step 0
+            load_state_strict(self.model, init_weights, cfg.init_from)
         self.num_params, flops_per_token = self.model.num_params(), self.model.flops_per_token(cfg.data.seq_len)
         self.micro_batch = choose_micro_batch(cfg.data.micro_batch, cfg.optim.total_batch_tokens, cfg.data.seq_len,
                                               cfg.model.vocab_size, self.model, rt, self.log)
@@ -278,6 +282,10 @@ class Trainer:
             raise UserError(f"{path / 'config.json'}: not a training checkpoint's config (a JSON object with a "
                             "'train' object and a 'step' number); move this checkpoint aside to resume from the "
                             "one before, or drop --resume")
+        started = saved["train"]
+        if started.get("init_from") and not self.cfg.init_from:  # its shape came from MODEL, not the preset
+            self.cfg.model = model_config_from_dict(started["model"])
+            self.cfg.init_from, self.cfg.init_sha256 = started["init_from"], started.get("init_sha256", "")
         ckpt.check_resume_config(saved["train"], self.cfg.to_dict(), path)
         max_steps = self.cfg.optim.max_steps
         if saved["step"] >= max_steps:
