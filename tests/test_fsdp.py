@@ -105,6 +105,20 @@ def test_fsdp_resume_is_exact_and_checkpoints_move_between_layouts(runs, data, t
     assert sampled.returncode == 0 and sampled.stdout.startswith("sample 0:"), sampled.stderr
 
 
+def test_init_from_under_fsdp_starts_from_the_checkpoint_as_one_process_does(runs, data, tmp_path):
+    root, _ = runs
+    source = root / "single" / "ckpt_000005"
+    start = ["--init-from", source, "max_steps=3", "val_every=3"]
+    train(tmp_path / "one", data, *start)
+    train(tmp_path / "two", data, *start, parallel="fsdp", nproc=2)
+    one, two = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
+    assert len(two) == 3 and max(abs(a - b) for a, b in zip(one, two)) <= 1e-5
+    # step 0 is the source's step 5: the same weights measured on the same val tokens
+    val = {run: {int(s): float(v) for s, k, v in (ln.split() for ln in (run / "log.txt").read_text().splitlines())
+                 if k == "val"} for run in (root / "single", tmp_path / "two")}
+    assert abs(val[tmp_path / "two"][0] - val[root / "single"][5]) <= 1e-5
+
+
 def saved_bytes_and_grads(activation_checkpointing: bool):
     """Loss and gradients of one step, and the bytes autograd keeps for the blocks' backward."""
     cfg = apply_overrides(get_preset("tiny"), [f"runtime.activation_checkpointing={activation_checkpointing}",

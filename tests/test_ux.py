@@ -73,6 +73,16 @@ def test_token_counts_take_scientific_notation():
     assert parser.parse_args(["train", "--max-steps", "1e3"]).max_steps == 1000
 
 
+def test_overrides_may_come_before_between_and_after_flags_and_the_last_wins():
+    args = cli.parse(["train", "max_lr=1e-3", "--preset", "tiny", "val_every=3", "--out", "r", "max_lr=2e-3"])
+    assert args.overrides == ["max_lr=1e-3", "val_every=3", "max_lr=2e-3"]
+    cfg = cli.train_config(args)
+    assert (cfg.optim.max_lr, cfg.eval.val_every, cfg.out_dir) == (2e-3, 3, "r")
+    for stray in (["train", "--out", "r", "--bogus", "1"], ["plot", "--log", "l", "a=1"]):
+        with pytest.raises(SystemExit):
+            cli.parse(stray)
+
+
 # ---------------------------------------------------------------------------
 # sample: one sample streams
 

@@ -387,9 +387,21 @@ def resume_command(argv: list[str] | None) -> str:
     return f"{launcher} {shlex.join(args)}"
 
 
+def parse(argv: list[str]) -> argparse.Namespace:
+    """The command line, with KEY=VALUE overrides anywhere among the flags, in their order
+    (argparse alone takes only the first run of them)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and (not hasattr(args, "overrides") or any(a.startswith("-") or "=" not in a for a in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     args.argv = argv  # for the --resume command printed when a run stops early
     try:
         return run(args)
