@@ -247,6 +247,28 @@ def train_config(args: argparse.Namespace):
     return apply_overrides(cfg, named + list(args.overrides)).validate()
 
 
+def train_command(args: argparse.Namespace) -> int:
+    """Train from scratch, from ``--init-from``'s weights, or on from this run's checkpoint."""
+    cfg = train_config(args)  # config errors surface before torch is imported
+    if cfg.init_from and args.resume:
+        raise UserError(f"--init-from {cfg.init_from} starts a new run from that model's weights and "
+                        "--resume continues this run from its own checkpoint: pass one of them")
+    from gpt2repro.load import load_init, start_from
+    from gpt2repro.train.trainer import train
+
+    is_main = os.environ.get("RANK", "0") == "0"
+    init = load_init(cfg.init_from) if cfg.init_from else None
+    if init:
+        cfg = start_from(cfg, init, log=print if is_main else lambda *a: None)
+    metrics = train(cfg, resume=args.resume, stop_at_step=args.stop_at_step, overwrite=args.overwrite,
+                    init_weights=init.weights if init else None)
+    if metrics.get("stopped_early") and is_main:
+        print(f"continue with: {resume_command(getattr(args, 'argv', None))}")
+        if metrics.get("stopped_by") == "SIGINT":
+            return 130  # interrupted, as a shell expects from Ctrl-C, though the run is saved
+    return 0
+
+
 def sample_command(args: argparse.Namespace) -> list[str]:
     """Print ``--num`` continuations of ``--prompt``, as ``sample i: TEXT`` lines; a single
     sample is printed token by token as it is generated."""
@@ -335,23 +357,7 @@ def run(args: argparse.Namespace) -> int:
                 shard_tokens=args.shard_tokens, val_tokens=args.val_tokens, workers=args.workers,
                 max_tokens=args.max_tokens, prefix=args.prefix)
     elif args.command == "train":
-        cfg = train_config(args)  # config errors surface before torch is imported
-        from gpt2repro.load import load_init, start_from
-        from gpt2repro.train.trainer import train
-
-        init = None
-        if cfg.init_from:
-            if args.resume:
-                raise UserError(f"--init-from {cfg.init_from} starts a new run from that model's weights and "
-                                "--resume continues this run from its own checkpoint: pass one of them")
-            init = load_init(cfg.init_from)
-            cfg = start_from(cfg, init, log=print if os.environ.get("RANK", "0") == "0" else lambda *a: None)
-        metrics = train(cfg, resume=args.resume, stop_at_step=args.stop_at_step, overwrite=args.overwrite,
-                        init_weights=init.weights if init else None)
-        if metrics.get("stopped_early") and os.environ.get("RANK", "0") == "0":
-            print(f"continue with: {resume_command(getattr(args, 'argv', None))}")
-            if metrics.get("stopped_by") == "SIGINT":
-                return 130  # interrupted, as a shell expects from Ctrl-C, though the run is saved
+        return train_command(args)
     elif args.command == "eval":
         evaluate_hellaswag_command(args)
     elif args.command == "plot":
