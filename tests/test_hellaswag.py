@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import types
 
@@ -71,6 +72,23 @@ def test_packed_batches_equal_one_item_at_a_time(tiny_model, scoring):
     ntok = torch.tensor([[len(e) for e in q.endings] for q in qs], dtype=torch.float32)
     for divisor in (1.0, ntok, norm):
         assert torch.equal((packed / divisor).argmax(1), (plain / divisor).argmax(1))
+
+
+def test_packing_holds_for_the_modern_architecture():
+    """Rotary positions restart per ending as learned ones do; the soft-cap is in the scores."""
+    torch.manual_seed(2)
+    cfg = dataclasses.replace(MODEL_PRESETS["tiny"], pos_emb="rope", qk_norm=True, mlp="relu2", norm="rmsnorm",
+                              bias=False, tie_embeddings=False, logit_softcap=0.5)
+    model = GPT(cfg).eval()
+    qs = questions(make_items(8, seed=2), "completion", cfg.block_size)
+    with torch.no_grad():
+        packed = mc.ending_logprobs(model, qs, batch_size=3)
+        plain = ending_logprobs_reference(model, qs)
+        uncapped = GPT(dataclasses.replace(cfg, logit_softcap=0.0)).eval()
+        uncapped.load_state_dict(model.state_dict())
+        uncapped = mc.ending_logprobs(uncapped, qs, batch_size=3)
+    assert torch.allclose(packed, plain, atol=1e-4, rtol=0), (packed - plain).abs().max()
+    assert (packed - uncapped).abs().max() > 1e-2
 
 
 def test_evaluate_equals_reference_and_restores_train_mode():
