@@ -19,6 +19,13 @@ import torch.nn.functional as F
 IGNORE_INDEX = -1
 
 
+def _tanh_over_cap_(logits: torch.Tensor, softcap: float) -> torch.Tensor:
+    """tanh(logits / softcap), overwriting ``logits``. Written as 2·sigmoid(2z) − 1, the same
+    function: on CPUs PyTorch's sigmoid kernel is about 7x faster than its tanh, and a
+    50,304-wide head makes this the costliest elementwise op of a small model's step."""
+    return torch.sigmoid(logits.mul_(2 / softcap), out=logits).mul_(2).sub_(1)
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_rows: int, compute_dtype, softcap: float):
@@ -36,7 +43,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             safe_t = t.clamp(min=0)[:, None]
             logits = (h[rows] @ w.t()).to(softmax_dtype)
             if softcap > 0:
-                capped = torch.tanh(logits / softcap)
+                capped = _tanh_over_cap_(logits, softcap)
                 logits = capped * softcap
             lse = torch.logsumexp(logits, dim=-1)
             loss += ((lse - logits.gather(1, safe_t).squeeze(1)) * valid).sum()
@@ -45,7 +52,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             grad_logits.scatter_add_(1, safe_t, torch.full_like(safe_t, -1, dtype=softmax_dtype))
             grad_logits.mul_((valid.to(softmax_dtype) / n_valid)[:, None])
             if softcap > 0:  # through the tanh: d(cap·tanh(z/cap))/dz = 1 - tanh²
-                grad_logits.mul_(1 - capped.square())
+                grad_logits.mul_(capped.square_().neg_().add_(1))
             grad_logits = grad_logits.to(compute_dtype)
             grad_hidden[rows] = (grad_logits @ w).to(hidden.dtype)
             if compute_dtype == softmax_dtype:
@@ -79,7 +86,7 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
         softmax_dtype = torch.promote_types(dtype, torch.float32)
         def chunk_logits(rows: slice) -> torch.Tensor:
             logits = (h[rows] @ w.t()).to(softmax_dtype)
-            return softcap * torch.tanh(logits / softcap) if softcap > 0 else logits
+            return _tanh_over_cap_(logits, softcap).mul_(softcap) if softcap > 0 else logits
 
         total = sum(F.cross_entropy(chunk_logits(slice(i, i + chunk_rows)), targets[i:i + chunk_rows],
                                     ignore_index=IGNORE_INDEX, reduction="sum")
