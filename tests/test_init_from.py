@@ -119,7 +119,7 @@ def test_bad_combinations_are_one_line(shards, hf, tmp_path):
 @pytest.mark.slow
 def test_the_readme_finetune_example_runs_on_a_local_folder(tmp_path):
     """The README's three commands, with a local Hugging Face folder instead of the hub's gpt2,
-    a text file of ~90K tokens, and 2 steps instead of 20."""
+    a text file of ~90K tokens, and 2 steps of 4,096 tokens instead of 20 of 32,768."""
     text = "\n\n".join(itertools.islice(demo_corpus.documents(), 120))
     (tmp_path / "my.txt").write_text(text)
     model = hf_folder(tmp_path / "gpt2-local", n_positions=1024)
@@ -127,7 +127,8 @@ def test_the_readme_finetune_example_runs_on_a_local_folder(tmp_path):
                        "--shard-tokens", "100000", "--val-tokens", "45000", cwd=tmp_path)
     assert prepared.returncode == 0, prepared.stderr
     trained = run_cli("train", "--init-from", model, "--preset", "finetune", "--data", tmp_path / "data",
-                      "--out", tmp_path / "ft", "--max-steps", "2", cwd=tmp_path, env={"OMP_NUM_THREADS": "2"})
+                      "--out", tmp_path / "ft", "--max-steps", "2", "optim.total_batch_tokens=4096",
+                      "eval.val_tokens=4096", cwd=tmp_path, env={"OMP_NUM_THREADS": "2"})
     assert trained.returncode == 0, trained.stderr[-3000:]
     val = logged(tmp_path / "ft", "val")
     assert [s for s, _ in val] == [0, 1] and val[1][1] < val[0][1]  # it learns

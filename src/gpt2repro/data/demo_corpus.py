@@ -21,6 +21,7 @@ Python version and enough to train the demo model.
 from __future__ import annotations
 
 import ast
+import functools
 import random
 import sysconfig
 from collections.abc import Iterator
@@ -44,10 +45,11 @@ def documents(target_chars: int = TARGET_CHARS) -> Iterator[str]:
             return
 
 
-def _all_documents() -> list[str]:
+@functools.cache  # parsing the standard library takes seconds; a process needs it once
+def _all_documents() -> tuple[str, ...]:
     docs = [*_reference_topics(), *_stdlib_docstrings()]
     random.Random(SHUFFLE_SEED).shuffle(docs)
-    return docs
+    return tuple(docs)
 
 
 def _reference_topics() -> Iterator[str]:

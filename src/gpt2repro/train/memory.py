@@ -23,7 +23,8 @@ the activation term. It is a planning number; ``bench train`` on the card measur
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from dataclasses import astuple, dataclass
 
 import torch
 
@@ -50,8 +51,13 @@ class MemoryEstimate:
 
 def parameter_counts(cfg: ModelConfig) -> tuple[int, int]:
     """(all parameters, parameters of one block), counted on the meta device: no memory used."""
+    return _parameter_counts(astuple(cfg))
+
+
+@functools.cache  # bench memory asks for each shape hundreds of times; building 1.5B even on meta is not free
+def _parameter_counts(fields: tuple) -> tuple[int, int]:
     with torch.device("meta"):
-        model = GPT(cfg)
+        model = GPT(ModelConfig(*fields))
     return model.num_params(), sum(p.numel() for p in model.transformer.h[0].parameters())
 
 
