@@ -70,3 +70,17 @@ def make_pattern_shards(directory: Path, n_train: int = 8192, n_val: int = 1024)
     np.save(directory / "test_val_000000.npy", np.resize(pattern, n_val))
     np.save(directory / "test_train_000001.npy", np.resize(pattern, n_train))
     return directory
+
+
+def write_bin_shard(path: Path, tokens, *, magic: int = 20240520, version: int = 1,
+                    n: int | None = None) -> Path:
+    """An llm.c / modded-nanogpt ``.bin`` shard as their scripts write it: 256 little-endian int32
+    (magic, version, token count, zeros), then the uint16 tokens. The format is spelt out here, not
+    taken from gpt2repro, so a wrong constant there fails the tests; the keywords write bad headers."""
+    import numpy as np
+
+    tokens = np.asarray(tokens, dtype="<u2")
+    header = np.zeros(256, dtype="<i4")
+    header[:3] = magic, version, len(tokens) if n is None else n
+    path.write_bytes(header.tobytes() + tokens.tobytes())
+    return path

@@ -117,8 +117,8 @@ def test_fineweb_path_through_datasets(tmp_path, monkeypatch):
     data = write_jsonl(tmp_path / "fw.jsonl", docs)
     calls = []
 
-    def local_fineweb(name, streaming):
-        calls.append((name, streaming))
+    def local_fineweb(repo, name, streaming):
+        calls.append((repo, name, streaming))
         return datasets.load_dataset("json", data_files=str(data), split="train", streaming=streaming,
                                      cache_dir=str(tmp_path / "hf"))
 
@@ -130,7 +130,41 @@ def test_fineweb_path_through_datasets(tmp_path, monkeypatch):
         assert (out / "edufineweb_val_000000.npy").is_file()
         assert (out / "edufineweb_train_000001.npy").is_file()
         assert np.array_equal(read_stream(out), expected_stream(docs))
-    assert calls == [("sample-10BT", False), ("sample-10BT", True)]
+    assert calls == [("HuggingFaceFW/fineweb-edu", "sample-10BT", False),
+                     ("HuggingFaceFW/fineweb-edu", "sample-10BT", True)]
+
+
+def test_fineweb_source_is_hf_fineweb_with_llm_c_names(tmp_path, monkeypatch):
+    # modded-nanogpt's corpus: the same datasets path, its own repo, llm.c's shard names.
+    import datasets
+
+    docs = make_documents(120)
+    calls = []
+
+    def local_fineweb(repo, name, streaming):
+        calls.append((repo, name, streaming))
+        return datasets.Dataset.from_dict({"text": docs, "id": list(range(len(docs)))})
+
+    monkeypatch.setattr(sources, "load_fineweb", local_fineweb)
+    out = tmp_path / "out"
+    manifest = prep.prepare("fineweb", out, shard_tokens=1500, val_tokens=1000, workers=1)
+    assert calls == [("HuggingFaceFW/fineweb", "sample-10BT", False)]
+    assert manifest["source"] == "HuggingFaceFW/fineweb/sample-10BT" and manifest["prefix"] == "fineweb"
+    names = sorted(p.name for p in out.glob("*.npy"))
+    assert names[0] == "fineweb_train_000001.npy" and names[-1] == "fineweb_val_000000.npy" and len(names) > 2
+    assert np.array_equal(read_stream(out), expected_stream(docs))
+
+
+def test_unknown_source_name_is_one_line(tmp_path, monkeypatch, capsys):
+    from gpt2repro import cli
+
+    monkeypatch.setattr(sources, "load_fineweb", lambda *a: pytest.fail(f"{a} went to the hub"))
+    for typo in ("fineweb10B", "fineweb_edu", "FineWeb"):
+        code = cli.main(["prepare", "--source", typo, "--out", str(tmp_path / "o")])
+        err = capsys.readouterr().err
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert f"--source {typo}: no such file or directory; give fineweb-edu, fineweb, demo" in err
+    assert not (tmp_path / "o").exists()
 
 
 # ---------------------------------------------------------------------------
@@ -161,7 +195,7 @@ def test_interrupted_prepare_resumes_byte_identical(tmp_path, monkeypatch, small
         import datasets
 
         source = "fineweb-edu"
-        monkeypatch.setattr(sources, "load_fineweb", lambda name, streaming: datasets.load_dataset(
+        monkeypatch.setattr(sources, "load_fineweb", lambda repo, name, streaming: datasets.load_dataset(
             "json", data_files=str(data), split="train", streaming=True, cache_dir=str(tmp_path / "hf")))
     settings = dict(shard_tokens=1700, val_tokens=1100, workers=2)
     prep.prepare(source, tmp_path / "full", **settings)

@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prepare", parents=[common], help="tokenize a corpus into GPT-2 token shards")
     p.add_argument("--source", default="fineweb-edu",
-                   help="fineweb-edu | demo | a .txt/.jsonl/.parquet file, directory or glob")
+                   help="fineweb-edu | fineweb | demo | a .txt/.jsonl/.parquet file, directory or glob")
     p.add_argument("--out", required=True, help="output directory for the .npy shards")
     p.add_argument("--name", default="sample-10BT", help="FineWeb-edu config")
     p.add_argument("--streaming", action="store_true",

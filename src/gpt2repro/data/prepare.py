@@ -151,7 +151,11 @@ def _kept_shards(out_dir: Path, previous: dict | None, run: dict, val_tokens: in
 
 def _check_out_dir(out_dir: Path, prefix: str, previous: dict | None) -> None:
     """Refuse to mix our shards with shards of another corpus, or with .npy files that no
-    prepare of ours wrote (build-nanogpt's own shards, say: same names, other tokens maybe)."""
+    prepare of ours wrote (build-nanogpt's own shards, say: same names, other tokens maybe),
+    or with llm.c's .bin shards (prepare never writes them, and the loader refuses a folder of both)."""
+    if (theirs := next((p for p in out_dir.glob("*.bin") if SHARD_PATTERN.match(p.name)), None)) is not None:
+        raise UserError(f"{out_dir}: already holds llm.c .bin shards ({theirs.name}); prepare writes .npy "
+                        "shards and a folder holds one kind; use a new --out")
     if previous is None and (foreign := next(out_dir.glob("*.npy"), None)) is not None:
         raise UserError(f"{out_dir}: already holds other shards, .npy files that gpt2repro prepare did not write "
                         f"there ({foreign.name}, and no {MANIFEST} or {PROGRESS}); use a new --out, or move them away")

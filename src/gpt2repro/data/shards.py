@@ -1,6 +1,11 @@
 """Token shards on disk: ``<prefix>_<split>_<NNNNNN>.npy``, 1-D uint16; written, found, checked.
 
 The names are build-nanogpt's, so its FineWeb-edu shards work here unchanged.
+llm.c's and modded-nanogpt's ``.bin`` shards (same names, suffix ``.bin``: a
+header of 256 little-endian int32, then the uint16 tokens) are read too, so their
+published pre-tokenized FineWeb needs no re-tokenizing; ``prepare`` writes ``.npy``
+only. A folder holds one kind: a split that mixed them would interleave two
+corpora by index without a word.
 A shard is opened memory-mapped; the first time a process opens it, every
 token is checked to be a GPT-2 id (< GPT2_VOCAB_SIZE) in one vectorised pass.
 """
@@ -16,8 +21,12 @@ from gpt2repro.atomic import atomic_open, writing
 from gpt2repro.config import GPT2_VOCAB_SIZE
 from gpt2repro.errors import UserError
 
-SHARD_PATTERN = re.compile(r"^(?P<prefix>.+)_(?P<split>train|val)_(?P<index>\d+)\.npy$")
+SHARD_PATTERN = re.compile(r"^(?P<prefix>.+)_(?P<split>train|val)_(?P<index>\d+)\.(?P<kind>npy|bin)$")
 SPLITS = ("train", "val")
+BIN_MAGIC, BIN_VERSION = 20240520, 1  # llm.c's header for GPT-2 (uint16) token shards
+BIN_HEADER_BYTES = 256 * 4
+OTHER_BIN_MAGICS = {20240801: "llm.c's LLaMA-3 token shard (uint32 tokens), not a GPT-2 one",
+                    20240522: "llm.c's eval file (HellaSwag/MMLU), not a token shard"}
 _checked: set[tuple[str, int, int]] = set()  # (path, size, mtime) of shards whose tokens passed
 
 
@@ -32,20 +41,26 @@ def write_shard(path: Path, tokens: np.ndarray) -> None:
 
 
 def list_shards(data_dir, split: str) -> list[Path]:
-    """The ``split`` shards in ``data_dir``, in index order; an error when there are none."""
+    """The ``split`` shards in ``data_dir``, in index order; an error when there are none, or when
+    the folder mixes .npy and .bin shards (two corpora, most likely, that index order would interleave)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise UserError(f"{data_dir}: no such data directory; create it with "
                         f"`gpt2repro prepare --out {data_dir}`")
-    shards = []
+    shards, kinds = [], {}
     for path in data_dir.iterdir():
         match = SHARD_PATTERN.match(path.name)
-        if match and match["split"] == split and path.is_file():
-            shards.append((int(match["index"]), path.name, path))
+        if match and path.is_file():
+            kinds.setdefault(match["kind"], path.name)
+            if match["split"] == split:
+                shards.append((int(match["index"]), path.name, path))
+    if len(kinds) > 1:  # whole folder, not just this split: train and val must come from one corpus
+        raise UserError(f"{data_dir}: holds both .npy and .bin shards ({kinds['npy']}, {kinds['bin']}); "
+                        "keep one kind per folder: move the other kind to a folder of its own")
     if not shards:
-        raise UserError(f"{data_dir}: no {split} shards (files named <prefix>_{split}_NNNNNN.npy); "
+        raise UserError(f"{data_dir}: no {split} shards (files named <prefix>_{split}_NNNNNN.npy or .bin); "
                         f"create them with `gpt2repro prepare --out {data_dir}`")
     return [path for _, _, path in sorted(shards)]
 
@@ -53,7 +68,14 @@ def list_shards(data_dir, split: str) -> list[Path]:
 def open_shard(path, check_tokens: bool = True) -> np.ndarray:
     """The shard's tokens, memory-mapped and checked (dtype, shape, size, token ids)."""
     path = Path(path)
-    fix = "delete it and run `gpt2repro prepare` again"
+    tokens = _open_bin(path) if path.suffix == ".bin" else _open_npy(path)
+    if check_tokens:
+        check_token_ids(path, tokens)
+    return tokens
+
+
+def _open_npy(path: Path) -> np.ndarray:
+    fix = _fix(path)
     try:
         tokens = np.load(path, mmap_mode="r", allow_pickle=False)
     except FileNotFoundError:
@@ -67,9 +89,49 @@ def open_shard(path, check_tokens: bool = True) -> np.ndarray:
                         f"uint16 array of GPT-2 tokens; {fix}")
     if len(tokens) == 0:
         raise UserError(f"{path}: empty shard (0 tokens); {fix}")
-    if check_tokens:
-        check_token_ids(path, tokens)
     return tokens
+
+
+def _open_bin(path: Path) -> np.ndarray:
+    """An llm.c ``.bin`` shard's tokens, memory-mapped once its header and size agree.
+
+    The header alone says how many tokens follow, so a file cut short by a failed
+    download, or one with bytes appended, is caught here rather than read as tokens.
+    """
+    fix = _fix(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            header = f.read(BIN_HEADER_BYTES)
+    except FileNotFoundError:
+        raise UserError(f"{path}: shard not found; {fix}") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read this .bin shard ({e.strerror or e}); {fix}") from None
+    if size < BIN_HEADER_BYTES:
+        raise UserError(f"{path}: {size:,} bytes, shorter than the {BIN_HEADER_BYTES}-byte header of an "
+                        f"llm.c .bin shard: truncated; {fix}")
+    magic, version, n = (int(v) for v in np.frombuffer(header, dtype="<i4")[:3])
+    if magic != BIN_MAGIC:
+        what = OTHER_BIN_MAGICS.get(magic, "not an llm.c / modded-nanogpt GPT-2 token shard")
+        raise UserError(f"{path}: header magic {magic}, expected {BIN_MAGIC}: {what}; {fix}")
+    if version != BIN_VERSION:
+        raise UserError(f"{path}: header version {version}, expected {BIN_VERSION} (llm.c's GPT-2 format, "
+                        f"uint16 tokens); {fix} for GPT-2")
+    if n <= 0:
+        raise UserError(f"{path}: header says {n} tokens, expected at least 1; {fix}")
+    expected = BIN_HEADER_BYTES + 2 * n
+    if size != expected:
+        problem = "truncated" if size < expected else f"{size - expected:,} extra bytes after the tokens"
+        raise UserError(f"{path}: {size:,} bytes, but its header's {n:,} tokens take {expected:,} "
+                        f"({BIN_HEADER_BYTES} + 2 x {n:,}): {problem}; {fix}")
+    return np.memmap(path, dtype="<u2", mode="r", offset=BIN_HEADER_BYTES, shape=(n,))
+
+
+def _fix(path: Path) -> str:
+    """What to do about a bad shard: ours are remade by prepare, llm.c's by their own script."""
+    if Path(path).suffix == ".bin":
+        return "re-download it, or re-run the script that wrote it"
+    return "delete it and run `gpt2repro prepare` again"
 
 
 def check_token_ids(path, tokens: np.ndarray) -> None:
@@ -82,8 +144,7 @@ def check_token_ids(path, tokens: np.ndarray) -> None:
     if largest >= GPT2_VOCAB_SIZE:
         position = int(np.argmax(tokens >= GPT2_VOCAB_SIZE))
         raise UserError(f"{path}: token id {largest} at position {position} is not a GPT-2 token "
-                        f"(ids are < {GPT2_VOCAB_SIZE}); the shard is corrupt, "
-                        "delete it and run `gpt2repro prepare` again")
+                        f"(ids are < {GPT2_VOCAB_SIZE}); the shard is corrupt, {_fix(path)}")
     _checked.add(key)
 
 

@@ -1,4 +1,4 @@
-"""Where documents come from: FineWeb-edu, local files, or the built-in demo corpus.
+"""Where documents come from: FineWeb-edu or FineWeb, local files, or the built-in demo corpus.
 
 ``open_source(spec)`` turns the ``--source`` value into a ``Source`` whose
 ``documents(skip)`` yields one string per document, always in the same order,
@@ -24,7 +24,11 @@ from gpt2repro.data import demo_corpus
 from gpt2repro.errors import UserError
 
 FINEWEB_EDU = "HuggingFaceFW/fineweb-edu"
+FINEWEB = "HuggingFaceFW/fineweb"  # modded-nanogpt's and llm.c's corpus
 FINEWEB_PREFIX = "edufineweb"  # build-nanogpt's shard names, so shards interchange
+# --source name -> (Hugging Face repo, default shard prefix); the prefixes are the names
+# build-nanogpt and llm.c give these corpora's shards.
+HUB_SOURCES = {"fineweb-edu": (FINEWEB_EDU, FINEWEB_PREFIX), "fineweb": (FINEWEB, "fineweb")}
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 
 
@@ -38,9 +42,9 @@ class Source:
 
 
 def open_source(spec: str, *, name: str = "sample-10BT", streaming: bool = False) -> Source:
-    if spec == "fineweb-edu":
-        return Source(f"{FINEWEB_EDU}/{name}", FINEWEB_PREFIX,
-                      lambda skip: fineweb_documents(name, streaming, skip))
+    if spec in HUB_SOURCES:
+        repo, prefix = HUB_SOURCES[spec]
+        return Source(f"{repo}/{name}", prefix, lambda skip: fineweb_documents(repo, name, streaming, skip))
     if spec == "demo":
         return Source("demo", "demo", lambda skip: itertools.islice(demo_corpus.documents(), skip, None),
                       shard_tokens=demo_corpus.SHARD_TOKENS, val_tokens=demo_corpus.VAL_TOKENS)
@@ -51,10 +55,10 @@ def open_source(spec: str, *, name: str = "sample-10BT", streaming: bool = False
 
 
 # ---------------------------------------------------------------------------
-# FineWeb-edu through Hugging Face datasets
+# FineWeb-edu and FineWeb through Hugging Face datasets
 
 
-def load_fineweb(name: str, streaming: bool):
+def load_fineweb(repo: str, name: str, streaming: bool):
     """The dataset object; the one place that touches the hub (tests replace it).
 
     ``datasets`` reads the repository's parquet files; it never runs a dataset script.
@@ -62,16 +66,16 @@ def load_fineweb(name: str, streaming: bool):
     import datasets
 
     try:
-        return datasets.load_dataset(FINEWEB_EDU, name=name, split="train", streaming=streaming)
+        return datasets.load_dataset(repo, name=name, split="train", streaming=streaming)
     except (ConnectionError, OSError) as e:
-        raise UserError(f"--source fineweb-edu: could not load {FINEWEB_EDU} ({name}): {e}; "
+        raise UserError(f"{repo}: could not load config {name} ({e}); "
                         "check the network, or point HF_HOME at a cache that holds it") from None
     except ValueError as e:  # e.g. an unknown config name
         raise UserError(f"--name {name}: {e}") from None
 
 
-def fineweb_documents(name: str, streaming: bool, skip: int = 0) -> Iterator[str]:
-    dataset = load_fineweb(name, streaming)
+def fineweb_documents(repo: str, name: str, streaming: bool, skip: int = 0) -> Iterator[str]:
+    dataset = load_fineweb(repo, name, streaming)
     if skip:
         dataset = dataset.skip(skip)
     for batch in dataset.iter(batch_size=1024):
@@ -94,7 +98,7 @@ def local_files(spec: str) -> list[Path]:
     if path.is_file():
         if path.suffix not in SUFFIXES:
             raise UserError(f"{spec}: unsupported file type {path.suffix!r}; "
-                            "use .txt, .jsonl or .parquet (or --source fineweb-edu / demo)")
+                            "use .txt, .jsonl or .parquet (or --source fineweb-edu / fineweb / demo)")
         return [path]
     if glob.has_magic(spec):
         files = sorted(Path(p) for p in glob.glob(spec, recursive=True)
@@ -103,7 +107,7 @@ def local_files(spec: str) -> list[Path]:
             raise UserError(f"{spec}: empty corpus: the pattern matches no .txt, .jsonl "
                             "or .parquet files; check the pattern")
         return files
-    raise UserError(f"--source {spec}: no such file or directory; give fineweb-edu, demo, "
+    raise UserError(f"--source {spec}: no such file or directory; give fineweb-edu, fineweb, demo, "
                     "or a .txt/.jsonl/.parquet file, directory or glob")
 
 
