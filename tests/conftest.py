@@ -84,3 +84,24 @@ def write_bin_shard(path: Path, tokens, *, magic: int = 20240520, version: int =
     header[:3] = magic, version, len(tokens) if n is None else n
     path.write_bytes(header.tobytes() + tokens.tobytes())
     return path
+
+
+def make_document_shards(directory: Path, n_train: int = 40_000, n_val: int = 4_000, mean_doc_tokens: int = 300,
+                         vocab: int = 50256, seed: int = 0) -> Path:
+    """Random-token documents, each opened by <|endoftext|> as prepare writes them, in the prepare
+    layout (val first): what document masking needs to see boundaries. Tokens from a small
+    ``vocab`` are learnable within a few steps (their frequencies)."""
+    import numpy as np
+
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+
+    def documents(n: int) -> np.ndarray:
+        tokens = rng.integers(0, vocab, n, dtype=np.uint16)  # no <|endoftext|> but the boundaries
+        starts = np.cumsum(rng.integers(mean_doc_tokens // 2, 3 * mean_doc_tokens // 2 + 1, n))
+        tokens[np.concatenate([[0], starts[starts < n]])] = 50256
+        return tokens
+
+    np.save(directory / "docs_val_000000.npy", documents(n_val))
+    np.save(directory / "docs_train_000001.npy", documents(n_train))
+    return directory

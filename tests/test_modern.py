@@ -1,21 +1,26 @@
 """The modern recipe's levers: each does what it says, and training with them resumes exactly."""
 
+import contextlib
 import dataclasses
+import io
+import math
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, make_document_shards, run_cli
 from gpt2repro.config import apply_overrides
 from gpt2repro.model import gpt as gpt_module
+from gpt2repro.model.attention import apply_rotary, rotary_tables
 from gpt2repro.model.chunked_ce import chunked_cross_entropy
 from gpt2repro.model.generate import generate
-from gpt2repro.model.gpt import GPT, apply_rotary, rotary_tables
+from gpt2repro.model.gpt import GPT
 from gpt2repro.model.io import load_model_dir, save_model
-from gpt2repro.presets import MODEL_PRESETS, MODERN_LEVERS, get_preset
+from gpt2repro.presets import MODEL_PRESETS, MODERN_LEVERS, TINY_MODERN_TUNED, get_preset
 from gpt2repro.train.optim import build_optimizers, learning_rate, partition_parameters, set_learning_rate
+from gpt2repro.train.trainer import train
 from test_train import make_shards, max_abs_diff, train_cli, weights
 
 TINY_MODERN = get_preset("tiny-modern")
@@ -43,13 +48,17 @@ def test_parameter_groups_partition_the_model_exactly():
         assert len(listed) == len(set(listed))  # no parameter in two groups
         assert set(listed) == {id(p) for p in model.parameters()}  # and none missing
         names = {part: {name for name, _ in params} for part, params in groups.items()}
-        assert names["hidden"] == {f"transformer.h.{i}.{m}.weight" for i in range(2)
-                                   for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+        attention = ("attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj")  # none in layer 3 = 4 // 2 + 1
+        assert names["hidden"] == {f"transformer.h.{i}.{m}.weight" for i in range(4)
+                                   for m in (*(attention if i != 3 else ()), "mlp.c_fc", "mlp.c_proj")}
         assert all(model.get_parameter(n).dim() == 1 for n in names["scalar"])
     untied, tied = (partition_parameters(m) for m in (modern_model(), modern_model(tie_embeddings=True)))
     assert [n for n, _ in untied["head"]] == ["lm_head.weight"] and [n for n, _ in untied["embed"]] == [
-        "transformer.wte.weight"]
-    assert not tied["head"] and not untied["scalar"]  # RMS norms without gains, no biases: no 1-D parameters
+        "transformer.wte.weight", "transformer.ve.0.weight"]
+    assert not tied["head"]
+    # RMS norms without gains, no biases: the 1-D parameters are the mixing weights alone
+    assert {n for n, _ in untied["scalar"]} == {"skip_weights", *(f"transformer.h.{i}.lambdas" for i in range(4)),
+                                                *(f"transformer.h.{i}.attn.lambdas" for i in (0, 1, 2))}
 
 
 def test_two_steps_equal_hand_built_muon_and_adamw():
@@ -68,7 +77,8 @@ def test_two_steps_equal_hand_built_muon_and_adamw():
     scalars = [q for q in p.values() if q.dim() == 1]
     adam_kwargs = dict(betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
     hand_built = [
-        torch.optim.AdamW([{"params": [p["transformer.wte.weight"]], "lr": 0.003, "weight_decay": 0.1},
+        torch.optim.AdamW([{"params": [p["transformer.wte.weight"], p["transformer.ve.0.weight"]], "lr": 0.003,
+                            "weight_decay": 0.1},
                            {"params": [p["lm_head.weight"]], "lr": 0.002, "weight_decay": 0.1},
                            {"params": scalars, "lr": 0.01, "weight_decay": 0.0}], **adam_kwargs),
         torch.optim.Muon(hidden, lr=0.03, momentum=cfg.optim.muon_momentum, weight_decay=0.05),
@@ -177,33 +187,44 @@ def test_qk_norm_gives_queries_and_keys_unit_rms(monkeypatch):
         assert torch.allclose(rms, torch.ones_like(rms), atol=1e-3) == qk_norm
 
 
-@pytest.mark.parametrize("lever", list(MODERN_LEVERS))
-def test_each_lever_alone_changes_the_training(lever):
-    """Added alone to the faithful tiny recipe, every lever changes the losses of a few steps:
-    no switch is silently ignored."""
-    def losses(overrides):
-        cfg = apply_overrides(get_preset("tiny"), ["max_steps=4", "warmup_steps=1", *overrides])
-        torch.manual_seed(0)
-        model = GPT(cfg.model)
-        optimizers = build_optimizers(model, cfg.optim, fused=False)
-        out = []
-        for step in range(4):
-            x, y = batch(seed=step)
-            loss = model(x, y)[1]
-            loss.backward()
-            set_learning_rate(optimizers, learning_rate(step, cfg.optim))
-            for opt in optimizers:
-                opt.step()
-                opt.zero_grad()
-            out.append(loss.item())
-        return torch.tensor(out)
+@pytest.fixture(scope="module")
+def document_shards(tmp_path_factory):
+    return make_document_shards(tmp_path_factory.mktemp("documents"), mean_doc_tokens=24)
 
-    base = losses([])
-    assert torch.equal(losses([]), base)  # deterministic: any difference below is the lever's
-    switched = losses([f"{k}={v}" for k, v in MODERN_LEVERS[lever].items()])
-    assert torch.isfinite(switched).all()
+
+def lever_losses(overrides: list[str], data, out) -> list[float]:
+    cfg = apply_overrides(get_preset("tiny"), [f"data.path={data}", f"out_dir={out}", "max_steps=4",
+                                               "warmup_steps=1", "model.n_layer=4", "runtime.log_every=0",
+                                               *overrides])
+    with contextlib.redirect_stdout(io.StringIO()):
+        train(cfg)
+    return train_losses(out)
+
+
+LEVERS_NEEDED = {"split-qkv": "muon", "muon-warmup": "muon"}  # they change what Muon does
+
+
+@pytest.fixture(scope="module")
+def base_losses(document_shards, tmp_path_factory):
+    """The losses without the lever: the faithful tiny recipe, and the same with Muon."""
+    runs = {name: [f"{k}={v}" for k, v in MODERN_LEVERS.get(name, {}).items()] for name in ("", "muon")}
+    losses = {name: lever_losses(o, document_shards, tmp_path_factory.mktemp("base")) for name, o in runs.items()}
+    assert lever_losses([], document_shards, tmp_path_factory.mktemp("again")) == losses[""]  # deterministic
+    return runs, losses
+
+
+@pytest.mark.parametrize("lever", list(MODERN_LEVERS))
+def test_each_lever_alone_changes_the_training(lever, document_shards, base_losses, tmp_path):
+    """Added alone to the faithful tiny recipe (with Muon where the lever is Muon's), at tiny-modern's
+    values, every lever changes the losses of a few training steps: no switch is silently ignored."""
+    tiny_modern = {k: v for k, v in TINY_MODERN_TUNED.items() if k in MODERN_LEVERS[lever]}
+    runs, losses = base_losses
+    needed, base = runs[LEVERS_NEEDED.get(lever, "")], losses[LEVERS_NEEDED.get(lever, "")]
+    switched = lever_losses(needed + [f"{k}={v}" for k, v in (MODERN_LEVERS[lever] | tiny_modern).items()],
+                            document_shards, tmp_path)
+    assert all(map(math.isfinite, switched))
     # the soft cap barely bends the small logits of a fresh model: its change is the smallest
-    assert (switched - base).abs().max() > 1e-6, lever
+    assert max(abs(a - b) for a, b in zip(switched, base)) > 1e-6, lever
 
 
 # ---------------------------------------------------------------------------
@@ -252,7 +273,7 @@ def test_modern_ddp_equals_single_process_accumulation(tmp_path):
     weight differences (about 1e-2 of the head's entries); the losses drift apart by 2e-4 in 6 steps."""
     data = small_vocab_shards(tmp_path / "small_vocab")
     common = ["--preset", "tiny-modern", "--data", data, "max_steps=6", "total_batch_tokens=512", "micro_batch=4",
-              "seq_len=32", "warmup_steps=1", "schedule=cosine", "min_lr=0.01", "max_lr=0.01", "muon_lr=0.02"]
+              "seq_len=32", "warmup_steps=1", "schedule=cosine", "min_lr=0.3", "max_lr=0.3", "muon_lr=0.05"]
     ddp = run_cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "gpt2repro",
                   "train", "--out", tmp_path / "ddp", *common, module=None)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
@@ -288,7 +309,7 @@ def test_an_untied_gpt2_exports_with_identical_logits(tmp_path):
 @pytest.mark.slow
 def test_bench_recipe_compares_the_recipes_and_ablates_levers(tmp_path):
     out = tmp_path / "recipe"
-    result = run_cli("bench", "recipe", "--out", out, "--seeds", "1", "--max-steps", "4", "--val-every", "2",
+    result = run_cli("bench", "recipe", "--out", out, "--seeds", "1", "--max-steps", "4", "--val-every", "4",
                      "--fractions", "0.5", "--ablation", "--levers", "wsd", env={"OMP_NUM_THREADS": "2"})
     assert result.returncode == 0, result.stderr[-3000:]
     rows = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[2:-1]]

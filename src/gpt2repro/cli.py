@@ -128,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=count(1), default=10, help="timed steps (median reported)")
     b.add_argument("--warmup", type=count(0), default=3, help="untimed steps first")
     b.add_argument("--variants", default="auto", help="comma list, or auto for the device's set")
+    b.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides of the preset")
     _add_device_flags(b)
     b = bench_sub.add_parser("eval", parents=[common], help="HellaSwag items/s, batched vs one at a time")
     b.add_argument("--model", default="tiny", help="a model preset name or MODEL")
@@ -151,6 +152,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shorter modern budgets to try, as fractions of the faithful run's tokens")
     b.add_argument("--ablation", action="store_true", help="also each lever added alone / removed alone")
     b.add_argument("--levers", default=None, help="with --ablation: a comma list of levers (default: all)")
+
+    b = bench_sub.add_parser("gpu", parents=[common],
+                             help="the GPU check: FlexAttention's backward, tokens/s, MFU and losses of each preset")
+    b.add_argument("--presets", default="gpt2-124m-10b,gpt2-124m-modern", help="comma list of training presets")
+    b.add_argument("--steps", type=count(1), default=50, help="steps of each preset's own schedule")
+    b.add_argument("--out", default="runs/bench-gpu", help="a new folder for the runs, the data and gpu_check.md")
+    b.add_argument("--data", default=None, help="token shards (default: prepare the built-in corpus into OUT/data)")
+    b.add_argument("--docs", default=None, help="also write the results between the bench-gpu markers of this file")
+    b.add_argument("--allow-cpu", action="store_true", help="run without CUDA (small presets: to try the command)")
 
     b = bench_sub.add_parser("memory", parents=[common], help="estimated per-rank memory: sizes × DDP/FSDP × ranks")
     b.add_argument("--presets", default="gpt2-124m-10b,gpt2-350m-10b,gpt2-774m-10b,gpt2-1558m-10b",

@@ -9,91 +9,38 @@ resumed run can check that it is continuing the same experiment.
 from __future__ import annotations
 
 import dataclasses
-import decimal
 import difflib
-import math
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Union
 
 from gpt2repro.errors import UserError
+from gpt2repro.ranges import AT_LEAST_0, AT_LEAST_1, FRACTION, POSITIVE, SEED, Range, check_ranges, parse_int
 
 GPT2_VOCAB_SIZE = 50257  # OpenAI's BPE: 50,000 merges + 256 bytes + <|endoftext|>
 PADDED_VOCAB_SIZE = 50304  # next multiple of 128: friendlier matmul shapes, same model
 
 
-@dataclass(frozen=True)
-class Range:
-    """The values a numeric setting may take, written in interval notation in error messages:
-    ``[0, 1)`` includes 0 and excludes 1. NaN and values of other types are never inside."""
-
-    low: float
-    high: float = math.inf
-    brackets: str = "[)"
-
-    def __contains__(self, value: object) -> bool:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return False
-        above = value >= self.low if self.brackets[0] == "[" else value > self.low
-        below = value <= self.high if self.brackets[1] == "]" else value < self.high
-        return above and below
-
-    def __str__(self) -> str:
-        def show(x: float) -> str:
-            if isinstance(x, int) and x >= 2**16 and x & (x - 1) == 0:
-                return f"2**{x.bit_length() - 1}"
-            return f"{x:g}"
-
-        return f"{self.brackets[0]}{show(self.low)}, {show(self.high)}{self.brackets[1]}"
-
-
-AT_LEAST_0, AT_LEAST_1, POSITIVE = Range(0), Range(1), Range(0, brackets="()")
-FRACTION = Range(0, 1)  # betas and momenta: 1 would never forget
-SEED = Range(0, 2**32)  # numpy's, torch's and Python's generators all take these
-
 MODEL_RANGES = {"n_layer": AT_LEAST_1, "n_head": AT_LEAST_1, "n_embd": AT_LEAST_1, "block_size": AT_LEAST_1,
                 "vocab_size": Range(GPT2_VOCAB_SIZE), "rope_base": POSITIVE, "logit_softcap": AT_LEAST_0,
-                "real_vocab_size": AT_LEAST_0}
+                "real_vocab_size": AT_LEAST_0, "value_embeds": AT_LEAST_0, "window_block": AT_LEAST_1,
+                "window_start": AT_LEAST_0, "window_end": AT_LEAST_0}
 # Every other numeric key of the tree; settings that only matter when a feature is on
 # (eval.val_tokens, eval.sample_count, ...) are checked in validate() with that condition.
 TRAIN_RANGES = {
     "data.seq_len": AT_LEAST_1, "data.seed": SEED,
     "optim.total_batch_tokens": AT_LEAST_1, "optim.max_steps": AT_LEAST_1, "optim.warmup_steps": AT_LEAST_0,
     "optim.max_lr": AT_LEAST_0, "optim.min_lr": AT_LEAST_0, "optim.weight_decay": AT_LEAST_0,
-    "optim.beta1": FRACTION, "optim.beta2": FRACTION, "optim.eps": POSITIVE, "optim.grad_clip": POSITIVE,
-    "optim.decay_frac": Range(0, 1, "(]"), "optim.head_lr": POSITIVE, "optim.scalar_lr": POSITIVE,
-    "optim.muon_lr": POSITIVE, "optim.muon_momentum": FRACTION, "optim.muon_weight_decay": AT_LEAST_0,
+    "optim.beta1": FRACTION, "optim.beta2": FRACTION, "optim.eps": POSITIVE, "optim.grad_clip": AT_LEAST_0,
+    "optim.decay_frac": Range(0, 1, "(]"), "optim.head_lr": AT_LEAST_0, "optim.scalar_lr": AT_LEAST_0,
+    "optim.muon_lr": AT_LEAST_0, "optim.muon_momentum": FRACTION, "optim.muon_weight_decay": AT_LEAST_0,
+    "optim.muon_momentum_warmup_steps": AT_LEAST_0, "optim.muon_momentum_start": FRACTION,
     "eval.val_every": AT_LEAST_0, "eval.hellaswag_every": AT_LEAST_0, "eval.hellaswag_limit": AT_LEAST_0,
     "eval.sample_every": AT_LEAST_0,
     "checkpoint.every": AT_LEAST_0, "checkpoint.keep": AT_LEAST_0, "checkpoint.max_failures": AT_LEAST_1,
     "runtime.ddp_bucket_mb": AT_LEAST_1, "runtime.seed": SEED, "runtime.log_every": AT_LEAST_0,
 }
-
-
-def check_ranges(node: Any, prefix: str, ranges: dict[str, Range]) -> None:
-    """One line for the first value of ``node`` outside its range, with the default as the example."""
-    defaults = {f.name: f.default for f in dataclasses.fields(node)}
-    for name, allowed in ranges.items():
-        value = getattr(node, name)
-        if value not in allowed:
-            raise UserError(f"{prefix}{name}={value!r}: must be in {allowed}, e.g. {prefix}{name}={defaults[name]!r}")
-
-
-def parse_int(text: str) -> int:
-    """An integer written as ``100000``, ``100_000`` or ``1e5``; ValueError unless it is exactly one."""
-    text = text.strip().replace("_", "")
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        number = decimal.Decimal(text)
-    except decimal.InvalidOperation:
-        raise ValueError(f"{text!r} is not a number") from None
-    if not number.is_finite() or number != number.to_integral_value() or number.adjusted() > 30:
-        raise ValueError(f"{text!r} is not a whole number")
-    return int(number)
 
 
 @dataclass
@@ -116,18 +63,44 @@ class ModelConfig:
     # > 0: only the first real_vocab_size logits enter the loss; the rows above are padding of a
     # model imported with fewer tokens (--init-from OpenAI's GPT-2). 0: every row, as from scratch.
     real_vocab_size: int = 0
+    # The levers of modded-nanogpt's record of 2025-01-04 (docs/training.md has each one's source).
+    init: str = "gpt2"  # gpt2: N(0, 0.02) | pytorch: nn.Linear's and nn.Embedding's own defaults
+    split_qkv: bool = False  # separate query, key and value matrices (Muon orthogonalises each alone)
+    embed_norm: bool = False  # RMS-normalise the token embedding: that is x0, the blocks' input
+    x0_mix: bool = False  # each block starts from λ0·x + λ1·x0, learned, from 1 and 0
+    value_embeds: int = 0  # k tables whose rows mix into the values of the first k and last k layers
+    unet: bool = False  # layer n_layer//2 + i adds the output of layer n_layer//2 - 1 - i, weighted
+    skip_mid_attention: bool = False  # layer n_layer//2 + 1 (8th of 12) has no attention, only its MLP
+    doc_mask: bool = False  # attention stays inside a document (documents start at <|endoftext|>)
+    # Sliding-window attention in whole blocks of window_block tokens: a query in block i sees
+    # blocks i-n+1 .. i, where n grows linearly from window_start // window_block tokens' worth at
+    # step 0 to window_end // window_block at the last step. 0: no window.
+    window_block: int = 128
+    window_start: int = 0
+    window_end: int = 0
 
     def __post_init__(self) -> None:
         check_ranges(self, "model.", MODEL_RANGES)
         if self.n_embd % self.n_head:
             raise UserError(f"model: n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
-        for key, allowed in (("pos_emb", ("learned", "rope")), ("mlp", ("gelu", "relu2")),
-                             ("norm", ("layernorm", "rmsnorm"))):
+        for key, allowed in (("pos_emb", ("learned", "rope", "rope-half")), ("mlp", ("gelu", "relu2")),
+                             ("norm", ("layernorm", "rmsnorm")), ("init", ("gpt2", "pytorch"))):
             if getattr(self, key) not in allowed:
                 raise UserError(f"model.{key}={getattr(self, key)!r}: choose {' or '.join(allowed)}")
-        if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
-            raise UserError(f"model.pos_emb=rope needs an even head size, not n_embd/n_head = "
-                            f"{self.n_embd // self.n_head}")
+        head_size = self.n_embd // self.n_head
+        if self.pos_emb != "learned" and head_size % (4 if self.pos_emb == "rope-half" else 2):
+            raise UserError(f"model.pos_emb={self.pos_emb} needs a head size divisible by "
+                            f"{4 if self.pos_emb == 'rope-half' else 2}, not n_embd/n_head = {head_size}")
+        if 2 * self.value_embeds > self.n_layer:
+            raise UserError(f"model.value_embeds={self.value_embeds}: the first and the last k layers use them, "
+                            f"so 2k must not exceed model.n_layer={self.n_layer}; use at most {self.n_layer // 2}")
+        if self.skip_mid_attention and self.n_layer < 3:
+            raise UserError(f"model.skip_mid_attention=true removes attention from layer n_layer//2 + 1, which "
+                            f"model.n_layer={self.n_layer} does not have; use at least 3 layers")
+        if self.window_start > self.window_end or (self.window_end and self.window_start < self.window_block):
+            raise UserError(f"model.window_start={self.window_start}, window_end={self.window_end}: the window "
+                            f"grows from at least one block (window_block={self.window_block}) at the start to "
+                            "window_end at the last step; e.g. window_start=128 window_end=1856, or both 0 (off)")
         if self.real_vocab_size > self.vocab_size:
             raise UserError(f"model.real_vocab_size={self.real_vocab_size} is above model.vocab_size="
                             f"{self.vocab_size}; use 0 (every row) or at most {self.vocab_size}")
@@ -136,7 +109,7 @@ class ModelConfig:
         """The switches, as ``key=value``, that make this model something other than GPT-2."""
         gpt2 = ModelConfig(self.n_layer, self.n_head, self.n_embd, self.block_size, self.vocab_size)
         return [f"model.{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self)
-                if f.name not in ("rope_base", "zero_init", "real_vocab_size")
+                if f.name not in ("rope_base", "zero_init", "real_vocab_size", "init", "window_block")
                 and getattr(self, f.name) != getattr(gpt2, f.name)]
 
 
@@ -160,7 +133,7 @@ class OptimConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # 0: no clipping
     schedule: str = "cosine"  # cosine (warmup, cosine to min_lr) | wsd (warmup, stable, linear decay)
     decay_frac: float = 0.2  # wsd: the last fraction of the steps decays to min_lr
     # The modern recipe's optimizer: Muon for the hidden matrices, AdamW for the rest, where
@@ -170,6 +143,9 @@ class OptimConfig:
     scalar_lr: float = 0.04  # muon: AdamW peak LR of biases and norm gains
     muon_lr: float = 0.05
     muon_momentum: float = 0.95
+    # Muon's momentum rises linearly from muon_momentum_start to muon_momentum over these steps
+    muon_momentum_warmup_steps: int = 0
+    muon_momentum_start: float = 0.85
     muon_weight_decay: float = 0.0
     muon_adjust_lr: str = "original"  # torch.optim.Muon's adjust_lr_fn: original | match_rms_adamw
 
@@ -213,6 +189,9 @@ class RuntimeConfig:
     wandb_project: str = "gpt2repro"
     wandb_run_name: str = ""  # empty: the run folder's name
     on_nonfinite: str = "stop"  # stop | rollback
+    # Token and value embeddings stored in bfloat16 when training in bfloat16 on a GPU, as
+    # modded-nanogpt does (half the memory traffic of the largest tables); float32 elsewhere.
+    bf16_embeddings: bool = False
 
 
 @dataclass
@@ -338,7 +317,10 @@ def _parse_value(text: str, annotation: Any, key: str) -> Any:
 
 
 def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
+    """Set each ``key=value`` in order; the model's checks run once all are set, so settings that
+    depend on each other (n_embd and n_head, window_start and window_end) may come in any order."""
     keys = config_keys(cfg)
+    models = []
     for item in overrides:
         if "=" not in item:
             raise UserError(f"override {item!r} is not key=value (e.g. optim.max_lr=3e-4)")
@@ -350,8 +332,10 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
             node = getattr(node, name)
         annotation = typing.get_type_hints(type(node))[leaf]
         setattr(node, leaf, _parse_value(text.strip(), annotation, dotted))
-        if isinstance(node, ModelConfig):
-            node.__post_init__()
+        if isinstance(node, ModelConfig) and node not in models:
+            models.append(node)
+    for model in models:
+        model.__post_init__()
     return cfg
 
 

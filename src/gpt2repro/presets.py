@@ -2,7 +2,8 @@
 
 ``get_preset(name)`` returns a fresh ``TrainConfig``. The faithful presets are
 build-nanogpt's recipe at each size; ``*-modern`` turns on every lever of
-``MODERN_LEVERS`` with learning rates tuned for them; ``demo`` and ``tiny`` are
+``MODERN_LEVERS``: ``gpt2-124m-modern`` is modded-nanogpt's record of 2025-01-04
+exactly, the small ones adapt it to their shape; ``demo`` and ``tiny`` are
 shapes a CPU trains in minutes or seconds.
 """
 
@@ -92,10 +93,12 @@ def _finetune() -> TrainConfig:
 
 
 # The modern recipe, lever by lever: each lever is a few config overrides, all off in the
-# faithful presets, so that each can be added to or removed from a recipe on its own.
+# faithful presets, so that each can be added to or removed from a recipe on its own. The
+# values are those of modded-nanogpt's record of 2025-01-04 (docs/training.md: each lever's
+# source); a recipe's own overrides (below) adapt them to its shape.
 MODERN_LEVERS: dict[str, dict[str, str]] = {
     "muon": {"optim.optimizer": "muon"},
-    "rope": {"model.pos_emb": "rope"},
+    "rope": {"model.pos_emb": "rope-half"},
     "qk-norm": {"model.qk_norm": "true"},
     "relu2": {"model.mlp": "relu2"},
     "rmsnorm-no-bias": {"model.norm": "rmsnorm", "model.bias": "false"},
@@ -103,30 +106,55 @@ MODERN_LEVERS: dict[str, dict[str, str]] = {
     "zero-init": {"model.zero_init": "true"},
     "softcap": {"model.logit_softcap": "15"},
     "wsd": {"optim.schedule": "wsd"},
+    "pytorch-init": {"model.init": "pytorch"},
+    "split-qkv": {"model.split_qkv": "true"},
+    "embed-norm": {"model.embed_norm": "true"},
+    "x0-mix": {"model.x0_mix": "true"},
+    "value-embeds": {"model.value_embeds": "3"},
+    "unet": {"model.unet": "true"},
+    "skip-attention": {"model.skip_mid_attention": "true"},
+    "doc-mask": {"model.doc_mask": "true"},
+    "window": {"model.window_block": "128", "model.window_start": "128", "model.window_end": "1856"},
+    "muon-warmup": {"optim.muon_momentum_warmup_steps": "300", "optim.muon_momentum_start": "0.85"},
+    "no-clip": {"optim.grad_clip": "0"},
 }
 
 
 def _modern(faithful: typing.Callable[[], TrainConfig], out: str, tuned: dict[str, str]) -> TrainConfig:
-    """A faithful preset with every lever on, and the learning rates and betas tuned for them."""
+    """A faithful preset with every lever on, then the recipe's own values (which win)."""
     cfg = faithful()
     cfg.out_dir = out
-    levers = [f"{key}={value}" for lever in MODERN_LEVERS.values() for key, value in lever.items()]
-    return apply_overrides(cfg, levers + [f"{key}={value}" for key, value in tuned.items()])
+    overrides = {key: value for lever in MODERN_LEVERS.values() for key, value in lever.items()} | tuned
+    return apply_overrides(cfg, [f"{key}={value}" for key, value in overrides.items()])
 
 
-# Tuned on the built-in corpus's val split (docs/benchmarks.md: the sweep and its numbers).
+# modded-nanogpt's record of 2025-01-04 (records/track_1_short/2025-01-04_SoftCap): FineWeb val
+# 3.2785 after 1,390 steps x 524,288 tokens = 0.73B tokens, on 8 x H100. Its values beyond the
+# levers': 6 heads of 128, one sequence of 65,536 tokens per rank and micro-step, Adam (betas
+# 0.8/0.95, no decay) at 0.6 for the embeddings, 0.008 for the head, 0.04 for the scalars, Muon
+# at 0.05, constant then a linear decay to 0 over the last 40%, no warmup, 10,485,760 val tokens.
+RECORD_2025_01_04 = {
+    "model.n_head": "6", "model.block_size": "65536", "data.seq_len": "65536", "data.micro_batch": "1",
+    "data.path": "data/fineweb10B", "optim.total_batch_tokens": "524288", "optim.max_steps": "1390",
+    "optim.warmup_steps": "0", "optim.decay_frac": "0.4", "optim.max_lr": "0.6", "optim.min_lr": "0",
+    "optim.head_lr": "0.008", "optim.scalar_lr": "0.04", "optim.muon_lr": "0.05", "optim.muon_momentum": "0.95",
+    "optim.muon_weight_decay": "0", "optim.beta1": "0.8", "optim.beta2": "0.95", "optim.eps": "1e-8",
+    "optim.weight_decay": "0", "eval.val_every": "125", "eval.val_tokens": "10485760",
+    "eval.hellaswag_every": "125", "eval.sample_every": "500", "checkpoint.every": "500",
+    "runtime.bf16_embeddings": "true",
+}
+# Tuned on the built-in corpus's val split (docs/benchmarks.md: the sweep and its numbers); the
+# long-context levers at the demo's 128 tokens: documents, and a window of 16-token blocks.
 DEMO_MODERN_TUNED = {
     "optim.max_lr": "0.02", "optim.min_lr": "0", "optim.head_lr": "0.008", "optim.muon_lr": "0.005",
     "optim.muon_momentum": "0.9", "optim.beta1": "0.8", "optim.eps": "1e-10", "optim.weight_decay": "0",
-    "optim.warmup_steps": "20", "optim.decay_frac": "0.4",
+    "optim.warmup_steps": "20", "optim.decay_frac": "0.4", "optim.muon_momentum_start": "0.85",
+    "optim.muon_momentum_warmup_steps": "100", "model.value_embeds": "1", "model.window_block": "16",
+    "model.window_start": "16", "model.window_end": "128",
 }
-# GPT-2 124M in 0.8B tokens: 1,526 steps of 524,288 tokens. Muon's and the head's learning
-# rates are modded-nanogpt's published ones, the embeddings' the demo's; not yet run on a GPU.
-GPT2_124M_MODERN_TUNED = {
-    "optim.max_steps": "1526", "optim.warmup_steps": "30", "optim.max_lr": "0.02", "optim.min_lr": "0",
-    "optim.head_lr": "0.008", "optim.muon_lr": "0.05", "optim.muon_momentum": "0.95", "optim.beta1": "0.8",
-    "optim.eps": "1e-10", "optim.weight_decay": "0", "optim.decay_frac": "0.4", "eval.val_every": "125",
-    "eval.hellaswag_every": "125", "eval.sample_every": "500", "checkpoint.every": "500",
+TINY_MODERN_TUNED = {
+    "model.n_layer": "4", "model.value_embeds": "1", "model.window_block": "16", "model.window_start": "16",
+    "model.window_end": "48", "optim.muon_lr": "0.02", "optim.min_lr": "0", "optim.muon_momentum_warmup_steps": "5",
 }
 
 TRAIN_PRESETS: dict[str, typing.Callable[[], TrainConfig]] = {
@@ -139,10 +167,9 @@ TRAIN_PRESETS: dict[str, typing.Callable[[], TrainConfig]] = {
     "demo": _demo,
     "tiny": _tiny,
     "finetune": _finetune,
-    "gpt2-124m-modern": lambda: _modern(TRAIN_PRESETS["gpt2-124m-10b"], "runs/gpt2-124m-modern",
-                                        GPT2_124M_MODERN_TUNED),
+    "gpt2-124m-modern": lambda: _modern(TRAIN_PRESETS["gpt2-124m-10b"], "runs/gpt2-124m-modern", RECORD_2025_01_04),
     "demo-modern": lambda: _modern(_demo, "demo_out", DEMO_MODERN_TUNED),
-    "tiny-modern": lambda: _modern(_tiny, "runs/tiny-modern", {"optim.muon_lr": "0.02", "optim.min_lr": "0"}),
+    "tiny-modern": lambda: _modern(_tiny, "runs/tiny-modern", TINY_MODERN_TUNED),
 }
 # Model-size names are accepted too and mean that size's 10B-token recipe.
 PRESET_ALIASES = {

@@ -1,6 +1,6 @@
 """Benchmarks: each compares, in one process run, the fast path with a plain baseline.
 
-``gpt2repro bench train|eval|tokenize|recipe|memory`` prints one table; docs/benchmarks.md keeps
+``gpt2repro bench train|eval|tokenize|recipe|memory|gpu`` prints one table; docs/benchmarks.md keeps
 the measured rows with the command and machine that produced them.
 """
 
@@ -42,6 +42,8 @@ def run(args: argparse.Namespace) -> None:
         from gpt2repro.bench.recipe import bench_recipe as bench
     elif args.what == "train":
         from gpt2repro.bench.train import bench_train as bench
+    elif args.what == "gpu":
+        from gpt2repro.bench.gpu import bench_gpu as bench
     elif args.what == "eval":
         from gpt2repro.bench.eval import bench_eval as bench
     else:

@@ -33,7 +33,7 @@ import torch
 
 from gpt2repro.bench import machine_name, print_table
 from gpt2repro.bench.nanogpt_baseline import BaselineGPT
-from gpt2repro.config import GPT2_VOCAB_SIZE, OptimConfig, RuntimeConfig
+from gpt2repro.config import GPT2_VOCAB_SIZE, OptimConfig, RuntimeConfig, apply_overrides
 from gpt2repro.device import autocast, fused_adamw_available, resolve_ce_chunk_rows, synchronize
 from gpt2repro.errors import UserError
 from gpt2repro.model.gpt import GPT
@@ -146,7 +146,7 @@ def bench_train(args: argparse.Namespace) -> list[dict]:
     that drift in the machine's speed (other jobs, clocks) hits every variant alike."""
     rt = setup_runtime(RuntimeConfig(device=args.device, dtype=args.dtype))
     device, dtype = rt.device, rt.autocast_dtype
-    cfg = get_preset(args.preset)
+    cfg = apply_overrides(get_preset(args.preset), args.overrides).validate()
     B = args.micro_batch or (cfg.data.micro_batch if cfg.data.micro_batch != "auto" else 8)
     T = args.seq_len or cfg.data.seq_len
     if T > cfg.model.block_size:

@@ -1,4 +1,4 @@
-"""GPT-2, the whole model in one file, with the modern recipe's switches.
+"""GPT-2, the whole model in one file, with the modern recipes' switches.
 
 Decoder-only transformer as in Radford et al. (2019): learned token and
 position embeddings, pre-LayerNorm blocks of causal self-attention and a 4x
@@ -9,7 +9,10 @@ the token embedding. Parameter names follow OpenAI's checkpoint (``c_attn``,
 The ``ModelConfig`` switches swap in what later recipes use (all off by default,
 which is GPT-2 exactly): rotary position embeddings, RMS-normalised queries and
 keys, a ReLU² MLP, parameter-free RMS norms, no biases, an untied head,
-zero-initialised output projections and tanh soft-capped logits.
+zero-initialised output projections and tanh soft-capped logits; and the levers of
+modded-nanogpt's record of 2025-01-04: separate q/k/v matrices, a normalised
+embedding x0 mixed into every block, value embeddings, U-net skips, a block without
+attention, document masking and a growing sliding window (``attention.py``).
 
 Beyond plain training, ``hidden`` accepts explicit positions and an attention
 mask (to score several continuations of one shared context in a single row) and
@@ -26,50 +29,22 @@ import torch.nn.functional as F
 
 from gpt2repro.config import ModelConfig
 from gpt2repro.errors import UserError
+from gpt2repro.model.attention import (
+    Attend,
+    KVCache,
+    LocalMask,
+    apply_rotary,
+    document_ids,
+    flex_block_mask,
+    in_window,
+    rotary_tables,
+    window_blocks,
+)
 from gpt2repro.model.chunked_ce import chunked_cross_entropy
 
 
 def residual_init_std(cfg: ModelConfig) -> float:
     return 0.02 / math.sqrt(2 * cfg.n_layer)
-
-
-class KVCache:
-    """Preallocated keys and values for every layer, filled left to right."""
-
-    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device, dtype):
-        shape = (batch_size, cfg.n_head, max_len, cfg.n_embd // cfg.n_head)
-        self.keys = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
-        self.values = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
-        self.length = 0  # positions stored by completed forward passes
-        self.max_len = max_len
-
-    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Put this pass's keys/values after the stored ones; return all of them for ``layer``."""
-        end = self.length + k.size(2)
-        self.keys[layer][:, :, self.length:end] = k
-        self.values[layer][:, :, self.length:end] = v
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
-
-    def advance(self, n_tokens: int) -> None:
-        """A forward pass over ``n_tokens`` new positions is complete in every layer."""
-        if self.length + n_tokens > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} positions; {self.length} + {n_tokens} do not fit")
-        self.length += n_tokens
-
-
-def rotary_tables(head_size: int, length: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of position × frequency, (length, head_size / 2), as in RoFormer (Su et al., 2021)."""
-    inv_freq = 1.0 / base ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)
-    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
-    return angles.cos(), angles.sin()
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate each (x_i, x_{i + d/2}) pair of (B, H, T, d) by its position's angles, (B or 1, 1, T, d/2).
-    A query–key dot product then depends only on the distance between their positions."""
-    x1, x2 = x.chunk(2, dim=-1)
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
@@ -78,18 +53,39 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
     return nn.LayerNorm(cfg.n_embd)
 
 
+def value_embedding_table(cfg: ModelConfig, layer: int) -> int | None:
+    """Which value embedding ``layer`` mixes in: tables 0..k-1 in the first k layers and again in
+    the last k (0 1 2 ... 0 1 2 for the record's k=3 of 12 layers); None elsewhere."""
+    k = cfg.value_embeds
+    if layer < k:
+        return layer
+    if layer >= cfg.n_layer - k:
+        return layer - (cfg.n_layer - k)
+    return None
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.n_head = cfg.n_head
         self.layer = layer
         self.qk_norm = cfg.qk_norm
-        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
+        if cfg.split_qkv:
+            self.c_q, self.c_k, self.c_v = (nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias) for _ in range(3))
+        else:
+            self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
+        if cfg.value_embeds:  # v = λ0·v + λ1·value embedding (λ0·v alone in layers without one)
+            self.lambdas = nn.Parameter(torch.tensor([0.5, 0.5]))
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
 
-    def forward(self, x, attn_mask=None, kv_cache: KVCache | None = None, rotary=None):
+    def forward(self, x, attend: Attend, kv_cache: KVCache | None = None, rotary=None, ve=None):
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
+        if hasattr(self, "c_attn"):
+            q, k, v = self.c_attn(x).split(C, dim=2)
+        else:
+            q, k, v = self.c_q(x), self.c_k(x), self.c_v(x)
+        if hasattr(self, "lambdas"):
+            v = self.lambdas[0] * v + self.lambdas[1] * ve if ve is not None else self.lambdas[0] * v
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if self.qk_norm:  # bounded attention logits: no entropy collapse at high learning rates
             q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
@@ -97,13 +93,7 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         if kv_cache is not None:
             k, v = kv_cache.store(self.layer, k, v)
-        if attn_mask is None and k.size(2) == T:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # flash / efficient path
-        else:
-            if attn_mask is None:  # new queries after a cached prefix: query i sees keys <= its position
-                past = k.size(2) - T
-                attn_mask = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(past)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        y = attend(q, k, v)
         return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
 
 
@@ -123,13 +113,19 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        self.ln_1 = make_norm(cfg)
-        self.attn = CausalSelfAttention(cfg, layer)
+        if cfg.x0_mix:  # x = λ0·x + λ1·x0 first: every block can reach back to the embedding
+            self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0]))
+        has_attention = not (cfg.skip_mid_attention and layer == cfg.n_layer // 2 + 1)
+        self.ln_1 = make_norm(cfg) if has_attention else None
+        self.attn = CausalSelfAttention(cfg, layer) if has_attention else None
         self.ln_2 = make_norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, attn_mask=None, kv_cache=None, rotary=None):
-        x = x + self.attn(self.ln_1(x), attn_mask, kv_cache, rotary)
+    def forward(self, x, attend: Attend, kv_cache=None, rotary=None, x0=None, ve=None):
+        if hasattr(self, "lambdas"):
+            x = self.lambdas[0] * x + self.lambdas[1] * x0
+        if self.attn is not None:
+            x = x + self.attn(self.ln_1(x), attend, kv_cache, rotary, ve)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -140,60 +136,111 @@ class GPT(nn.Module):
         modules = dict(wte=nn.Embedding(cfg.vocab_size, cfg.n_embd))
         if cfg.pos_emb == "learned":
             modules["wpe"] = nn.Embedding(cfg.block_size, cfg.n_embd)
+        if cfg.value_embeds:
+            modules["ve"] = nn.ModuleList(nn.Embedding(cfg.vocab_size, cfg.n_embd) for _ in range(cfg.value_embeds))
         modules.update(h=nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer)), ln_f=make_norm(cfg))
         self.transformer = nn.ModuleDict(modules)
+        if cfg.unet:  # decoder layer n_layer//2 + i adds skip_weights[i] · the output of its mirror layer
+            self.skip_weights = nn.Parameter(torch.ones(cfg.n_layer // 2))
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.transformer.wte.weight = self.lm_head.weight  # weight tying: one tensor
-        if cfg.pos_emb == "rope":  # derived from the config, not learned: not in the state dict
-            cos, sin = rotary_tables(cfg.n_embd // cfg.n_head, cfg.block_size, cfg.rope_base)
+        if cfg.pos_emb != "learned":  # derived from the config, not learned: not in the state dict
+            cos, sin = rotary_tables(cfg.n_embd // cfg.n_head, cfg.block_size, cfg.rope_base, cfg.pos_emb)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """GPT-2 init: N(0, 0.02), zero biases; residual projections scaled by 1/sqrt(2·n_layer)
-        because each block adds two of them to the residual stream. With ``zero_init`` the
-        projections (and an untied head) start at zero: every block starts as the identity."""
+        because each block adds two of them to the residual stream. ``init=pytorch``: nn.Linear's
+        and nn.Embedding's own initialisations instead, as modded-nanogpt keeps them. With
+        ``zero_init`` the projections (and an untied head) start at zero: every block starts as
+        the identity. Mixing weights start where they change nothing but the value mix (½, ½)."""
         residual_std = residual_init_std(self.config)
-        zero = self.config.zero_init
+        zero, gpt2 = self.config.zero_init, self.config.init == "gpt2"
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear):
                 if zero and (name.endswith("c_proj") or (name == "lm_head" and not self.config.tie_embeddings)):
                     nn.init.zeros_(module.weight)
-                else:
+                elif gpt2:
                     nn.init.normal_(module.weight, mean=0.0, std=residual_std if name.endswith("c_proj") else 0.02)
-                if module.bias is not None:
+                else:
+                    module.reset_parameters()
+                if module.bias is not None and gpt2:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+                nn.init.normal_(module.weight, mean=0.0, std=0.02 if gpt2 else 1.0)
             elif isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name.endswith("attn.lambdas"):
+                    p.copy_(torch.tensor([0.5, 0.5]))
+                elif name.endswith("lambdas"):
+                    p.copy_(torch.tensor([1.0, 0.0]))
+                elif name == "skip_weights":
+                    p.fill_(1.0)
 
-    def hidden(self, idx, pos=None, attn_mask=None, kv_cache: KVCache | None = None):
-        """Final-norm hidden states, (B, T, n_embd). ``pos``: (T,) or (B, T) positions."""
+    def hidden(self, idx, pos=None, attn_mask=None, kv_cache: KVCache | None = None, window: int | None = None):
+        """Final-norm hidden states, (B, T, n_embd). ``pos``: (T,) or (B, T) positions.
+        ``window``: sliding-window blocks (default: the trained model's, window_end's)."""
+        cfg = self.config
         B, T = idx.shape
         start = kv_cache.length if kv_cache is not None else 0
         if pos is None:
-            if start + T > self.config.block_size:
+            if start + T > cfg.block_size:
                 raise UserError(
                     f"sequence of {start + T} tokens is longer than the model's block_size "
-                    f"{self.config.block_size}; use at most {self.config.block_size} tokens"
+                    f"{cfg.block_size}; use at most {cfg.block_size} tokens"
                 )
             pos = torch.arange(start, start + T, device=idx.device)
+        attend = self.attend(idx, pos, attn_mask, kv_cache, window_blocks(cfg) if window is None else window)
         x = self.transformer.wte(idx)
         rotary = None
-        if self.config.pos_emb == "learned":
+        if cfg.pos_emb == "learned":
             x = x + self.transformer.wpe(pos)
         else:  # (T, d/2) -> (1, 1, T, d/2); (B, T, d/2) -> (B, 1, T, d/2)
             rotary = tuple(table[pos].unsqueeze(-3) if pos.dim() == 2 else table[pos][None, None]
                            for table in (self.rope_cos, self.rope_sin))
-        for block in self.transformer.h:
-            x = block(x, attn_mask, kv_cache, rotary)
+        if cfg.embed_norm:
+            x = F.rms_norm(x, (x.size(-1),))
+        x0 = x
+        ve = [table(idx) for table in self.transformer.ve] if cfg.value_embeds else []
+        encoder_outputs = []
+        half = cfg.n_layer // 2
+        for i, block in enumerate(self.transformer.h):
+            if cfg.unet and i >= half and encoder_outputs:  # U-net: the mirror layer's output
+                x = x + self.skip_weights[i - half] * encoder_outputs.pop()
+            table = value_embedding_table(cfg, i)
+            x = block(x, attend, kv_cache, rotary, x0, ve[table] if table is not None else None)
+            if cfg.unet and i < half:
+                encoder_outputs.append(x)
         if kv_cache is not None:
             kv_cache.advance(T)
         return self.transformer.ln_f(x)
+
+    def attend(self, idx, pos, attn_mask, kv_cache: KVCache | None, window: int) -> Attend:
+        """How this pass's queries see keys: plain causal (GPT-2), the caller's mask (with the
+        window applied by position), or documents and a window: FlexAttention on CUDA,
+        chunked SDPA elsewhere and after a cached prefix."""
+        cfg = self.config
+        if attn_mask is not None:
+            if window:
+                attn_mask = attn_mask & in_window(pos[..., :, None], pos[..., None, :], window,
+                                                  cfg.window_block).unsqueeze(-3)
+            return Attend(mask=attn_mask)
+        if not (cfg.doc_mask or window):
+            return Attend()
+        if kv_cache is not None:
+            docs = kv_cache.store_docs(idx) if cfg.doc_mask else None
+            return Attend(local=LocalMask(kv_cache.length, docs, window, cfg.window_block))
+        docs = document_ids(idx) if cfg.doc_mask else None
+        B, T = idx.shape
+        if idx.device.type == "cuda" and T % cfg.window_block == 0:
+            return Attend(block_mask=flex_block_mask(docs, window, cfg.window_block, B, T, idx.device))
+        return Attend(local=LocalMask(0, docs, window, cfg.window_block))
 
     def logits(self, hidden: torch.Tensor, vocab_size: int | None = None) -> torch.Tensor:
         """The LM head over the first ``vocab_size`` tokens (default all), soft-capped if configured."""
@@ -202,12 +249,13 @@ class GPT(nn.Module):
         cap = self.config.logit_softcap
         return cap * torch.tanh(logits / cap) if cap > 0 else logits
 
-    def forward(self, idx, targets=None, ce_chunk_rows: int = 0):
+    def forward(self, idx, targets=None, ce_chunk_rows: int = 0, window: int | None = None):
         """Logits (B, T, vocab) and, given targets, the mean cross-entropy (targets -1 are ignored).
 
         ``ce_chunk_rows`` > 0 with targets computes the head and the loss in chunks of that many
-        rows (``chunked_ce.py``): the logits are never built and None is returned in their place."""
-        h = self.hidden(idx)
+        rows (``chunked_ce.py``): the logits are never built and None is returned in their place.
+        ``window``: sliding-window blocks, the training schedule's (default: window_end's)."""
+        h = self.hidden(idx, window=window)
         real = self.config.real_vocab_size or None  # padding rows of an imported vocabulary stay out
         if targets is not None and ce_chunk_rows > 0:
             return None, chunked_cross_entropy(h, self.lm_head.weight[:real], targets, ce_chunk_rows,
@@ -220,21 +268,27 @@ class GPT(nn.Module):
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameters counted once (the tied embedding/head is one tensor). ``non_embedding``
-        drops the position embedding (and an untied input embedding), as nanoGPT's FLOPs count does."""
+        drops the position embedding (and an untied input embedding, and value embeddings), as
+        nanoGPT's FLOPs count does: they are lookups, not matmuls."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
             if "wpe" in self.transformer:
                 n -= self.transformer.wpe.weight.numel()
-            if not self.config.tie_embeddings:  # the input embedding is a lookup, not a matmul
+            if not self.config.tie_embeddings:
                 n -= self.transformer.wte.weight.numel()
+            if "ve" in self.transformer:
+                n -= sum(p.numel() for p in self.transformer.ve.parameters())
         return n
 
     def flops_per_token(self, seq_len: int) -> int:
         """Training FLOPs per token, nanoGPT/PaLM convention: 6·N + 12·L·H·Q·T
         (N without position embeddings; forward + backward, attention scores counted
-        without the causal discount). 855 MFLOP for GPT-2 124M at T=1024."""
+        without the causal discount). 855 MFLOP for GPT-2 124M at T=1024. L counts the
+        layers with attention; with a sliding window T is at most its final width."""
         c = self.config
-        return 6 * self.num_params(non_embedding=True) + 12 * c.n_layer * c.n_embd * seq_len
+        layers = sum(block.attn is not None for block in self.transformer.h)
+        reach = min(seq_len, window_blocks(c) * c.window_block) if c.window_end else seq_len
+        return 6 * self.num_params(non_embedding=True) + 12 * layers * c.n_embd * reach
 
     def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         weight = self.lm_head.weight

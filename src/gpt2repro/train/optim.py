@@ -83,19 +83,34 @@ def learning_rate(step: int, cfg: OptimConfig) -> float:
     """The peak-``max_lr`` schedule at ``step``: linear warmup over ``warmup_steps`` (step 0
     gets max_lr/warmup), then ``cosine`` decay from max_lr to min_lr at ``max_steps``, or
     ``wsd`` (warmup-stable-decay): max_lr until the last ``decay_frac`` of the steps, then a
-    linear decay to min_lr. min_lr after ``max_steps``."""
+    linear decay that would reach min_lr at ``max_steps``. min_lr after ``max_steps``."""
     if step < cfg.warmup_steps:
         return cfg.max_lr * (step + 1) / cfg.warmup_steps
     if step >= cfg.max_steps:
         return cfg.min_lr
-    if cfg.schedule == "wsd":
-        decay_steps = max(1, round(cfg.decay_frac * cfg.max_steps))
-        decay_start = cfg.max_steps - decay_steps
-        if step < decay_start:
+    if cfg.schedule == "wsd":  # as modded-nanogpt writes it: by the fraction of training left
+        left = 1 - step / cfg.max_steps
+        if left >= cfg.decay_frac:
             return cfg.max_lr
-        return cfg.max_lr + (step - decay_start) / decay_steps * (cfg.min_lr - cfg.max_lr)
+        return cfg.min_lr + (cfg.max_lr - cfg.min_lr) * left / cfg.decay_frac
     progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.max_lr - cfg.min_lr)
+
+
+def muon_momentum(step: int, cfg: OptimConfig) -> float:
+    """Muon's momentum at ``step``: linear from muon_momentum_start to muon_momentum over the
+    first muon_momentum_warmup_steps steps (modded-nanogpt's 0.85 -> 0.95 over 300)."""
+    if cfg.muon_momentum_warmup_steps == 0:
+        return cfg.muon_momentum
+    done = min(step / cfg.muon_momentum_warmup_steps, 1)
+    return (1 - done) * cfg.muon_momentum_start + done * cfg.muon_momentum
+
+
+def set_muon_momentum(optimizers: list[torch.optim.Optimizer], momentum: float) -> None:
+    for optimizer in optimizers:
+        if isinstance(optimizer, torch.optim.Muon):
+            for group in optimizer.param_groups:
+                group["momentum"] = momentum
 
 
 def set_learning_rate(optimizers: list[torch.optim.Optimizer], lr: float) -> None:

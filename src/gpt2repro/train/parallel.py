@@ -55,6 +55,14 @@ def check_layout(cfg: TrainConfig, rt: Runtime) -> None:
                         "gives each rank a shard of each; use --parallel ddp for the modern recipe")
 
 
+def bf16_embeddings_apply(cfg: TrainConfig, rt: Runtime) -> bool:
+    """runtime.bf16_embeddings stores the embedding tables in bfloat16 where the run computes in it:
+    on a GPU under bf16 autocast, replicated (DDP), with an untied head (a tied table is the head's
+    weight too, which stays float32). Elsewhere they stay float32: the same preset runs everywhere."""
+    return (cfg.runtime.bf16_embeddings and rt.device.type == "cuda" and rt.autocast_dtype == torch.bfloat16
+            and cfg.runtime.parallel == "ddp" and not cfg.model.tie_embeddings)
+
+
 class Parallel:
     """The model as this run trains it, and the collectives its checkpoints need."""
 
@@ -62,6 +70,10 @@ class Parallel:
         check_layout(cfg, rt)
         self.model, self.rt = model, rt
         self.fsdp = cfg.runtime.parallel == "fsdp"
+        if bf16_embeddings_apply(cfg, rt):
+            for module in model.modules():
+                if isinstance(module, torch.nn.Embedding):
+                    module.bfloat16()
         if cfg.runtime.activation_checkpointing:
             # Each block keeps only its input for the backward and recomputes the rest.
             for i, block in enumerate(model.transformer.h):

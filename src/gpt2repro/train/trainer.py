@@ -26,6 +26,7 @@ from gpt2repro.distributed import all_reduce_mean, any_rank, shutdown_distribute
 from gpt2repro.errors import UserError
 from gpt2repro.eval.hellaswag import evaluate_hellaswag, load_items_on_every_rank
 from gpt2repro.eval.val_loss import evaluate_val_loss
+from gpt2repro.model.attention import window_blocks
 from gpt2repro.model.generate import generate
 from gpt2repro.model.gpt import GPT
 from gpt2repro.model.io import load_state_strict, read_weights
@@ -34,7 +35,13 @@ from gpt2repro.train import checkpoint as ckpt
 from gpt2repro.train import rundir
 from gpt2repro.train.console import outputs_line, summary_lines, wandb_settings
 from gpt2repro.train.metrics import RunLog, mfu, peak_flops
-from gpt2repro.train.optim import build_optimizers, learning_rate, set_learning_rate
+from gpt2repro.train.optim import (
+    build_optimizers,
+    learning_rate,
+    muon_momentum,
+    set_learning_rate,
+    set_muon_momentum,
+)
 from gpt2repro.train.parallel import Parallel
 from gpt2repro.train.signals import StopRequest
 
@@ -135,7 +142,7 @@ class Trainer:
         checkpoint, on SIGTERM or ``--stop-at-step``.
         """
         max_steps = self.cfg.optim.max_steps
-        metrics: dict[str, Any] = {}
+        metrics: dict[str, Any] = {"step_seconds": []}  # every step's time, for benchmarks
         recent: list[float] = []  # seconds of the last steps, for the ETA
         started = time.perf_counter()
         self.log(outputs_line(self.cfg))
@@ -153,7 +160,8 @@ class Trainer:
                     self.handle_nonfinite(step, result)  # stops, or rolls back to a checkpoint
                     continue
                 synchronize(self.rt.device)
-                recent = (recent + [time.perf_counter() - t0])[-20:]
+                metrics["step_seconds"].append(time.perf_counter() - t0)
+                recent = (recent + metrics["step_seconds"][-1:])[-20:]
                 self.record_step(step, result, recent, last, metrics)
 
             self.step = done = step + 1
@@ -189,17 +197,19 @@ class Trainer:
             x, y = to_device(x, self.rt.device), to_device(y, self.rt.device)
             with self.parallel.gradient_sync(last_micro_step=micro == self.accum - 1):
                 with self.rt.autocast():
-                    _, loss = self.parallel.train_model(x, y, ce_chunk_rows=self.rt.ce_chunk_rows)
+                    _, loss = self.parallel.train_model(x, y, ce_chunk_rows=self.rt.ce_chunk_rows,
+                                                        window=self.window(step))
                 loss = loss / self.accum
                 loss_sum += loss.detach()
                 self.scaler.scale(loss).backward()
         all_reduce_mean(loss_sum)
         for optimizer in self.optimizers:
             self.scaler.unscale_(optimizer)
-        grad_norm = self.parallel.total_norm(torch.nn.utils.clip_grad_norm_(self.model.parameters(),
-                                                                            self.cfg.optim.grad_clip))
+        clip = self.cfg.optim.grad_clip or math.inf  # inf: the norm is measured, nothing is scaled
+        grad_norm = self.parallel.total_norm(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
         lr = learning_rate(step, self.cfg.optim)
         set_learning_rate(self.optimizers, lr)
+        set_muon_momentum(self.optimizers, muon_momentum(step, self.cfg.optim))
         loss_value, norm_value = loss_sum.item(), grad_norm.item()  # the step's one host sync
         # fp16: an overflowing gradient is routine; the scaler skips the update and lowers its scale
         overflow = self.scaler.is_enabled() and math.isfinite(loss_value) and not math.isfinite(norm_value)
@@ -209,6 +219,10 @@ class Trainer:
                 self.scaler.step(optimizer)
             self.scaler.update()
         return result
+
+    def window(self, step: int) -> int:
+        """Sliding-window blocks at ``step``: the window grows with the fraction of training done."""
+        return window_blocks(self.cfg.model, step / self.cfg.optim.max_steps)
 
     def skip_step(self, step: int) -> None:
         for _ in range(self.accum):
@@ -352,7 +366,7 @@ class Trainer:
         with self.parallel.eval_models() as (fast_model, model):
             if val:
                 metrics["val"] = evaluate_val_loss(fast_model, cfg.data.path, cfg.data.seq_len, cfg.eval.val_tokens,
-                                                   self.micro_batch, rt)
+                                                   self.micro_batch, rt, window=self.window(step))
                 self.log(f"step {step:5d} | val loss {metrics['val']:.4f}")
                 if self.run_log:
                     self.run_log.write(step, "val", metrics["val"])

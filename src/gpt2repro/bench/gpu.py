@@ -1,0 +1,140 @@
+"""``gpt2repro bench gpu``: the 10-minute check of the GPU paths, for the day a GPU is at hand.
+
+For each preset (default: the faithful 124M and ``gpt2-124m-modern``, the record) it trains
+the preset as it is, on the built-in corpus (no network needed) or ``--data``, for ``--steps`` steps of
+the full run's schedule, and reports the median tokens/s and MFU over the steps after
+the first few (compilation), and every step's loss. Before that it runs FlexAttention
+forward and backward on the device against SDPA with the equal dense mask, the one
+kernel the CPU tests cannot run. The results table, with the card's name and the date,
+is printed and written to ``OUT/gpu_check.md``; ``--docs FILE`` also puts it into FILE
+between the markers ``<!-- bench gpu: start -->`` and ``<!-- bench gpu: end -->``
+(``docs/benchmarks.md`` has them), replacing only what stands between them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import io
+import statistics
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from gpt2repro.atomic import atomic_write
+from gpt2repro.bench import machine_name
+from gpt2repro.config import apply_overrides
+from gpt2repro.data.prepare import prepare
+from gpt2repro.data.tokenizer import EOT_TOKEN
+from gpt2repro.errors import UserError
+from gpt2repro.model.attention import LocalMask, document_ids, flex_block_mask, local_attention
+from gpt2repro.model.gpt import GPT
+from gpt2repro.outdir import folder_target
+from gpt2repro.presets import get_preset
+from gpt2repro.train.metrics import mfu, peak_flops
+from gpt2repro.train.trainer import train
+
+START, END = "<!-- bench gpu: start -->", "<!-- bench gpu: end -->"
+UNTIMED_STEPS = 3  # compilation and allocator growth
+
+
+def flex_check(device: torch.device) -> str:
+    """FlexAttention forward and backward against chunked SDPA, on random documents and a window."""
+    if device.type != "cuda":
+        return "FlexAttention: not run (no CUDA device)"
+    from gpt2repro.model.attention import compiled_flex_attention
+
+    g = torch.Generator(device=device).manual_seed(0)
+    B, H, T, D = 1, 6, 8192, 128
+    tokens = torch.randint(0, EOT_TOKEN, (B, T), device=device, generator=g)
+    tokens[:, torch.randint(0, T, (8,), device=device, generator=g)] = EOT_TOKEN
+    docs = document_ids(tokens)
+    q, k, v = (torch.randn(B, H, T, D, device=device, generator=g, dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    y_flex = compiled_flex_attention()(q, k, v, block_mask=flex_block_mask(docs, 5, 128, B, T, device))
+    grads_flex = torch.autograd.grad(y_flex.float().square().sum(), (q, k, v))
+    y_ref = local_attention(q, k, v, LocalMask(0, docs, 5, 128))
+    grads_ref = torch.autograd.grad(y_ref.float().square().sum(), (q, k, v))
+    out = (y_flex - y_ref).abs().max().item()
+    grad = max(F.l1_loss(a.float(), b.float()).item() for a, b in zip(grads_flex, grads_ref))
+    return f"FlexAttention forward and backward ran: max |Δ output| {out:.2e}, mean |Δ grad| {grad:.2e} vs SDPA (bf16)"
+
+
+def run_preset(name: str, data: Path, out: Path, steps: int) -> dict:
+    cfg = apply_overrides(get_preset(name), [
+        f"data.path={data}", f"out_dir={out}", "eval.val_every=0", "eval.hellaswag_every=0", "eval.sample_every=0",
+        "checkpoint.every=0", "checkpoint.keep=0", "runtime.log_every=0"])
+    with contextlib.redirect_stdout(io.StringIO()):
+        metrics = train(cfg, stop_at_step=steps)
+    timed = metrics["step_seconds"][UNTIMED_STEPS:] or metrics["step_seconds"]
+    tokens_per_s = cfg.optim.total_batch_tokens / statistics.median(timed)
+    with torch.device("meta"):
+        flops = GPT(cfg.model).flops_per_token(cfg.data.seq_len)
+    losses = [float(line.split()[2]) for line in (out / "log.txt").read_text().splitlines() if " train " in line]
+    return {"preset": name, "tokens_per_s": tokens_per_s, "mfu": mfu(tokens_per_s, flops, peak_flops(torch.device(
+        "cuda" if torch.cuda.is_available() else "cpu"))), "losses": losses, "cfg": cfg}
+
+
+def report(results: list[dict], flex: str, device: str) -> str:
+    card = machine_name(device)
+    lines = [f"Measured {datetime.date.today().isoformat()} on one {card} with `gpt2repro bench gpu`, "
+             f"torch {torch.__version__}.", "", flex, "",
+             "| preset | tokens/step | tokens/s (median) | MFU | loss at step 0 → last |", "|---|---|---|---|---|"]
+    for r in results:
+        mfu_text = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
+        lines.append(f"| `{r['preset']}` | {r['cfg'].optim.total_batch_tokens:,} | {r['tokens_per_s']:,.0f} | "
+                     f"{mfu_text} | {r['losses'][0]:.3f} → {r['losses'][-1]:.3f} |")
+    for r in results:
+        lines += ["", f"`{r['preset']}` loss per step: " + ", ".join(f"{v:.3f}" for v in r["losses"])]
+    return "\n".join(lines) + "\n"
+
+
+def marked_text(path: Path) -> str:
+    """``path``'s text, refused unless it holds START and, after it, END."""
+    try:
+        current = path.read_text()
+    except OSError as e:
+        raise UserError(f"--docs {path}: cannot read it ({e.strerror or e})") from None
+    if current.count(START) != 1 or current.count(END) != 1 or current.index(START) > current.index(END):
+        raise UserError(f"--docs {path}: needs one line {START} and, after it, one line {END}; add them where "
+                        "the results should go")
+    return current
+
+
+def write_between_markers(path: Path, text: str) -> None:
+    """Replace what stands between START and END in ``path``, nothing else."""
+    before, rest = marked_text(path).split(START)
+    after = rest.split(END)[1]
+    atomic_write(path, f"{before}{START}\n{text}{END}{after}")
+
+
+def bench_gpu(args: argparse.Namespace) -> list[dict]:
+    if args.steps <= UNTIMED_STEPS:
+        raise UserError(f"--steps {args.steps}: needs more than the {UNTIMED_STEPS} untimed steps, e.g. --steps 50")
+    if not torch.cuda.is_available() and not args.allow_cpu:
+        raise UserError("bench gpu: no CUDA device here; run it on a GPU machine (or --allow-cpu with small "
+                        "--presets, to try the command)")
+    out = folder_target(args.out, "--out")
+    if out.exists():
+        raise UserError(f"--out {out}: already exists; pass a new folder")
+    if args.docs:
+        marked_text(Path(args.docs))  # before the runs, not after them
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    flex = flex_check(torch.device(device))
+    print(flex, flush=True)
+    data = Path(args.data) if args.data else out / "data"
+    if not args.data:
+        prepare(source="demo", out_dir=data)
+    results = []
+    for name in args.presets.split(","):
+        print(f"training {name} for {args.steps} steps ...", flush=True)
+        results.append(run_preset(name, data, out / name, args.steps))
+    text = report(results, flex, device)
+    print(text, end="")
+    atomic_write(out / "gpu_check.md", text)
+    if args.docs:
+        write_between_markers(Path(args.docs), text)
+        print(f"written into {args.docs}")
+    return results

@@ -1,0 +1,237 @@
+"""Which keys a query sees, and the attention kernels that honour it.
+
+GPT-2 attends causally over one row of at most block_size tokens. The record recipe
+(modded-nanogpt, 2025-01-04) trains on one long row of many documents, so it adds:
+
+- **document masking**: a query sees keys of its own document only. A document starts
+  at each <|endoftext|>, which the shards put before every document;
+- **a sliding window** of whole blocks: a query in block i (of ``block`` tokens) sees
+  blocks i-n+1 .. i, causally inside its own block.
+
+Three kernels compute the same thing:
+
+- ``flex_block_mask`` + FlexAttention on CUDA: the mask becomes lists of visible key
+  blocks per query block, built once per forward pass from the document ids of the
+  first and last token of each block; blocks never visible are never computed;
+- ``local_attention`` elsewhere: SDPA over chunks of queries with a dense boolean mask
+  covering only the keys the chunk can see, so memory grows with chunk × reach, not
+  with T². FlexAttention has no CPU backward, so this is also the reference;
+- an explicit mask (multiple-choice packing) gets the window from its positions.
+
+Rotary position tables and the KV cache live here too: both are attention mechanics
+the model file only calls.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+from gpt2repro.config import ModelConfig
+from gpt2repro.data.tokenizer import EOT_TOKEN
+
+QUERY_CHUNK = 1024  # local_attention's queries per SDPA call: scores are B·H·1024·reach floats
+
+
+# ---------------------------------------------------------------------------
+# rotary positions
+
+
+def rotary_tables(head_size: int, length: int, base: float, variant: str = "rope") -> tuple[torch.Tensor, ...]:
+    """cos and sin of position × frequency, (length, head_size / 2).
+
+    ``rope`` (Su et al., 2021): frequencies base^(-2i/d). ``rope-half`` (modded-nanogpt):
+    head_size/4 frequencies from 1 down to 1/1024, and the other half of the pairs not rotated
+    at all (frequency 0), turning the other way round (negative angles), as that code does."""
+    if variant == "rope-half":
+        quarter = head_size // 4
+        freq = -((1 / 1024) ** torch.linspace(0, 1, steps=quarter, dtype=torch.float32))
+        freq = torch.cat([freq, freq.new_zeros(quarter)])
+    else:
+        freq = 1.0 / base ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each (x_i, x_{i + d/2}) pair of (B, H, T, d) by its position's angles, (B or 1, 1, T, d/2),
+    in float32. A query–key dot product then depends only on the distance between their positions."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).type_as(x)
+
+
+# ---------------------------------------------------------------------------
+# the KV cache
+
+
+class KVCache:
+    """Preallocated keys and values for every layer, filled left to right; with document
+    masking, also each position's document id."""
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device, dtype):
+        shape = (batch_size, cfg.n_head, max_len, cfg.n_embd // cfg.n_head)
+        self.keys = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.values = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.docs = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
+        self.length = 0  # positions stored by completed forward passes
+        self.max_len = max_len
+
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Put this pass's keys/values after the stored ones; return all of them for ``layer``."""
+        end = self.length + k.size(2)
+        self.keys[layer][:, :, self.length:end] = k
+        self.values[layer][:, :, self.length:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def store_docs(self, idx: torch.Tensor) -> torch.Tensor:
+        """Document ids of the new tokens, continuing the stored ones; all of them, (B, length + T)."""
+        end = self.length + idx.size(1)
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; {self.length} + {idx.size(1)} do not fit")
+        before = self.docs[:, self.length - 1:self.length] if self.length else 0
+        self.docs[:, self.length:end] = document_ids(idx) + before
+        return self.docs[:, :end]
+
+    def advance(self, n_tokens: int) -> None:
+        """A forward pass over ``n_tokens`` new positions is complete in every layer."""
+        if self.length + n_tokens > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; {self.length} + {n_tokens} do not fit")
+        self.length += n_tokens
+
+
+# ---------------------------------------------------------------------------
+# masks
+
+
+def document_ids(idx: torch.Tensor) -> torch.Tensor:
+    """(B, T) id of each token's document: the count of <|endoftext|> up to and including it."""
+    return (idx == EOT_TOKEN).cumsum(-1)
+
+
+def window_blocks(cfg: ModelConfig, progress: float = 1.0) -> int:
+    """Blocks in the sliding window at ``progress`` (step / max_steps) of training; 0: no window.
+    Linear in tokens from window_start to window_end, rounded down to whole blocks."""
+    if cfg.window_end == 0:
+        return 0
+    return int(((1 - progress) * cfg.window_start + progress * cfg.window_end) // cfg.window_block)
+
+
+def in_window(q_pos: torch.Tensor, k_pos: torch.Tensor, blocks: int, block: int) -> torch.Tensor:
+    """Whether the key's block is one of the query's last ``blocks`` blocks (broadcasts)."""
+    return torch.div(q_pos, block, rounding_mode="floor") - torch.div(k_pos, block, rounding_mode="floor") < blocks
+
+
+@dataclass
+class LocalMask:
+    """Causal attention of queries at positions start.. over keys 0.., with optional document
+    ids (B, keys) and a window of ``blocks`` blocks (0: none)."""
+
+    start: int
+    docs: torch.Tensor | None
+    blocks: int
+    block: int
+
+    def chunk(self, q_from: int, q_to: int, device) -> tuple[int, torch.Tensor]:
+        """The first key any query in [q_from, q_to) sees, and their (B or 1, 1, queries, keys) mask."""
+        q_pos = torch.arange(self.start + q_from, self.start + q_to, device=device)
+        first = 0
+        if self.blocks:
+            first = max(0, (int(q_pos[0]) // self.block - self.blocks + 1) * self.block)
+        if self.docs is not None:  # documents are contiguous: the earliest start among the rows
+            doc_of_first_query = self.docs[:, self.start + q_from:self.start + q_from + 1].contiguous()
+            first = max(first, int(torch.searchsorted(self.docs.contiguous(), doc_of_first_query).min()))
+        k_pos = torch.arange(first, self.start + q_to, device=q_pos.device)
+        allowed = k_pos[None, :] <= q_pos[:, None]
+        if self.blocks:
+            allowed = allowed & in_window(q_pos[:, None], k_pos[None, :], self.blocks, self.block)
+        allowed = allowed[None]
+        if self.docs is not None:
+            q_docs = self.docs[:, self.start + q_from:self.start + q_to]
+            allowed = allowed & (q_docs[:, :, None] == self.docs[:, None, first:self.start + q_to])
+        return first, allowed[:, None]
+
+
+def local_attention(q, k, v, mask: LocalMask) -> torch.Tensor:
+    """SDPA of (B, H, Tq, d) queries over (B, H, Tk, d) keys, QUERY_CHUNK queries at a time, each
+    chunk over the keys it can reach only."""
+    outputs = []
+    for q_from in range(0, q.size(2), QUERY_CHUNK):
+        q_to = min(q.size(2), q_from + QUERY_CHUNK)
+        first, allowed = mask.chunk(q_from, q_to, q.device)
+        last = mask.start + q_to
+        outputs.append(F.scaled_dot_product_attention(q[:, :, q_from:q_to], k[:, :, first:last],
+                                                      v[:, :, first:last], attn_mask=allowed))
+    return torch.cat(outputs, dim=2)
+
+
+# ---------------------------------------------------------------------------
+# FlexAttention (CUDA)
+
+
+@functools.cache
+def compiled_flex_attention():
+    """FlexAttention compiled once per process: uncompiled it materialises every score."""
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex_block_mask(docs: torch.Tensor | None, blocks: int, block: int, batch: int, length: int, device):
+    """FlexAttention's BlockMask for causal attention with documents and a block window.
+
+    Per query block, the key blocks it sees at all (causal, in the window, sharing a document)
+    and, among them, those it sees entirely (strictly earlier and the same single document in
+    both): only the partial ones run the token-level mask."""
+    n = length // block
+    q_blk = torch.arange(n, device=device)[:, None]
+    kv_blk = torch.arange(n, device=device)[None, :]
+    some, full = (q_blk >= kv_blk)[None], (q_blk > kv_blk)[None]
+    if blocks:
+        near = (q_blk - kv_blk < blocks)[None]
+        some, full = some & near, full & near
+    if docs is not None:
+        low, high = docs[:, ::block], docs[:, block - 1::block]  # first and last document of each block
+        some = some & (low[:, :, None] <= high[:, None, :]) & (low[:, None, :] <= high[:, :, None])
+        full = full & (low[:, :, None] == high[:, None, :]) & (low[:, None, :] == high[:, :, None])
+    some, full = some.expand(batch, n, n), full.expand(batch, n, n)
+
+    def as_lists(visible: torch.Tensor):
+        counts = visible.sum(-1, dtype=torch.int32)
+        order = visible.to(torch.int8).argsort(dim=-1, descending=True, stable=True).to(torch.int32)
+        return counts[:, None].contiguous(), order[:, None].contiguous()
+
+    def visible(b, h, q_idx, kv_idx):  # the same rule per token: uncompiled FlexAttention reads only this
+        seen = q_idx >= kv_idx
+        if blocks:
+            seen = seen & in_window(q_idx, kv_idx, blocks, block)
+        return seen & (docs[b, q_idx] == docs[b, kv_idx]) if docs is not None else seen
+
+    return BlockMask.from_kv_blocks(*as_lists(some & ~full), *as_lists(full), BLOCK_SIZE=block, mask_mod=visible)
+
+
+# ---------------------------------------------------------------------------
+# one attention call
+
+
+@dataclass
+class Attend:
+    """How this forward pass's queries see keys, decided once and shared by every layer."""
+
+    mask: torch.Tensor | None = None  # explicit (B, 1, Tq, Tk) bool
+    local: LocalMask | None = None  # documents or a window, chunked SDPA
+    block_mask: BlockMask | None = None  # documents or a window, FlexAttention
+
+    def __call__(self, q, k, v) -> torch.Tensor:
+        if self.block_mask is not None:  # inside a compiled model, the model's compilation fuses it
+            flex = flex_attention if torch.compiler.is_compiling() else compiled_flex_attention()
+            return flex(q, k, v, block_mask=self.block_mask)
+        if self.local is not None:
+            return local_attention(q, k, v, self.local)
+        if self.mask is None and k.size(2) == q.size(2):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)  # flash / efficient path
+        mask = self.mask
+        if mask is None:  # new queries after a cached prefix: query i sees keys <= its position
+            mask = torch.ones(q.size(2), k.size(2), dtype=torch.bool, device=q.device).tril(k.size(2) - q.size(2))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
