@@ -303,10 +303,11 @@ def test_sample_refuses_more_samples_than_memory_holds(capsys, finished_run, mon
     from gpt2repro import device
 
     assert device.free_memory_bytes(torch.device("cpu")) > 2**20  # the real number is known here
-    # A machine with 1 MiB free: 100 samples of the tiny model (~100 KB each) do not fit. (With the
-    # real free memory this would take ~1e9 samples, which a broken check would try to allocate.)
+    # A machine with 1 MiB free: 100 samples of the tiny model (~100 KB each for the 8-token prompt and
+    # 56 new tokens, its whole block) do not fit. (With the real free memory this would take ~1e9
+    # samples, which a broken check would try to allocate.)
     monkeypatch.setattr(device, "free_memory_bytes", lambda dev: 2**20)
-    result = main_result(capsys, "sample", "--model", finished_run, "--num", "100", "--max-new-tokens", "1",
+    result = main_result(capsys, "sample", "--model", finished_run, "--num", "100", "--max-new-tokens", "56",
                          "--device", "cpu")
     assert_one_line_error(result, "--num 100", "0.0 GiB free", "lower --num (about 10 fit)")
 

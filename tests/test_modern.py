@@ -140,11 +140,12 @@ def test_kv_cache_generation_equals_recomputation_with_every_lever():
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.05)
-    prompt = [464, 3290, 318]
-    # 3 + 70 tokens crosses the 64-token block: both regimes of the cache
+    prompt = [464, 50256, 3290, 318]  # a document boundary inside the prompt
+    # 4 + 70 tokens crosses the 64-token block: both regimes of the cache; the window is 3 blocks of 16
     cached = generate(model, prompt, num_samples=2, max_new_tokens=70, seed=3, kv_cache=True)
     plain = generate(model, prompt, num_samples=2, max_new_tokens=70, seed=3, kv_cache=False)
     assert cached == plain and len(set(map(tuple, cached))) == 2
+    assert model.config.doc_mask and model.config.window_end == 48
 
 
 def test_softcap_bounds_the_logits_and_the_chunked_loss_matches():

@@ -224,7 +224,8 @@ def sample_command(args: argparse.Namespace) -> list[str]:
         raise UserError(f"--num {args.num} × --max-new-tokens {args.max_new_tokens} = {total:,} new tokens, more "
                         f"than one sample run makes ({MAX_SAMPLE_TOKENS:,}); lower --num or --max-new-tokens")
     net = load_for_inference(args.model, args.device, args.dtype)
-    need, free = sampling_bytes(net.model.config, args.num), free_memory_bytes(net.device)
+    length = len(encode(args.prompt)) + args.max_new_tokens
+    need, free = sampling_bytes(net.model.config, args.num, length), free_memory_bytes(net.device)
     if free is not None and need > free:
         fits = max(1, free * args.num // need)
         raise UserError(f"--num {args.num}: that many samples need about {need / 2**30:,.1f} GiB on {net.device} "

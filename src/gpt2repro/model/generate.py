@@ -22,11 +22,13 @@ from gpt2repro.config import GPT2_VOCAB_SIZE, ModelConfig
 from gpt2repro.data.tokenizer import EOT_TOKEN
 
 
-def sampling_bytes(config: ModelConfig, num_samples: int, element_size: int = 4) -> int:
-    """About the memory ``generate`` needs beyond the weights: per sample, a KV cache of a whole
-    block (2 · n_layer · block_size · n_embd values) and one block's activations on the way
-    (about 8 · block_size · n_embd: the MLP's 4x hidden layer, attention's queries and output)."""
-    return num_samples * (2 * config.n_layer + 8) * config.block_size * config.n_embd * element_size
+def sampling_bytes(config: ModelConfig, num_samples: int, length: int | None = None, element_size: int = 4) -> int:
+    """About the memory ``generate`` needs beyond the weights for sequences of ``length`` tokens
+    (default: a whole block): per sample, a KV cache (2 · n_layer · length · n_embd values) and
+    the activations on the way (about 8 · length · n_embd: the MLP's 4x hidden layer, attention's
+    queries and output)."""
+    length = min(length or config.block_size, config.block_size)
+    return num_samples * (2 * config.n_layer + 8) * length * config.n_embd * element_size
 
 
 def sample_next(logits: torch.Tensor, rng: torch.Generator, top_k: int | None, temperature: float) -> torch.Tensor:
@@ -63,8 +65,8 @@ def generate(model, prompt_tokens: list[int], *, num_samples: int = 4, max_new_t
         with torch.no_grad():
             for _ in range(max_new_tokens):
                 if kv_cache and rows.size(1) <= block_size:
-                    if cache is None:  # prefill: the whole prompt once
-                        cache = model.new_kv_cache(num_samples, block_size)
+                    if cache is None:  # prefill: the whole prompt once; room for what this call adds
+                        cache = model.new_kv_cache(num_samples, min(block_size, len(prompt) + max_new_tokens))
                         hidden = model.hidden(rows, kv_cache=cache)
                     else:  # only the newest token; the rest is in the cache
                         hidden = model.hidden(rows[:, -1:], kv_cache=cache)

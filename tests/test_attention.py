@@ -1,0 +1,93 @@
+"""Document masking and the sliding window: three kernels, one rule."""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import flex_attention
+
+from gpt2repro.model import attention
+from gpt2repro.model.attention import LocalMask, document_ids, flex_block_mask, local_attention
+
+EOT = 50256
+
+
+def random_documents(batch, length, boundaries, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, EOT, (batch, length), generator=g)
+    for row in tokens:
+        row[torch.randint(0, length, (boundaries,), generator=g)] = EOT
+    return tokens
+
+
+def rule(docs, blocks, block, length):
+    """The rule, written out token by token: causal, same document, key block among the query's
+    last ``blocks`` blocks."""
+    q = torch.arange(length)[:, None]
+    k = torch.arange(length)[None, :]
+    allowed = (q >= k)[None]
+    if blocks:
+        allowed = allowed & (q // block - k // block < blocks)
+    if docs is not None:
+        allowed = allowed & (docs[:, :, None] == docs[:, None, :])
+    return allowed[:, None]
+
+
+CASES = [(blocks, with_docs) for blocks in (0, 1, 3, 40) for with_docs in (False, True)]
+
+
+@pytest.mark.parametrize("blocks, with_docs", CASES)
+def test_chunked_sdpa_and_flex_equal_sdpa_with_the_dense_mask(blocks, with_docs, monkeypatch):
+    B, H, T, D, block = 2, 2, 640, 16, 64
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(B, H, T, D, generator=g) for _ in range(3))
+    docs = document_ids(random_documents(B, T, 5)) if with_docs else None
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=rule(docs, blocks, block, T))
+    monkeypatch.setattr(attention, "QUERY_CHUNK", 96)  # several chunks, none aligned to a block
+    chunked = local_attention(q, k, v, LocalMask(0, docs, blocks, block))
+    assert (chunked - expected).abs().max() <= 1e-5
+    with warnings.catch_warnings():  # uncompiled FlexAttention warns that it is slow; it is a reference here
+        warnings.simplefilter("ignore")
+        flexed = flex_attention(q, k, v, block_mask=flex_block_mask(docs, blocks, block, B, T, "cpu"))
+    assert (flexed - expected).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("blocks, with_docs", CASES)
+def test_flex_block_lists_are_the_blocks_the_rule_sees(blocks, with_docs):
+    """Compiled FlexAttention computes only the listed key blocks and skips the token mask in
+    the 'full' ones; uncompiled it reads the token mask alone. So the lists are checked here on
+    their own: partial = some but not all tokens visible, full = all visible."""
+    B, T, block = 2, 1024, 64
+    docs = document_ids(random_documents(B, T, 6, seed=2)) if with_docs else None
+    mask = flex_block_mask(docs, blocks, block, B, T, "cpu")
+    tokens = rule(docs, blocks, block, T)[:, 0].expand(B, T, T).reshape(B, T // block, block, T // block, block)
+    visible = tokens.sum(dim=(2, 4))
+    listed = mask.to_dense()[:, 0].bool()  # partial and full blocks together
+    assert torch.equal(listed, visible > 0)
+    full = torch.zeros_like(listed)
+    n = T // block
+    for b in range(B):
+        for i in range(n):
+            count = int(mask.full_kv_num_blocks[b, 0, i])
+            full[b, i, mask.full_kv_indices[b, 0, i, :count].long()] = True
+    assert torch.equal(full, visible == block * block)
+
+
+def test_a_long_sequence_never_builds_a_quadratic_mask(monkeypatch):
+    """65,536 tokens with documents and the record's final window: each SDPA call's mask covers
+    one chunk of queries and only the keys within its window."""
+    T, block, blocks = 65_536, 128, 14
+    tokens = random_documents(1, T, 40)
+    q = k = v = torch.randn(1, 1, T, 8)
+    largest = []
+    sdpa = F.scaled_dot_product_attention
+
+    def recording(*args, attn_mask=None, **kwargs):
+        largest.append(attn_mask.numel())
+        return sdpa(*args, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", recording)
+    local_attention(q, k, v, LocalMask(0, document_ids(tokens), blocks, block))
+    assert len(largest) == T // attention.QUERY_CHUNK
+    assert max(largest) <= attention.QUERY_CHUNK * (attention.QUERY_CHUNK + blocks * block)
