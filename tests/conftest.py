@@ -25,6 +25,18 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
     )
 
 
+def main_result(capsys, *argv) -> subprocess.CompletedProcess:
+    """``gpt2repro ARGV`` through ``cli.main`` in this process, as a CompletedProcess."""
+    from gpt2repro import cli
+
+    try:
+        code = cli.main([str(a) for a in argv])
+    except SystemExit as e:  # argparse's exit
+        code = e.code
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(argv, code, out, err)
+
+
 def assert_one_line_error(result, *needles: str) -> None:
     """A bad input gives a non-zero exit and one clear line on stderr, no traceback."""
     assert result.returncode != 0, result.stdout + result.stderr
@@ -105,3 +117,35 @@ def make_document_shards(directory: Path, n_train: int = 40_000, n_val: int = 4_
     np.save(directory / "docs_val_000000.npy", documents(n_val))
     np.save(directory / "docs_train_000001.npy", documents(n_train))
     return directory
+
+
+def run_main(*args: str) -> subprocess.CompletedProcess:
+    """``gpt2repro ARGS`` in this process, without a new interpreter (no second torch import): a
+    CompletedProcess like ``run_cli``'s, with what the command printed. For commands whose
+    failures are ``UserError`` lines or argparse errors, as the real command line prints them."""
+    import contextlib
+    import io
+
+    from gpt2repro.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    argv = [str(a) for a in args]
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as e:  # argparse's errors
+            code = e.code if isinstance(e.code, int) else 1
+    return subprocess.CompletedProcess(["gpt2repro", *argv], code, out.getvalue(), err.getvalue())
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """The module's in-process model work on one torch thread. Tiny models gain nothing from a
+    second thread, and on a busy 2-core machine (two test files at a time) a thread that waits
+    for a core makes every small matmul take milliseconds: 20x slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

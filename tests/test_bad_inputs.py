@@ -13,15 +13,13 @@ import json
 import os
 import pickle
 import shutil
-import subprocess
 import threading
 import time
 
 import pytest
 import torch
 
-from conftest import assert_one_line_error, make_pattern_shards, run_cli
-from gpt2repro import cli
+from conftest import assert_one_line_error, main_result, make_pattern_shards, run_cli
 from gpt2repro.config import apply_overrides
 from gpt2repro.errors import UserError
 from gpt2repro.model.gpt import GPT
@@ -147,16 +145,6 @@ def test_a_bad_override_through_the_command_is_one_line_before_any_work(tmp_path
 
 # ---------------------------------------------------------------------------
 # flags: cli.main in this process
-
-
-def main_result(capsys, *argv) -> subprocess.CompletedProcess:
-    """``gpt2repro ARGV`` through ``cli.main`` in this process, as a CompletedProcess."""
-    try:
-        code = cli.main([str(a) for a in argv])
-    except SystemExit as e:  # argparse's exit
-        code = e.code
-    out, err = capsys.readouterr()
-    return subprocess.CompletedProcess(argv, code, out, err)
 
 
 FLAG_CASES = [

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from gpt2repro.atomic import atomic_write, writing
+from gpt2repro.atomic import atomic_write
 from gpt2repro.data.prepare import prepare
 from gpt2repro.data.tokenizer import decode, encode
 from gpt2repro.errors import UserError
@@ -18,7 +18,7 @@ from gpt2repro.model.generate import generate
 from gpt2repro.outdir import FolderLock
 from gpt2repro.presets import get_preset
 from gpt2repro.report.plot import plot_logs
-from gpt2repro.train.rundir import existing_run
+from gpt2repro.train.rundir import RUN_DIRS, RUN_FILES, check_new_run_folder, existing_run, record_written
 from gpt2repro.train.trainer import train
 
 DEMO_PROMPTS = ("The function", "In Python, a class", "The result of")
@@ -28,7 +28,8 @@ DEMO_FILES = ("plot.png", "final_samples.txt")  # what the demo writes besides t
 def run_demo(out_dir: str | Path = "demo_out", max_steps: int | None = None, overwrite: bool = False) -> Path:
     """The demo into ``out_dir``. A folder with an earlier demo (or any training run) in it is
     refused unless ``overwrite``: then the earlier run, plot and samples are replaced and the
-    prepared corpus in ``OUT/data`` is kept (prepare finds it finished)."""
+    prepared corpus in ``OUT/data`` is kept (prepare finds it finished). Files the demo did
+    not write are refused, or with ``overwrite`` kept; one named as a demo output, never."""
     out = Path(out_dir)
     # Held for the whole demo (train takes it again, a no-op in this process): a second demo
     # started meanwhile is refused at once, not halfway through.
@@ -37,10 +38,7 @@ def run_demo(out_dir: str | Path = "demo_out", max_steps: int | None = None, ove
         if found and not overwrite:
             raise UserError(f"{out}: holds an earlier demo ({', '.join(found[:2])}); replace it with "
                             f"`gpt2repro demo --out {out} --overwrite`, or pass a new --out")
-        if overwrite:
-            for name in DEMO_FILES:
-                with writing(out / name):
-                    (out / name).unlink(missing_ok=True)
+        check_new_run_folder(out, overwrite, writes=(*RUN_FILES, *RUN_DIRS, *DEMO_FILES))
         return _run(out, max_steps, overwrite)
 
 
@@ -62,6 +60,7 @@ def _run(out: Path, max_steps: int | None, overwrite: bool) -> Path:
         return out
 
     print("[3/4] plotting the log")
+    record_written(out, DEMO_FILES)  # ours from now on: a later --overwrite replaces them
     plot_path = out / "plot.png"
     plot_logs([str(out / "log.txt")], size="124M", out=str(plot_path))
 

@@ -28,7 +28,9 @@ from dataclasses import astuple, dataclass
 
 import torch
 
-from gpt2repro.config import ModelConfig
+from gpt2repro.config import ModelConfig, TrainConfig
+from gpt2repro.device import free_memory_bytes
+from gpt2repro.errors import UserError
 from gpt2repro.model.gpt import GPT
 
 GiB = 2**30
@@ -79,3 +81,29 @@ def estimate(cfg: ModelConfig, micro_batch: int, seq_len: int, world_size: int =
         activations += 6 * micro_batch * seq_len * cfg.vocab_size
     return MemoryEstimate(params=4 * n / shard, grads=4 * n / shard, optimizer=OPTIMIZER_BYTES[optimizer] * n / shard,
                           gathered=gathered, activations=activations)
+
+
+def approx_parameters(cfg: ModelConfig) -> int:
+    """Parameters from the shape alone, so that any size is counted at once (an absurd one would
+    take minutes to build even on the meta device): 12·C² + 13·C per block (biases and gains
+    included, a few more than a model without them has), plus the embedding tables."""
+    c = cfg.n_embd
+    tables = 1 + (not cfg.tie_embeddings) + cfg.value_embeds
+    positions = cfg.block_size * c if cfg.pos_emb == "learned" else 0
+    return cfg.n_layer * (12 * c * c + 13 * c) + tables * cfg.vocab_size * c + positions + 2 * c
+
+
+def check_model_states_fit(cfg: TrainConfig, device, world_size: int = 1) -> None:
+    """One line, before anything is built, when the weights, gradients and optimizer state
+    (and rotary tables) of this rank cannot fit the memory free on its device."""
+    n = approx_parameters(cfg.model)
+    per_parameter = 8 + OPTIMIZER_BYTES.get(cfg.optim.optimizer, 8)
+    need = per_parameter * n / (world_size if cfg.runtime.parallel == "fsdp" else 1)
+    if cfg.model.pos_emb != "learned":
+        need += 4 * cfg.model.block_size * cfg.model.n_embd // cfg.model.n_head  # cos and sin, float32
+    free = free_memory_bytes(device)
+    if free is not None and need > free:
+        raise UserError(f"model: its weights, gradients and optimizer state need about {need / GiB:,.1f} GiB on "
+                        f"{device} (~{n:,} parameters × {per_parameter} bytes), more than the {free / GiB:,.1f} GiB "
+                        "free; make it smaller (model.n_layer, model.n_embd, model.vocab_size, model.block_size)"
+                        + (" or shard it with --parallel fsdp" if device.type == "cuda" else ""))

@@ -7,6 +7,7 @@ from ``GPT.flops_per_token`` (nanoGPT/PaLM convention: 6·N + 12·L·H·Q·T, wh
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import re
 from pathlib import Path
@@ -112,6 +113,15 @@ class RunLog:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def check_loggers(tensorboard: bool, wandb: bool) -> None:
+    """The loggers a run asks for are installed: said before the run replaces anything."""
+    if tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise UserError("runtime.tensorboard=true needs TensorBoard: pip install 'gpt2repro[tensorboard]'")
+    if wandb and importlib.util.find_spec("wandb") is None:
+        raise UserError("runtime.wandb=true needs Weights & Biases: pip install 'gpt2repro[wandb]', "
+                        "or drop runtime.wandb")
 
 
 def _start_wandb(settings: dict):

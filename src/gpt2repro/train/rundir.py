@@ -1,23 +1,30 @@
-"""A training run's folder: one run at a time, and a new run never lands on an old one.
+"""A training run's folder: one run at a time, a new run never lands on an old one, and
+nothing gpt2repro did not write is ever touched.
 
 ``claim`` runs before anything is built. Rank 0 alone looks at the folder: it takes the
 folder's lock (``outdir.FolderLock``, held for the whole run), and without ``--resume`` it
-refuses a folder that already holds a run unless ``--overwrite`` asks to delete that run
-first. Every rank gets rank 0's answer through one all-reduce, so no rank waits forever in
-a collective for a rank that has stopped.
+refuses a folder that already holds a run unless ``--overwrite`` asks to replace it, and a
+folder holding files gpt2repro did not write unless ``--overwrite`` says to train beside
+them (they are kept; one whose name a run writes is refused even then). Every rank gets rank
+0's answer through one all-reduce, so no rank waits forever in a collective for a rank that
+has stopped.
 
-Starting over deletes only what a run writes (``RUN_FILES``, ``RUN_DIRS``, checkpoints and
-their temporaries): a new run must not share its log with the old one, nor leave old
-checkpoints for a later ``--resume``, ``sample`` or ``eval`` to pick up as if they were its own.
+What is ours is recorded, not guessed: ``MANIFEST`` lists the names a run (or the demo)
+wrote into the folder; checkpoints and their temporaries are ours by their names. The
+earlier run is deleted by ``RunFolder.start``, which the trainer calls once every start-up
+check has passed and it is about to write its first file: a refused start loses nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+from gpt2repro.atomic import atomic_write
+from gpt2repro.data.prepare import MANIFEST as SHARDS_MANIFEST
 from gpt2repro.distributed import any_rank
 from gpt2repro.errors import UserError, write_error
 from gpt2repro.model.io import read_config
@@ -28,29 +35,91 @@ LOG_FILE = "log.txt"
 RUN_FILES = (LOG_FILE, "samples.txt", "config.json")  # what the Trainer writes besides checkpoints
 RUN_DIRS = ("tb",)  # TensorBoard
 TEMPORARY_PREFIXES = (".tmp_ckpt_", ".old_ckpt_")  # checkpoints being written or swapped
+MANIFEST = ".gpt2repro_files.json"  # the names gpt2repro wrote into this folder
+LEGACY_NAMES = (*RUN_FILES, *RUN_DIRS, "plot.png", "final_samples.txt")  # runs from before the manifest
 
 
 def existing_run(run_dir: str | Path) -> list[str]:
-    """The names that mark ``run_dir`` as holding a run: its log and its checkpoints."""
+    """The names that mark ``run_dir`` as holding a run: its log (one a run wrote) and its checkpoints."""
     run_dir = Path(run_dir)
-    found = [LOG_FILE] if (run_dir / LOG_FILE).is_file() else []
+    found = [LOG_FILE] if (run_dir / LOG_FILE).is_file() and LOG_FILE in recorded_names(run_dir) else []
     return found + [p.name for p in list_checkpoints(run_dir)]
 
 
+def recorded_names(run_dir: Path) -> set[str]:
+    """The names gpt2repro wrote into ``run_dir``: its manifest's or, for a run written before
+    manifests (it has checkpoints, or a run's config.json), the names runs write."""
+    try:
+        names = json.loads((run_dir / MANIFEST).read_text())
+    except (OSError, ValueError):
+        names = None
+    if isinstance(names, list) and all(isinstance(n, str) for n in names):
+        return set(names)
+    if list_checkpoints(run_dir) or _is_run_config(run_dir / "config.json"):
+        return {n for n in LEGACY_NAMES if (run_dir / n).exists()}
+    return set()
+
+
+def _is_run_config(path: Path) -> bool:
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and {"model", "data", "optim"} <= config.keys()
+
+
+def record_written(run_dir: Path, names: Iterable[str]) -> None:
+    """Add ``names`` to the folder's manifest: from now on they are ours to replace."""
+    atomic_write(run_dir / MANIFEST, json.dumps(sorted(recorded_names(run_dir) | set(names))) + "\n")
+
+
+def _is_ours_by_name(path: Path) -> bool:
+    return (bool(NAME.match(path.name)) and path.is_dir()) or path.name.startswith(TEMPORARY_PREFIXES) \
+        or path.name in (LOCK_FILE, MANIFEST)
+
+
+def foreign_names(run_dir: Path) -> list[str]:
+    """What sits in ``run_dir`` that gpt2repro did not write (a prepared shard folder inside,
+    such as the demo's ``data``, counts as ours)."""
+    if not run_dir.is_dir():
+        return []
+    ours = recorded_names(run_dir)
+    return sorted(p.name for p in run_dir.iterdir()
+                  if not (_is_ours_by_name(p) or p.name in ours or (p / SHARDS_MANIFEST).is_file()))
+
+
 def remove_run(run_dir: Path) -> list[str]:
-    """Delete what a run wrote into ``run_dir`` and nothing else; returns the names removed."""
+    """Delete what runs wrote into ``run_dir`` (checkpoints, temporaries, the manifest's names)
+    and nothing else; returns the names removed."""
+    ours = recorded_names(run_dir)
     removed = []
     for path in sorted(run_dir.iterdir()):
-        is_run_dir = path.is_dir() and (NAME.match(path.name) or path.name in RUN_DIRS
-                                        or path.name.startswith(TEMPORARY_PREFIXES))
-        if not (is_run_dir or (path.name in RUN_FILES and path.is_file())):
+        if path.name in (LOCK_FILE, MANIFEST) or (path / SHARDS_MANIFEST).is_file():
+            continue
+        if not (_is_ours_by_name(path) or path.name in ours):
             continue
         try:
-            shutil.rmtree(path) if is_run_dir else path.unlink()
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
         except OSError as e:
             raise write_error(path, e) from e
         removed.append(path.name)
     return removed
+
+
+class RunFolder:
+    """The claimed folder; ``start`` clears an earlier run (with --overwrite) and records what
+    this run writes. Rank 0 calls it, right before the run's first write."""
+
+    def __init__(self, path: Path, overwrite: bool, log: Callable[[str], None]):
+        self.path, self.overwrite, self.log = path, overwrite, log
+
+    def start(self, names: Iterable[str] = (*RUN_FILES, *RUN_DIRS)) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        if self.overwrite:
+            removed = remove_run(self.path)
+            if removed:
+                self.log(f"--overwrite: removed the earlier run from {self.path} ({', '.join(removed)})")
+        record_written(self.path, names)
 
 
 def describe_ours(folder: Path) -> str | None:
@@ -69,7 +138,7 @@ def describe_ours(folder: Path) -> str | None:
 
 @contextlib.contextmanager
 def claim(run_dir: str | Path, *, resume: bool, overwrite: bool, is_main: bool, device,
-          log: Callable[[str], None] = print) -> Iterator[None]:
+          log: Callable[[str], None] = print) -> Iterator[RunFolder]:
     """Hold ``run_dir`` for one run (see the module docstring)."""
     run_dir = Path(run_dir)
     error = None
@@ -79,18 +148,30 @@ def claim(run_dir: str | Path, *, resume: bool, overwrite: bool, is_main: bool, 
                 if resume and overwrite:
                     raise UserError("--resume continues the run in --out and --overwrite deletes it; choose one")
                 stack.enter_context(FolderLock(run_dir))
-                found = [] if resume else existing_run(run_dir)
-                if found and not overwrite:
-                    shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
-                    raise UserError(f"{run_dir}: already holds a training run ({shown}); continue it with --resume, "
-                                    "or pass --overwrite to delete that run's checkpoints, log, samples and config "
-                                    "and start over")
-                if overwrite:
-                    removed = remove_run(run_dir)
-                    if removed:
-                        log(f"--overwrite: removed the earlier run from {run_dir} ({', '.join(removed)})")
+                if not resume:
+                    check_new_run_folder(run_dir, overwrite)
             except UserError as e:
                 error = e
         if any_rank(error is not None, device):
             raise error or UserError(f"{run_dir}: refused on rank 0; see its error")
-        yield
+        yield RunFolder(run_dir, overwrite and not resume, log)
+
+
+def check_new_run_folder(run_dir: Path, overwrite: bool, writes: Iterable[str] = (*RUN_FILES, *RUN_DIRS)) -> None:
+    """Refuse a folder holding a run (unless ``overwrite``) or files gpt2repro did not write
+    (unless ``overwrite``, and never one named as a file the run ``writes``)."""
+    found = existing_run(run_dir)
+    if found and not overwrite:
+        shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
+        raise UserError(f"{run_dir}: already holds a training run ({shown}); continue it with --resume, "
+                        "or pass --overwrite to delete that run's checkpoints, log, samples and config "
+                        "and start over")
+    foreign = foreign_names(run_dir)
+    clashing = [n for n in foreign if n in set(writes)]
+    if clashing:
+        raise UserError(f"{run_dir}: holds {', '.join(clashing)}, which gpt2repro did not write and a run would "
+                        "write over; move it elsewhere or choose another --out")
+    if foreign and not overwrite:
+        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise UserError(f"{run_dir}: holds files gpt2repro did not write ({shown}); choose another --out, or pass "
+                        "--overwrite to train beside them (they are kept)")

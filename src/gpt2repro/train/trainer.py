@@ -34,7 +34,8 @@ from gpt2repro.runtime import Runtime, choose_micro_batch, grad_accum_steps, set
 from gpt2repro.train import checkpoint as ckpt
 from gpt2repro.train import rundir
 from gpt2repro.train.console import outputs_line, summary_lines, wandb_settings
-from gpt2repro.train.metrics import RunLog, mfu, peak_flops
+from gpt2repro.train.memory import check_model_states_fit
+from gpt2repro.train.metrics import RunLog, check_loggers, mfu, peak_flops
 from gpt2repro.train.optim import (
     build_optimizers,
     learning_rate,
@@ -56,8 +57,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_at_step: int | None = 
     try:
         log = print if rt.dist.is_main else (lambda *a, **k: None)
         with rundir.claim(cfg.out_dir, resume=resume, overwrite=overwrite, is_main=rt.dist.is_main,
-                          device=rt.device, log=log), StopRequest() as stop:
-            return Trainer(cfg, rt, resume, init_weights).run(stop, stop_at_step)
+                          device=rt.device, log=log) as folder, StopRequest() as stop:
+            return Trainer(cfg, rt, resume, init_weights, folder).run(stop, stop_at_step)
     finally:
         shutdown_distributed()
 
@@ -81,13 +82,14 @@ class Trainer:
     """Owns the model, optimizer, data and run directory of one training run."""
 
     def __init__(self, cfg: TrainConfig, rt: Runtime, resume: bool,
-                 init_weights: dict[str, torch.Tensor] | None = None):
+                 init_weights: dict[str, torch.Tensor] | None = None, folder: rundir.RunFolder | None = None):
         self.cfg, self.rt = cfg, rt
         self.out_dir = Path(cfg.out_dir)
         self.is_main = rt.dist.is_main
         self.log = print if self.is_main else (lambda *a, **k: None)
 
         resume_from = self._find_resume_checkpoint() if resume else None
+        check_model_states_fit(cfg, rt.device, rt.dist.world_size)
         torch.manual_seed(cfg.runtime.seed)
         self.model = GPT(cfg.model).to(rt.device)  # the module itself: eval, sampling, checkpoints
         if init_weights is not None:  # --init-from: its weights, a fresh optimizer, step 0
@@ -114,6 +116,16 @@ class Trainer:
                                                         self.is_main, rt.device) if ev.hellaswag_every > 0 else None
 
         self.run_log = None
+        check_loggers(cfg.runtime.tensorboard, cfg.runtime.wandb)
+        # Every check has passed: only now is an earlier run (--overwrite) replaced.
+        failed = None
+        if self.is_main and folder is not None:
+            try:
+                folder.start()
+            except UserError as e:
+                failed = e
+        if any_rank(failed is not None, rt.device):
+            raise failed or UserError(f"{self.out_dir}: could not be prepared on rank 0; see its error")
         if self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             ckpt.remove_temporaries(self.out_dir)

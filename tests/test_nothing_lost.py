@@ -1,0 +1,101 @@
+"""Nothing lost: every start-up check runs before anything is replaced, and only what gpt2repro
+wrote is ever replaced. A matrix of start-up errors × --overwrite, and of user files × the
+commands that write into a folder."""
+
+import hashlib
+import json
+
+import pytest
+
+from conftest import assert_one_line_error, main_result, make_pattern_shards
+
+
+def snapshot(folder):
+    """Every file under ``folder`` and a hash of its bytes."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return make_pattern_shards(tmp_path_factory.mktemp("shards"))
+
+
+@pytest.fixture
+def finished_run(shards, tmp_path, capsys):
+    out = tmp_path / "run"
+    result = main_result(capsys, "train", "--preset", "tiny", "--data", shards, "--out", out, "optim.max_steps=2",
+                         "runtime.log_every=0")
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+STARTUP_ERRORS = [
+    # (overrides that fail a start-up check, text of the one line)
+    (["--data", "{missing}"], "no such data directory"),
+    (["optim.total_batch_tokens=1000"], "is not divisible by micro_batch"),
+    (["eval.hellaswag_every=1", "eval.hellaswag_data={missing}/hellaswag.jsonl"], "hellaswag"),
+    (["runtime.tensorboard=true"], "needs TensorBoard"),
+    (["model.n_layer=100000", "model.n_embd=4096", "model.n_head=32"], "weights, gradients and optimizer state"),
+]
+
+
+@pytest.mark.parametrize("overrides, needle", STARTUP_ERRORS, ids=[e[1] for e in STARTUP_ERRORS])
+def test_overwrite_keeps_the_earlier_run_when_a_start_up_check_fails(overrides, needle, finished_run, shards,
+                                                                     tmp_path, capsys, monkeypatch):
+    if "needs TensorBoard" in needle:
+        monkeypatch.setattr("importlib.util.find_spec", lambda name: None if name == "tensorboard" else object())
+    before = snapshot(finished_run)
+    argv = [o.format(missing=tmp_path / "missing") for o in overrides]
+    data = [] if "--data" in argv else ["--data", shards]
+    result = main_result(capsys, "train", "--preset", "tiny", *data, "--out", finished_run, "--overwrite",
+                         "optim.max_steps=2", *argv)
+    assert_one_line_error(result, needle)
+    assert snapshot(finished_run) == before  # the earlier run, byte for byte
+
+
+def test_overwrite_replaces_only_what_the_run_wrote(finished_run, shards, capsys):
+    (finished_run / "notes.md").write_text("mine\n")
+    (finished_run / "plots").mkdir()
+    (finished_run / "plots" / "a.png").write_bytes(b"png")
+    result = main_result(capsys, "train", "--preset", "tiny", "--data", shards, "--out", finished_run, "--overwrite",
+                         "optim.max_steps=1")
+    assert result.returncode == 0, result.stderr
+    assert (finished_run / "notes.md").read_text() == "mine\n" and (finished_run / "plots" / "a.png").exists()
+    assert not (finished_run / "ckpt_000002").exists() and (finished_run / "ckpt_000001").is_dir()
+    assert "removed the earlier run" in result.stdout and "notes.md" not in result.stdout
+
+
+@pytest.mark.parametrize("name", ["config.json", "samples.txt", "log.txt"])
+def test_a_user_file_a_run_would_write_is_refused_even_with_overwrite(name, shards, tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / name).write_text("the user's own\n")
+    for flags in ([], ["--overwrite"]):
+        result = main_result(capsys, "train", "--preset", "tiny", "--data", shards, "--out", out,
+                             "optim.max_steps=1", *flags)
+        assert_one_line_error(result, name, "did not write")
+        assert (out / name).read_text() == "the user's own\n" and sorted(p.name for p in out.iterdir()) == [name]
+
+
+def test_a_folder_of_other_files_is_refused_and_with_overwrite_kept(shards, tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.md").write_text("mine\n")
+    refused = main_result(capsys, "train", "--preset", "tiny", "--data", shards, "--out", out, "optim.max_steps=1")
+    assert_one_line_error(refused, "notes.md", "did not write", "--overwrite")
+    beside = main_result(capsys, "train", "--preset", "tiny", "--data", shards, "--out", out, "optim.max_steps=1",
+                         "--overwrite")
+    assert beside.returncode == 0, beside.stderr
+    assert (out / "notes.md").read_text() == "mine\n" and "removed" not in beside.stdout
+    assert set(json.loads((out / ".gpt2repro_files.json").read_text())) >= {"config.json", "log.txt"}
+
+
+def test_demo_never_writes_over_a_users_plot(tmp_path, capsys):
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "plot.png").write_bytes(b"the user's plot")
+    for flags in ([], ["--overwrite"]):
+        result = main_result(capsys, "demo", "--out", out, "--max-steps", "1", *flags)
+        assert_one_line_error(result, "plot.png", "did not write")
+        assert (out / "plot.png").read_bytes() == b"the user's plot"
