@@ -49,10 +49,10 @@ CONFIG_CASES = [
     (["data.seed=-1"], "data.seed=-1: must be in [0, 2**32)"),
     (["data.micro_batch=0"], "data.micro_batch=0: use a positive integer or auto"),
     (["data.micro_batch=lots"], "data.micro_batch='lots': use a positive integer or auto"),
-    (["optim.max_lr=-1"], "optim.max_lr=-1.0: must be in [0, inf), e.g. optim.max_lr=0.0006"),
-    (["optim.max_lr=nan"], "optim.max_lr=nan: must be in [0, inf)"),
-    (["optim.max_lr=inf"], "optim.max_lr=inf: must be in [0, inf)"),
-    (["optim.min_lr=-1e-5"], "optim.min_lr=-1e-05: must be in [0, inf)"),
+    (["optim.max_lr=-1"], "optim.max_lr=-1.0: must be in [0, 10), e.g. optim.max_lr=0.0006"),
+    (["optim.max_lr=nan"], "optim.max_lr=nan: must be in [0, 10)"),
+    (["optim.max_lr=inf"], "optim.max_lr=inf: must be in [0, 10)"),
+    (["optim.min_lr=-1e-5"], "optim.min_lr=-1e-05: must be in [0, 10)"),
     (["optim.min_lr=0.01"], "optim.min_lr=0.01 is above optim.max_lr=0.001"),
     (["optim.weight_decay=-0.1"], "optim.weight_decay=-0.1: must be in [0, inf)"),
     (["optim.beta1=1"], "optim.beta1=1.0: must be in [0, 1), e.g. optim.beta1=0.9"),
@@ -66,9 +66,12 @@ CONFIG_CASES = [
     (["optim.warmup_steps=-1"], "optim.warmup_steps=-1: must be in [0, inf)"),
     (["optim.decay_frac=0"], "optim.decay_frac=0.0: must be in (0, 1]"),
     (["optim.decay_frac=1.5"], "optim.decay_frac=1.5: must be in (0, 1]"),
-    (["optim.head_lr=-1"], "optim.head_lr=-1.0: must be in [0, inf)"),
-    (["optim.scalar_lr=-1"], "optim.scalar_lr=-1.0: must be in [0, inf)"),
-    (["optim.muon_lr=-0.05"], "optim.muon_lr=-0.05: must be in [0, inf), e.g. optim.muon_lr=0.05"),
+    (["optim.head_lr=-1"], "optim.head_lr=-1.0: must be in [0, 10)"),
+    (["optim.scalar_lr=-1"], "optim.scalar_lr=-1.0: must be in [0, 10)"),
+    (["optim.muon_lr=-0.05"], "optim.muon_lr=-0.05: must be in [0, 10), e.g. optim.muon_lr=0.05"),
+    (["optim.muon_lr=1e30"], "optim.muon_lr=1e+30: must be in [0, 10), e.g. optim.muon_lr=0.05"),
+    (["model.real_vocab_size=10"], "model.real_vocab_size=10: the data holds GPT-2 token ids up to 50,256"),
+    (["eval.sample_every=1", "eval.sample_tokens=1e7"], "eval.sample_count=4 × eval.sample_tokens=10000000"),
     (["optim.muon_momentum=1"], "optim.muon_momentum=1.0: must be in [0, 1)"),
     (["optim.muon_weight_decay=-1"], "optim.muon_weight_decay=-1.0: must be in [0, inf)"),
     (["optim.optimizer=sgd"], "optim.optimizer='sgd': choose adamw or muon"),
@@ -139,7 +142,7 @@ def test_integer_overrides_take_exact_scientific_notation():
 def test_a_bad_override_through_the_command_is_one_line_before_any_work(tmp_path):
     result = run_cli("train", "--preset", "tiny", "--data", tmp_path / "nowhere", "--out", tmp_path / "run",
                      "optim.max_lr=-1")
-    assert_one_line_error(result, "optim.max_lr=-1.0", "[0, inf)")
+    assert_one_line_error(result, "optim.max_lr=-1.0", "[0, 10)")
     assert not (tmp_path / "run").exists()
 
 

@@ -152,8 +152,8 @@ def test_periodic_val_hellaswag_and_samples_are_logged(shards, tmp_path):
     result = train_cli("--data", shards, "--out", tmp_path / "run", "max_steps=3", "val_every=2",
                        "hellaswag_every=2", f"hellaswag_data={items}", "sample_every=2", "sample_tokens=4")
     records = [line.split() for line in (tmp_path / "run" / "log.txt").read_text().splitlines()]
-    assert [(int(s), k) for s, k, _ in records if k != "train"] == [(0, "val"), (0, "hella"), (2, "val"),
-                                                                    (2, "hella")]
+    assert [(int(s), k) for s, k, _ in records if k != "train"] == [(0, "val"), (0, "val_bpb"), (0, "hella"),
+                                                                    (2, "val"), (2, "val_bpb"), (2, "hella")]
     hella = [float(v) * 6 for _, k, v in records if k == "hella"]  # accuracies over 6 items
     assert all(0 <= h <= 6 and abs(h - round(h)) < 1e-4 for h in hella)
     assert "hellaswag acc_norm" in result.stdout

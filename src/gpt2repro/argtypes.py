@@ -35,8 +35,8 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def count(low: int = 1):
-    """An argparse type: a whole number >= ``low``, written 100000, 100_000 or 1e5."""
+def count(low: int = 1, high: int | None = None):
+    """An argparse type: a whole number in [``low``, ``high``], written 100000, 100_000 or 1e5."""
     def parse(text: str) -> int:
         try:
             value = parse_int(text)
@@ -44,6 +44,8 @@ def count(low: int = 1):
             raise argparse.ArgumentTypeError(f"{text!r} is not a whole number (e.g. 1000, 1_000 or 1e3)") from None
         if value < low:
             raise argparse.ArgumentTypeError(f"{text} is below the minimum, {low}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"{text} is above the maximum, {high:,}")
         return value
     return parse
 
@@ -61,10 +63,10 @@ def number(low: float = 0.0):
     return parse
 
 
-def count_list(low: int = 1):
-    """An argparse type: a comma list of whole numbers >= ``low``, e.g. 1,2,3; checked, and
-    kept as written (the command splits it)."""
-    one = count(low)
+def count_list(low: int = 1, high: int | None = None):
+    """An argparse type: a comma list of whole numbers in [``low``, ``high``], e.g. 1,2,3; checked,
+    and kept as written (the command splits it)."""
+    one = count(low, high)
 
     def parse(text: str) -> str:
         for part in text.split(","):

@@ -14,12 +14,12 @@ import sys
 from pathlib import Path
 
 from gpt2repro.argtypes import Parser, count, count_list, number
+from gpt2repro.config import MAX_SAMPLE_TOKENS
 from gpt2repro.errors import UserError
 from gpt2repro.presets import PRESET_ALIASES, TRAIN_PRESETS
 
 PLOT_SIZES = ("124M", "350M", "774M", "1558M")
 # More new tokens than this in one `sample` run is a typo, not a request: hours of generation.
-MAX_SAMPLE_TOKENS = 1_000_000
 
 
 def _add_device_flags(p: argparse.ArgumentParser) -> None:
@@ -88,6 +88,28 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=count(1), default=32, help="items per forward pass")
     e.add_argument("--json", default=None, help="also write the results to this file")
     _add_device_flags(e)
+    e = eval_sub.add_parser("loss", parents=[common],
+                            help="mean next-token loss and bits per byte on a split of token shards")
+    e.add_argument("--model", required=True, help="our checkpoint/run dir, a Hugging Face dir, or a hub name")
+    e.add_argument("--data", required=True, help="a folder of token shards (ours, build-nanogpt's or llm.c's .bin)")
+    e.add_argument("--split", default="val", choices=("val", "train"), help="which shards to measure")
+    e.add_argument("--tokens", type=count(1), default=None,
+                   help="measure the first TOKENS // seq-len windows (default: the whole split)")
+    e.add_argument("--seq-len", type=count(1), default=None,
+                   help="tokens per window, non-overlapping (default: 1024, or the model's block if shorter)")
+    e.add_argument("--batch-size", type=count(1), default=8, help="windows per forward pass")
+    e.add_argument("--json", default=None, help="also write the results to this file")
+    _add_device_flags(e)
+    e = eval_sub.add_parser("harness", parents=[common],
+                            help="lm-evaluation-harness tasks (pip install 'gpt2repro[lm-eval]')")
+    e.add_argument("--model", required=True, help="our checkpoint/run dir, a Hugging Face dir, or a hub name")
+    e.add_argument("--tasks", required=True, help="comma list of lm-eval task names (globs allowed)")
+    e.add_argument("--include-path", default=None, help="a folder of your own task YAML files")
+    e.add_argument("--limit", type=count(1), default=None, help="only the first N documents of each task")
+    e.add_argument("--batch-size", type=count(1), default=32, help="requests per forward pass")
+    e.add_argument("--num-fewshot", type=count(0), default=None, help="few-shot examples (default: the task's)")
+    e.add_argument("--json", default=None, help="also write the results to this file")
+    _add_device_flags(e)
 
     p = sub.add_parser("plot", parents=[common], help="plot loss and HellaSwag curves from training logs")
     p.add_argument("--log", action="append", required=True, help="log.txt (repeat to overlay runs)")
@@ -109,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="draw from the K most likely tokens; 0 draws from the whole vocabulary")
     p.add_argument("--temperature", type=number(0), default=1.0,
                    help="divides the logits; 0 is greedy (always the most likely token)")
-    p.add_argument("--seed", type=count(0), default=42, help="same seed, same samples")
+    p.add_argument("--seed", type=count(0, 2**64 - 1), default=42, help="same seed, same samples")
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the prefix each token")
     _add_device_flags(p)
 
@@ -145,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
                              help="quality per token: demo vs demo-modern on the built-in corpus, optional ablation")
     b.add_argument("--out", default="runs/bench-recipe", help="a new folder for the runs, the data and the plot")
     b.add_argument("--data", default=None, help="token shards (default: prepare the built-in corpus into OUT/data)")
-    b.add_argument("--seeds", type=count_list(0), default="1,2,3", help="comma list of seeds")
+    b.add_argument("--seeds", type=count_list(0, 2**32 - 1), default="1,2,3", help="comma list of seeds")
     b.add_argument("--max-steps", type=count(2), default=500, help="steps per run (the demo preset's 500)")
     b.add_argument("--val-every", type=count(1), default=25, help="steps between val loss measurements")
     b.add_argument("--fractions", default="0.5",
@@ -292,6 +314,82 @@ def evaluate_hellaswag_command(args: argparse.Namespace) -> dict:
     return results
 
 
+def evaluate_loss_command(args: argparse.Namespace) -> dict:
+    """Loss and bits per byte of MODEL on a split of DIR, on one process or every rank under torchrun."""
+    from tqdm import tqdm
+
+    from gpt2repro.distributed import init_distributed, shutdown_distributed
+    from gpt2repro.eval.loss import count_windows, evaluate_loss, open_split, summary_line, window_length
+    from gpt2repro.eval.output import check_json_target, write_json
+    from gpt2repro.load import load_for_inference
+
+    if args.json:
+        check_json_target(args.json)  # now, not after the evaluation
+    where = f"{args.data}: the {args.split} split"
+    n_stream = len(open_split(args.data, args.split))  # a missing folder or split, before the model loads
+    if args.seq_len:
+        count_windows(n_stream, args.seq_len, args.tokens, where)
+    net = load_for_inference(args.model, args.device, args.dtype, int(os.environ.get("LOCAL_RANK", "0")))
+    seq_len = window_length(args.seq_len, net.model.config.block_size)
+    windows = count_windows(n_stream, seq_len, args.tokens, where)
+    info = init_distributed(net.device.type)
+    bar = tqdm(total=len(range(info.rank, windows, info.world_size)), desc="eval loss", unit="window",
+               disable=info.rank != 0 or not sys.stderr.isatty())
+    try:
+        result = evaluate_loss(net.model, args.data, split=args.split, seq_len=seq_len, n_tokens=args.tokens,
+                               batch_size=args.batch_size, device=net.device, autocast_dtype=net.autocast_dtype,
+                               rank=info.rank, world_size=info.world_size, progress=bar.update)
+    finally:
+        bar.close()
+        shutdown_distributed()
+    if info.is_main:
+        print(summary_line(result))
+        if args.json:
+            write_json(args.json, {"model": args.model, "data": str(args.data), **result})
+    return result
+
+
+def evaluate_harness_command(args: argparse.Namespace) -> dict | None:
+    """lm-evaluation-harness tasks on MODEL through lm-eval's own API; the results on rank 0."""
+    from gpt2repro.eval.harness import (
+        check_include_path,
+        evaluate_tasks,
+        json_text,
+        parse_tasks,
+        require_lm_eval,
+        table_lines,
+        task_manager,
+    )
+    from gpt2repro.eval.output import check_json_target, write_json_text
+
+    if args.json:
+        check_json_target(args.json)  # now, not after the evaluation
+    names = parse_tasks(args.tasks)
+    include_path = check_include_path(args.include_path)
+    require_lm_eval()
+    manager = task_manager(names, include_path)  # an unknown task, before the model loads
+
+    from gpt2repro.distributed import init_distributed, shutdown_distributed
+    from gpt2repro.eval.harness_lm import GPTLM
+    from gpt2repro.load import load_for_inference
+
+    net = load_for_inference(args.model, args.device, args.dtype, int(os.environ.get("LOCAL_RANK", "0")))
+    info = init_distributed(net.device.type)
+    lm = GPTLM(net.model, device=net.device, autocast_dtype=net.autocast_dtype, batch_size=args.batch_size,
+               rank=info.rank, world_size=info.world_size, name=args.model)
+    try:
+        results = evaluate_tasks(lm, names, manager, limit=args.limit, num_fewshot=args.num_fewshot,
+                                 progress_bars=info.rank == 0 and sys.stderr.isatty())
+    finally:
+        shutdown_distributed()
+    if info.is_main and results is not None:
+        for line in table_lines(results):
+            print(line)
+        if args.json:
+            write_json_text(args.json, json_text(results, args.model))
+    return results
+
+
 def run(args: argparse.Namespace) -> int:
     if args.command == "prepare":
         from gpt2repro.data.prepare import prepare
@@ -302,7 +400,8 @@ def run(args: argparse.Namespace) -> int:
     elif args.command == "train":
         return train_command(args)
     elif args.command == "eval":
-        evaluate_hellaswag_command(args)
+        {"hellaswag": evaluate_hellaswag_command, "loss": evaluate_loss_command,
+         "harness": evaluate_harness_command}[args.task](args)
     elif args.command == "plot":
         from gpt2repro.report.plot import plot_logs
 
@@ -359,6 +458,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"gpt2repro {args.command}: error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print(f"gpt2repro {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        why = f" by a second {e}" if str(e) else ""
+        hint = f"; the last checkpoint is intact, continue with: {resume_command(argv)}" \
+            if args.command == "train" else ""
+        print(f"gpt2repro {args.command}: interrupted{why}{hint}", file=sys.stderr)
         return 130

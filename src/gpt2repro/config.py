@@ -20,6 +20,9 @@ from gpt2repro.ranges import AT_LEAST_0, AT_LEAST_1, FRACTION, POSITIVE, SEED, R
 
 GPT2_VOCAB_SIZE = 50257  # OpenAI's BPE: 50,000 merges + 256 bytes + <|endoftext|>
 PADDED_VOCAB_SIZE = 50304  # next multiple of 128: friendlier matmul shapes, same model
+MAX_SAMPLE_TOKENS = 1_000_000  # new tokens one sampling call may make: minutes on a CPU, not hours
+# No recipe here goes above 0.6; an LR of 10 or more only ever turns the weights into inf or noise.
+LEARNING_RATE = Range(0, 10)
 
 
 MODEL_RANGES = {"n_layer": AT_LEAST_1, "n_head": AT_LEAST_1, "n_embd": AT_LEAST_1, "block_size": AT_LEAST_1,
@@ -31,10 +34,10 @@ MODEL_RANGES = {"n_layer": AT_LEAST_1, "n_head": AT_LEAST_1, "n_embd": AT_LEAST_
 TRAIN_RANGES = {
     "data.seq_len": AT_LEAST_1, "data.seed": SEED,
     "optim.total_batch_tokens": AT_LEAST_1, "optim.max_steps": AT_LEAST_1, "optim.warmup_steps": AT_LEAST_0,
-    "optim.max_lr": AT_LEAST_0, "optim.min_lr": AT_LEAST_0, "optim.weight_decay": AT_LEAST_0,
+    "optim.max_lr": LEARNING_RATE, "optim.min_lr": LEARNING_RATE, "optim.weight_decay": AT_LEAST_0,
     "optim.beta1": FRACTION, "optim.beta2": FRACTION, "optim.eps": POSITIVE, "optim.grad_clip": AT_LEAST_0,
-    "optim.decay_frac": Range(0, 1, "(]"), "optim.head_lr": AT_LEAST_0, "optim.scalar_lr": AT_LEAST_0,
-    "optim.muon_lr": AT_LEAST_0, "optim.muon_momentum": FRACTION, "optim.muon_weight_decay": AT_LEAST_0,
+    "optim.decay_frac": Range(0, 1, "(]"), "optim.head_lr": LEARNING_RATE, "optim.scalar_lr": LEARNING_RATE,
+    "optim.muon_lr": LEARNING_RATE, "optim.muon_momentum": FRACTION, "optim.muon_weight_decay": AT_LEAST_0,
     "optim.muon_momentum_warmup_steps": AT_LEAST_0, "optim.muon_momentum_start": FRACTION,
     "eval.val_every": AT_LEAST_0, "eval.hellaswag_every": AT_LEAST_0, "eval.hellaswag_limit": AT_LEAST_0,
     "eval.sample_every": AT_LEAST_0,
@@ -101,6 +104,9 @@ class ModelConfig:
             raise UserError(f"model.window_start={self.window_start}, window_end={self.window_end}: the window "
                             f"grows from at least one block (window_block={self.window_block}) at the start to "
                             "window_end at the last step; e.g. window_start=128 window_end=1856, or both 0 (off)")
+        if 0 < self.real_vocab_size < GPT2_VOCAB_SIZE:
+            raise UserError(f"model.real_vocab_size={self.real_vocab_size}: the data holds GPT-2 token ids up to "
+                            f"{GPT2_VOCAB_SIZE - 1:,}, so use 0 (every row) or {GPT2_VOCAB_SIZE} (OpenAI's vocabulary)")
         if self.real_vocab_size > self.vocab_size:
             raise UserError(f"model.real_vocab_size={self.real_vocab_size} is above model.vocab_size="
                             f"{self.vocab_size}; use 0 (every row) or at most {self.vocab_size}")
@@ -227,6 +233,10 @@ class TrainConfig:
             if ev.sample_every > 0 and getattr(ev, key) not in AT_LEAST_1:
                 raise UserError(f"eval.{key}={getattr(ev, key)!r}: must be in {AT_LEAST_1} while eval.sample_every="
                                 f"{ev.sample_every} writes samples, e.g. eval.{key}=4; or eval.sample_every=0")
+        if ev.sample_every > 0 and ev.sample_count * ev.sample_tokens > MAX_SAMPLE_TOKENS:
+            raise UserError(f"eval.sample_count={ev.sample_count} × eval.sample_tokens={ev.sample_tokens} = "
+                            f"{ev.sample_count * ev.sample_tokens:,} new tokens at every sampling, more than "
+                            f"{MAX_SAMPLE_TOKENS:,}; lower them (e.g. eval.sample_tokens=32)")
         for key, allowed in (("optimizer", ("adamw", "muon")), ("schedule", ("cosine", "wsd")),
                              ("muon_adjust_lr", ("original", "match_rms_adamw"))):
             if getattr(o, key) not in allowed:

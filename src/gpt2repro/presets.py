@@ -146,7 +146,7 @@ RECORD_2025_01_04 = {
 # Tuned on the built-in corpus's val split (docs/benchmarks.md: the sweep and its numbers); the
 # long-context levers at the demo's 128 tokens: documents, and a window of 16-token blocks.
 DEMO_MODERN_TUNED = {
-    "optim.max_lr": "0.02", "optim.min_lr": "0", "optim.head_lr": "0.008", "optim.muon_lr": "0.005",
+    "optim.max_lr": "0.6", "optim.min_lr": "0", "optim.head_lr": "0.008", "optim.muon_lr": "0.005",
     "optim.muon_momentum": "0.9", "optim.beta1": "0.8", "optim.eps": "1e-10", "optim.weight_decay": "0",
     "optim.warmup_steps": "20", "optim.decay_frac": "0.4", "optim.muon_momentum_start": "0.85",
     "optim.muon_momentum_warmup_steps": "100", "model.value_embeds": "1", "model.window_block": "16",

@@ -37,6 +37,7 @@ from gpt2repro.errors import UserError
 from gpt2repro.outdir import folder_target
 from gpt2repro.presets import MODERN_LEVERS, get_preset
 from gpt2repro.report.plot import parse_log, plot_logs
+from gpt2repro.train.rundir import record_written
 from gpt2repro.train.trainer import train
 
 RECIPES = ("demo", "demo-modern")
@@ -64,6 +65,7 @@ def run_one(preset: str, overrides: list[str], out: Path, data: Path, steps: int
         "eval.sample_every=0", "eval.hellaswag_every=0", "checkpoint.every=0", "checkpoint.keep=1",
         f"runtime.log_every={steps}", f"runtime.seed={seed}", *overrides])
     out.mkdir(parents=True)
+    record_written(out, ["console.txt"])  # the run's own folder: its console copy is ours
     start = time.perf_counter()
     with open(out / "console.txt", "w") as console, contextlib.redirect_stdout(console):
         train(cfg)
@@ -84,6 +86,8 @@ def tokens_to_reach(target: float, val: list[tuple[int, float]], tokens_per_step
 
 def bench_recipe(args: argparse.Namespace) -> dict:
     out = folder_target(args.out, "--out")
+    if out.exists() and any(out.iterdir()):  # a run folder, or another benchmark's runs
+        raise UserError(f"--out {out}: already exists and is not empty; pass a new --out for this benchmark")
     data = Path(args.data) if args.data else out / "data"
     seeds = [int(s) for s in args.seeds.split(",")]
     fractions = sorted(float(f) for f in args.fractions.split(",")) if args.fractions else []

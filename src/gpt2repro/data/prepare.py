@@ -179,6 +179,10 @@ def prepare(source: str, out_dir, *, name: str = "sample-10BT", streaming: bool 
     """Tokenize ``source`` into shards in ``out_dir``; return the manifest. Shard sizes
     default to the source's own (100M tokens; the built-in corpus: small ones)."""
     workers = workers or 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if workers > cores:  # more processes than cores only adds start-up time and memory
+        print(f"--workers {workers:,}: this machine gives us {cores} cores; using {cores}")
+        workers = cores
     if prefix is not None:
         plain_name(prefix, "--prefix")
     corpus = open_source(source, name=name, streaming=streaming)

@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from gpt2repro.config import GPT2_VOCAB_SIZE, ModelConfig
 from gpt2repro.data.tokenizer import EOT_TOKEN, bpe_files
@@ -93,7 +94,7 @@ def from_pretrained(name_or_path: str) -> GPT:
         raise UserError(f"{name_or_path}: refused to load its pytorch_model.bin, a pickle that holds more than "
                         f"tensors ({reason[:120]}); loading it could run code: use a model.safetensors copy of "
                         "these weights") from None
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:  # a truncated model.safetensors is a SafetensorError
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise UserError(f"{name_or_path}: could not load a Hugging Face GPT-2 ({first[:200]}); "
                         "pass a GPT-2 directory with config.json and model.safetensors") from None

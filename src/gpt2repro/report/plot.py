@@ -1,9 +1,10 @@
-"""Training curves from ``log.txt``: loss on the left, HellaSwag on the right.
+"""Training curves from ``log.txt``: loss on the left, HellaSwag on the right, and val bits
+per byte in a third panel when a log has them.
 
 A log has one ``<step> <stream> <value>`` line per measurement, e.g. ``250 val 3.4127``;
-the streams drawn are ``train``, ``val`` and ``hella``. build-nanogpt writes the same
-format, so its logs plot too. Lines that do not parse are counted and reported, not
-fatal; a log with nothing to draw at all is an error.
+the streams drawn are ``train``, ``val``, ``hella`` and ``val_bpb``. build-nanogpt writes
+the same format (without ``val_bpb``), so its logs plot too, in two panels. Lines that do
+not parse are counted and reported, not fatal; a log with nothing to draw at all is an error.
 
 With ``x="tokens"`` the x axis is tokens seen, ``(step + 1) · tokens per step``, so runs
 with different batch sizes overlay honestly. A run's tokens per step come from the
@@ -11,7 +12,9 @@ with different batch sizes overlay honestly. A run's tokens per step come from t
 a log without one (build-nanogpt's) uses ``tokens_per_step``, 524,288 by default.
 
 The horizontal lines are OpenAI's checkpoints: GPT-2's val loss on FineWeb-edu (known
-for 124M only) and the HellaSwag acc_norm of GPT-2 and GPT-3 of the same size.
+for 124M only) and the HellaSwag acc_norm of GPT-2 and GPT-3 of the same size. No
+checkpoint's val bits per byte is known here (``GPT2_VAL_BPB`` is empty until ``eval loss
+--model gpt2`` has measured one), so the bits-per-byte panel has no baseline line.
 """
 
 from __future__ import annotations
@@ -26,8 +29,9 @@ from gpt2repro.atomic import atomic_open, writing
 from gpt2repro.errors import UserError
 from gpt2repro.outdir import file_target
 
-PLOTTED_STREAMS = ("train", "val", "hella")
+PLOTTED_STREAMS = ("train", "val", "hella", "val_bpb")
 GPT2_VAL_LOSS = {"124M": 3.2924}
+GPT2_VAL_BPB: dict[str, float] = {}  # none measured: a baseline is drawn only where a value is known
 HELLASWAG_BASELINES = {  # size: (GPT-2, GPT-3) acc_norm
     "124M": (0.294463, 0.337),
     "350M": (0.375224, 0.436),
@@ -132,10 +136,12 @@ def plot_logs(logs: list[str], size: str = "124M", out: str = "plot.png", show: 
     parsed = [parse_log(p) for p in logs]
     for path, (streams, malformed) in zip(logs, parsed):
         if not any(streams.get(s) for s in PLOTTED_STREAMS):
-            raise UserError(f"{path}: no lines like '<step> train|val|hella <value>' "
+            raise UserError(f"{path}: no lines like '<step> train|val|hella|val_bpb <value>' "
                             f"({malformed} malformed); pass the log.txt of a training run")
 
-    fig, (loss_ax, hella_ax) = plt.subplots(1, 2, figsize=(16, 6))
+    with_bpb = any(_finite(streams.get("val_bpb", [])) for streams, _ in parsed)
+    fig, axes = plt.subplots(1, 3 if with_bpb else 2, figsize=(24 if with_bpb else 16, 6))
+    loss_ax, hella_ax, bpb_ax = (*axes, None) if not with_bpb else axes
     for name, path, (streams, malformed) in zip(_names(logs), logs, parsed):
         label = f"{name} " if len(logs) > 1 else ""
         summary = []
@@ -144,7 +150,7 @@ def plot_logs(logs: list[str], size: str = "124M", out: str = "plot.png", show: 
             per_step, source = tokens_per_step(path, default_tokens_per_step)
             print(f"{path}: {per_step:,} tokens per step (from {source})")
         for stream, ax, best, what in (("train", loss_ax, "min", "train loss"), ("val", loss_ax, "min", "val loss"),
-                                       ("hella", hella_ax, "max", "HellaSwag")):
+                                       ("hella", hella_ax, "max", "HellaSwag"), ("val_bpb", bpb_ax, "min", "val bpb")):
             points = _finite(streams.get(stream, []))
             if not points:
                 continue
@@ -158,7 +164,8 @@ def plot_logs(logs: list[str], size: str = "124M", out: str = "plot.png", show: 
                 ax.plot(xs, smooth(values, window), color=raw.get_color(),
                         label=f"{label}train loss (mean of {window})")
             else:
-                ax.plot(xs, values, label=f"{label}{'HellaSwag acc_norm' if stream == 'hella' else what}")
+                name = {"hella": "HellaSwag acc_norm", "val_bpb": "val bits per byte"}.get(stream, what)
+                ax.plot(xs, values, label=f"{label}{name}")
             i = int(values.argmin() if best == "min" else values.argmax())
             summary.append(f"{best} {what} {values[i]:.4f} (step {steps[i]})")
         print(f"{path}: {', '.join(summary)}")
@@ -181,6 +188,12 @@ def plot_logs(logs: list[str], size: str = "124M", out: str = "plot.png", show: 
         hella_ax.text(0.5, 0.5, "no HellaSwag evaluations in the log", transform=hella_ax.transAxes,
                       ha="center", va="center", color="gray")
     hella_ax.legend()
+    if bpb_ax is not None:
+        if size in GPT2_VAL_BPB:
+            bpb_ax.axhline(GPT2_VAL_BPB[size], color="r", linestyle="--",
+                           label=f"OpenAI GPT-2 ({size}) checkpoint val bpb")
+        bpb_ax.set(xlabel=xlabel, ylabel="bits per byte", title="Val bits per byte")
+        bpb_ax.legend()
     fig.tight_layout()
 
     with writing(out_path.parent):

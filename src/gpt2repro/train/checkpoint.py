@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from gpt2repro.config import ModelConfig
+from gpt2repro.config import ModelConfig, TrainConfig, model_config_from_dict
 from gpt2repro.errors import UserError
 from gpt2repro.model.io import save_weights
 
@@ -154,13 +154,19 @@ def load_trainer_state(path: Path) -> dict[str, Any]:
     """Optimizer, loader and RNG state. Never unpickles code: weights_only=True."""
     state_path = Path(path) / STATE_FILE
     try:
-        return torch.load(state_path, map_location="cpu", weights_only=True)
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         reason = str(e).strip().splitlines()[0]
         raise UserError(f"{state_path}: refused to load, it holds more than tensors and "
                         f"primitives ({reason[:120]})") from None
     except (OSError, RuntimeError, EOFError) as e:
         raise UserError(f"{state_path}: unreadable trainer state ({e}); use an earlier checkpoint") from None
+    expected = {"step": int, "optimizer": dict, "loader": dict, "rng": dict}
+    wrong = [k for k, kind in expected.items() if not isinstance(state, dict) or not isinstance(state.get(k), kind)]
+    if wrong:
+        raise UserError(f"{state_path}: not a trainer state (no {', '.join(wrong)} of the right type); move this "
+                        "checkpoint aside to resume from the one before")
+    return state
 
 
 def rng_state() -> dict[str, Any]:
@@ -193,3 +199,32 @@ def check_resume_config(saved: dict[str, Any], now: dict[str, Any], where: Path)
         detail = ", ".join(f"{k}: {saved_flat.get(k)!r} -> {now_flat[k]!r}" for k in differs[:4])
         raise UserError(f"{where}: --resume with a different config ({detail}); "
                         "resume with the original settings or start a new --out")
+
+
+def checkpoint_to_resume(run_dir: Path, cfg: TrainConfig, log: Callable[[str], None] = print) -> Path:
+    """The newest complete checkpoint of ``run_dir``, checked to continue ``cfg``'s experiment.
+    A run started with --init-from took its model's shape from that model, not from the
+    preset: ``cfg`` adopts it (and the source) from the checkpoint."""
+    path = latest_checkpoint(run_dir, log=log)
+    if path is None:
+        raise UserError(f"{run_dir}: --resume found no complete checkpoint to resume from; "
+                        "drop --resume to start a new run")
+    try:
+        saved = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        saved = None
+    if not (isinstance(saved, dict) and isinstance(saved.get("train"), dict) and type(saved.get("step")) is int):
+        raise UserError(f"{path / 'config.json'}: not a training checkpoint's config (a JSON object with a "
+                        "'train' object and a 'step' number); move this checkpoint aside to resume from the "
+                        "one before, or drop --resume")
+    started = saved["train"]
+    if started.get("init_from") and not cfg.init_from:
+        cfg.model = model_config_from_dict(started["model"])
+        cfg.init_from, cfg.init_sha256 = started["init_from"], started.get("init_sha256", "")
+    check_resume_config(started, cfg.to_dict(), path)
+    max_steps = cfg.optim.max_steps
+    if saved["step"] >= max_steps:
+        raise UserError(f"optim.max_steps={max_steps} (--max-steps): {path.name} has already done "
+                        f"{saved['step']} steps, so --resume has nothing to train; pass --max-steps above "
+                        f"{saved['step']} to train on, or a new --out for a new run")
+    return path

@@ -4,18 +4,26 @@ from __future__ import annotations
 
 import contextlib
 import signal
+from collections.abc import Iterator
 from typing import Any
+
+
+class StopNow(KeyboardInterrupt):
+    """A stop signal that does not wait for the step to end."""
 
 
 class StopRequest:
     """SIGTERM (what schedulers send before preemption) and Ctrl-C (SIGINT) ask for a checkpoint
-    after the current step; a second Ctrl-C quits at once, as Ctrl-C always did, keeping the last
-    checkpoint."""
+    after the current step. A second one of either kind stops at once (``StopNow``), keeping the
+    last checkpoint; so does the first inside ``interruptible()``: work that changes no training
+    state (evaluation, sampling), after which the trainer can checkpoint the step it is at."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.signal_name: str | None = None  # the first stop signal received
+        self.received = 0
+        self._interruptible = False
         self._previous: dict[int, Any] = {}
 
     @property
@@ -29,9 +37,22 @@ class StopRequest:
         return self
 
     def _handle(self, signum, frame):
-        if signum == signal.SIGINT and self.signal_name == "SIGINT":
-            raise KeyboardInterrupt
-        self.signal_name = self.signal_name or signal.Signals(signum).name
+        name = signal.Signals(signum).name
+        self.received += 1
+        self.signal_name = self.signal_name or name
+        if self.received > 1 or self._interruptible:
+            raise StopNow(name)
+
+    @contextlib.contextmanager
+    def interruptible(self, enabled: bool = True) -> Iterator[None]:
+        """While inside (if ``enabled``), the first signal stops at once too."""
+        before, self._interruptible = self._interruptible, enabled
+        try:
+            if enabled and self.requested:  # one that came just before
+                raise StopNow(self.signal_name)
+            yield
+        finally:
+            self._interruptible = before
 
     def __exit__(self, *exc):
         for signum, previous in self._previous.items():

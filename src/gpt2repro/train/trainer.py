@@ -18,14 +18,14 @@ from typing import Any, NamedTuple
 import torch
 
 from gpt2repro.atomic import atomic_write, writing
-from gpt2repro.config import TrainConfig, model_config_from_dict
+from gpt2repro.config import TrainConfig
 from gpt2repro.data.loader import TokenLoader
 from gpt2repro.data.tokenizer import decode, encode
 from gpt2repro.device import synchronize, to_device
 from gpt2repro.distributed import all_reduce_mean, any_rank, shutdown_distributed
 from gpt2repro.errors import UserError
 from gpt2repro.eval.hellaswag import evaluate_hellaswag, load_items_on_every_rank
-from gpt2repro.eval.val_loss import evaluate_val_loss
+from gpt2repro.eval.val_loss import evaluate_val_loss_and_bpb
 from gpt2repro.model.attention import window_blocks
 from gpt2repro.model.generate import generate
 from gpt2repro.model.gpt import GPT
@@ -44,7 +44,7 @@ from gpt2repro.train.optim import (
     set_muon_momentum,
 )
 from gpt2repro.train.parallel import Parallel
-from gpt2repro.train.signals import StopRequest
+from gpt2repro.train.signals import StopNow, StopRequest
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, stop_at_step: int | None = None,
@@ -88,7 +88,7 @@ class Trainer:
         self.is_main = rt.dist.is_main
         self.log = print if self.is_main else (lambda *a, **k: None)
 
-        resume_from = self._find_resume_checkpoint() if resume else None
+        resume_from = ckpt.checkpoint_to_resume(self.out_dir, cfg, log=self.log) if resume else None
         check_model_states_fit(cfg, rt.device, rt.dist.world_size)
         torch.manual_seed(cfg.runtime.seed)
         self.model = GPT(cfg.model).to(rt.device)  # the module itself: eval, sampling, checkpoints
@@ -157,11 +157,22 @@ class Trainer:
         metrics: dict[str, Any] = {"step_seconds": []}  # every step's time, for benchmarks
         recent: list[float] = []  # seconds of the last steps, for the ETA
         started = time.perf_counter()
+        if stop_at_step is not None and self.step >= stop_at_step:
+            self.log(f"--stop-at-step {stop_at_step}: the run is at step {self.step} already; nothing to train")
+            return metrics
         self.log(outputs_line(self.cfg))
         while self.step < max_steps:
             step = self.step
             last = step == max_steps - 1
-            self.evaluate(step, last, metrics)
+            try:  # one process: a signal stops evaluation at once (ranks would fall out of step)
+                with stop.interruptible(self.rt.dist.world_size == 1):
+                    self.evaluate(step, last, metrics)
+            except StopNow:  # the weights are this step's, untouched: keep them
+                if not (self.out_dir / ckpt.checkpoint_name(step)).exists():
+                    self.save(step, final=True)
+                metrics.update(stopped_early=True, stopped_by=stop.signal_name)
+                self.log(f"stopping at step {step}, during evaluation ({stop.signal_name}); continue with --resume")
+                break
 
             t0 = time.perf_counter()
             if step in self.skip_steps:
@@ -270,8 +281,13 @@ class Trainer:
             self.rollback(step, what)
             return
         newest = ckpt.latest_checkpoint(self.out_dir, log=self.log)
-        raise UserError(f"step {step}: {what}; stopped, the last checkpoint ({newest or 'none'}) is intact: "
-                        "lower optim.max_lr, or resume with --resume runtime.on_nonfinite=rollback")
+        o = self.cfg.optim
+        rates = "optim.max_lr" + (" (embeddings), optim.head_lr or optim.muon_lr" if o.optimizer == "muon" else "")
+        if newest is None:
+            raise UserError(f"step {step}: {what}; stopped before any checkpoint: lower {rates} (or raise "
+                            "optim.warmup_steps) and start again with --overwrite")
+        raise UserError(f"step {step}: {what}; stopped, the last checkpoint ({newest}) is intact: lower {rates}, "
+                        "or continue with --resume runtime.on_nonfinite=rollback to skip this batch")
 
     def rollback(self, bad_step: int, what: str) -> None:
         """Reload the newest checkpoint, replay up to the bad step, and skip that step's batch
@@ -293,32 +309,6 @@ class Trainer:
         return steps_done == self.cfg.optim.max_steps or stopping or (every > 0 and steps_done % every == 0)
 
     # --- checkpoints ---------------------------------------------------------------------------
-
-    def _find_resume_checkpoint(self) -> Path:
-        path = ckpt.latest_checkpoint(self.out_dir, log=self.log)
-        if path is None:
-            raise UserError(f"{self.out_dir}: --resume found no complete checkpoint to resume from; "
-                            "drop --resume to start a new run")
-        try:
-            saved = json.loads((path / "config.json").read_text())
-        except (OSError, ValueError):
-            saved = None
-        if not (isinstance(saved, dict) and isinstance(saved.get("train"), dict)
-                and type(saved.get("step")) is int):
-            raise UserError(f"{path / 'config.json'}: not a training checkpoint's config (a JSON object with a "
-                            "'train' object and a 'step' number); move this checkpoint aside to resume from the "
-                            "one before, or drop --resume")
-        started = saved["train"]
-        if started.get("init_from") and not self.cfg.init_from:  # its shape came from MODEL, not the preset
-            self.cfg.model = model_config_from_dict(started["model"])
-            self.cfg.init_from, self.cfg.init_sha256 = started["init_from"], started.get("init_sha256", "")
-        ckpt.check_resume_config(saved["train"], self.cfg.to_dict(), path)
-        max_steps = self.cfg.optim.max_steps
-        if saved["step"] >= max_steps:
-            raise UserError(f"optim.max_steps={max_steps} (--max-steps): {path.name} has already done "
-                            f"{saved['step']} steps, so --resume has nothing to train; pass --max-steps above "
-                            f"{saved['step']} to train on, or a new --out for a new run")
-        return path
 
     def restore(self, path: Path) -> None:
         """Weights, optimizer, data position, RNG and step from a checkpoint, in place."""
@@ -377,11 +367,13 @@ class Trainer:
             return
         with self.parallel.eval_models() as (fast_model, model):
             if val:
-                metrics["val"] = evaluate_val_loss(fast_model, cfg.data.path, cfg.data.seq_len, cfg.eval.val_tokens,
-                                                   self.micro_batch, rt, window=self.window(step))
-                self.log(f"step {step:5d} | val loss {metrics['val']:.4f}")
+                metrics["val"], metrics["val_bpb"] = evaluate_val_loss_and_bpb(
+                    fast_model, cfg.data.path, cfg.data.seq_len, cfg.eval.val_tokens, self.micro_batch, rt,
+                    window=self.window(step))
+                self.log(f"step {step:5d} | val loss {metrics['val']:.4f} | val bpb {metrics['val_bpb']:.4f}")
                 if self.run_log:
                     self.run_log.write(step, "val", metrics["val"])
+                    self.run_log.write(step, "val_bpb", metrics["val_bpb"])
             if hella:
                 result = evaluate_hellaswag(model, self.hellaswag_items, scorings=("completion",),
                                             batch_size=self.micro_batch, device=rt.device,

@@ -1,0 +1,76 @@
+"""Signals always work: a second SIGINT or SIGTERM, whichever came first, stops at once; a first one
+stops evaluation and sampling at once, with a checkpoint of the step the run is at."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import make_pattern_shards
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return make_pattern_shards(tmp_path_factory.mktemp("signal_shards"))
+
+
+def start_training(shards, out, *overrides):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "gpt2repro", "train", "--preset", "tiny", "--data", str(shards),
+                             "--out", str(out), *overrides], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def wait_for_line(proc, text, timeout=120):
+    """Read the run's stdout until a line holds ``text``; the lines read so far."""
+    lines, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if text in line:
+            return lines
+    proc.kill()
+    raise AssertionError(f"no line with {text!r} in:\n{''.join(lines)}")
+
+
+PAIRS = [(signal.SIGTERM, signal.SIGINT), (signal.SIGINT, signal.SIGTERM), (signal.SIGTERM, signal.SIGTERM),
+         (signal.SIGINT, signal.SIGINT)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("first, second", PAIRS, ids=[f"{a.name}-{b.name}" for a, b in PAIRS])
+def test_a_second_signal_stops_a_long_step_at_once(first, second, shards, tmp_path):
+    # 2**21 tokens a step: thousands of micro-steps, minutes on a CPU
+    proc = start_training(shards, tmp_path / "run", "optim.total_batch_tokens=2097152", "optim.max_steps=2")
+    wait_for_line(proc, "outputs:")
+    time.sleep(1.0)
+    proc.send_signal(first)
+    time.sleep(0.5)
+    sent = time.monotonic()
+    proc.send_signal(second)
+    _, stderr = proc.communicate(timeout=60)
+    assert time.monotonic() - sent < 10, "the second signal did not stop the step"
+    assert proc.returncode == 130, stderr
+    assert f"interrupted by a second {second.name}" in stderr and "--resume" in stderr
+    assert not list((tmp_path / "run").glob("ckpt_*"))  # no step finished: nothing half-written either
+
+
+@pytest.mark.slow
+def test_a_signal_during_sampling_stops_at_once_with_a_checkpoint(shards, tmp_path):
+    # 8 samples of 100,000 tokens at step 1: minutes of sampling
+    proc = start_training(shards, tmp_path / "run", "optim.max_steps=3", "eval.sample_every=1",
+                          "eval.sample_count=8", "eval.sample_tokens=100000", "runtime.log_every=1")
+    wait_for_line(proc, "step     0/3")
+    time.sleep(1.0)  # into step 1's sampling
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert time.monotonic() - sent < 10, "sampling did not stop"
+    assert proc.returncode == 0, stderr
+    assert "stopping at step 1, during evaluation (SIGTERM)" in stdout
+    assert (tmp_path / "run" / "ckpt_000001").is_dir()  # the step the run was at, for --resume
