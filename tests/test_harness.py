@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from conftest import assert_one_line_error, run_cli, run_main
-from gpt2repro.cli import parse, sample_command
+from gpt2repro.cli import parse
+from gpt2repro.commands import sample_command
 from gpt2repro.data.tokenizer import EOT_TOKEN, encode
 from gpt2repro.eval.multiple_choice import Question, ending_logprobs, fit_to_block, score
 from gpt2repro.load import export_model

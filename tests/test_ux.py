@@ -16,8 +16,10 @@ import torch
 
 from conftest import make_pattern_shards, run_cli
 from gpt2repro import cli
+from gpt2repro.commands import train_config
 from gpt2repro.data.tokenizer import StreamDecoder, decode, encode
 from gpt2repro.errors import UserError
+from gpt2repro.flags import build_parser
 from gpt2repro.model.generate import generate
 from gpt2repro.model.gpt import GPT
 from gpt2repro.model.io import load_model_dir, save_model
@@ -38,7 +40,7 @@ def _parsers(parser: argparse.ArgumentParser, name: str = "gpt2repro"):
 
 def test_every_flag_of_every_command_has_a_help_line():
     missing = []
-    for name, parser in _parsers(cli.build_parser()):
+    for name, parser in _parsers(build_parser()):
         for action in parser._actions:
             # a subcommand's help is its line in the list of commands
             helps = ([(c.dest, c.help) for c in action._choices_actions]
@@ -65,7 +67,7 @@ def test_sample_help_documents_top_k_zero_and_defaults(capsys):
 
 
 def test_token_counts_take_scientific_notation():
-    parser = cli.build_parser()
+    parser = build_parser()
     args = parser.parse_args(["prepare", "--out", "x", "--shard-tokens", "1e5", "--val-tokens", "2_000",
                               "--max-tokens", "1.5e6"])
     assert (args.shard_tokens, args.val_tokens, args.max_tokens) == (100_000, 2_000, 1_500_000)
@@ -76,7 +78,7 @@ def test_token_counts_take_scientific_notation():
 def test_overrides_may_come_before_between_and_after_flags_and_the_last_wins():
     args = cli.parse(["train", "max_lr=1e-3", "--preset", "tiny", "val_every=3", "--out", "r", "max_lr=2e-3"])
     assert args.overrides == ["max_lr=1e-3", "val_every=3", "max_lr=2e-3"]
-    cfg = cli.train_config(args)
+    cfg = train_config(args)
     assert (cfg.optim.max_lr, cfg.eval.val_every, cfg.out_dir) == (2e-3, 3, "r")
     for stray in (["train", "--out", "r", "--bogus", "1"], ["plot", "--log", "l", "a=1"]):
         with pytest.raises(SystemExit):

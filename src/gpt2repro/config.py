@@ -111,12 +111,22 @@ class ModelConfig:
             raise UserError(f"model.real_vocab_size={self.real_vocab_size} is above model.vocab_size="
                             f"{self.vocab_size}; use 0 (every row) or at most {self.vocab_size}")
 
+    def switches(self) -> dict[str, Any]:
+        """The settings other than the size (layers, heads, width, block, vocabulary) that differ
+        from GPT-2's: what a preset says about a model's architecture and training."""
+        default = ModelConfig()
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name not in SIZE_KEYS and getattr(self, f.name) != getattr(default, f.name)}
+
     def non_gpt2_switches(self) -> list[str]:
         """The switches, as ``key=value``, that make this model something other than GPT-2."""
         gpt2 = ModelConfig(self.n_layer, self.n_head, self.n_embd, self.block_size, self.vocab_size)
         return [f"model.{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self)
                 if f.name not in ("rope_base", "zero_init", "real_vocab_size", "init", "window_block")
                 and getattr(self, f.name) != getattr(gpt2, f.name)]
+
+
+SIZE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "real_vocab_size")
 
 
 @dataclass
@@ -215,6 +225,10 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         """One line per inconsistent setting, before anything is built or read."""
         check_ranges(self.model, "model.", MODEL_RANGES)
+        for key, path, example in (("out_dir", self.out_dir, "--out runs/my-run"),
+                                   ("data.path", self.data.path, "--data data/fineweb-edu")):
+            if not str(path).strip():  # "" is the current folder to every file call
+                raise UserError(f"{key}={path!r}: an empty path; name a folder, e.g. {example}")
         for section in ("data", "optim", "eval", "checkpoint", "runtime"):
             check_ranges(getattr(self, section), f"{section}.",
                          {k.split(".", 1)[1]: r for k, r in TRAIN_RANGES.items() if k.startswith(section + ".")})
@@ -295,6 +309,12 @@ def _resolve_key(key: str, keys: list[str]) -> str:
     close = difflib.get_close_matches(key, keys + [k.rsplit(".", 1)[-1] for k in keys], n=3)
     hint = f" (did you mean {', '.join(close)}?)" if close else ""
     raise UserError(f"unknown config key {key!r}{hint}; valid keys: {', '.join(keys)}")
+
+
+def override_keys(cfg: TrainConfig, overrides: list[str]) -> list[str]:
+    """The dotted keys that ``overrides`` set (``max_lr=1`` -> ``optim.max_lr``), in order."""
+    keys = config_keys(cfg)
+    return [_resolve_key(item.split("=", 1)[0].strip(), keys) for item in overrides if "=" in item]
 
 
 def _parse_value(text: str, annotation: Any, key: str) -> Any:

@@ -19,7 +19,11 @@ DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.f
           "fp16": torch.float16, "float32": None, "fp32": None}
 
 
-def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+def pick_device(name: str = "auto", local_rank: int = 0, flag: str = "--device") -> torch.device:
+    """The torch device ``name`` asks for; ``flag`` is what the user set it with (``--device``,
+    or a config key such as ``runtime.device``), for the error line."""
+    said = f"{flag} {name}" if flag.startswith("-") else f"{flag}={name}"
+    use_cpu = f"{flag} cpu" if flag.startswith("-") else f"{flag}=cpu"
     if name in (None, "", "auto"):
         if torch.cuda.is_available():
             return torch.device("cuda", local_rank)
@@ -31,11 +35,11 @@ def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UserError(f"--device {name!r}: not a device; use auto, cuda, cuda:N, mps or cpu") from None
+        raise UserError(f"{said}: not a device; use auto, cuda, cuda:N, mps or cpu") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available here; use --device cpu")
+        raise UserError(f"{said}: CUDA is not available here; use {use_cpu}")
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"--device {name}: MPS is not available here; use --device cpu")
+        raise UserError(f"{said}: MPS is not available here; use {use_cpu}")
     return device
 
 

@@ -47,6 +47,9 @@ def load_model(spec: str, device: str | torch.device = "cpu") -> GPT:
                         "ckpt_*) nor a Hugging Face GPT-2 directory (config.json + weights)")
     if path.exists():
         raise UserError(f"{path}: is a file; pass the checkpoint directory that holds it")
+    if path.is_symlink():  # not a hub name: a link here that leads nowhere, or in a loop
+        raise UserError(f"{path}: a symbolic link to {path.readlink()}, which does not exist (or loops); "
+                        "pass the checkpoint, run or Hugging Face directory itself")
     if not looks_like_hub_name(spec):
         raise UserError(f"{spec}: no such directory; pass a checkpoint, run or Hugging Face directory "
                         "(or a hub name such as gpt2 or org/name)")
@@ -140,12 +143,45 @@ def load_init(spec: str) -> InitWeights:
     return InitWeights(cfg, weights, sha256)
 
 
-def start_from(cfg: TrainConfig, init: InitWeights, log=print) -> TrainConfig:
-    """``cfg`` with MODEL's shape (it wins over the preset's) and where the run started from."""
-    if dataclasses.replace(cfg.model, vocab_size=init.config.vocab_size) != init.config:
-        log(f"--init-from {cfg.init_from}: the model shape is MODEL's ({init.config.n_layer} layers, "
-            f"{init.config.n_head} heads, {init.config.n_embd} wide, block {init.config.block_size}), not the "
-            "preset's; config.json records it")
-    cfg.model = init.config
+def weights_mismatch(config: ModelConfig, weights: dict[str, torch.Tensor]) -> str | None:
+    """How ``weights`` fail to fit a model built from ``config`` (a missing, extra or
+    differently shaped tensor), or None. Built on the meta device: no memory, no time."""
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in GPT(config).state_dict().items()}
+    for name in sorted(expected.keys() | weights.keys()):
+        if name not in weights:
+            return f"it has no {name}"
+        if name not in expected:
+            return f"its {name} would be left over"
+        if tuple(weights[name].shape) != expected[name]:
+            return f"its {name} is {tuple(weights[name].shape)}, not {expected[name]}"
+    return None
+
+
+def start_from(cfg: TrainConfig, init: InitWeights, chosen: dict[str, str] | None = None, log=print) -> TrainConfig:
+    """``cfg`` with MODEL's config (it wins over the preset's shape) and where the run started from.
+
+    ``chosen`` maps model keys the user set (an override, or a switch of a preset named on the
+    command line) to how they were set; those are applied on top of MODEL's config when MODEL's
+    weights still fit (e.g. ``logit_softcap``), and refused in one line when they do not."""
+    chosen = chosen or {}
+    settings = {key: getattr(cfg.model, key) for key in chosen}
+    changed = [chosen[key] for key, value in settings.items() if value != getattr(init.config, key)]
+    try:
+        model = dataclasses.replace(init.config, **settings)
+        mismatch = weights_mismatch(model, init.weights) if changed else None
+    except UserError as e:  # a setting that MODEL's shape cannot take at all
+        mismatch = str(e)
+    if mismatch:
+        raise UserError(f"--init-from {cfg.init_from}: {', '.join(changed)} would not fit MODEL's weights "
+                        f"({mismatch}); the layers and their shapes come from MODEL, so drop "
+                        f"{'that setting' if len(changed) == 1 else 'those settings'}")
+    if dataclasses.replace(cfg.model, vocab_size=init.config.vocab_size) != model:
+        log(f"--init-from {cfg.init_from}: the model shape is MODEL's ({model.n_layer} layers, "
+            f"{model.n_head} heads, {model.n_embd} wide, block {model.block_size}), not the preset's; "
+            "config.json records it")
+    if changed:
+        log(f"--init-from {cfg.init_from}: MODEL's config, with {', '.join(changed)}")
+    cfg.model = model
     cfg.init_sha256 = init.sha256
     return cfg.validate()

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 from pathlib import Path
 
 from gpt2repro.errors import UserError, write_error
 
 LOCK_FILE = ".gpt2repro.lock"
+FILES_MANIFEST = ".gpt2repro_files.json"  # the names gpt2repro wrote into a folder (a run, the demo)
 
 # Real path -> lock fd this process holds. A nested lock of the same folder in the same process
 # (the demo around its own train) is a no-op: flock would otherwise refuse the process itself.
@@ -41,6 +43,12 @@ def _close_inherited_locks() -> None:
 os.register_at_fork(after_in_child=_close_inherited_locks)
 
 
+def _no_dangling_link(path: Path, flag: str) -> None:
+    if path.is_symlink() and not path.exists():  # a broken link, or a loop of links
+        raise UserError(f"{flag} {path}: a symbolic link to {os.readlink(path)}, which does not exist (or loops); "
+                        "create what it points to, or pass another path")
+
+
 def _parents_are_folders(path: Path, flag: str) -> None:
     for parent in path.parents:
         if parent.exists():
@@ -53,6 +61,7 @@ def _parents_are_folders(path: Path, flag: str) -> None:
 def folder_target(path: str | Path, flag: str = "--out") -> Path:
     """``path`` as an output folder: absent or a folder, under folders."""
     path = Path(path)
+    _no_dangling_link(path, flag)
     if path.exists() and not path.is_dir():
         raise UserError(f"{flag} {path}: is a file, not a folder; pass a folder (a new one, or one this "
                         "command wrote before)")
@@ -63,10 +72,20 @@ def folder_target(path: str | Path, flag: str = "--out") -> Path:
 def file_target(path: str | Path, flag: str = "--out") -> Path:
     """``path`` as an output file: absent or a file, under folders."""
     path = Path(path)
+    _no_dangling_link(path, flag)
     if path.is_dir():
         raise UserError(f"{flag} {path}: is a folder; pass a file name inside it instead")
     _parents_are_folders(path, flag)
     return path
+
+
+def manifest_names(folder: Path) -> set[str] | None:
+    """The names ``folder``'s ``FILES_MANIFEST`` lists, or None without a readable one."""
+    try:
+        names = json.loads((folder / FILES_MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return set(names) if isinstance(names, list) and all(isinstance(n, str) for n in names) else None
 
 
 def plain_name(name: str, flag: str) -> str:

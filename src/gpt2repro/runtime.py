@@ -28,6 +28,7 @@ from gpt2repro.errors import UserError
 
 MICRO_BATCH_CANDIDATES = (128, 64, 32, 16, 8, 4, 2, 1)
 CPU_MICRO_BATCH = 8  # auto off the GPU: enough to keep the cores busy, small enough for any laptop
+DEVICE_KEY = "runtime.device"  # what train --device sets
 
 
 @dataclass
@@ -46,9 +47,9 @@ class Runtime:
 
 
 def setup_runtime(cfg: RuntimeConfig) -> Runtime:
-    probe = pick_device(cfg.device)  # the device type decides the backend
+    probe = pick_device(cfg.device, flag=DEVICE_KEY)  # the device type decides the backend
     dist = init_distributed(probe.type)
-    device = pick_device(cfg.device, dist.local_rank)
+    device = pick_device(cfg.device, dist.local_rank, DEVICE_KEY)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     enable_tf32(device)

@@ -7,14 +7,40 @@ import os
 from pathlib import Path
 
 from gpt2repro.atomic import atomic_write, writing
+from gpt2repro.data.prepare import MANIFEST as SHARDS_MANIFEST
+from gpt2repro.data.prepare import PROGRESS as SHARDS_PROGRESS
+from gpt2repro.data.shards import SHARD_PATTERN
 from gpt2repro.errors import UserError
-from gpt2repro.outdir import file_target
+from gpt2repro.model.io import WEIGHTS_FILE
+from gpt2repro.outdir import FILES_MANIFEST, LOCK_FILE, file_target, manifest_names
 
 
-def check_json_target(path: str | Path, flag: str = "--json") -> Path:
-    """``path`` as a file this process can write, checked before an evaluation that may take
-    hours: not a folder, not under a file, and its nearest existing folder writable."""
+def kept_by_gpt2repro(path: Path) -> str | None:
+    """What ``path`` belongs to when a gpt2repro command wrote it and reads it back (a run's
+    files, a shard folder, a model or checkpoint folder), or None. A result file must never
+    replace one of these: the run, the shards or the checkpoint would stop working."""
+    folder = path.parent
+    if path.name in (LOCK_FILE, FILES_MANIFEST):
+        return f"gpt2repro's own record of {folder}"
+    if path.name in (manifest_names(folder) or ()):
+        return f"the gpt2repro run or demo in {folder}"
+    if (folder / SHARDS_MANIFEST).is_file() or (folder / SHARDS_PROGRESS).is_file() or \
+            (folder.is_dir() and any(SHARD_PATTERN.match(p.name) for p in folder.iterdir())):
+        return f"the token shard folder {folder}"
+    if (folder / WEIGHTS_FILE).is_file():
+        return f"the model folder {folder}"
+    return None
+
+
+def check_output_file(path: str | Path, flag: str = "--json") -> Path:
+    """``path`` as a file this process can write, checked before work that may take hours:
+    not a folder, not under a file, not one of gpt2repro's own files, and its nearest existing
+    folder writable."""
     path = file_target(path, flag)
+    owner = kept_by_gpt2repro(path)
+    if owner:
+        raise UserError(f"{flag} {path}: inside {owner}, which gpt2repro reads back; write the result "
+                        "somewhere else, e.g. a new file beside that folder")
     folder = next(p for p in (path.parent, *path.parent.parents) if p.exists())
     if not os.access(folder, os.W_OK | os.X_OK):
         raise UserError(f"{flag} {path}: cannot write into {folder} (permission denied); choose a writable path")

@@ -86,16 +86,36 @@ def _names(logs: list[str]) -> list[str]:
     return names if len(set(names)) == len(names) else [str(p) for p in logs]
 
 
-def _finite(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
-    return [(s, v) for s, v in points if math.isfinite(v)]
+# What each stream's values can be; anything else is a broken log line, reported and not drawn.
+VALID = {"train": (0.0, math.inf), "val": (0.0, math.inf), "val_bpb": (0.0, math.inf), "hella": (0.0, 1.0)}
+
+
+def _valid(stream: str, value: float) -> bool:
+    low, high = VALID.get(stream, (-math.inf, math.inf))
+    return math.isfinite(value) and low <= value <= high
+
+
+def out_of_range(streams: Streams) -> list[str]:
+    """``'hella 1.5 (step 10)'`` for each value its stream cannot take (non-finite, a negative
+    loss, an accuracy outside [0, 1])."""
+    return [f"{stream} {value:g} (step {step})" for stream in PLOTTED_STREAMS
+            for step, value in streams.get(stream, []) if not _valid(stream, value)]
+
+
+def _drawable(stream: str, points: list[tuple[int, float]]) -> list[tuple[int, float]]:
+    return [(s, v) for s, v in points if _valid(stream, v)]
 
 
 def tokens_per_step(log: str | Path, default: int = DEFAULT_TOKENS_PER_STEP) -> tuple[int, str]:
     """(tokens per optimizer step, where that number came from) for the run that wrote ``log``."""
     config = Path(log).with_name("config.json")
+    if not config.exists():
+        return default, "--tokens-per-step"
     try:
         tokens = json.loads(config.read_text())["optim"]["total_batch_tokens"]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        why = e.strerror if isinstance(e, OSError) else "no optim.total_batch_tokens in it"
+        print(f"warning: {config}: unreadable ({why}); using --tokens-per-step {default:,} for {log}")
         return default, "--tokens-per-step"
     if not isinstance(tokens, int) or tokens < 1:
         raise UserError(f"{config}: optim.total_batch_tokens is {tokens!r}, not a positive integer")
@@ -139,7 +159,14 @@ def plot_logs(logs: list[str], size: str = "124M", out: str = "plot.png", show: 
             raise UserError(f"{path}: no lines like '<step> train|val|hella|val_bpb <value>' "
                             f"({malformed} malformed); pass the log.txt of a training run")
 
-    with_bpb = any(_finite(streams.get("val_bpb", [])) for streams, _ in parsed)
+    for path, (streams, _) in zip(logs, parsed):
+        bad = out_of_range(streams)
+        if bad:
+            more = ", ..." if len(bad) > 5 else ""
+            print(f"warning: {path}: {len(bad)} value(s) outside their stream's range, not drawn: "
+                  f"{', '.join(bad[:5])}{more}")
+
+    with_bpb = any(_drawable("val_bpb", streams.get("val_bpb", [])) for streams, _ in parsed)
     fig, axes = plt.subplots(1, 3 if with_bpb else 2, figsize=(24 if with_bpb else 16, 6))
     loss_ax, hella_ax, bpb_ax = (*axes, None) if not with_bpb else axes
     for name, path, (streams, malformed) in zip(_names(logs), logs, parsed):
@@ -151,7 +178,7 @@ def plot_logs(logs: list[str], size: str = "124M", out: str = "plot.png", show: 
             print(f"{path}: {per_step:,} tokens per step (from {source})")
         for stream, ax, best, what in (("train", loss_ax, "min", "train loss"), ("val", loss_ax, "min", "val loss"),
                                        ("hella", hella_ax, "max", "HellaSwag"), ("val_bpb", bpb_ax, "min", "val bpb")):
-            points = _finite(streams.get(stream, []))
+            points = _drawable(stream, streams.get(stream, []))
             if not points:
                 continue
             steps, values = map(np.array, zip(*points))
@@ -183,7 +210,7 @@ def plot_logs(logs: list[str], size: str = "124M", out: str = "plot.png", show: 
     hella_ax.axhline(gpt2, color="r", linestyle="--", label=f"OpenAI GPT-2 ({size}) checkpoint")
     hella_ax.axhline(gpt3, color="g", linestyle="--", label=f"OpenAI GPT-3 ({size}) checkpoint")
     hella_ax.set(xlabel=xlabel, ylabel="accuracy", title="HellaSwag eval")
-    if not any(_finite(streams.get("hella", [])) for streams, _ in parsed):
+    if not any(_drawable("hella", streams.get("hella", [])) for streams, _ in parsed):
         hella_ax.set_xlim(loss_ax.get_xlim())
         hella_ax.text(0.5, 0.5, "no HellaSwag evaluations in the log", transform=hella_ax.transAxes,
                       ha="center", va="center", color="gray")

@@ -28,14 +28,14 @@ from gpt2repro.data.prepare import MANIFEST as SHARDS_MANIFEST
 from gpt2repro.distributed import any_rank
 from gpt2repro.errors import UserError, write_error
 from gpt2repro.model.io import read_config
-from gpt2repro.outdir import LOCK_FILE, FolderLock
+from gpt2repro.outdir import FILES_MANIFEST as MANIFEST
+from gpt2repro.outdir import LOCK_FILE, FolderLock, manifest_names
 from gpt2repro.train.checkpoint import META_FILE, NAME, list_checkpoints
 
 LOG_FILE = "log.txt"
 RUN_FILES = (LOG_FILE, "samples.txt", "config.json")  # what the Trainer writes besides checkpoints
 RUN_DIRS = ("tb",)  # TensorBoard
 TEMPORARY_PREFIXES = (".tmp_ckpt_", ".old_ckpt_")  # checkpoints being written or swapped
-MANIFEST = ".gpt2repro_files.json"  # the names gpt2repro wrote into this folder
 LEGACY_NAMES = (*RUN_FILES, *RUN_DIRS, "plot.png", "final_samples.txt")  # runs from before the manifest
 
 
@@ -49,12 +49,9 @@ def existing_run(run_dir: str | Path) -> list[str]:
 def recorded_names(run_dir: Path) -> set[str]:
     """The names gpt2repro wrote into ``run_dir``: its manifest's or, for a run written before
     manifests (it has checkpoints, or a run's config.json), the names runs write."""
-    try:
-        names = json.loads((run_dir / MANIFEST).read_text())
-    except (OSError, ValueError):
-        names = None
-    if isinstance(names, list) and all(isinstance(n, str) for n in names):
-        return set(names)
+    names = manifest_names(run_dir)
+    if names is not None:
+        return names
     if list_checkpoints(run_dir) or _is_run_config(run_dir / "config.json"):
         return {n for n in LEGACY_NAMES if (run_dir / n).exists()}
     return set()

@@ -1,0 +1,230 @@
+"""What the commands with more than one step do: train, sample and the evaluations.
+
+Heavy imports (torch, datasets, lm-eval) happen inside each function so that ``--help``
+stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+
+from gpt2repro.config import MAX_SAMPLE_TOKENS
+from gpt2repro.errors import UserError
+
+
+def train_config(args: argparse.Namespace):
+    """The preset, then the named flags, then KEY=VALUE overrides (last wins)."""
+    from gpt2repro.config import apply_overrides
+    from gpt2repro.presets import get_preset
+
+    cfg = get_preset(args.preset)
+    flags = {"data.path": args.data, "out_dir": args.out, "optim.max_steps": args.max_steps,
+             "data.micro_batch": args.micro_batch, "runtime.compile": args.compile, "runtime.parallel": args.parallel,
+             "init_from": args.init_from,
+             "runtime.device": None if args.device == "auto" else args.device,
+             "runtime.dtype": None if args.dtype == "auto" else args.dtype}
+    named = [f"{key}={value}" for key, value in flags.items() if value is not None]
+    return apply_overrides(cfg, named + list(args.overrides)).validate()
+
+
+def chosen_model_settings(args: argparse.Namespace, cfg) -> dict[str, str]:
+    """Model keys the command line chose, each with how: a ``model.*`` override, or a switch of a
+    ``--preset`` named on the command line (its size is not a choice: --init-from's MODEL has one)."""
+    from gpt2repro.config import override_keys
+    from gpt2repro.presets import get_preset
+
+    chosen = {}
+    if any(a == "--preset" or a.startswith("--preset=") for a in getattr(args, "argv", None) or []):
+        for key, value in get_preset(args.preset).model.switches().items():
+            chosen[key] = f"--preset {args.preset}'s model.{key}={value}"
+    for dotted in override_keys(cfg, list(args.overrides)):
+        if dotted.startswith("model."):
+            chosen[dotted[len("model."):]] = f"{dotted}={getattr(cfg.model, dotted[len('model.'):])}"
+    return chosen
+
+
+def train_command(args: argparse.Namespace) -> int:
+    """Train from scratch, from ``--init-from``'s weights, or on from this run's checkpoint."""
+    cfg = train_config(args)  # config errors surface before torch is imported
+    if cfg.init_from and args.resume:
+        raise UserError(f"--init-from {cfg.init_from} starts a new run from that model's weights and "
+                        "--resume continues this run from its own checkpoint: pass one of them")
+    from gpt2repro.load import load_init, start_from
+    from gpt2repro.train.trainer import train
+
+    is_main = os.environ.get("RANK", "0") == "0"
+    init = load_init(cfg.init_from) if cfg.init_from else None
+    if init:
+        cfg = start_from(cfg, init, chosen_model_settings(args, cfg), log=print if is_main else lambda *a: None)
+    metrics = train(cfg, resume=args.resume, stop_at_step=args.stop_at_step, overwrite=args.overwrite,
+                    init_weights=init.weights if init else None)
+    if metrics.get("stopped_early") and is_main:
+        print(f"continue with: {resume_command(getattr(args, 'argv', None))}")
+        if metrics.get("stopped_by") == "SIGINT":
+            return 130  # interrupted, as a shell expects from Ctrl-C, though the run is saved
+    return 0
+
+
+def sample_command(args: argparse.Namespace) -> list[str]:
+    """Print ``--num`` continuations of ``--prompt``, as ``sample i: TEXT`` lines; a single
+    sample is printed token by token as it is generated."""
+    from gpt2repro.data.tokenizer import StreamDecoder, decode, encode
+    from gpt2repro.device import autocast, free_memory_bytes
+    from gpt2repro.load import load_for_inference
+    from gpt2repro.model.generate import generate, sampling_bytes
+
+    total = args.num * args.max_new_tokens
+    if total > MAX_SAMPLE_TOKENS:
+        raise UserError(f"--num {args.num} × --max-new-tokens {args.max_new_tokens} = {total:,} new tokens, more "
+                        f"than one sample run makes ({MAX_SAMPLE_TOKENS:,}); lower --num or --max-new-tokens")
+    net = load_for_inference(args.model, args.device, args.dtype)
+    length = len(encode(args.prompt)) + args.max_new_tokens
+    need, free = sampling_bytes(net.model.config, args.num, length), free_memory_bytes(net.device)
+    if free is not None and need > free:
+        fits = max(1, free * args.num // need)
+        raise UserError(f"--num {args.num}: that many samples need about {need / 2**30:,.1f} GiB on {net.device} "
+                        f"(KV cache and activations of this model), more than the {free / 2**30:,.1f} GiB free; "
+                        f"lower --num (about {fits:,} fit)")
+    on_token = None
+    if args.num == 1:
+        stream = StreamDecoder()
+        print(f"sample 0: {args.prompt}", end="", flush=True)
+
+        def on_token(tokens: list[int]) -> None:
+            print(stream.push(tokens[0]), end="", flush=True)
+
+    with autocast(net.device, net.autocast_dtype):
+        samples = generate(net.model, encode(args.prompt), num_samples=args.num, max_new_tokens=args.max_new_tokens,
+                           top_k=args.top_k or None, temperature=args.temperature, seed=args.seed,
+                           kv_cache=not args.no_kv_cache, device=net.device, on_token=on_token)
+    texts = [args.prompt + decode(tokens) for tokens in samples]
+    if args.num == 1:
+        print(stream.flush(), flush=True)
+    else:
+        for i, text in enumerate(texts):
+            print(f"sample {i}: {text}")
+    return texts
+
+
+def evaluate_hellaswag_command(args: argparse.Namespace) -> dict:
+    """HellaSwag on one process, or on every rank under torchrun (items spread over ranks)."""
+    from tqdm import tqdm
+
+    from gpt2repro.data.tokenizer import encode
+    from gpt2repro.distributed import init_distributed, shutdown_distributed
+    from gpt2repro.eval.hellaswag import OFFICIAL_URL, SCORINGS, evaluate_hellaswag, load_items, summary_lines
+    from gpt2repro.eval.output import check_output_file, write_json
+    from gpt2repro.load import load_for_inference
+
+    if args.json:
+        check_output_file(args.json)  # now, not after the evaluation
+    items = load_items(args.data, args.limit)
+    net = load_for_inference(args.model, args.device, args.dtype, int(os.environ.get("LOCAL_RANK", "0")))
+    encode("")  # build the BPE tables now, so the first scoring's items/s does not include them
+    info = init_distributed(net.device.type)
+    # Rank 0's share of the items, once per scoring; a bar only for a person watching a terminal.
+    bar = tqdm(total=len(SCORINGS) * len(items[::info.world_size]), desc="hellaswag", unit="item",
+               disable=info.rank != 0 or not sys.stderr.isatty())
+    try:
+        results = evaluate_hellaswag(net.model, items, batch_size=args.batch_size, device=net.device,
+                                     autocast_dtype=net.autocast_dtype, rank=info.rank, world_size=info.world_size,
+                                     progress=bar.update)
+    finally:
+        bar.close()
+        shutdown_distributed()
+    if info.is_main:
+        for line in summary_lines(results):
+            print(line)
+        if args.json:
+            write_json(args.json, {"model": args.model, "data": str(args.data) if args.data else OFFICIAL_URL,
+                                   **results})
+    return results
+
+
+def evaluate_loss_command(args: argparse.Namespace) -> dict:
+    """Loss and bits per byte of MODEL on a split of DIR, on one process or every rank under torchrun."""
+    from tqdm import tqdm
+
+    from gpt2repro.distributed import init_distributed, shutdown_distributed
+    from gpt2repro.eval.loss import count_windows, evaluate_loss, open_split, summary_line, window_length
+    from gpt2repro.eval.output import check_output_file, write_json
+    from gpt2repro.load import load_for_inference
+
+    if args.json:
+        check_output_file(args.json)  # now, not after the evaluation
+    where = f"{args.data}: the {args.split} split"
+    n_stream = len(open_split(args.data, args.split))  # a missing folder or split, before the model loads
+    if args.seq_len:
+        count_windows(n_stream, args.seq_len, args.tokens, where)
+    net = load_for_inference(args.model, args.device, args.dtype, int(os.environ.get("LOCAL_RANK", "0")))
+    seq_len = window_length(args.seq_len, net.model.config.block_size)
+    windows = count_windows(n_stream, seq_len, args.tokens, where)
+    info = init_distributed(net.device.type)
+    bar = tqdm(total=len(range(info.rank, windows, info.world_size)), desc="eval loss", unit="window",
+               disable=info.rank != 0 or not sys.stderr.isatty())
+    try:
+        result = evaluate_loss(net.model, args.data, split=args.split, seq_len=seq_len, n_tokens=args.tokens,
+                               batch_size=args.batch_size, device=net.device, autocast_dtype=net.autocast_dtype,
+                               rank=info.rank, world_size=info.world_size, progress=bar.update)
+    finally:
+        bar.close()
+        shutdown_distributed()
+    if info.is_main:
+        print(summary_line(result))
+        if args.json:
+            write_json(args.json, {"model": args.model, "data": str(args.data), **result})
+    return result
+
+
+def evaluate_harness_command(args: argparse.Namespace) -> dict | None:
+    """lm-evaluation-harness tasks on MODEL through lm-eval's own API; the results on rank 0."""
+    from gpt2repro.eval.harness import (
+        check_include_path,
+        evaluate_tasks,
+        json_text,
+        parse_tasks,
+        require_lm_eval,
+        table_lines,
+        task_manager,
+    )
+    from gpt2repro.eval.output import check_output_file, write_json_text
+
+    if args.json:
+        check_output_file(args.json)  # now, not after the evaluation
+    names = parse_tasks(args.tasks)
+    include_path = check_include_path(args.include_path)
+    require_lm_eval()
+    manager = task_manager(names, include_path)  # an unknown task, before the model loads
+
+    from gpt2repro.distributed import init_distributed, shutdown_distributed
+    from gpt2repro.eval.harness_lm import GPTLM
+    from gpt2repro.load import load_for_inference
+
+    net = load_for_inference(args.model, args.device, args.dtype, int(os.environ.get("LOCAL_RANK", "0")))
+    info = init_distributed(net.device.type)
+    lm = GPTLM(net.model, device=net.device, autocast_dtype=net.autocast_dtype, batch_size=args.batch_size,
+               rank=info.rank, world_size=info.world_size, name=args.model)
+    try:
+        results = evaluate_tasks(lm, names, manager, limit=args.limit, num_fewshot=args.num_fewshot,
+                                 progress_bars=info.rank == 0 and sys.stderr.isatty())
+    finally:
+        shutdown_distributed()
+    if info.is_main and results is not None:
+        for line in table_lines(results):
+            print(line)
+        if args.json:
+            write_json_text(args.json, json_text(results, args.model))
+    return results
+
+
+def resume_command(argv: list[str] | None) -> str:
+    """The command that continues a stopped run: its own arguments with --resume, never --overwrite."""
+    if argv is None:
+        return "the same command with --resume"
+    args = [a for a in argv if a != "--overwrite"] + ([] if "--resume" in argv else ["--resume"])
+    launcher = "torchrun <the same torchrun options> -m gpt2repro" if os.environ.get("WORLD_SIZE", "1") != "1" \
+        else "gpt2repro"
+    return f"{launcher} {shlex.join(args)}"

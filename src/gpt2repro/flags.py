@@ -1,0 +1,188 @@
+"""The command line's grammar: one ``argparse`` parser per command, its flags and their help.
+
+Only names and types live here; what a flag does is in ``commands`` and the modules below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from gpt2repro.argtypes import Parser, count, count_list, number
+from gpt2repro.presets import PRESET_ALIASES, TRAIN_PRESETS
+
+PLOT_SIZES = ("124M", "350M", "774M", "1558M")
+
+
+def _add_device_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto | cuda | cuda:N | mps | cpu")
+    p.add_argument("--dtype", default="auto", help="autocast dtype: auto | bfloat16 | float16 | float32")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(
+        prog="gpt2repro",
+        description="Pretrain GPT-2 from scratch and show it matches OpenAI's checkpoint.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    # --debug is accepted after the subcommand too; SUPPRESS keeps a leading --debug intact.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("prepare", parents=[common], help="tokenize a corpus into GPT-2 token shards")
+    p.add_argument("--source", default="fineweb-edu",
+                   help="fineweb-edu | fineweb | demo | a .txt/.jsonl/.parquet file, directory or glob")
+    p.add_argument("--out", required=True, help="output directory for the .npy shards")
+    p.add_argument("--name", default="sample-10BT", help="FineWeb-edu config")
+    p.add_argument("--streaming", action="store_true",
+                   help="stream FineWeb-edu instead of downloading its parquet files first")
+    p.add_argument("--shard-tokens", type=count(1), default=None,
+                   help="tokens per shard (default 100M; the demo corpus: 1M, val 65,536)")
+    p.add_argument("--val-tokens", type=count(1), default=None,
+                   help="tokens in the val shard (default: one full shard)")
+    p.add_argument("--workers", type=count(1), default=os.cpu_count() or 1, help="tokenizer processes")
+    p.add_argument("--max-tokens", type=count(1), default=None, help="stop after this many tokens (default: all)")
+    p.add_argument("--prefix", default=None, help="shard file prefix (default from the source)")
+
+    p = sub.add_parser("train", parents=[common], help="pretrain a model (one process, or under torchrun)")
+    p.add_argument("--preset", default="gpt2-124m-10b", metavar="NAME",
+                   help=f"training preset: {', '.join(TRAIN_PRESETS)}; or a size alias: "
+                        f"{', '.join(f'{a} = {p}' for a, p in PRESET_ALIASES.items())}")
+    p.add_argument("--data", default=None, help="directory of token shards (default: the preset's data.path)")
+    p.add_argument("--out", default=None, help="run directory: log, checkpoints, samples (default: the preset's)")
+    p.add_argument("--max-steps", type=count(1), default=None,
+                   help="length of the LR schedule, in optimizer steps (default: the preset's)")
+    p.add_argument("--stop-at-step", type=count(1), default=None,
+                   help="checkpoint and exit after this step, without changing the schedule")
+    p.add_argument("--micro-batch", default=None, help="sequences per rank per micro-step, or 'auto'")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    p.add_argument("--init-from", default=None, metavar="MODEL",
+                   help="start from MODEL's weights (our checkpoint or run, a Hugging Face GPT-2 folder, a hub name "
+                        "such as gpt2) with a fresh optimizer and schedule: fine-tuning, continued pretraining")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over: delete the run already in --out (checkpoints, log, samples, config) first")
+    p.add_argument("--parallel", default=None,
+                   help="ddp (default: a replica per rank) or fsdp (FSDP2: shards weights, grads, optimizer state)")
+    p.add_argument("--compile", dest="compile", action="store_true", default=None,
+                   help="torch.compile the training model (default: on CUDA only)")
+    p.add_argument("--no-compile", dest="compile", action="store_false", help="never torch.compile")
+    _add_device_flags(p)
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="config overrides, e.g. optim.max_lr=3e-4 or eval.val_every=100")
+
+    p = sub.add_parser("eval", parents=[common], help="evaluate a model")
+    eval_sub = p.add_subparsers(dest="task", metavar="TASK", required=True)
+    e = eval_sub.add_parser("hellaswag", parents=[common], help="HellaSwag val accuracy, two scorings")
+    e.add_argument("--model", required=True, help="our checkpoint/run dir, a Hugging Face dir, or a hub name")
+    e.add_argument("--data", default=None, help="hellaswag jsonl (default: download the official val file)")
+    e.add_argument("--limit", type=count(1), default=None, help="evaluate only the first N items (default: all)")
+    e.add_argument("--batch-size", type=count(1), default=32, help="items per forward pass")
+    e.add_argument("--json", default=None, help="also write the results to this file")
+    _add_device_flags(e)
+    e = eval_sub.add_parser("loss", parents=[common],
+                            help="mean next-token loss and bits per byte on a split of token shards")
+    e.add_argument("--model", required=True, help="our checkpoint/run dir, a Hugging Face dir, or a hub name")
+    e.add_argument("--data", required=True, help="a folder of token shards (ours, build-nanogpt's or llm.c's .bin)")
+    e.add_argument("--split", default="val", choices=("val", "train"), help="which shards to measure")
+    e.add_argument("--tokens", type=count(1), default=None,
+                   help="measure the first TOKENS // seq-len windows (default: the whole split)")
+    e.add_argument("--seq-len", type=count(1), default=None,
+                   help="tokens per window, non-overlapping (default: 1024, or the model's block if shorter)")
+    e.add_argument("--batch-size", type=count(1), default=8, help="windows per forward pass")
+    e.add_argument("--json", default=None, help="also write the results to this file")
+    _add_device_flags(e)
+    e = eval_sub.add_parser("harness", parents=[common],
+                            help="lm-evaluation-harness tasks (pip install 'gpt2repro[lm-eval]')")
+    e.add_argument("--model", required=True, help="our checkpoint/run dir, a Hugging Face dir, or a hub name")
+    e.add_argument("--tasks", required=True, help="comma list of lm-eval task names (globs allowed)")
+    e.add_argument("--include-path", default=None, help="a folder of your own task YAML files")
+    e.add_argument("--limit", type=count(1), default=None, help="only the first N documents of each task")
+    e.add_argument("--batch-size", type=count(1), default=32, help="requests per forward pass")
+    e.add_argument("--num-fewshot", type=count(0), default=None, help="few-shot examples (default: the task's)")
+    e.add_argument("--json", default=None, help="also write the results to this file")
+    _add_device_flags(e)
+
+    p = sub.add_parser("plot", parents=[common], help="plot loss and HellaSwag curves from training logs")
+    p.add_argument("--log", action="append", required=True, help="log.txt (repeat to overlay runs)")
+    p.add_argument("--sz", default="124M", choices=PLOT_SIZES, help="model size, for baselines")
+    p.add_argument("--out", default="plot.png", help="output image; its suffix picks the format (.png, .pdf, .svg)")
+    p.add_argument("--x", default="step", choices=("step", "tokens"),
+                   help="horizontal axis: optimizer steps, or tokens seen (runs of different batch sizes)")
+    p.add_argument("--tokens-per-step", type=count(1), default=524_288,
+                   help="with --x tokens, for a log without the run's config.json beside it")
+    p.add_argument("--show", action="store_true", help="also open a window")
+
+    p = sub.add_parser("sample", parents=[common], help="generate text from a model")
+    p.add_argument("--model", required=True, help="our checkpoint/run dir, a Hugging Face dir, or a hub name")
+    p.add_argument("--prompt", default="Hello, I'm a language model,", help="the text every sample continues")
+    p.add_argument("--num", type=count(1), default=5, help="number of samples (one is printed as it is generated)")
+    p.add_argument("--max-new-tokens", type=count(0), default=64,
+                   help="tokens generated per sample; past the model's block size the context slides")
+    p.add_argument("--top-k", type=count(0), default=50,
+                   help="draw from the K most likely tokens; 0 draws from the whole vocabulary")
+    p.add_argument("--temperature", type=number(0), default=1.0,
+                   help="divides the logits; 0 is greedy (always the most likely token)")
+    p.add_argument("--seed", type=count(0, 2**64 - 1), default=42, help="same seed, same samples")
+    p.add_argument("--no-kv-cache", action="store_true", help="recompute the prefix each token")
+    _add_device_flags(p)
+
+    p = sub.add_parser("export", parents=[common], help="write a checkpoint as a Hugging Face GPT-2 directory")
+    p.add_argument("--model", required=True, help="our checkpoint or run directory")
+    p.add_argument("--out", required=True, help="output directory (new, or empty)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty --out, replacing files of the same names")
+
+    p = sub.add_parser("bench", parents=[common], help="benchmarks: fast path against a plain baseline, same run")
+    bench_sub = p.add_subparsers(dest="what", metavar="WHAT", required=True)
+    b = bench_sub.add_parser("train", parents=[common], help="training tokens/s, MFU, step time, memory")
+    b.add_argument("--preset", default="gpt2-124m-10b", help="training preset whose model and batch to time")
+    b.add_argument("--micro-batch", type=count(1), default=None, help="sequences per step (default: the preset's)")
+    b.add_argument("--seq-len", type=count(1), default=None, help="tokens per sequence (default: the preset's)")
+    b.add_argument("--steps", type=count(1), default=10, help="timed steps (median reported)")
+    b.add_argument("--warmup", type=count(0), default=3, help="untimed steps first")
+    b.add_argument("--variants", default="auto", help="comma list, or auto for the device's set")
+    b.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides of the preset")
+    _add_device_flags(b)
+    b = bench_sub.add_parser("eval", parents=[common], help="HellaSwag items/s, batched vs one at a time")
+    b.add_argument("--model", default="tiny", help="a model preset name or MODEL")
+    b.add_argument("--data", default=None, help="hellaswag jsonl (default: synthetic items)")
+    b.add_argument("--limit", type=count(1), default=200, help="items to score")
+    b.add_argument("--batch-size", type=count(1), default=32, help="items per forward pass (packed path)")
+    _add_device_flags(b)
+    b = bench_sub.add_parser("tokenize", parents=[common], help="prepare's tokenizer path vs a per-document Pool loop")
+    b.add_argument("--source", default="demo", help="demo or a local corpus path")
+    b.add_argument("--workers", type=count(1), default=os.cpu_count() or 1, help="tokenizer processes")
+    b.add_argument("--max-docs", type=count(1), default=None, help="documents to tokenize (default: all)")
+
+    b = bench_sub.add_parser("recipe", parents=[common],
+                             help="quality per token: demo vs demo-modern on the built-in corpus, optional ablation")
+    b.add_argument("--out", default="runs/bench-recipe", help="a new folder for the runs, the data and the plot")
+    b.add_argument("--data", default=None, help="token shards (default: prepare the built-in corpus into OUT/data)")
+    b.add_argument("--seeds", type=count_list(0, 2**32 - 1), default="1,2,3", help="comma list of seeds")
+    b.add_argument("--max-steps", type=count(2), default=500, help="steps per run (the demo preset's 500)")
+    b.add_argument("--val-every", type=count(1), default=25, help="steps between val loss measurements")
+    b.add_argument("--fractions", default="0.5",
+                   help="shorter modern budgets to try, as fractions of the faithful run's tokens")
+    b.add_argument("--ablation", action="store_true", help="also each lever added alone / removed alone")
+    b.add_argument("--levers", default=None, help="with --ablation: a comma list of levers (default: all)")
+
+    b = bench_sub.add_parser("gpu", parents=[common],
+                             help="the GPU check: FlexAttention's backward, tokens/s, MFU and losses of each preset")
+    b.add_argument("--presets", default="gpt2-124m-10b,gpt2-124m-modern", help="comma list of training presets")
+    b.add_argument("--steps", type=count(1), default=50, help="steps of each preset's own schedule")
+    b.add_argument("--out", default="runs/bench-gpu", help="a new folder for the runs, the data and gpu_check.md")
+    b.add_argument("--data", default=None, help="token shards (default: prepare the built-in corpus into OUT/data)")
+    b.add_argument("--docs", default=None, help="also write the results between the bench-gpu markers of this file")
+    b.add_argument("--allow-cpu", action="store_true", help="run without CUDA (small presets: to try the command)")
+
+    b = bench_sub.add_parser("memory", parents=[common], help="estimated per-rank memory: sizes × DDP/FSDP × ranks")
+    b.add_argument("--presets", default="gpt2-124m-10b,gpt2-350m-10b,gpt2-774m-10b,gpt2-1558m-10b",
+                   help="comma list of training presets")
+    b.add_argument("--ranks", type=count_list(1), default="2,4,8", help="comma list of FSDP world sizes")
+
+    p = sub.add_parser("demo", parents=[common], help="prepare the built-in corpus, train a small model, plot, sample")
+    p.add_argument("--out", default="demo_out", help="folder for everything the demo writes")
+    p.add_argument("--max-steps", type=count(1), default=None, help="training steps (default: the demo preset's)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --out (its data is kept)")
+    return parser

@@ -1,0 +1,172 @@
+"""Bad inputs that need a run, a model or a file on disk: each is one line or the documented
+behaviour, and nothing that was there is lost (docs/bad_inputs.md lists them)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import assert_one_line_error, main_result, make_pattern_shards
+from gpt2repro.model.gpt import GPT
+from gpt2repro.model.io import save_model
+from gpt2repro.outdir import FILES_MANIFEST
+from gpt2repro.presets import MODEL_PRESETS
+from gpt2repro.train import checkpoint as ckpt
+
+TINY = ["--preset", "tiny", "eval.sample_every=0"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return make_pattern_shards(tmp_path_factory.mktemp("run_shards"), n_train=4096, n_val=512)
+
+
+@pytest.fixture(scope="module")
+def stopped_run(shards, tmp_path_factory):
+    """A 4-step run stopped after step 2, with ckpt_000002."""
+    out = tmp_path_factory.mktemp("stopped") / "run"
+    result = main_result(_NoCapture(), "train", *TINY, "--data", shards, "--out", out, "--max-steps", "4",
+                         "--stop-at-step", "2")
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+class _NoCapture:  # main_result's capsys, for a module fixture
+    @staticmethod
+    def readouterr():
+        return "", ""
+
+
+def _resign(checkpoint, name):
+    meta = json.loads((checkpoint / ckpt.META_FILE).read_text())
+    path = checkpoint / name
+    meta["files"][name] = {"bytes": path.stat().st_size, "sha256": ckpt._sha256(path)}
+    (checkpoint / ckpt.META_FILE).write_text(json.dumps(meta))
+
+
+def test_resume_with_stop_at_step_at_the_checkpoint_trains_nothing(capsys, shards, stopped_run):
+    log = (stopped_run / "log.txt").read_text()
+    for stop in ("2", "1"):
+        result = main_result(capsys, "train", *TINY, "--data", shards, "--out", stopped_run, "--resume",
+                             "--max-steps", "4", "--stop-at-step", stop)
+        assert result.returncode == 0, result.stderr
+        assert f"--stop-at-step {stop}: the run is at step 2 already; nothing to train" in result.stdout
+    assert (stopped_run / "log.txt").read_text() == log
+    assert [p.name for p in ckpt.list_checkpoints(stopped_run)] == ["ckpt_000002"]
+
+
+@pytest.mark.parametrize("state", [{"step": 2}, [1, 2], {"step": "2", "optimizer": {}, "loader": {}, "rng": {}}])
+def test_a_trainer_state_holding_the_wrong_dict(capsys, shards, stopped_run, tmp_path, state):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(stopped_run, run)
+    torch.save(state, run / "ckpt_000002" / ckpt.STATE_FILE)
+    _resign(run / "ckpt_000002", ckpt.STATE_FILE)
+    result = main_result(capsys, "train", *TINY, "--data", shards, "--out", run, "--resume", "--max-steps", "4")
+    assert_one_line_error(result, "trainer_state.pt: not a trainer state", "move this checkpoint aside")
+
+
+def test_a_truncated_safetensors_file_in_a_hugging_face_folder(capsys, shards, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    folder = tmp_path / "hf"
+    config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=64)
+    transformers.GPT2LMHeadModel(config).save_pretrained(folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    capsys.readouterr()  # transformers' own progress bars while saving
+    result = main_result(capsys, "train", *TINY, "--data", shards, "--out", tmp_path / "run", "--init-from", folder)
+    assert_one_line_error(result, "hf: could not load a Hugging Face GPT-2", "incomplete metadata")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_bad_runtime_device_names_the_key(capsys, shards, tmp_path):
+    result = main_result(capsys, "train", *TINY, "--data", shards, "--out", tmp_path / "run", "runtime.device=tpu")
+    assert_one_line_error(result, "runtime.device=tpu: not a device", "use auto, cuda, cuda:N, mps or cpu")
+    result = main_result(capsys, "sample", "--model", tmp_path, "--device", "tpu")
+    assert_one_line_error(result, "--device tpu: not a device")
+
+
+# ---------------------------------------------------------------------------
+# links and output files
+
+
+def test_a_dangling_symlink_as_out_or_model(capsys, shards, tmp_path):
+    (tmp_path / "broken").symlink_to(tmp_path / "nowhere")
+    result = main_result(capsys, "train", *TINY, "--data", shards, "--out", tmp_path / "broken")
+    assert_one_line_error(result, "broken: a symbolic link to", "does not exist")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    result = main_result(capsys, "sample", "--model", tmp_path / "loop", "--device", "cpu")
+    assert_one_line_error(result, "loop: a symbolic link to", "(or loops)")
+    assert "hub" not in result.stderr
+    assert (tmp_path / "broken").is_symlink() and not (tmp_path / "nowhere").exists()
+
+
+@pytest.fixture
+def our_files(shards, tmp_path):
+    """A shard folder's manifest, a model folder's config, a run's recorded config: each a file
+    that gpt2repro reads back."""
+    save_model(GPT(MODEL_PRESETS["tiny"]), tmp_path / "model")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    (run / FILES_MANIFEST).write_text(json.dumps(["config.json", "log.txt", "plot.png"]))
+    return {"shards": shards / "manifest.json", "model": tmp_path / "model" / "config.json",
+            "run": run / "config.json", "record": run / FILES_MANIFEST}
+
+
+@pytest.mark.parametrize("which", ["shards", "model", "run", "record"])
+def test_a_result_file_is_never_one_of_ours(capsys, tmp_path, our_files, which):
+    target = our_files[which]
+    before = target.read_bytes() if target.exists() else None
+    log = tmp_path / "log.txt"
+    log.write_text("0 train 5.0\n1 val 4.5\n")
+    plotted = main_result(capsys, "plot", "--log", log, "--out", target if which == "record" else
+                          target.parent / "plot.png")
+    evaluated = main_result(capsys, "eval", "loss", "--model", tmp_path / "model", "--data", tmp_path / "nowhere",
+                            "--json", target)
+    for result in (evaluated, plotted):
+        assert_one_line_error(result, "which gpt2repro reads back")
+    assert (target.read_bytes() if target.exists() else None) == before
+
+
+def test_eval_json_into_a_read_only_folder_fails_before_the_model_loads(capsys, tmp_path, monkeypatch):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o500)
+    if os.geteuid() == 0:  # root writes anywhere: the folder reads as read-only to this process only
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(folder) else real_access(p, mode))
+    try:
+        result = main_result(capsys, "eval", "loss", "--model", tmp_path / "gone", "--data", tmp_path,
+                             "--json", folder / "r.json")
+    finally:
+        folder.chmod(0o700)
+    assert_one_line_error(result, "--json", "cannot write into", "permission denied")
+
+
+# ---------------------------------------------------------------------------
+# plot: values a log cannot hold, a config it cannot read
+
+
+def test_plot_warns_about_values_outside_their_range(capsys, tmp_path):
+    log = tmp_path / "log.txt"
+    log.write_text("0 train 5.0\n1 train 4.0\n1 val nan\n1 hella 1.5\n2 val 4.2\n2 hella 0.3\n")
+    result = main_result(capsys, "plot", "--log", log, "--out", tmp_path / "p.png")
+    assert result.returncode == 0, result.stderr
+    assert "2 value(s) outside their stream's range, not drawn: val nan (step 1), hella 1.5 (step 1)" in result.stdout
+    assert "max HellaSwag 0.3000 (step 2)" in result.stdout  # 1.5 is not the best
+
+
+def test_plot_by_tokens_says_when_the_runs_config_is_unreadable(capsys, tmp_path):
+    log = tmp_path / "log.txt"
+    log.write_text("0 train 5.0\n1 train 4.0\n")
+    (tmp_path / "config.json").write_text("{not json")
+    result = main_result(capsys, "plot", "--log", log, "--out", tmp_path / "p.png", "--x", "tokens",
+                         "--tokens-per-step", "1000")
+    assert result.returncode == 0, result.stderr
+    assert f"warning: {tmp_path / 'config.json'}: unreadable" in result.stdout
+    assert "using --tokens-per-step 1,000" in result.stdout
