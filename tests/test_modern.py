@@ -311,7 +311,8 @@ def test_an_untied_gpt2_exports_with_identical_logits(tmp_path):
 def test_bench_recipe_compares_the_recipes_and_ablates_levers(tmp_path):
     out = tmp_path / "recipe"
     result = run_cli("bench", "recipe", "--out", out, "--seeds", "1", "--max-steps", "4", "--val-every", "4",
-                     "--fractions", "0.5", "--ablation", "--levers", "wsd", env={"OMP_NUM_THREADS": "2"})
+                     "--fractions", "0.5", "--ablation", "--levers", "wsd", "eval.val_tokens=1024",
+                     env={"OMP_NUM_THREADS": "2"})
     assert result.returncode == 0, result.stderr[-3000:]
     rows = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[2:-1]]
             for ln in result.stdout.splitlines() if ln.startswith("| ")}

@@ -166,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shorter modern budgets to try, as fractions of the faithful run's tokens")
     b.add_argument("--ablation", action="store_true", help="also each lever added alone / removed alone")
     b.add_argument("--levers", default=None, help="with --ablation: a comma list of levers (default: all)")
+    b.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="config overrides for every run, e.g. eval.val_tokens=1024")
 
     b = bench_sub.add_parser("gpu", parents=[common],
                              help="the GPU check: FlexAttention's backward, tokens/s, MFU and losses of each preset")

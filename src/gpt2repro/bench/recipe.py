@@ -97,16 +97,17 @@ def bench_recipe(args: argparse.Namespace) -> dict:
     if not args.data:
         prepare(source="demo", out_dir=data)
 
+    common = list(getattr(args, "overrides", []))  # every run's, e.g. eval.val_tokens for a quick try
     runs: dict[tuple[str, int], dict] = {}
     for seed in seeds:
         for preset in RECIPES:
             print(f"training {preset} seed {seed} ({steps} steps) ...", flush=True)
-            runs[preset, seed] = run_one(preset, [], out / f"{preset}-seed{seed}", data, steps, every, seed)
+            runs[preset, seed] = run_one(preset, common, out / f"{preset}-seed{seed}", data, steps, every, seed)
         for fraction in fractions:
             short = max(2, round(fraction * steps))
             print(f"training demo-modern seed {seed} ({short} steps, its own schedule) ...", flush=True)
-            runs[f"demo-modern@{fraction}", seed] = run_one("demo-modern", [], out / f"demo-modern-{short}-seed{seed}",
-                                                            data, short, every, seed)
+            runs[f"demo-modern@{fraction}", seed] = run_one(
+                "demo-modern", common, out / f"demo-modern-{short}-seed{seed}", data, short, every, seed)
 
     rows, budget_needed, curve_needed = [], [], []
     for seed in seeds:
@@ -138,7 +139,7 @@ def bench_recipe(args: argparse.Namespace) -> dict:
         unknown = [lever for lever in levers if lever not in MODERN_LEVERS]
         if unknown:
             raise UserError(f"--levers: unknown {', '.join(unknown)}; choose from {', '.join(MODERN_LEVERS)}")
-        ablation = run_ablation(out, data, steps, every, seeds[0], runs, levers)
+        ablation = run_ablation(out, data, steps, every, seeds[0], runs, levers, common)
     return {"budget": budget_needed, "curve": curve_needed, "ablation": ablation}
 
 
@@ -153,16 +154,16 @@ def print_curves(runs: dict, seeds: list[int]) -> None:
 
 
 def run_ablation(out: Path, data: Path, steps: int, every: int, seed: int, runs: dict,
-                 levers: list[str]) -> list[dict]:
+                 levers: list[str], common: list[str]) -> list[dict]:
     faithful, modern = runs["demo", seed], runs["demo-modern", seed]
     results, rows = [], []
     for lever in levers:
         keys = MODERN_LEVERS[lever]
         print(f"ablation: {lever} ...", flush=True)
-        added = run_one("demo", [f"{k}={v}" for k, v in keys.items()], out / f"demo+{lever}", data, steps, every,
-                        seed)
-        removed = run_one("demo-modern", faithful_defaults(keys), out / f"demo-modern-{lever}", data, steps, every,
-                          seed)
+        added = run_one("demo", [*common, *(f"{k}={v}" for k, v in keys.items())], out / f"demo+{lever}", data,
+                        steps, every, seed)
+        removed = run_one("demo-modern", [*common, *faithful_defaults(keys)], out / f"demo-modern-{lever}", data,
+                          steps, every, seed)
         results.append({"lever": lever, "added": added, "removed": removed})
         rows.append([lever, f"{added['final']:.4f}", f"{added['final'] - faithful['final']:+.4f}",
                      f"{added['step_ms']:.0f}", f"{removed['final']:.4f}",
