@@ -8,6 +8,7 @@ code 2; ``--debug`` shows the full traceback instead.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from gpt2repro.commands import (
@@ -18,7 +19,7 @@ from gpt2repro.commands import (
     sample_command,
     train_command,
 )
-from gpt2repro.errors import UserError
+from gpt2repro.errors import UserError, tell_the_launcher
 from gpt2repro.flags import build_parser
 
 
@@ -80,7 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         if args.debug:
             raise
-        print(f"gpt2repro {args.command}: error: {e}", file=sys.stderr)
+        # Under torchrun every rank meets the same bad input (rank 0's refusals reach the others
+        # through one all-reduce): one line, from rank 0; every rank exits with the same code.
+        if os.environ.get("RANK", "0") == "0":
+            print(f"gpt2repro {args.command}: error: {e}", file=sys.stderr)
+            tell_the_launcher(f"gpt2repro {args.command}: error: {e}")
         return e.exit_code
     except KeyboardInterrupt as e:
         why = f" by a second {e}" if str(e) else ""

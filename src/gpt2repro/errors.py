@@ -6,7 +6,12 @@ raises ``UserError`` with a message that names the file or flag and the fix.
 traceback instead.
 """
 
+import contextlib
 import errno
+import json
+import os
+import time
+from pathlib import Path
 
 
 class UserError(Exception):
@@ -26,3 +31,13 @@ def write_error(path, error: OSError) -> UserError:
     else:  # e.g. numpy's short write, which carries no errno: most often a full disk
         fix = "check the disk's free space and permissions, and run the command again"
     return UserError(f"{path}: cannot write ({reason}); {fix}")
+
+
+def tell_the_launcher(line: str) -> None:
+    """Under torchrun, ``line`` becomes this rank's entry in the failure summary that torchrun
+    prints when a rank exits non-zero (its error file, ``TORCHELASTIC_ERROR_FILE``: a JSON object
+    whose "message" is shown as is), instead of a pointer to its documentation."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        with contextlib.suppress(OSError):
+            Path(path).write_text(json.dumps({"message": line, "timestamp": int(time.time())}))
