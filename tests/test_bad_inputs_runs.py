@@ -170,3 +170,17 @@ def test_plot_by_tokens_says_when_the_runs_config_is_unreadable(capsys, tmp_path
     assert result.returncode == 0, result.stderr
     assert f"warning: {tmp_path / 'config.json'}: unreadable" in result.stdout
     assert "using --tokens-per-step 1,000" in result.stdout
+
+
+def test_exploding_weights_stop_the_run_though_the_loss_is_finite(capsys, shards, tmp_path, monkeypatch):
+    from gpt2repro.train import health
+
+    # A bound of 5 (20x below the real one, so that a few tiny steps show it): a sane run passes,
+    # a learning rate of 9 moves the LayerNorm gains from 1 to about 10 in its first step.
+    monkeypatch.setattr(health, "MAX_WEIGHT_RMS", 5.0)
+    run = ["train", *TINY, "--data", shards, "--max-steps", "3", "optim.warmup_steps=0", "runtime.log_every=1"]
+    sane = main_result(capsys, *run, "--out", tmp_path / "sane")
+    assert sane.returncode == 0, sane.stderr
+    result = main_result(capsys, *run, "--out", tmp_path / "wild", "optim.max_lr=9", "optim.min_lr=0")
+    assert_one_line_error(result, "step 0: the weights have exploded (a tensor with RMS", "above 5",
+                          "though the loss is finite", "stopped before any checkpoint: lower optim.max_lr")

@@ -34,6 +34,7 @@ from gpt2repro.runtime import Runtime, choose_micro_batch, grad_accum_steps, set
 from gpt2repro.train import checkpoint as ckpt
 from gpt2repro.train import rundir
 from gpt2repro.train.console import outputs_line, summary_lines, wandb_settings
+from gpt2repro.train.health import what_went_wrong
 from gpt2repro.train.memory import check_model_states_fit
 from gpt2repro.train.metrics import RunLog, check_loggers, mfu, peak_flops
 from gpt2repro.train.optim import (
@@ -179,8 +180,10 @@ class Trainer:
                 self.skip_step(step)
             else:
                 result = self.train_step(step)
-                if result.nonfinite:
-                    self.handle_nonfinite(step, result)  # stops, or rolls back to a checkpoint
+                problem = what_went_wrong(step, result, self.model, self.cfg.runtime.log_every,
+                                          self.parallel.total_norm)
+                if problem:
+                    self.handle_bad_step(step, problem)  # stops, or rolls back to a checkpoint
                     continue
                 synchronize(self.rt.device)
                 metrics["step_seconds"].append(time.perf_counter() - t0)
@@ -273,10 +276,8 @@ class Trainer:
 
     # --- policies ------------------------------------------------------------------------------
 
-    def handle_nonfinite(self, step: int, result: StepResult) -> None:
+    def handle_bad_step(self, step: int, what: str) -> None:
         """``runtime.on_nonfinite``: stop with the intact last checkpoint named, or roll back."""
-        what = (f"non-finite {'loss' if not math.isfinite(result.loss) else 'grad norm'} "
-                f"({result.loss}, norm {result.grad_norm})")
         if self.cfg.runtime.on_nonfinite == "rollback":
             self.rollback(step, what)
             return
