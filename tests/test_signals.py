@@ -74,3 +74,30 @@ def test_a_signal_during_sampling_stops_at_once_with_a_checkpoint(shards, tmp_pa
     assert proc.returncode == 0, stderr
     assert "stopping at step 1, during evaluation (SIGTERM)" in stdout
     assert (tmp_path / "run" / "ckpt_000001").is_dir()  # the step the run was at, for --resume
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_stop_at_once_on_a_second_signal(shards, tmp_path):
+    # torchrun and both ranks in one process group: a terminal's Ctrl-C, or a scheduler's SIGTERM, reaches all
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "-m", "gpt2repro", "train", "--preset", "tiny", "--data", str(shards),
+                             "--out", str(tmp_path / "run"), "optim.total_batch_tokens=2097152", "optim.max_steps=2"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        wait_for_line(proc, "outputs:")
+        time.sleep(1.0)
+        os.killpg(proc.pid, signal.SIGTERM)
+        time.sleep(0.5)
+        sent = time.monotonic()
+        os.killpg(proc.pid, signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert time.monotonic() - sent < 15, "the ranks did not stop"
+    assert proc.returncode != 0
+    # (torchrun passes a signal on to the ranks as SIGTERM, so theirs may be its second SIGTERM)
+    stopped = [ln for ln in stderr.splitlines() if ln.startswith("gpt2repro train: interrupted by a second SIG")]
+    assert len(stopped) == 1 and "--resume" in stopped[0], stderr[-3000:]  # one line, from rank 0
+    assert not list((tmp_path / "run").glob("ckpt_*"))

@@ -91,5 +91,6 @@ def main(argv: list[str] | None = None) -> int:
         why = f" by a second {e}" if str(e) else ""
         hint = f"; the last checkpoint is intact, continue with: {resume_command(argv)}" \
             if args.command == "train" else ""
-        print(f"gpt2repro {args.command}: interrupted{why}{hint}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"gpt2repro {args.command}: interrupted{why}{hint}", file=sys.stderr)
         return 130
