@@ -77,8 +77,3 @@ def any_rank(flag: bool, device) -> bool:
     if dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()

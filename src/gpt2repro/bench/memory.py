@@ -13,16 +13,16 @@ import argparse
 from gpt2repro.bench import print_table
 from gpt2repro.errors import UserError
 from gpt2repro.presets import get_preset
+from gpt2repro.runtime import MICRO_BATCH_CANDIDATES
 from gpt2repro.train.memory import GiB, estimate
 
-PRESETS = "gpt2-124m-10b,gpt2-350m-10b,gpt2-774m-10b,gpt2-1558m-10b"
 CARDS_GIB = (80, 40, 24)
 HEADROOM_GIB = 2  # CUDA context and allocator slack, which the estimate leaves out
 
 
 def largest_micro_batch(cfg, world: int, parallel: str, ac: bool, card_gib: float) -> int:
     budget = (card_gib - HEADROOM_GIB) * GiB
-    fitting = [b for b in (64, 32, 16, 8, 4, 2, 1)
+    fitting = [b for b in MICRO_BATCH_CANDIDATES
                if estimate(cfg.model, b, cfg.data.seq_len, world, parallel, ac).total <= budget]
     return fitting[0] if fitting else 0
 
