@@ -29,7 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add_command in (_prepare, _train, _eval, _plot, _sample, _export, _bench, _demo):
+        add_command(sub, common)
+    return parser
 
+
+def _prepare(sub, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("prepare", parents=[common], help="tokenize a corpus into GPT-2 token shards")
     p.add_argument("--source", default="fineweb-edu",
                    help="fineweb-edu | fineweb | demo | a .txt/.jsonl/.parquet file, directory or glob")
@@ -45,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=count(1), default=None, help="stop after this many tokens (default: all)")
     p.add_argument("--prefix", default=None, help="shard file prefix (default from the source)")
 
+
+def _train(sub, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("train", parents=[common], help="pretrain a model (one process, or under torchrun)")
     p.add_argument("--preset", default="gpt2-124m-10b", metavar="NAME",
                    help=f"training preset: {', '.join(TRAIN_PRESETS)}; or a size alias: "
@@ -71,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="config overrides, e.g. optim.max_lr=3e-4 or eval.val_every=100")
 
+
+def _eval(sub, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("eval", parents=[common], help="evaluate a model")
     eval_sub = p.add_subparsers(dest="task", metavar="TASK", required=True)
     e = eval_sub.add_parser("hellaswag", parents=[common], help="HellaSwag val accuracy, two scorings")
@@ -103,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", default=None, help="also write the results to this file")
     _add_device_flags(e)
 
+
+def _plot(sub, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("plot", parents=[common], help="plot loss and HellaSwag curves from training logs")
     p.add_argument("--log", action="append", required=True, help="log.txt (repeat to overlay runs)")
     p.add_argument("--sz", default="124M", choices=PLOT_SIZES, help="model size, for baselines")
@@ -113,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --x tokens, for a log without the run's config.json beside it")
     p.add_argument("--show", action="store_true", help="also open a window")
 
+
+def _sample(sub, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("sample", parents=[common], help="generate text from a model")
     p.add_argument("--model", required=True, help="our checkpoint/run dir, a Hugging Face dir, or a hub name")
     p.add_argument("--prompt", default="Hello, I'm a language model,", help="the text every sample continues")
@@ -127,12 +140,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the prefix each token")
     _add_device_flags(p)
 
+
+def _export(sub, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("export", parents=[common], help="write a checkpoint as a Hugging Face GPT-2 directory")
     p.add_argument("--model", required=True, help="our checkpoint or run directory")
     p.add_argument("--out", required=True, help="output directory (new, or empty)")
     p.add_argument("--overwrite", action="store_true",
                    help="write into a non-empty --out, replacing files of the same names")
 
+
+def _bench(sub, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("bench", parents=[common], help="benchmarks: fast path against a plain baseline, same run")
     bench_sub = p.add_subparsers(dest="what", metavar="WHAT", required=True)
     b = bench_sub.add_parser("train", parents=[common], help="training tokens/s, MFU, step time, memory")
@@ -183,8 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma list of training presets")
     b.add_argument("--ranks", type=count_list(1), default="2,4,8", help="comma list of FSDP world sizes")
 
+
+def _demo(sub, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("demo", parents=[common], help="prepare the built-in corpus, train a small model, plot, sample")
     p.add_argument("--out", default="demo_out", help="folder for everything the demo writes")
     p.add_argument("--max-steps", type=count(1), default=None, help="training steps (default: the demo preset's)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --out (its data is kept)")
-    return parser
