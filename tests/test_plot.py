@@ -4,7 +4,8 @@ import pytest
 
 from conftest import assert_one_line_error, run_cli
 from gpt2repro.errors import UserError
-from gpt2repro.report.plot import parse_log, plot_logs, smooth
+from gpt2repro.report.plot import plot_logs, smooth
+from gpt2repro.runlog import read_log as parse_log
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -18,6 +18,7 @@ from gpt2repro.model.generate import generate
 from gpt2repro.outdir import FolderLock
 from gpt2repro.presets import get_preset
 from gpt2repro.report.plot import plot_logs
+from gpt2repro.runlog import LOG_FILE
 from gpt2repro.train.rundir import RUN_DIRS, RUN_FILES, check_new_run_folder, existing_run, record_written
 from gpt2repro.train.trainer import train
 
@@ -62,7 +63,7 @@ def _run(out: Path, max_steps: int | None, overwrite: bool) -> Path:
     print("[3/4] plotting the log")
     record_written(out, DEMO_FILES)  # ours from now on: a later --overwrite replaces them
     plot_path = out / "plot.png"
-    plot_logs([str(out / "log.txt")], size="124M", out=str(plot_path))
+    plot_logs([str(out / LOG_FILE)], size="124M", out=str(plot_path))
 
     print("[4/4] sampling from the final checkpoint")
     model = load_model(str(out))

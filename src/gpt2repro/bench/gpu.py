@@ -33,6 +33,7 @@ from gpt2repro.model.attention import LocalMask, document_ids, flex_block_mask, 
 from gpt2repro.model.gpt import GPT
 from gpt2repro.outdir import folder_target
 from gpt2repro.presets import get_preset
+from gpt2repro.runlog import LOG_FILE, read_log
 from gpt2repro.train.metrics import mfu, peak_flops
 from gpt2repro.train.trainer import train
 
@@ -72,7 +73,7 @@ def run_preset(name: str, data: Path, out: Path, steps: int) -> dict:
     tokens_per_s = cfg.optim.total_batch_tokens / statistics.median(timed)
     with torch.device("meta"):
         flops = GPT(cfg.model).flops_per_token(cfg.data.seq_len)
-    losses = [float(line.split()[2]) for line in (out / "log.txt").read_text().splitlines() if " train " in line]
+    losses = [value for _, value in read_log(out / LOG_FILE)[0].get("train", [])]
     return {"preset": name, "tokens_per_s": tokens_per_s, "mfu": mfu(tokens_per_s, flops, peak_flops(torch.device(
         "cuda" if torch.cuda.is_available() else "cpu"))), "losses": losses, "cfg": cfg}
 

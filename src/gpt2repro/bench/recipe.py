@@ -36,7 +36,8 @@ from gpt2repro.data.prepare import prepare
 from gpt2repro.errors import UserError
 from gpt2repro.outdir import folder_target
 from gpt2repro.presets import MODERN_LEVERS, get_preset
-from gpt2repro.report.plot import parse_log, plot_logs
+from gpt2repro.report.plot import plot_logs
+from gpt2repro.runlog import LOG_FILE, read_log
 from gpt2repro.train.rundir import record_written
 from gpt2repro.train.trainer import train
 
@@ -70,7 +71,7 @@ def run_one(preset: str, overrides: list[str], out: Path, data: Path, steps: int
     with open(out / "console.txt", "w") as console, contextlib.redirect_stdout(console):
         train(cfg)
     seconds = time.perf_counter() - start
-    val = parse_log(out / "log.txt")[0]["val"]
+    val = read_log(out / LOG_FILE)[0]["val"]
     return {"val": val, "final": val[-1][1], "step_ms": 1000 * seconds / steps,
             "tokens_per_step": cfg.optim.total_batch_tokens}
 
@@ -130,7 +131,7 @@ def bench_recipe(args: argparse.Namespace) -> dict:
     print(f"fraction of the faithful run's tokens the modern recipe needs: budget {max(budget_needed):g} "
           f"(worst seed), curve reading median {statistics.median(curve_needed):.3f}, max {max(curve_needed):.3f}")
     print_curves(runs, seeds)
-    plot_logs([str(out / f"{p}-seed{seeds[0]}" / "log.txt") for p in RECIPES], out=str(out / "recipe.png"),
+    plot_logs([str(out / f"{p}-seed{seeds[0]}" / LOG_FILE) for p in RECIPES], out=str(out / "recipe.png"),
               x="tokens")
 
     ablation = None

@@ -19,7 +19,6 @@ checkpoint's val bits per byte is known here (``GPT2_VAL_BPB`` is empty until ``
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import numpy as np
 from gpt2repro.atomic import atomic_open, writing
 from gpt2repro.errors import UserError
 from gpt2repro.outdir import file_target
+from gpt2repro.runlog import DEFAULT_TOKENS_PER_STEP, LOG_FILE, Streams, read_log, tokens_per_step
 
 PLOTTED_STREAMS = ("train", "val", "hella", "val_bpb")
 GPT2_VAL_LOSS = {"124M": 3.2924}
@@ -39,36 +39,7 @@ HELLASWAG_BASELINES = {  # size: (GPT-2, GPT-3) acc_norm
     "1558M": (0.488946, 0.547),
 }
 
-Streams = dict[str, list[tuple[int, float]]]
 X_AXES = ("step", "tokens")
-DEFAULT_TOKENS_PER_STEP = 524_288  # build-nanogpt's 2**19
-
-
-def parse_log(path: str | Path) -> tuple[Streams, int]:
-    """``{stream: [(step, value), ...]}`` in file order, and the number of malformed lines.
-    Blank lines are neither."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such file; pass the log.txt of a training run with --log") from None
-    except OSError as e:
-        raise UserError(f"{path}: unreadable ({e.strerror}); pass the log.txt of a training run") from None
-    streams: Streams = {}
-    malformed = 0
-    for line in text.splitlines():
-        fields = line.split()
-        if not fields:
-            continue
-        try:
-            step, stream, value = int(fields[0]), fields[1], float(fields[2])
-            if len(fields) != 3:
-                raise ValueError
-        except (ValueError, IndexError):
-            malformed += 1
-            continue
-        streams.setdefault(stream, []).append((step, value))
-    return streams, malformed
 
 
 def smooth(values: np.ndarray, window: int) -> np.ndarray:
@@ -81,7 +52,7 @@ def smooth(values: np.ndarray, window: int) -> np.ndarray:
 
 def _names(logs: list[str]) -> list[str]:
     """A short label per log: the run directory for ``.../RUN/log.txt``, else the file name."""
-    names = [Path(p).parent.name if Path(p).name == "log.txt" and Path(p).parent.name else Path(p).name
+    names = [Path(p).parent.name if Path(p).name == LOG_FILE and Path(p).parent.name else Path(p).name
              for p in logs]
     return names if len(set(names)) == len(names) else [str(p) for p in logs]
 
@@ -104,22 +75,6 @@ def out_of_range(streams: Streams) -> list[str]:
 
 def _drawable(stream: str, points: list[tuple[int, float]]) -> list[tuple[int, float]]:
     return [(s, v) for s, v in points if _valid(stream, v)]
-
-
-def tokens_per_step(log: str | Path, default: int = DEFAULT_TOKENS_PER_STEP) -> tuple[int, str]:
-    """(tokens per optimizer step, where that number came from) for the run that wrote ``log``."""
-    config = Path(log).with_name("config.json")
-    if not config.exists():
-        return default, "--tokens-per-step"
-    try:
-        tokens = json.loads(config.read_text())["optim"]["total_batch_tokens"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        why = e.strerror if isinstance(e, OSError) else "no optim.total_batch_tokens in it"
-        print(f"warning: {config}: unreadable ({why}); using --tokens-per-step {default:,} for {log}")
-        return default, "--tokens-per-step"
-    if not isinstance(tokens, int) or tokens < 1:
-        raise UserError(f"{config}: optim.total_batch_tokens is {tokens!r}, not a positive integer")
-    return tokens, str(config)
 
 
 def check_out(out: str | Path) -> Path:
@@ -153,7 +108,7 @@ def plot_logs(logs: list[str], size: str = "124M", out: str = "plot.png", show: 
     out_path = check_out(out)
     if any(Path(p).resolve() == out_path.resolve() for p in logs):
         raise UserError(f"--out {out}: is also a --log file, which the plot would replace; pass e.g. --out plot.png")
-    parsed = [parse_log(p) for p in logs]
+    parsed = [read_log(p) for p in logs]
     for path, (streams, malformed) in zip(logs, parsed):
         if not any(streams.get(s) for s in PLOTTED_STREAMS):
             raise UserError(f"{path}: no lines like '<step> train|val|hella|val_bpb <value>' "

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import re
 from pathlib import Path
 
 import torch
 
-from gpt2repro.atomic import atomic_write, writing
+from gpt2repro import runlog
+from gpt2repro.atomic import writing
 from gpt2repro.errors import UserError
 
 # Dense (no sparsity) peak tensor-core FLOP/s in bf16/fp16, from the vendors' datasheets.
@@ -55,13 +55,11 @@ def mfu(tokens_per_second: float, flops_per_token: int, peak: float | None, worl
 
 
 class RunLog:
-    """``OUT/log.txt`` in the seed's format: one ``<step> <stream> <value>`` line per record.
+    """``OUT/log.txt`` (``runlog``'s format), mirrored to TensorBoard and W&B when asked.
 
     On resume (and rollback), lines from steps at or after the restored step are dropped
     first, so a run killed after its last checkpoint leaves no duplicate or orphaned points.
     """
-
-    LINE = re.compile(r"^(\d+) (\w+) (\S+)$")
 
     def __init__(self, path: Path, resume_step: int | None = None, tensorboard_dir: Path | None = None,
                  wandb_run: dict | None = None):
@@ -71,7 +69,7 @@ class RunLog:
             if resume_step is None:
                 path.write_text("")
         if resume_step is not None:
-            self.truncate(resume_step)
+            runlog.truncate(path, resume_step)
         self.tb = None
         if tensorboard_dir is not None:
             try:
@@ -87,15 +85,10 @@ class RunLog:
 
     def truncate(self, step: int) -> None:
         """Drop the records of ``step`` and later (they are about to be recomputed)."""
-        if not self.path.exists():
-            return
-        kept = [ln for ln in self.path.read_text().splitlines(keepends=True)
-                if not (m := self.LINE.match(ln.strip())) or int(m.group(1)) < step]
-        atomic_write(self.path, "".join(kept))
+        runlog.truncate(self.path, step)
 
     def write(self, step: int, stream: str, value: float) -> None:
-        with writing(self.path), open(self.path, "a") as f:
-            f.write(f"{step} {stream} {value:.6f}\n")
+        runlog.append(self.path, step, stream, value)
         if self.tb is not None and math.isfinite(value):
             self.tb.add_scalar(stream, value, step)
         if self.wandb is not None and math.isfinite(value):
@@ -103,10 +96,7 @@ class RunLog:
 
     def records(self, stream: str) -> list[tuple[int, float]]:
         """``(step, value)`` of every ``stream`` line in the file, resumed runs' earlier lines included."""
-        if not self.path.exists():
-            return []
-        matches = (self.LINE.match(ln.strip()) for ln in self.path.read_text().splitlines())
-        return [(int(m.group(1)), float(m.group(3))) for m in matches if m and m.group(2) == stream]
+        return runlog.read_log(self.path)[0].get(stream, []) if self.path.exists() else []
 
     def close(self) -> None:
         if self.tb is not None:

@@ -30,9 +30,9 @@ from gpt2repro.errors import UserError, write_error
 from gpt2repro.model.io import read_config
 from gpt2repro.outdir import FILES_MANIFEST as MANIFEST
 from gpt2repro.outdir import LOCK_FILE, FolderLock, manifest_names
+from gpt2repro.runlog import LOG_FILE
 from gpt2repro.train.checkpoint import META_FILE, NAME, list_checkpoints
 
-LOG_FILE = "log.txt"
 RUN_FILES = (LOG_FILE, "samples.txt", "config.json")  # what the Trainer writes besides checkpoints
 RUN_DIRS = ("tb",)  # TensorBoard
 TEMPORARY_PREFIXES = (".tmp_ckpt_", ".old_ckpt_")  # checkpoints being written or swapped

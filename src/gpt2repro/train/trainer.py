@@ -30,6 +30,7 @@ from gpt2repro.model.attention import window_blocks
 from gpt2repro.model.generate import generate
 from gpt2repro.model.gpt import GPT
 from gpt2repro.model.io import load_state_strict, read_weights
+from gpt2repro.runlog import LOG_FILE
 from gpt2repro.runtime import Runtime, choose_micro_batch, grad_accum_steps, setup_runtime
 from gpt2repro.train import checkpoint as ckpt
 from gpt2repro.train import rundir
@@ -131,7 +132,7 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             ckpt.remove_temporaries(self.out_dir)
             atomic_write(self.out_dir / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
-            self.run_log = RunLog(self.out_dir / "log.txt", resume_step=self.step if resume_from else None,
+            self.run_log = RunLog(self.out_dir / LOG_FILE, resume_step=self.step if resume_from else None,
                                   tensorboard_dir=self.out_dir / "tb" if cfg.runtime.tensorboard else None,
                                   wandb_run=wandb_settings(cfg) if cfg.runtime.wandb else None)
         self.flops_per_token = flops_per_token
@@ -206,7 +207,6 @@ class Trainer:
         if self.run_log:  # rank 0
             for line in summary_lines(self.cfg, self.step, self.run_log, time.perf_counter() - started):
                 self.log(line)
-        if self.run_log:
             self.run_log.close()
         return metrics
 
