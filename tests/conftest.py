@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+from safetensors.torch import load_file
 from torch.overrides import TorchFunctionMode
 
 REPO = Path(__file__).resolve().parents[1]
@@ -149,3 +152,51 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# --- runs and their checkpoints, shared by the training tests
+
+
+def make_shards(directory, n_train=40_000, n_val=4_000, seed=0):
+    """Random-token shards in the prepare layout (val first)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    np.save(directory / "test_val_000000.npy", rng.integers(0, 50257, n_val, dtype=np.uint16))
+    np.save(directory / "test_train_000001.npy", rng.integers(0, 50257, n_train // 2, dtype=np.uint16))
+    np.save(directory / "test_train_000002.npy", rng.integers(0, 50257, n_train - n_train // 2, dtype=np.uint16))
+    return directory
+
+
+def weights(run_dir, step):
+    return load_file(str(run_dir / f"ckpt_{step:06d}" / "model.safetensors"))
+
+
+def max_abs_diff(a, b):
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def train_cli(*args, **kwargs):
+    result = run_cli("train", "--preset", "tiny", *args, **kwargs)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def patched_cli(patch: str, *args, env=None):
+    """Run the CLI in a subprocess after executing ``patch`` (fault injection without hooks in
+    the product code)."""
+    code = f"import sys\n{patch}\nfrom gpt2repro.cli import main\nsys.exit(main({[str(a) for a in args]!r}))\n"
+    return run_cli("-c", code, module=None, env=env)
+
+
+def wait_for_train_step(proc, log_path, step, timeout=120):
+    """Poll the run's log until step ``step``'s train loss is written."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if log_path.exists() and any(ln.startswith(f"{step} train ") for ln in log_path.read_text().splitlines()):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"training ended early: {proc.stderr.read()[-2000:]}")
+        time.sleep(0.02)
+    proc.kill()
+    raise AssertionError(f"step {step} never appeared in {log_path}")

@@ -7,18 +7,25 @@ import pickle
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import assert_one_line_error, run_cli
+from conftest import (
+    assert_one_line_error,
+    make_shards,
+    max_abs_diff,
+    patched_cli,
+    run_cli,
+    train_cli,
+    wait_for_train_step,
+    weights,
+)
 from gpt2repro.errors import UserError
 from gpt2repro.model.gpt import GPT
 from gpt2repro.presets import MODEL_PRESETS
 from gpt2repro.train import checkpoint as ckpt
-from test_train import make_shards, max_abs_diff, train_cli, weights
 
 COMMON = ["max_steps=10", "checkpoint.every=2", "checkpoint.keep=0"]
 
@@ -36,30 +43,10 @@ def reference(shards, tmp_path_factory):
     return weights(out, 10)
 
 
-def patched_cli(patch: str, *args, env=None):
-    """Run the CLI in a subprocess after executing ``patch`` (fault injection without hooks in
-    the product code)."""
-    code = f"import sys\n{patch}\nfrom gpt2repro.cli import main\nsys.exit(main({[str(a) for a in args]!r}))\n"
-    return run_cli("-c", code, module=None, env=env)
-
-
 def start_training(*args):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-m", "gpt2repro", "train", "--preset", "tiny", *map(str, args)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def wait_for_train_step(proc, log_path, step, timeout=120):
-    """Poll the run's log until step ``step``'s train loss is written."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if log_path.exists() and any(ln.startswith(f"{step} train ") for ln in log_path.read_text().splitlines()):
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"training ended early: {proc.stderr.read()[-2000:]}")
-        time.sleep(0.02)
-    proc.kill()
-    raise AssertionError(f"step {step} never appeared in {log_path}")
 
 
 def test_sigkill_mid_run_then_resume_matches(shards, reference, tmp_path):

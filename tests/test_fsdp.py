@@ -6,13 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, max_abs_diff, run_cli, weights
 from gpt2repro.config import apply_overrides
 from gpt2repro.model.gpt import GPT
 from gpt2repro.presets import get_preset
 from gpt2repro.runtime import setup_runtime
 from gpt2repro.train.parallel import Parallel
-from test_train import max_abs_diff, weights
 
 pytestmark = pytest.mark.slow
 

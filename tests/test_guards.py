@@ -15,11 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import assert_one_line_error, make_pattern_shards, run_cli
+from conftest import assert_one_line_error, make_pattern_shards, patched_cli, run_cli, wait_for_train_step
 from gpt2repro import demo
 from gpt2repro.cli import main
 from gpt2repro.train import checkpoint as ckpt
-from test_faults import patched_cli, wait_for_train_step
 
 PNG = b"\x89PNG\r\n\x1a\n"
 TINY = ["train", "--preset", "tiny"]

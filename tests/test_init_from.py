@@ -9,9 +9,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from conftest import assert_one_line_error, main_result, run_cli
+from conftest import assert_one_line_error, main_result, make_shards, run_cli
 from gpt2repro.data import demo_corpus
-from test_train import make_shards
 
 transformers = pytest.importorskip("transformers")
 

@@ -2,11 +2,9 @@
 
 import math
 
-import numpy as np
 import pytest
-from safetensors.torch import load_file
 
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, make_shards, max_abs_diff, run_cli, train_cli, weights
 from gpt2repro.config import OptimConfig
 from gpt2repro.model.gpt import GPT
 from gpt2repro.presets import MODEL_PRESETS
@@ -14,34 +12,9 @@ from gpt2repro.runtime import grad_accum_steps
 from gpt2repro.train.optim import build_optimizers, learning_rate
 
 
-def make_shards(directory, n_train=40_000, n_val=4_000, seed=0):
-    """Random-token shards in the prepare layout (val first)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    np.save(directory / "test_val_000000.npy", rng.integers(0, 50257, n_val, dtype=np.uint16))
-    np.save(directory / "test_train_000001.npy", rng.integers(0, 50257, n_train // 2, dtype=np.uint16))
-    np.save(directory / "test_train_000002.npy", rng.integers(0, 50257, n_train - n_train // 2, dtype=np.uint16))
-    return directory
-
-
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     return make_shards(tmp_path_factory.mktemp("shards"))
-
-
-def weights(run_dir, step):
-    return load_file(str(run_dir / f"ckpt_{step:06d}" / "model.safetensors"))
-
-
-def max_abs_diff(a, b):
-    assert a.keys() == b.keys()
-    return max((a[k] - b[k]).abs().max().item() for k in a)
-
-
-def train_cli(*args, **kwargs):
-    result = run_cli("train", "--preset", "tiny", *args, **kwargs)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
 
 
 def test_learning_rate_schedule():

@@ -4,13 +4,12 @@ import math
 
 import torch
 
-from conftest import CountHostReads
+from conftest import CountHostReads, make_shards
 from gpt2repro.config import apply_overrides
 from gpt2repro.presets import get_preset
 from gpt2repro.runtime import setup_runtime
 from gpt2repro.train.signals import StopRequest
 from gpt2repro.train.trainer import Trainer
-from test_train import make_shards
 
 
 def make_trainer(tmp_path, *overrides):
