@@ -1,0 +1,97 @@
+"""Small paths that no run on this CPU takes by itself: a GPU's name to its peak FLOP/s, the
+automatic micro-batch on a GPU, a checkpoint swap cut short, the KV cache past the block, and
+TensorBoard's copy of the log."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+import torch
+
+from gpt2repro import runtime
+from gpt2repro.distributed import DistInfo
+from gpt2repro.model.generate import generate
+from gpt2repro.model.gpt import GPT
+from gpt2repro.presets import MODEL_PRESETS
+from gpt2repro.train import checkpoint as ckpt
+from gpt2repro.train.metrics import PEAK_BF16_FLOPS, RunLog, peak_flops
+
+
+@pytest.mark.parametrize("name, peak", [
+    ("NVIDIA H100 80GB HBM3", 989e12),
+    ("NVIDIA H100 PCIe", 756e12),  # the longer key wins over "H100"
+    ("NVIDIA H100 NVL", 835e12),
+    ("NVIDIA GH200 480GB", 989e12),
+    ("NVIDIA A100-SXM4-40GB", 312e12),
+    ("NVIDIA GeForce RTX 4090", 165e12),
+    ("NVIDIA L40S", 362e12),  # not "L4"
+    ("Some Future Card", None),
+])
+def test_a_gpus_name_gives_its_peak_flops(monkeypatch, name, peak):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert peak_flops(torch.device("cuda", 0)) == peak
+    assert peak_flops(torch.device("cpu")) is None
+    assert peak is None or peak in PEAK_BF16_FLOPS.values()
+
+
+def test_auto_micro_batch_on_a_gpu_takes_the_largest_that_fits(monkeypatch):
+    tried = []
+
+    def fits(batch, *args):
+        tried.append(batch)
+        return batch <= 16  # a card where 16 sequences fit and 32 do not
+
+    monkeypatch.setattr(runtime, "_fits", fits)
+    monkeypatch.setattr(runtime, "all_reduce_min", lambda value, device: value)
+    rt = runtime.Runtime(DistInfo(rank=0, local_rank=0, world_size=1), torch.device("cuda", 0), None, False, False, 0)
+    chosen = runtime.choose_micro_batch("auto", 524_288, 1024, 50304, model=None, rt=rt, log=lambda *a: None)
+    assert chosen == 16 and tried == [128, 64, 32, 16]
+    # only sizes that divide the total batch are tried: 4 × 1024 tokens over 2 ranks
+    rt = runtime.Runtime(DistInfo(rank=0, local_rank=0, world_size=2), torch.device("cuda", 0), None, False, False, 0)
+    tried.clear()
+    assert runtime.choose_micro_batch("auto", 4 * 2 * 1024, 1024, 50304, None, rt, log=lambda *a: None) == 4
+    assert tried == [4]
+
+
+def test_a_checkpoint_swap_cut_short_is_put_back(tmp_path):
+    (tmp_path / ".old_ckpt_000004_1").mkdir()  # moved aside for a re-save of step 4 that never came
+    (tmp_path / ".old_ckpt_000002_1").mkdir()  # moved aside, and its replacement is in place
+    (tmp_path / "ckpt_000002").mkdir()
+    (tmp_path / ".tmp_ckpt_000006_1").mkdir()  # half-written
+    ckpt.remove_temporaries(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_000002", "ckpt_000004"]
+
+
+def test_the_kv_cache_past_the_block_slides_like_the_full_recompute():
+    torch.manual_seed(0)
+    model = GPT(MODEL_PRESETS["tiny"]).eval()  # a 64-token block
+    prompt = list(range(100, 110))
+    kwargs = dict(num_samples=2, max_new_tokens=80, top_k=None, temperature=0.0)
+    cached = generate(model, prompt, kv_cache=True, **kwargs)
+    plain = generate(model, prompt, kv_cache=False, **kwargs)
+    assert cached == plain and all(len(s) == 80 for s in cached)
+
+
+def test_tensorboard_gets_every_finite_record(tmp_path, monkeypatch):
+    written = []
+
+    class SummaryWriter:
+        def __init__(self, logdir):
+            self.logdir = logdir
+
+        def add_scalar(self, tag, value, step):
+            written.append((tag, value, step))
+
+        def close(self):
+            written.append("closed")
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=SummaryWriter))
+    log = RunLog(tmp_path / "log.txt", tensorboard_dir=tmp_path / "tb")
+    log.write(0, "train", 10.5)
+    log.write(0, "val", float("nan"))  # in the text log, not in TensorBoard's
+    log.write(1, "hella", 0.25)
+    log.close()
+    assert written == [("train", 10.5, 0), ("hella", 0.25, 1), "closed"]
+    assert (tmp_path / "log.txt").read_text().splitlines() == ["0 train 10.500000", "0 val nan", "1 hella 0.250000"]
