@@ -13,6 +13,8 @@ import pytest
 from safetensors.torch import load_file
 from torch.overrides import TorchFunctionMode
 
+from gpt2repro.errors import UserError
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -48,6 +50,17 @@ def assert_one_line_error(result, *needles: str) -> None:
     assert len(lines) == 1, result.stderr
     for needle in needles:
         assert needle in lines[0], lines[0]
+
+
+def one_line_user_error(call, *needles):
+    """``call()`` raises a UserError whose message is one line holding every needle."""
+    with pytest.raises(UserError) as e:
+        call()
+    message = str(e.value)
+    assert "\n" not in message
+    for needle in needles:
+        assert needle in message, message
+    return message
 
 
 @pytest.fixture

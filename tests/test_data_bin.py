@@ -4,11 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import write_bin_shard
+from conftest import one_line_user_error, write_bin_shard
 from gpt2repro.data import prepare as prep
 from gpt2repro.data.loader import TokenLoader, val_batches
 from gpt2repro.data.shards import list_shards, open_shard, read_shard_length
-from gpt2repro.errors import UserError
 
 B, T, W = 2, 8, 2
 # Lengths that are no multiple of a window, so that windows cross shard boundaries.
@@ -28,16 +27,6 @@ def twin_folders(tmp_path):
         write_bin_shard(bin_ / f"fineweb_{stem}.bin", tokens)
         streams[stem.split("_")[0]].append(tokens)
     return npy, bin_, {split: np.concatenate(parts) for split, parts in streams.items()}
-
-
-def one_line_user_error(call, *needles):
-    with pytest.raises(UserError) as e:
-        call()
-    message = str(e.value)
-    assert "\n" not in message
-    for needle in needles:
-        assert needle in message, message
-    return message
 
 
 def test_train_batches_are_the_npy_batches(tmp_path):

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
+from conftest import one_line_user_error
 from gpt2repro.data.loader import TokenLoader, val_batches
 from gpt2repro.data.shards import list_shards, open_shard, read_shard_length, shard_name
-from gpt2repro.errors import UserError
 
 
 def save(path, array):
@@ -34,16 +34,6 @@ def test_open_shard_is_memory_mapped_and_checked(tmp_path):
     assert read_shard_length(tmp_path / "missing.npy") is None
 
 
-def _one_line_user_error(call, *needles):
-    with pytest.raises(UserError) as e:
-        call()
-    message = str(e.value)
-    assert "\n" not in message
-    for needle in needles:
-        assert needle in message, message
-    return message
-
-
 def _bad_shard(tmp_path, name, write):
     save(tmp_path / "d_val_000000.npy", np.arange(100, dtype=np.uint16))
     good = save(tmp_path / "d_train_000001.npy", np.arange(100, dtype=np.uint16))
@@ -70,24 +60,24 @@ def test_bad_shard_is_one_line_naming_the_file(tmp_path, what, write, needle):
         for _ in range(loader.steps_per_epoch):
             loader.next_batch()
 
-    message = _one_line_user_error(read_an_epoch, str(bad), needle)
+    message = one_line_user_error(read_an_epoch, str(bad), needle)
     assert "gpt2repro prepare" in message  # says what to do
     assert good.read_bytes() == before  # the good shard is untouched
 
 
 def test_token_id_error_gives_the_position(tmp_path):
     path = save(tmp_path / "d_val_000000.npy", np.array([1, 2, 60000, 3], dtype=np.uint16))
-    _one_line_user_error(lambda: open_shard(path), "60000", "position 2")
-    _one_line_user_error(lambda: list(val_batches(tmp_path, 2, 2, 1)), "60000")
+    one_line_user_error(lambda: open_shard(path), "60000", "position 2")
+    one_line_user_error(lambda: list(val_batches(tmp_path, 2, 2, 1)), "60000")
 
 
 def test_missing_splits_and_directories(tmp_path):
     save(tmp_path / "d_val_000000.npy", np.arange(100, dtype=np.uint16))
-    _one_line_user_error(lambda: TokenLoader(tmp_path, "train", 2, 8), str(tmp_path), "no train shards",
+    one_line_user_error(lambda: TokenLoader(tmp_path, "train", 2, 8), str(tmp_path), "no train shards",
                          "gpt2repro prepare")
     (tmp_path / "d_val_000000.npy").rename(tmp_path / "d_train_000001.npy")
-    _one_line_user_error(lambda: list(val_batches(tmp_path, 8, 64, 2)), "no val shards")
-    _one_line_user_error(lambda: list_shards(tmp_path / "nowhere", "train"), "nowhere", "no such data directory")
+    one_line_user_error(lambda: list(val_batches(tmp_path, 8, 64, 2)), "no val shards")
+    one_line_user_error(lambda: list_shards(tmp_path / "nowhere", "train"), "nowhere", "no such data directory")
 
 
 def _npy_bytes(array):
