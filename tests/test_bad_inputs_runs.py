@@ -184,3 +184,14 @@ def test_exploding_weights_stop_the_run_though_the_loss_is_finite(capsys, shards
     result = main_result(capsys, *run, "--out", tmp_path / "wild", "optim.max_lr=9", "optim.min_lr=0")
     assert_one_line_error(result, "step 0: the weights have exploded (a tensor with RMS", "above 5",
                           "though the loss is finite", "stopped before any checkpoint: lower optim.max_lr")
+
+
+def test_prepare_with_more_workers_than_cores_uses_the_cores(capsys, tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("A short document about tokens.\n\nAnother one, also short.\n")
+    result = main_result(capsys, "prepare", "--source", corpus, "--out", tmp_path / "data", "--workers", "1e6",
+                         "--val-tokens", "8", "--shard-tokens", "8")
+    assert result.returncode == 0, result.stderr
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert f"--workers 1,000,000: this machine gives us {cores} cores; using {cores}" in result.stdout
+    assert not list((tmp_path / "data").glob(".gpt2repro.lock"))
