@@ -213,3 +213,10 @@ def wait_for_train_step(proc, log_path, step, timeout=120):
         time.sleep(0.02)
     proc.kill()
     raise AssertionError(f"step {step} never appeared in {log_path}")
+
+
+def write_corpus(path: Path, words: int = 12_000) -> Path:
+    """About ``words`` tokens of plain text, one document."""
+    lines = [" ".join(f"word{(i * 7 + j) % 911}" for j in range(12)) for i in range(words // 12)]
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -286,7 +286,7 @@ def test_a_model_config_with_the_wrong_content(capsys, tmp_path, model, needle):
 
 
 # ---------------------------------------------------------------------------
-# sample, plot, prepare
+# sample
 
 
 def test_sample_refuses_more_tokens_than_a_run_makes(capsys, tmp_path):
@@ -305,35 +305,6 @@ def test_sample_refuses_more_samples_than_memory_holds(capsys, finished_run, mon
     result = main_result(capsys, "sample", "--model", finished_run, "--num", "100", "--max-new-tokens", "56",
                          "--device", "cpu")
     assert_one_line_error(result, "--num 100", "0.0 GiB free", "lower --num (about 10 fit)")
-
-
-@pytest.fixture
-def log_file(tmp_path):
-    path = tmp_path / "log.txt"
-    path.write_text("0 train 5.0\n1 train 4.0\n1 val 4.5\n")
-    return path
-
-
-@pytest.mark.parametrize("out, needle", [
-    ("plot.xyz", "unsupported suffix .xyz"),
-    ("plot", "no file suffix"),
-    ("folder", "is a folder"),
-])
-def test_plot_out_that_cannot_be_written(capsys, tmp_path, log_file, out, needle):
-    (tmp_path / "folder").mkdir()
-    result = main_result(capsys, "plot", "--log", log_file, "--out", tmp_path / out)
-    assert_one_line_error(result, "--out", needle)
-    assert not list(tmp_path.glob("plot*"))
-
-
-@pytest.mark.parametrize("column", [[1, 2, 3], [[1.0], [2.0]], [{"a": 1}]])
-def test_parquet_text_column_that_is_not_strings(tmp_path, column):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    pq.write_table(pa.table({"text": column}), tmp_path / "t.parquet")
-    result = run_cli("prepare", "--source", tmp_path / "t.parquet", "--out", tmp_path / "o")
-    assert_one_line_error(result, "t.parquet", "the \"text\" column holds", "not strings")
 
 
 # ---------------------------------------------------------------------------

@@ -149,7 +149,36 @@ def test_eval_json_into_a_read_only_folder_fails_before_the_model_loads(capsys, 
 
 
 # ---------------------------------------------------------------------------
-# plot: values a log cannot hold, a config it cannot read
+# plot and prepare: a log's values, a config it cannot read, an --out it cannot write, parquet text
+
+
+@pytest.fixture
+def log_file(tmp_path):
+    path = tmp_path / "log.txt"
+    path.write_text("0 train 5.0\n1 train 4.0\n1 val 4.5\n")
+    return path
+
+
+@pytest.mark.parametrize("out, needle", [
+    ("plot.xyz", "unsupported suffix .xyz"),
+    ("plot", "no file suffix"),
+    ("folder", "is a folder"),
+])
+def test_plot_out_that_cannot_be_written(capsys, tmp_path, log_file, out, needle):
+    (tmp_path / "folder").mkdir()
+    result = main_result(capsys, "plot", "--log", log_file, "--out", tmp_path / out)
+    assert_one_line_error(result, "--out", needle)
+    assert not list(tmp_path.glob("plot*"))
+
+
+@pytest.mark.parametrize("column", [[1, 2, 3], [[1.0], [2.0]], [{"a": 1}]])
+def test_parquet_text_column_that_is_not_strings(capsys, tmp_path, column):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": column}), tmp_path / "t.parquet")
+    result = main_result(capsys, "prepare", "--source", tmp_path / "t.parquet", "--out", tmp_path / "o")
+    assert_one_line_error(result, "t.parquet", "the \"text\" column holds", "not strings")
 
 
 def test_plot_warns_about_values_outside_their_range(capsys, tmp_path):

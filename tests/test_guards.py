@@ -15,7 +15,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import assert_one_line_error, make_pattern_shards, patched_cli, run_cli, wait_for_train_step
+from conftest import (
+    assert_one_line_error,
+    make_pattern_shards,
+    patched_cli,
+    run_cli,
+    wait_for_train_step,
+    write_corpus,
+)
 from gpt2repro import demo
 from gpt2repro.cli import main
 from gpt2repro.train import checkpoint as ckpt
@@ -29,13 +36,6 @@ def cli_here(capsys, *args):
     code = main([str(a) for a in args])
     captured = capsys.readouterr()
     return types.SimpleNamespace(returncode=code, stdout=captured.out, stderr=captured.err)
-
-
-def write_corpus(path: Path, words: int = 12_000) -> Path:
-    """About ``words`` tokens of plain text, one document."""
-    lines = [" ".join(f"word{(i * 7 + j) % 911}" for j in range(12)) for i in range(words // 12)]
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 def train_steps(log: Path) -> list[int]:
@@ -389,21 +389,3 @@ def test_a_failed_resave_keeps_that_steps_checkpoint(tmp_path, monkeypatch):
         ckpt.save_checkpoint(tmp_path, 4, model.state_dict(), model.config, {"step": 4}, {})
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt_000004"]
     assert {p.name: p.read_bytes() for p in good.iterdir()} == before
-
-
-def test_shards_and_checkpoints_get_the_users_file_mode(tmp_path):
-    data, run = tmp_path / "data", tmp_path / "run"
-    code = f"""
-import os, sys
-os.umask(0o002)  # a team's umask: group members may read and write
-from gpt2repro.cli import main
-assert main(["prepare", "--source", {str(write_corpus(tmp_path / "c.txt"))!r}, "--out", {str(data)!r},
-             "--shard-tokens", "4000", "--val-tokens", "4000", "--workers", "1"]) == 0
-sys.exit(main(["train", "--preset", "tiny", "--data", {str(data)!r}, "--out", {str(run)!r}, "max_steps=1"]))
-"""
-    result = run_cli("-c", code, module=None)
-    assert result.returncode == 0, result.stderr[-2000:]
-    written = [data, run, *data.rglob("*"), *run.rglob("*")]
-    assert {p.suffix for p in written} >= {".npy", ".json", ".safetensors", ".pt", ".txt"}
-    modes = {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in written}
-    assert modes == {name: oct(0o775 if (tmp_path / name).is_dir() else 0o664) for name in modes}

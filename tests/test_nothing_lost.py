@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from conftest import assert_one_line_error, main_result, make_pattern_shards
+from conftest import assert_one_line_error, main_result, make_pattern_shards, run_cli, write_corpus
 
 
 def snapshot(folder):
@@ -99,3 +99,21 @@ def test_demo_never_writes_over_a_users_plot(tmp_path, capsys):
         result = main_result(capsys, "demo", "--out", out, "--max-steps", "1", *flags)
         assert_one_line_error(result, "plot.png", "did not write")
         assert (out / "plot.png").read_bytes() == b"the user's plot"
+
+
+def test_shards_and_checkpoints_get_the_users_file_mode(tmp_path):
+    data, run = tmp_path / "data", tmp_path / "run"
+    code = f"""
+import os, sys
+os.umask(0o002)  # a team's umask: group members may read and write
+from gpt2repro.cli import main
+assert main(["prepare", "--source", {str(write_corpus(tmp_path / "c.txt"))!r}, "--out", {str(data)!r},
+             "--shard-tokens", "4000", "--val-tokens", "4000", "--workers", "1"]) == 0
+sys.exit(main(["train", "--preset", "tiny", "--data", {str(data)!r}, "--out", {str(run)!r}, "max_steps=1"]))
+"""
+    result = run_cli("-c", code, module=None)
+    assert result.returncode == 0, result.stderr[-2000:]
+    written = [data, run, *data.rglob("*"), *run.rglob("*")]
+    assert {p.suffix for p in written} >= {".npy", ".json", ".safetensors", ".pt", ".txt"}
+    modes = {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in written}
+    assert modes == {name: oct(0o775 if (tmp_path / name).is_dir() else 0o664) for name in modes}
