@@ -95,3 +95,19 @@ def test_tensorboard_gets_every_finite_record(tmp_path, monkeypatch):
     log.close()
     assert written == [("train", 10.5, 0), ("hella", 0.25, 1), "closed"]
     assert (tmp_path / "log.txt").read_text().splitlines() == ["0 train 10.500000", "0 val nan", "1 hella 0.250000"]
+
+
+def test_a_finite_step_is_still_wrong_when_weights_explode_or_the_gradient_is_zero():
+    from gpt2repro.train.health import what_went_wrong
+    from gpt2repro.train.trainer import StepResult
+
+    model = torch.nn.Linear(4, 4)
+    with torch.no_grad():
+        model.weight.fill_(0.1)
+    assert what_went_wrong(0, StepResult(3.0, 1.0, 1e-3), model, log_every=1) is None
+    assert "gradient is exactly zero" in what_went_wrong(0, StepResult(3.0, 0.0, 1e-3), model, log_every=1)
+    assert what_went_wrong(1, StepResult(3.0, 0.0, 1e-3), model, log_every=2) is None  # checked on log steps only
+    assert "non-finite loss" in what_went_wrong(1, StepResult(float("nan"), 1.0, 1e-3), model, log_every=2)
+    with torch.no_grad():
+        model.bias.fill_(1e3)
+    assert "exploded (a tensor with RMS 1e+03" in what_went_wrong(0, StepResult(3.0, 1.0, 1e-3), model, log_every=1)

@@ -69,7 +69,10 @@ def run_one(preset: str, overrides: list[str], out: Path, data: Path, steps: int
     record_written(out, ["console.txt"])  # the run's own folder: its console copy is ours
     start = time.perf_counter()
     with open(out / "console.txt", "w") as console, contextlib.redirect_stdout(console):
-        train(cfg)
+        metrics = train(cfg)
+    if metrics.get("stopped_early"):  # SIGTERM or Ctrl-C: the whole benchmark, not this one run
+        raise UserError(f"{out}: stopped by {metrics.get('stopped_by')}; the benchmark stops with it (the runs "
+                        "it finished stay in --out)")
     seconds = time.perf_counter() - start
     val = read_log(out / LOG_FILE)[0]["val"]
     return {"val": val, "final": val[-1][1], "step_ms": 1000 * seconds / steps,
