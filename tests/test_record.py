@@ -16,6 +16,7 @@ import torch
 
 import record_2025_01_04 as record
 from conftest import assert_one_line_error, make_document_shards, run_cli
+from gpt2repro import cli
 from gpt2repro.config import apply_overrides
 from gpt2repro.model.gpt import GPT
 from gpt2repro.model.io import save_model
@@ -86,8 +87,9 @@ def test_forward_equals_the_record_at_identical_weights(long_documents):
 
 
 def train_ours(documents, out, *overrides) -> tuple[list[float], dict[int, float]]:
-    result = run_cli("train", "--preset", "gpt2-124m-modern", "--data", documents, "--out", out, *RUN, *overrides)
-    assert result.returncode == 0, result.stderr[-3000:]
+    # in this process (the test's own start-up is not paid twice), on the test's one thread
+    assert cli.main([str(a) for a in ("train", "--preset", "gpt2-124m-modern", "--data", documents, "--out", out,
+                                      *RUN, *overrides)]) == 0
     rows = [line.split() for line in (out / "log.txt").read_text().splitlines()]
     return [float(v) for _, k, v in rows if k == "train"], {int(s): float(v) for s, k, v in rows if k == "val"}
 
@@ -99,7 +101,7 @@ def train_reference(documents, initial: GPT, muon_lr, ranks=RANKS) -> tuple[list
 
 
 @pytest.mark.slow
-def test_training_without_muon_steps_equals_the_record(documents, tmp_path):
+def test_training_without_muon_steps_equals_the_record(documents, tmp_path, one_torch_thread):
     """From random weights (--init-from): with Muon's matrices frozen at zero, as initialised,
     every block would be the identity and attention, windows and documents would go unchecked."""
     initial = perturbed_model(SEQ)
@@ -113,7 +115,7 @@ def test_training_without_muon_steps_equals_the_record(documents, tmp_path):
 
 
 @pytest.mark.slow
-def test_full_training_follows_the_record(documents, tmp_path):
+def test_full_training_follows_the_record(documents, tmp_path, one_torch_thread):
     """With Muon stepping, the losses follow the record's within 2e-3 (measured: 3.4e-4 at most over
     these 10 steps). Both run Newton–Schulz in bfloat16, written differently (torch.optim.Muon
     fuses its updates with addmm and clamps the norm where the record adds 1e-7), so their updates
