@@ -150,6 +150,21 @@ def latest_checkpoint(run_dir: Path, log: Callable[[str], None] = print) -> Path
     return None
 
 
+def after_a_failed_write(out_dir: Path, error: str, failures: int, allowed: int, final: bool,
+                         log: Callable[[str], None]) -> None:
+    """A failed checkpoint write keeps the previous checkpoint, and the run goes on and tries again
+    at the next interval, unless it was the final checkpoint or the ``allowed``-th failure in a row:
+    then the run stops with one line naming what is intact and what to do."""
+    previous = list_checkpoints(out_dir)
+    kept = f"{previous[0].name} is intact" if previous else "there is no earlier checkpoint"
+    if final or failures >= allowed:
+        why = "the final checkpoint" if final else f"{failures} checkpoint writes in a row"
+        fix = "continue with --resume" if previous else "start over with --overwrite"
+        raise UserError(f"{out_dir}: {error}; {why} failed, so the run stops ({kept}): free disk space and {fix}")
+    log(f"WARNING: {error}; {kept}; training goes on and tries again at the next checkpoint "
+        f"({failures} of checkpoint.max_failures={allowed} failures in a row)")
+
+
 def load_trainer_state(path: Path) -> dict[str, Any]:
     """Optimizer, loader and RNG state. Never unpickles code: weights_only=True."""
     state_path = Path(path) / STATE_FILE

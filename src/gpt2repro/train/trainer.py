@@ -324,10 +324,9 @@ class Trainer:
     checkpoint_failures = 0  # failed checkpoint writes in a row, the same count on every rank
 
     def save(self, step_done: int, final: bool = False) -> None:
-        """Rank 0 writes; a failed write keeps the previous checkpoint and, unless it is the final
-        one or the ``checkpoint.max_failures``-th in a row, the run goes on and tries again at the
-        next interval. Any exception counts as a failed write: a full disk surfaces as an OSError
-        from Python, but as safetensors' or torch's own error types from their writers."""
+        """Rank 0 writes; a failed write is ``checkpoint.after_a_failed_write``'s to judge. Any
+        exception counts as a failed write: a full disk surfaces as an OSError from Python, but
+        as safetensors' or torch's own error types from their writers."""
         error = None
         weights = self.parallel.model_state()  # collectives: every rank takes part, rank 0 gets the tensors
         optimizer_state = self.parallel.optimizer_state(self.optimizers)
@@ -345,17 +344,8 @@ class Trainer:
             self.checkpoint_failures = 0
             return
         self.checkpoint_failures += 1
-        failures, allowed = self.checkpoint_failures, self.cfg.checkpoint.max_failures
-        error = error or f"checkpoint at step {step_done} failed on rank 0 (see its error)"
-        previous = ckpt.list_checkpoints(self.out_dir)
-        kept = f"{previous[0].name} is intact" if previous else "there is no earlier checkpoint"
-        if final or failures >= allowed:
-            why = "the final checkpoint" if final else f"{failures} checkpoint writes in a row"
-            fix = "continue with --resume" if previous else "start over with --overwrite"
-            raise UserError(f"{self.out_dir}: {error}; {why} failed, so the run stops ({kept}): free disk space "
-                            f"and {fix}")
-        self.log(f"WARNING: {error}; {kept}; training goes on and tries again at the next checkpoint "
-                 f"({failures} of checkpoint.max_failures={allowed} failures in a row)")
+        ckpt.after_a_failed_write(self.out_dir, error or f"checkpoint at step {step_done} failed on rank 0 (see its "
+                                  "error)", self.checkpoint_failures, self.cfg.checkpoint.max_failures, final, self.log)
 
     # --- periodic evaluation -------------------------------------------------------------------
 
