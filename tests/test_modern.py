@@ -310,7 +310,7 @@ def test_an_untied_gpt2_exports_with_identical_logits(tmp_path):
 def test_bench_recipe_compares_the_recipes_and_ablates_levers(tmp_path):
     out = tmp_path / "recipe"
     result = run_cli("bench", "recipe", "--out", out, "--seeds", "1", "--max-steps", "4", "--val-every", "4",
-                     "--fractions", "0.5", "--ablation", "--levers", "wsd", "eval.val_tokens=1024",
+                     "--fractions", "0.5", "--ablation", "--levers", "value-embeds", "eval.val_tokens=1024",
                      env={"OMP_NUM_THREADS": "2"})
     assert result.returncode == 0, result.stderr[-3000:]
     rows = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[2:-1]]
@@ -321,8 +321,9 @@ def test_bench_recipe_compares_the_recipes_and_ablates_levers(tmp_path):
     assert faithful_final == pytest.approx(val[3], abs=1e-4)  # the last evaluation of the faithful run
     assert (out / "demo-modern-2-seed1" / "log.txt").is_file()  # the half budget, its own run
     assert "fraction of the faithful run's tokens the modern recipe needs: budget" in result.stdout
-    assert "wsd" in rows and (out / "demo+wsd" / "config.json").read_text().count('"schedule": "wsd"') == 1
-    assert (out / "demo-modern-wsd" / "config.json").read_text().count('"schedule": "cosine"') == 1
+    # added at demo-modern's value (1 table; the record's 3 do not fit 4 layers), removed: 0
+    assert "value-embeds" in rows and '"value_embeds": 1,' in (out / "demo+value-embeds" / "config.json").read_text()
+    assert '"value_embeds": 0,' in (out / "demo-modern-value-embeds" / "config.json").read_text()
     assert (out / "recipe.png").read_bytes()[:4] == b"\x89PNG"
     again = run_cli("bench", "recipe", "--out", out, "--seeds", "1", "--max-steps", "6")
     assert_one_line_error(again, "already exists", "new --out")
