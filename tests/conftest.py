@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from safetensors.torch import load_file
 from torch.overrides import TorchFunctionMode
 
@@ -219,4 +221,36 @@ def write_corpus(path: Path, words: int = 12_000) -> Path:
     """About ``words`` tokens of plain text, one document."""
     lines = [" ".join(f"word{(i * 7 + j) % 911}" for j in range(12)) for i in range(words // 12)]
     path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+# --- HellaSwag items
+
+WORDS = "the a man woman dog runs jumps into water then slowly ball kitchen outside again".split()
+
+
+def make_items(n, seed=0, long_every=4):
+    """Items of varied length; every ``long_every``-th one is too long for the tiny model's 64
+    positions, and some carry the official file's ctx_a/ctx_b and WikiHow markup."""
+    g = torch.Generator().manual_seed(seed)
+
+    def text(lo, hi):
+        k = int(torch.randint(lo, hi + 1, (1,), generator=g))
+        return " ".join(WORDS[int(i)] for i in torch.randint(len(WORDS), (k,), generator=g))
+
+    items = []
+    for i in range(n):
+        ctx = text(70, 90) if i % long_every == 0 else text(3, 25)
+        endings = [text(1, 12) + "." for _ in range(4)]
+        item = {"ctx": ctx, "endings": endings, "label": int(torch.randint(4, (1,), generator=g)),
+                "activity_label": "Walking the dog"}
+        if i % 3 == 1:
+            item.update(ctx_a=ctx + ".", ctx_b="then " + text(1, 3), activity_label="Cooking [title] eggs")
+            item["endings"][0] = "[step] " + item["endings"][0]
+        items.append(item)
+    return items
+
+
+def write_jsonl(path, items):
+    path.write_text("".join(json.dumps(it) + "\n" for it in items))
     return path

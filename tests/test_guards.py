@@ -17,11 +17,13 @@ import pytest
 
 from conftest import (
     assert_one_line_error,
+    make_items,
     make_pattern_shards,
     patched_cli,
     run_cli,
     wait_for_train_step,
     write_corpus,
+    write_jsonl,
 )
 from gpt2repro import demo
 from gpt2repro.cli import main
@@ -57,8 +59,6 @@ def finished_run(shards, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def hellaswag_items(tmp_path_factory):
-    from test_hellaswag import make_items, write_jsonl
-
     return write_jsonl(tmp_path_factory.mktemp("hs") / "hs.jsonl", make_items(3))
 
 

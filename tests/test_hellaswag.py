@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import CountHostReads, assert_one_line_error, run_cli
+from conftest import CountHostReads, assert_one_line_error, make_items, run_cli, write_jsonl
 from gpt2repro.bench.hellaswag_reference import ending_logprobs_reference, evaluate_hellaswag_reference
 from gpt2repro.config import GPT2_VOCAB_SIZE
 from gpt2repro.data.tokenizer import EOT_TOKEN, encode
@@ -17,38 +17,9 @@ from gpt2repro.model.gpt import GPT
 from gpt2repro.model.io import load_model_dir, save_model
 from gpt2repro.presets import MODEL_PRESETS
 
-WORDS = "the a man woman dog runs jumps into water then slowly ball kitchen outside again".split()
-
-
-def make_items(n, seed=0, long_every=4):
-    """Items of varied length; every ``long_every``-th one is too long for the tiny model's 64
-    positions, and some carry the official file's ctx_a/ctx_b and WikiHow markup."""
-    g = torch.Generator().manual_seed(seed)
-
-    def text(lo, hi):
-        k = int(torch.randint(lo, hi + 1, (1,), generator=g))
-        return " ".join(WORDS[int(i)] for i in torch.randint(len(WORDS), (k,), generator=g))
-
-    items = []
-    for i in range(n):
-        ctx = text(70, 90) if i % long_every == 0 else text(3, 25)
-        endings = [text(1, 12) + "." for _ in range(4)]
-        item = {"ctx": ctx, "endings": endings, "label": int(torch.randint(4, (1,), generator=g)),
-                "activity_label": "Walking the dog"}
-        if i % 3 == 1:
-            item.update(ctx_a=ctx + ".", ctx_b="then " + text(1, 3), activity_label="Cooking [title] eggs")
-            item["endings"][0] = "[step] " + item["endings"][0]
-        items.append(item)
-    return items
-
 
 def questions(items, scoring, block_size):
     return [mc.fit_to_block(hs.SCORINGS[scoring].tokenize(item), block_size) for item in items]
-
-
-def write_jsonl(path, items):
-    path.write_text("".join(json.dumps(it) + "\n" for it in items))
-    return path
 
 
 @pytest.fixture(scope="module")
