@@ -20,10 +20,10 @@ import pytest
 import torch
 
 from conftest import assert_one_line_error, main_result, make_pattern_shards, run_cli
-from gpt2repro.config import apply_overrides
 from gpt2repro.errors import UserError
 from gpt2repro.model.gpt import GPT
 from gpt2repro.model.io import save_model
+from gpt2repro.overrides import apply_overrides
 from gpt2repro.presets import MODEL_PRESETS, get_preset
 from gpt2repro.train import checkpoint as ckpt
 

@@ -1,8 +1,8 @@
 import pytest
 
 from conftest import assert_one_line_error
-from gpt2repro.config import apply_overrides, config_keys
 from gpt2repro.errors import UserError
+from gpt2repro.overrides import apply_overrides, config_keys
 from gpt2repro.presets import MODEL_PRESETS, TRAIN_PRESETS, get_preset
 
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from conftest import assert_one_line_error, max_abs_diff, run_cli, weights
-from gpt2repro.config import apply_overrides
 from gpt2repro.model.gpt import GPT
+from gpt2repro.overrides import apply_overrides
 from gpt2repro.presets import get_preset
 from gpt2repro.runtime import setup_runtime
 from gpt2repro.train.parallel import Parallel

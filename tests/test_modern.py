@@ -11,13 +11,13 @@ import torch
 import torch.nn.functional as F
 
 from conftest import assert_one_line_error, make_document_shards, make_shards, max_abs_diff, run_cli, train_cli, weights
-from gpt2repro.config import apply_overrides
 from gpt2repro.model import gpt as gpt_module
 from gpt2repro.model.attention import apply_rotary, rotary_tables
 from gpt2repro.model.chunked_ce import chunked_cross_entropy
 from gpt2repro.model.generate import generate
 from gpt2repro.model.gpt import GPT
 from gpt2repro.model.io import load_model_dir, save_model
+from gpt2repro.overrides import apply_overrides
 from gpt2repro.presets import MODEL_PRESETS, MODERN_LEVERS, TINY_MODERN_TUNED, get_preset
 from gpt2repro.train.optim import build_optimizers, learning_rate, partition_parameters, set_learning_rate
 from gpt2repro.train.trainer import train

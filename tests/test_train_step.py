@@ -5,7 +5,7 @@ import math
 import torch
 
 from conftest import CountHostReads, make_shards
-from gpt2repro.config import apply_overrides
+from gpt2repro.overrides import apply_overrides
 from gpt2repro.presets import get_preset
 from gpt2repro.runtime import setup_runtime
 from gpt2repro.train.signals import StopRequest

@@ -17,7 +17,7 @@ from gpt2repro.errors import UserError
 
 def train_config(args: argparse.Namespace):
     """The preset, then the named flags, then KEY=VALUE overrides (last wins)."""
-    from gpt2repro.config import apply_overrides
+    from gpt2repro.overrides import apply_overrides
     from gpt2repro.presets import get_preset
 
     cfg = get_preset(args.preset)
@@ -33,7 +33,7 @@ def train_config(args: argparse.Namespace):
 def chosen_model_settings(args: argparse.Namespace, cfg) -> dict[str, str]:
     """Model keys the command line chose, each with how: a ``model.*`` override, or a switch of a
     ``--preset`` named on the command line (its size is not a choice: --init-from's MODEL has one)."""
-    from gpt2repro.config import override_keys
+    from gpt2repro.overrides import override_keys
     from gpt2repro.presets import get_preset
 
     chosen = {}

@@ -19,9 +19,9 @@ from gpt2repro.config import (
     ModelConfig,
     OptimConfig,
     TrainConfig,
-    apply_overrides,
 )
 from gpt2repro.errors import UserError
+from gpt2repro.overrides import apply_overrides
 
 MODEL_PRESETS: dict[str, ModelConfig] = {
     "gpt2": ModelConfig(n_layer=12, n_head=12, n_embd=768),  # 124M

@@ -25,13 +25,13 @@ import torch.nn.functional as F
 
 from gpt2repro.atomic import atomic_write
 from gpt2repro.bench import machine_name
-from gpt2repro.config import apply_overrides
 from gpt2repro.data.prepare import prepare
 from gpt2repro.data.tokenizer import EOT_TOKEN
 from gpt2repro.errors import UserError
 from gpt2repro.model.attention import LocalMask, document_ids, flex_block_mask, local_attention
 from gpt2repro.model.gpt import GPT
 from gpt2repro.outdir import folder_target
+from gpt2repro.overrides import apply_overrides
 from gpt2repro.presets import get_preset
 from gpt2repro.runlog import LOG_FILE, read_log
 from gpt2repro.train.metrics import mfu, peak_flops

@@ -31,10 +31,11 @@ import time
 from pathlib import Path
 
 from gpt2repro.bench import machine_name, print_table
-from gpt2repro.config import TrainConfig, apply_overrides
+from gpt2repro.config import TrainConfig
 from gpt2repro.data.prepare import prepare
 from gpt2repro.errors import UserError
 from gpt2repro.outdir import folder_target
+from gpt2repro.overrides import apply_overrides
 from gpt2repro.presets import MODERN_LEVERS, get_preset
 from gpt2repro.report.plot import plot_logs
 from gpt2repro.runlog import LOG_FILE, read_log

@@ -33,10 +33,11 @@ import torch
 
 from gpt2repro.bench import machine_name, print_table
 from gpt2repro.bench.nanogpt_baseline import BaselineGPT
-from gpt2repro.config import GPT2_VOCAB_SIZE, OptimConfig, RuntimeConfig, apply_overrides
+from gpt2repro.config import GPT2_VOCAB_SIZE, OptimConfig, RuntimeConfig
 from gpt2repro.device import autocast, fused_adamw_available, resolve_ce_chunk_rows, synchronize
 from gpt2repro.errors import UserError
 from gpt2repro.model.gpt import GPT
+from gpt2repro.overrides import apply_overrides
 from gpt2repro.presets import get_preset
 from gpt2repro.runtime import setup_runtime
 from gpt2repro.train.metrics import mfu, peak_flops
