@@ -17,7 +17,7 @@ from gpt2repro.model.chunked_ce import chunked_cross_entropy
 from gpt2repro.model.generate import generate
 from gpt2repro.model.gpt import GPT
 from gpt2repro.model.io import load_model_dir, save_model
-from gpt2repro.overrides import apply_overrides
+from gpt2repro.overrides import apply_overrides, as_overrides
 from gpt2repro.presets import MODEL_PRESETS, MODERN_LEVERS, TINY_MODERN_TUNED, get_preset
 from gpt2repro.train.optim import build_optimizers, learning_rate, partition_parameters, set_learning_rate
 from gpt2repro.train.trainer import train
@@ -207,7 +207,7 @@ LEVERS_NEEDED = {"split-qkv": "muon", "muon-warmup": "muon"}  # they change what
 @pytest.fixture(scope="module")
 def base_losses(document_shards, tmp_path_factory):
     """The losses without the lever: the faithful tiny recipe, and the same with Muon."""
-    runs = {name: [f"{k}={v}" for k, v in MODERN_LEVERS.get(name, {}).items()] for name in ("", "muon")}
+    runs = {name: as_overrides(MODERN_LEVERS.get(name, {})) for name in ("", "muon")}
     losses = {name: lever_losses(o, document_shards, tmp_path_factory.mktemp("base")) for name, o in runs.items()}
     assert lever_losses([], document_shards, tmp_path_factory.mktemp("again")) == losses[""]  # deterministic
     return runs, losses
@@ -220,7 +220,7 @@ def test_each_lever_alone_changes_the_training(lever, document_shards, base_loss
     tiny_modern = {k: v for k, v in TINY_MODERN_TUNED.items() if k in MODERN_LEVERS[lever]}
     runs, losses = base_losses
     needed, base = runs[LEVERS_NEEDED.get(lever, "")], losses[LEVERS_NEEDED.get(lever, "")]
-    switched = lever_losses(needed + [f"{k}={v}" for k, v in (MODERN_LEVERS[lever] | tiny_modern).items()],
+    switched = lever_losses(needed + as_overrides(MODERN_LEVERS[lever] | tiny_modern),
                             document_shards, tmp_path)
     assert all(map(math.isfinite, switched))
     # the soft cap barely bends the small logits of a fresh model: its change is the smallest

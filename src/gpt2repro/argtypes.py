@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import textwrap
 
-from gpt2repro.ranges import parse_int
+from gpt2repro.settings import parse_int
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

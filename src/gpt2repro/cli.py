@@ -17,6 +17,7 @@ from gpt2repro.commands import (
     evaluate_loss_command,
     resume_command,
     sample_command,
+    settings_command,
     train_command,
 )
 from gpt2repro.errors import UserError, tell_the_launcher
@@ -32,6 +33,8 @@ def run(args: argparse.Namespace) -> int:
                 max_tokens=args.max_tokens, prefix=args.prefix)
     elif args.command == "train":
         return train_command(args)
+    elif args.command == "settings":
+        settings_command(args)
     elif args.command == "eval":
         {"hellaswag": evaluate_hellaswag_command, "loss": evaluate_loss_command,
          "harness": evaluate_harness_command}[args.task](args)
@@ -94,3 +97,6 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":
             print(f"gpt2repro {args.command}: interrupted{why}{hint}", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `gpt2repro settings | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 0

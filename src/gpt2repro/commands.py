@@ -30,6 +30,28 @@ def train_config(args: argparse.Namespace):
     return apply_overrides(cfg, named + list(args.overrides)).validate()
 
 
+def settings_command(args: argparse.Namespace) -> list[str]:
+    """Print every setting of ``--preset`` (with the overrides applied) as it declares itself."""
+    from gpt2repro.overrides import apply_overrides, describe
+    from gpt2repro.presets import get_preset
+
+    def shown(value) -> str:
+        return str(value).lower() if isinstance(value, bool) else repr(value) if value == "" else str(value)
+
+    rows = [(s.key, shown(s.value), s.allowed, s.unit, s.help)
+            for s in describe(apply_overrides(get_preset(args.preset), list(args.overrides)).validate())]
+    if args.markdown:
+        lines = ["| key | value | takes | unit | meaning |", "|---|---|---|---|---|"]
+        lines += ["| " + " | ".join(f"`{c}`" if i < 2 and c else c.replace("|", "\\|")
+                                    for i, c in enumerate(row)) + " |" for row in rows]
+    else:
+        width = max(len(row[0]) + len(row[1]) for row in rows) + 3
+        lines = [f"{key} = {value}".ljust(width) + f"{takes}{' ' + unit if unit else ''}: {meaning}"
+                 for key, value, takes, unit, meaning in rows]
+    print("\n".join(lines))
+    return lines
+
+
 def chosen_model_settings(args: argparse.Namespace, cfg) -> dict[str, str]:
     """Model keys the command line chose, each with how: a ``model.*`` override, or a switch of a
     ``--preset`` named on the command line (its size is not a choice: --init-from's MODEL has one)."""

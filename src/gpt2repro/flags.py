@@ -9,14 +9,17 @@ import argparse
 import os
 
 from gpt2repro.argtypes import Parser, count, count_list, number
+from gpt2repro.config import DataConfig, RuntimeConfig
 from gpt2repro.presets import PRESET_ALIASES, TRAIN_PRESETS
+from gpt2repro.settings import choices, declared, flag_help
 
 PLOT_SIZES = ("124M", "350M", "774M", "1558M")
 
 
 def _add_device_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", help="auto | cuda | cuda:N | mps | cpu")
-    p.add_argument("--dtype", default="auto", help="autocast dtype: auto | bfloat16 | float16 | float32")
+    p.add_argument("--device", default="auto", help=flag_help(RuntimeConfig, "device"))
+    p.add_argument("--dtype", default="auto", choices=choices(declared(RuntimeConfig, "dtype")[0]),
+                   help=flag_help(RuntimeConfig, "dtype"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add_command in (_prepare, _train, _eval, _plot, _sample, _export, _bench, _demo):
+    for add_command in (_prepare, _train, _settings, _eval, _plot, _sample, _export, _bench, _demo):
         add_command(sub, common)
     return parser
 
@@ -62,21 +65,30 @@ def _train(sub, common: argparse.ArgumentParser) -> None:
                    help="length of the LR schedule, in optimizer steps (default: the preset's)")
     p.add_argument("--stop-at-step", type=count(1), default=None,
                    help="checkpoint and exit after this step, without changing the schedule")
-    p.add_argument("--micro-batch", default=None, help="sequences per rank per micro-step, or 'auto'")
+    p.add_argument("--micro-batch", default=None, help=flag_help(DataConfig, "micro_batch"))
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     p.add_argument("--init-from", default=None, metavar="MODEL",
                    help="start from MODEL's weights (our checkpoint or run, a Hugging Face GPT-2 folder, a hub name "
                         "such as gpt2) with a fresh optimizer and schedule: fine-tuning, continued pretraining")
     p.add_argument("--overwrite", action="store_true",
                    help="start over: delete the run already in --out (checkpoints, log, samples, config) first")
-    p.add_argument("--parallel", default=None,
-                   help="ddp (default: a replica per rank) or fsdp (FSDP2: shards weights, grads, optimizer state)")
+    p.add_argument("--parallel", default=None, choices=choices(declared(RuntimeConfig, "parallel")[0]),
+                   help=flag_help(RuntimeConfig, "parallel"))
     p.add_argument("--compile", dest="compile", action="store_true", default=None,
                    help="torch.compile the training model (default: on CUDA only)")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="never torch.compile")
     _add_device_flags(p)
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="config overrides, e.g. optim.max_lr=3e-4 or eval.val_every=100")
+                   help="config overrides, e.g. optim.max_lr=3e-4 or eval.val_every=100; every key, its range and "
+                        "its meaning: gpt2repro settings")
+
+
+def _settings(sub, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("settings", parents=[common],
+                       help="every config key a preset sets: its value, what it takes, its unit and meaning")
+    p.add_argument("--preset", default="gpt2-124m-10b", metavar="NAME", help="the training preset to show")
+    p.add_argument("--markdown", action="store_true", help="a Markdown table (docs/settings.md is one)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, shown applied")
 
 
 def _eval(sub, common: argparse.ArgumentParser) -> None:

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import types
 import typing
-from typing import Any, Union
+from typing import Any
 
 from gpt2repro.config import ModelConfig, TrainConfig
 from gpt2repro.errors import UserError
-from gpt2repro.ranges import parse_int
+from gpt2repro.settings import Range, allowed_text, declared, fits, parse_value
 
 
 def config_keys(cfg: Any = None, prefix: str = "") -> list[str]:
@@ -46,53 +45,81 @@ def override_keys(cfg: TrainConfig, overrides: list[str]) -> list[str]:
     return [_resolve_key(item.split("=", 1)[0].strip(), keys) for item in overrides if "=" in item]
 
 
-def _parse_value(text: str, annotation: Any, key: str) -> Any:
-    origin = typing.get_origin(annotation)
-    if origin in (Union, types.UnionType):
-        for option in typing.get_args(annotation):
-            try:
-                return _parse_value(text, option, key)
-            except UserError:
-                continue
-        raise UserError(f"{key}={text!r}: expected one of {annotation}")
-    if annotation is bool:
-        lowered = text.lower()
-        if lowered in ("1", "true", "yes", "on"):
-            return True
-        if lowered in ("0", "false", "no", "off"):
-            return False
-        raise UserError(f"{key}={text!r}: expected true or false")
-    if annotation is int:
-        try:
-            return parse_int(text)
-        except ValueError:
-            raise UserError(f"{key}={text!r}: expected an integer (e.g. 1000, 1_000 or 1e3)") from None
-    if annotation is float:
-        try:
-            return float(text)
-        except ValueError:
-            raise UserError(f"{key}={text!r}: expected a number") from None
-    return text
+def _field(cfg: TrainConfig, dotted: str) -> tuple[Any, str, Any, Range | None]:
+    """The node that holds ``dotted``, the field's name, its type and its declared range."""
+    *parents, leaf = dotted.split(".")
+    node = cfg
+    for name in parents:
+        node = getattr(node, name)
+    annotation, field = declared(type(node), leaf)
+    return node, leaf, annotation, field.metadata.get("range")
 
 
-def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
-    """Set each ``key=value`` in order; the model's checks run once all are set, so settings that
-    depend on each other (n_embd and n_head, window_start and window_end) may come in any order."""
+def set_values(cfg: TrainConfig, values: dict[str, Any]) -> TrainConfig:
+    """Set typed values (``{"model.qk_norm": True}``) in order; the model's checks run once all
+    are set, so settings that depend on each other (n_embd and n_head, window_start and
+    window_end) may come in any order."""
     keys = config_keys(cfg)
     models = []
-    for item in overrides:
-        if "=" not in item:
-            raise UserError(f"override {item!r} is not key=value (e.g. optim.max_lr=3e-4)")
-        raw_key, text = item.split("=", 1)
+    for raw_key, value in values.items():
         dotted = _resolve_key(raw_key.strip(), keys)
-        *parents, leaf = dotted.split(".")
-        node = cfg
-        for name in parents:
-            node = getattr(node, name)
-        annotation = typing.get_type_hints(type(node))[leaf]
-        setattr(node, leaf, _parse_value(text.strip(), annotation, dotted))
+        node, leaf, annotation, _ = _field(cfg, dotted)
+        if not fits(value, annotation):
+            raise UserError(f"{dotted}={value!r}: expected {allowed_text(annotation, None)}")
+        setattr(node, leaf, value)
         if isinstance(node, ModelConfig) and node not in models:
             models.append(node)
     for model in models:
         model.__post_init__()
     return cfg
+
+
+def parse_overrides(cfg: TrainConfig, overrides: list[str]) -> list[tuple[str, Any]]:
+    """``key=value`` texts as (dotted key, typed value) pairs, in order."""
+    keys, parsed = config_keys(cfg), []
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"override {item!r} is not key=value (e.g. optim.max_lr=3e-4)")
+        raw_key, text = item.split("=", 1)
+        dotted = _resolve_key(raw_key.strip(), keys)
+        _, _, annotation, allowed = _field(cfg, dotted)
+        parsed.append((dotted, parse_value(text.strip(), annotation, dotted, allowed)))
+    return parsed
+
+
+def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
+    """Set each ``key=value`` text in order (a key given twice: the last wins)."""
+    return set_values(cfg, dict(parse_overrides(cfg, overrides)))
+
+
+def values_of(cfg: TrainConfig, keys: typing.Iterable[str]) -> dict[str, Any]:
+    """The typed values of the dotted ``keys`` in ``cfg``."""
+    values = {}
+    for key in keys:
+        node, leaf, _, _ = _field(cfg, key)
+        values[key] = getattr(node, leaf)
+    return values
+
+
+class Setting(typing.NamedTuple):
+    key: str
+    value: Any
+    allowed: str
+    unit: str
+    help: str
+
+
+def describe(cfg: TrainConfig) -> list[Setting]:
+    """Every setting of the tree as it declares itself, with its value in ``cfg``."""
+    described = []
+    for key in config_keys(cfg):
+        node, leaf, annotation, allowed = _field(cfg, key)
+        field = declared(type(node), leaf)[1]
+        described.append(Setting(key, getattr(node, leaf), allowed_text(annotation, allowed),
+                                 field.metadata["unit"], field.metadata["help"]))
+    return described
+
+
+def as_overrides(values: dict[str, Any]) -> list[str]:
+    """Typed values as the ``key=value`` texts that set them from a command line."""
+    return [f"{key}={str(value).lower() if isinstance(value, bool) else value}" for key, value in values.items()]

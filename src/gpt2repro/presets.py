@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+from typing import Any
 
 from gpt2repro.config import (
     CheckpointConfig,
@@ -21,7 +22,7 @@ from gpt2repro.config import (
     TrainConfig,
 )
 from gpt2repro.errors import UserError
-from gpt2repro.overrides import apply_overrides
+from gpt2repro.overrides import set_values
 
 MODEL_PRESETS: dict[str, ModelConfig] = {
     "gpt2": ModelConfig(n_layer=12, n_head=12, n_embd=768),  # 124M
@@ -96,36 +97,35 @@ def _finetune() -> TrainConfig:
 # faithful presets, so that each can be added to or removed from a recipe on its own. The
 # values are those of modded-nanogpt's record of 2025-01-04 (docs/training.md: each lever's
 # source); a recipe's own overrides (below) adapt them to its shape.
-MODERN_LEVERS: dict[str, dict[str, str]] = {
+MODERN_LEVERS: dict[str, dict[str, Any]] = {
     "muon": {"optim.optimizer": "muon"},
     "rope": {"model.pos_emb": "rope-half"},
-    "qk-norm": {"model.qk_norm": "true"},
+    "qk-norm": {"model.qk_norm": True},
     "relu2": {"model.mlp": "relu2"},
-    "rmsnorm-no-bias": {"model.norm": "rmsnorm", "model.bias": "false"},
-    "untied": {"model.tie_embeddings": "false"},
-    "zero-init": {"model.zero_init": "true"},
-    "softcap": {"model.logit_softcap": "15"},
+    "rmsnorm-no-bias": {"model.norm": "rmsnorm", "model.bias": False},
+    "untied": {"model.tie_embeddings": False},
+    "zero-init": {"model.zero_init": True},
+    "softcap": {"model.logit_softcap": 15.0},
     "wsd": {"optim.schedule": "wsd"},
     "pytorch-init": {"model.init": "pytorch"},
-    "split-qkv": {"model.split_qkv": "true"},
-    "embed-norm": {"model.embed_norm": "true"},
-    "x0-mix": {"model.x0_mix": "true"},
-    "value-embeds": {"model.value_embeds": "3"},
-    "unet": {"model.unet": "true"},
-    "skip-attention": {"model.skip_mid_attention": "true"},
-    "doc-mask": {"model.doc_mask": "true"},
-    "window": {"model.window_block": "128", "model.window_start": "128", "model.window_end": "1856"},
-    "muon-warmup": {"optim.muon_momentum_warmup_steps": "300", "optim.muon_momentum_start": "0.85"},
-    "no-clip": {"optim.grad_clip": "0"},
+    "split-qkv": {"model.split_qkv": True},
+    "embed-norm": {"model.embed_norm": True},
+    "x0-mix": {"model.x0_mix": True},
+    "value-embeds": {"model.value_embeds": 3},
+    "unet": {"model.unet": True},
+    "skip-attention": {"model.skip_mid_attention": True},
+    "doc-mask": {"model.doc_mask": True},
+    "window": {"model.window_block": 128, "model.window_start": 128, "model.window_end": 1856},
+    "muon-warmup": {"optim.muon_momentum_warmup_steps": 300, "optim.muon_momentum_start": 0.85},
+    "no-clip": {"optim.grad_clip": 0.0},
 }
 
 
-def _modern(faithful: typing.Callable[[], TrainConfig], out: str, tuned: dict[str, str]) -> TrainConfig:
+def _modern(faithful: typing.Callable[[], TrainConfig], out: str, tuned: dict[str, Any]) -> TrainConfig:
     """A faithful preset with every lever on, then the recipe's own values (which win)."""
     cfg = faithful()
     cfg.out_dir = out
-    overrides = {key: value for lever in MODERN_LEVERS.values() for key, value in lever.items()} | tuned
-    return apply_overrides(cfg, [f"{key}={value}" for key, value in overrides.items()])
+    return set_values(cfg, {key: value for lever in MODERN_LEVERS.values() for key, value in lever.items()} | tuned)
 
 
 # modded-nanogpt's record of 2025-01-04 (records/track_1_short/2025-01-04_SoftCap): FineWeb val
@@ -133,28 +133,28 @@ def _modern(faithful: typing.Callable[[], TrainConfig], out: str, tuned: dict[st
 # levers': 6 heads of 128, one sequence of 65,536 tokens per rank and micro-step, Adam (betas
 # 0.8/0.95, no decay) at 0.6 for the embeddings, 0.008 for the head, 0.04 for the scalars, Muon
 # at 0.05, constant then a linear decay to 0 over the last 40%, no warmup, 10,485,760 val tokens.
-RECORD_2025_01_04 = {
-    "model.n_head": "6", "model.block_size": "65536", "data.seq_len": "65536", "data.micro_batch": "1",
-    "data.path": "data/fineweb10B", "optim.total_batch_tokens": "524288", "optim.max_steps": "1390",
-    "optim.warmup_steps": "0", "optim.decay_frac": "0.4", "optim.max_lr": "0.6", "optim.min_lr": "0",
-    "optim.head_lr": "0.008", "optim.scalar_lr": "0.04", "optim.muon_lr": "0.05", "optim.muon_momentum": "0.95",
-    "optim.muon_weight_decay": "0", "optim.beta1": "0.8", "optim.beta2": "0.95", "optim.eps": "1e-8",
-    "optim.weight_decay": "0", "eval.val_every": "125", "eval.val_tokens": "10485760",
-    "eval.hellaswag_every": "125", "eval.sample_every": "500", "checkpoint.every": "500",
-    "runtime.bf16_embeddings": "true",
+RECORD_2025_01_04: dict[str, Any] = {
+    "model.n_head": 6, "model.block_size": 65536, "data.seq_len": 65536, "data.micro_batch": 1,
+    "data.path": "data/fineweb10B", "optim.total_batch_tokens": 524288, "optim.max_steps": 1390,
+    "optim.warmup_steps": 0, "optim.decay_frac": 0.4, "optim.max_lr": 0.6, "optim.min_lr": 0.0,
+    "optim.head_lr": 0.008, "optim.scalar_lr": 0.04, "optim.muon_lr": 0.05, "optim.muon_momentum": 0.95,
+    "optim.muon_weight_decay": 0.0, "optim.beta1": 0.8, "optim.beta2": 0.95, "optim.eps": 1e-8,
+    "optim.weight_decay": 0.0, "eval.val_every": 125, "eval.val_tokens": 10485760,
+    "eval.hellaswag_every": 125, "eval.sample_every": 500, "checkpoint.every": 500,
+    "runtime.bf16_embeddings": True,
 }
 # Tuned on the built-in corpus's val split (docs/benchmarks.md: the sweep and its numbers); the
 # long-context levers at the demo's 128 tokens: documents, and a window of 16-token blocks.
-DEMO_MODERN_TUNED = {
-    "optim.max_lr": "0.6", "optim.min_lr": "0", "optim.head_lr": "0.008", "optim.muon_lr": "0.005",
-    "optim.muon_momentum": "0.9", "optim.beta1": "0.8", "optim.eps": "1e-10", "optim.weight_decay": "0",
-    "optim.warmup_steps": "20", "optim.decay_frac": "0.4", "optim.muon_momentum_start": "0.85",
-    "optim.muon_momentum_warmup_steps": "100", "model.value_embeds": "1", "model.window_block": "16",
-    "model.window_start": "16", "model.window_end": "128",
+DEMO_MODERN_TUNED: dict[str, Any] = {
+    "optim.max_lr": 0.6, "optim.min_lr": 0.0, "optim.head_lr": 0.008, "optim.muon_lr": 0.005,
+    "optim.muon_momentum": 0.9, "optim.beta1": 0.8, "optim.eps": 1e-10, "optim.weight_decay": 0.0,
+    "optim.warmup_steps": 20, "optim.decay_frac": 0.4, "optim.muon_momentum_start": 0.85,
+    "optim.muon_momentum_warmup_steps": 100, "model.value_embeds": 1, "model.window_block": 16,
+    "model.window_start": 16, "model.window_end": 128,
 }
-TINY_MODERN_TUNED = {
-    "model.n_layer": "4", "model.value_embeds": "1", "model.window_block": "16", "model.window_start": "16",
-    "model.window_end": "48", "optim.muon_lr": "0.02", "optim.min_lr": "0", "optim.muon_momentum_warmup_steps": "5",
+TINY_MODERN_TUNED: dict[str, Any] = {
+    "model.n_layer": 4, "model.value_embeds": 1, "model.window_block": 16, "model.window_start": 16,
+    "model.window_end": 48, "optim.muon_lr": 0.02, "optim.min_lr": 0.0, "optim.muon_momentum_warmup_steps": 5,
 }
 
 TRAIN_PRESETS: dict[str, typing.Callable[[], TrainConfig]] = {

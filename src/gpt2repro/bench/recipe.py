@@ -35,7 +35,7 @@ from gpt2repro.config import TrainConfig
 from gpt2repro.data.prepare import prepare
 from gpt2repro.errors import UserError
 from gpt2repro.outdir import folder_target
-from gpt2repro.overrides import apply_overrides
+from gpt2repro.overrides import apply_overrides, as_overrides, values_of
 from gpt2repro.presets import MODERN_LEVERS, get_preset
 from gpt2repro.report.plot import plot_logs
 from gpt2repro.runlog import LOG_FILE, read_log
@@ -43,18 +43,6 @@ from gpt2repro.train.rundir import record_written
 from gpt2repro.train.trainer import train
 
 RECIPES = ("demo", "demo-modern")
-
-
-def settings_of(cfg: TrainConfig, keys) -> list[str]:
-    """``key=value`` overrides that set ``keys`` to their values in ``cfg``."""
-    overrides = []
-    for key in keys:
-        node = cfg
-        *parents, leaf = key.split(".")
-        for name in parents:
-            node = getattr(node, name)
-        overrides.append(f"{key}={getattr(node, leaf)}")
-    return overrides
 
 
 def run_one(preset: str, overrides: list[str], out: Path, data: Path, steps: int, val_every: int, seed: int) -> dict:
@@ -166,10 +154,10 @@ def run_ablation(out: Path, data: Path, steps: int, every: int, seed: int, runs:
         print(f"ablation: {lever} ...", flush=True)
         # added at the value demo-modern uses (the record's own may not fit the demo: 3 value
         # tables in 4 layers, a window of 128-token blocks in a 128-token context)
-        added = run_one("demo", [*common, *settings_of(get_preset("demo-modern"), keys)], out / f"demo+{lever}",
-                        data, steps, every, seed)
-        removed = run_one("demo-modern", [*common, *settings_of(TrainConfig(), keys)], out / f"demo-modern-{lever}",
-                          data, steps, every, seed)
+        on, off = values_of(get_preset("demo-modern"), keys), values_of(TrainConfig(), keys)
+        added = run_one("demo", [*common, *as_overrides(on)], out / f"demo+{lever}", data, steps, every, seed)
+        removed = run_one("demo-modern", [*common, *as_overrides(off)], out / f"demo-modern-{lever}", data, steps,
+                          every, seed)
         results.append({"lever": lever, "added": added, "removed": removed})
         rows.append([lever, f"{added['final']:.4f}", f"{added['final'] - faithful['final']:+.4f}",
                      f"{added['step_ms']:.0f}", f"{removed['final']:.4f}",
