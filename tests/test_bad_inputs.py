@@ -20,12 +20,12 @@ import pytest
 import torch
 
 from conftest import assert_one_line_error, main_result, make_pattern_shards, run_cli
+from gpt2repro import checkpoints as layout
 from gpt2repro.errors import UserError
 from gpt2repro.model.gpt import GPT
 from gpt2repro.model.io import save_model
 from gpt2repro.overrides import apply_overrides
 from gpt2repro.presets import MODEL_PRESETS, get_preset
-from gpt2repro.train import checkpoint as ckpt
 
 # ---------------------------------------------------------------------------
 # config values: TrainConfig.validate() (and the override parser in front of it)
@@ -246,11 +246,11 @@ def test_resume_with_max_steps_at_or_below_the_checkpoint(shards, finished_run, 
 
 def _resign(checkpoint):
     """meta.json's size and hash of config.json updated, so that only its content is wrong."""
-    meta = json.loads((checkpoint / ckpt.META_FILE).read_text())
+    meta = json.loads((checkpoint / layout.META_FILE).read_text())
     path = checkpoint / "config.json"
-    meta["files"]["config.json"] = {"bytes": path.stat().st_size, "sha256": ckpt._sha256(path)}
-    (checkpoint / ckpt.META_FILE).write_text(json.dumps(meta))
-    ckpt.verify_checkpoint(checkpoint)
+    meta["files"]["config.json"] = {"bytes": path.stat().st_size, "sha256": layout.sha256(path)}
+    (checkpoint / layout.META_FILE).write_text(json.dumps(meta))
+    layout.verify_checkpoint(checkpoint)
 
 
 @pytest.mark.parametrize("edit", ["no train", "step is text", "a list"])

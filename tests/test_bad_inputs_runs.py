@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from conftest import assert_one_line_error, main_result, make_pattern_shards
+from gpt2repro import checkpoints as layout
 from gpt2repro.model.gpt import GPT
 from gpt2repro.model.io import save_model
 from gpt2repro.outdir import FILES_MANIFEST
 from gpt2repro.presets import MODEL_PRESETS
-from gpt2repro.train import checkpoint as ckpt
 
 TINY = ["--preset", "tiny", "eval.sample_every=0"]
 
@@ -41,10 +41,10 @@ class _NoCapture:  # main_result's capsys, for a module fixture
 
 
 def _resign(checkpoint, name):
-    meta = json.loads((checkpoint / ckpt.META_FILE).read_text())
+    meta = json.loads((checkpoint / layout.META_FILE).read_text())
     path = checkpoint / name
-    meta["files"][name] = {"bytes": path.stat().st_size, "sha256": ckpt._sha256(path)}
-    (checkpoint / ckpt.META_FILE).write_text(json.dumps(meta))
+    meta["files"][name] = {"bytes": path.stat().st_size, "sha256": layout.sha256(path)}
+    (checkpoint / layout.META_FILE).write_text(json.dumps(meta))
 
 
 def test_resume_with_stop_at_step_at_the_checkpoint_trains_nothing(capsys, shards, stopped_run):
@@ -55,7 +55,7 @@ def test_resume_with_stop_at_step_at_the_checkpoint_trains_nothing(capsys, shard
         assert result.returncode == 0, result.stderr
         assert f"--stop-at-step {stop}: the run is at step 2 already; nothing to train" in result.stdout
     assert (stopped_run / "log.txt").read_text() == log
-    assert [p.name for p in ckpt.list_checkpoints(stopped_run)] == ["ckpt_000002"]
+    assert [p.name for p in layout.list_checkpoints(stopped_run)] == ["ckpt_000002"]
 
 
 @pytest.mark.parametrize("state", [{"step": 2}, [1, 2], {"step": "2", "optimizer": {}, "loader": {}, "rng": {}}])
@@ -64,8 +64,8 @@ def test_a_trainer_state_holding_the_wrong_dict(capsys, shards, stopped_run, tmp
 
     run = tmp_path / "run"
     shutil.copytree(stopped_run, run)
-    torch.save(state, run / "ckpt_000002" / ckpt.STATE_FILE)
-    _resign(run / "ckpt_000002", ckpt.STATE_FILE)
+    torch.save(state, run / "ckpt_000002" / layout.STATE_FILE)
+    _resign(run / "ckpt_000002", layout.STATE_FILE)
     result = main_result(capsys, "train", *TINY, "--data", shards, "--out", run, "--resume", "--max-steps", "4")
     assert_one_line_error(result, "trainer_state.pt: not a trainer state", "move this checkpoint aside")
 

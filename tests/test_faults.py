@@ -22,6 +22,7 @@ from conftest import (
     wait_for_train_step,
     weights,
 )
+from gpt2repro import checkpoints as layout
 from gpt2repro.errors import UserError
 from gpt2repro.model.gpt import GPT
 from gpt2repro.presets import MODEL_PRESETS
@@ -55,7 +56,7 @@ def test_sigkill_mid_run_then_resume_matches(shards, reference, tmp_path):
     wait_for_train_step(proc, out / "log.txt", 5)  # between checkpoints 4 and 6, give or take
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    newest = ckpt.list_checkpoints(out)[0].name
+    newest = layout.list_checkpoints(out)[0].name
     assert newest in ("ckpt_000004", "ckpt_000006")
     result = train_cli("--data", shards, "--out", out, "--resume", *COMMON)
     assert f"resuming from {out / newest}" in result.stdout
@@ -81,8 +82,8 @@ c._fsync = dying_fsync
     killed = patched_cli(patch, "train", "--preset", "tiny", "--data", shards, "--out", out, *COMMON)
     assert killed.returncode == -signal.SIGKILL
     assert list(out.glob(".tmp_ckpt_*")), "the kill should have left a partial checkpoint behind"
-    complete = ckpt.list_checkpoints(out)
-    assert all((p / ckpt.META_FILE).exists() for p in complete)
+    complete = layout.list_checkpoints(out)
+    assert all((p / layout.META_FILE).exists() for p in complete)
     if not complete:
         result = run_cli("train", "--preset", "tiny", "--data", shards, "--out", out, "--resume", *COMMON)
         assert_one_line_error(result, "--resume found no complete checkpoint")
@@ -100,7 +101,7 @@ def test_sigterm_checkpoints_and_exits_zero(shards, reference, tmp_path):
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr[-2000:]
     assert "(SIGTERM); continue with --resume" in stdout
-    (stopped,) = ckpt.list_checkpoints(out)
+    (stopped,) = layout.list_checkpoints(out)
     assert 3 <= int(stopped.name.split("_")[1]) < 10
     train_cli("--data", shards, "--out", out, "--resume", *COMMON, "checkpoint.every=0")
     assert max_abs_diff(weights(out, 10), reference) == 0.0
@@ -116,9 +117,9 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", disk_full)
     with pytest.raises(OSError, match="No space left"):
         ckpt.save_checkpoint(tmp_path, 4, model.state_dict(), model.config, {"step": 4}, {})
-    assert ckpt.list_checkpoints(tmp_path) == [good]
+    assert layout.list_checkpoints(tmp_path) == [good]
     assert not list(tmp_path.glob(".tmp_*"))
-    ckpt.verify_checkpoint(good)
+    layout.verify_checkpoint(good)
 
 
 def test_training_reports_a_failed_write_and_goes_on(shards, tmp_path):
@@ -136,7 +137,7 @@ torch.save = flaky_save
     result = patched_cli(patch, "train", "--preset", "tiny", "--data", shards, "--out", out, *COMMON)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "WARNING: checkpoint at step 4 failed" in result.stdout
-    names = [p.name for p in ckpt.list_checkpoints(out)]
+    names = [p.name for p in layout.list_checkpoints(out)]
     assert names == ["ckpt_000010", "ckpt_000008", "ckpt_000006", "ckpt_000002"]
 
 
@@ -156,7 +157,7 @@ def test_corrupt_checkpoint_is_refused_and_resume_falls_back(shards, tmp_path, h
     train_cli("--data", shards, "--out", out, *COMMON, "--stop-at-step", "4")
     _corrupt(out / "ckpt_000004", how)
     with pytest.raises(UserError, match="ckpt_000004: checkpoint is corrupt"):
-        ckpt.verify_checkpoint(out / "ckpt_000004")
+        layout.verify_checkpoint(out / "ckpt_000004")
     direct = run_cli("sample", "--model", out / "ckpt_000004", "--max-new-tokens", "2", "--num", "1")
     assert_one_line_error(direct, "ckpt_000004: checkpoint is corrupt")
     result = train_cli("--data", shards, "--out", out, "--resume", *COMMON, "--stop-at-step", "6")
@@ -175,14 +176,14 @@ def test_pickle_with_a_payload_is_refused(tmp_path):
 
     model = GPT(MODEL_PRESETS["tiny"])
     path = ckpt.save_checkpoint(tmp_path, 1, model.state_dict(), model.config, {"step": 1}, {})
-    state_file = path / ckpt.STATE_FILE
+    state_file = path / layout.STATE_FILE
     with open(state_file, "wb") as f:
         pickle.dump({"step": 1, "evil": Payload()}, f)
     # re-sign the file so that only the loader's weights_only refusal stands in the way
-    meta = json.loads((path / ckpt.META_FILE).read_text())
-    meta["files"][ckpt.STATE_FILE] = {"bytes": state_file.stat().st_size, "sha256": ckpt._sha256(state_file)}
-    (path / ckpt.META_FILE).write_text(json.dumps(meta))
-    ckpt.verify_checkpoint(path)
+    meta = json.loads((path / layout.META_FILE).read_text())
+    meta["files"][layout.STATE_FILE] = {"bytes": state_file.stat().st_size, "sha256": layout.sha256(state_file)}
+    (path / layout.META_FILE).write_text(json.dumps(meta))
+    layout.verify_checkpoint(path)
     with pytest.raises(UserError, match="refused to load"):
         ckpt.load_trainer_state(path)
     assert not marker.exists()
@@ -218,8 +219,8 @@ def test_nonfinite_loss_stops_with_the_step(poisoned_shards, tmp_path):
     out = tmp_path / "run"
     result = patched_cli(NAN_ON_POISON, "train", "--preset", "tiny", "--data", poisoned_shards, "--out", out, *COMMON)
     assert_one_line_error(result, "step 5: non-finite loss", "ckpt_000004")
-    assert [p.name for p in ckpt.list_checkpoints(out)] == ["ckpt_000004", "ckpt_000002"]
-    ckpt.verify_checkpoint(out / "ckpt_000004")
+    assert [p.name for p in layout.list_checkpoints(out)] == ["ckpt_000004", "ckpt_000002"]
+    layout.verify_checkpoint(out / "ckpt_000004")
 
 
 def test_nonfinite_rollback_skips_the_batch_and_says_so(poisoned_shards, tmp_path):

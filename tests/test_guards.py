@@ -25,6 +25,7 @@ from conftest import (
     write_corpus,
     write_jsonl,
 )
+from gpt2repro import checkpoints as layout
 from gpt2repro import demo
 from gpt2repro.cli import main
 from gpt2repro.train import checkpoint as ckpt
@@ -79,13 +80,13 @@ def test_train_refuses_a_run_folder_and_overwrite_replaces_only_the_run(shards, 
     both = cli_here(capsys, *TINY, "--data", shards, "--out", out, "--resume", "--overwrite", "max_steps=3")
     assert_one_line_error(both, "--resume", "--overwrite", "choose one")
     assert (out / "log.txt").read_bytes() == log_before
-    assert [p.name for p in ckpt.list_checkpoints(out)] == ["ckpt_000006", "ckpt_000004", "ckpt_000002"]
+    assert [p.name for p in layout.list_checkpoints(out)] == ["ckpt_000006", "ckpt_000004", "ckpt_000002"]
 
     replaced = cli_here(capsys, *TINY, "--data", shards, "--out", out, "--overwrite", "max_steps=3")
     assert replaced.returncode == 0, replaced.stderr
     assert "--overwrite: removed the earlier run" in replaced.stdout
     # no old checkpoint left for a later --resume, sample or eval to mistake for this run's
-    assert [p.name for p in ckpt.list_checkpoints(out)] == ["ckpt_000003"]
+    assert [p.name for p in layout.list_checkpoints(out)] == ["ckpt_000003"]
     assert train_steps(out / "log.txt") == [0, 1, 2]
     assert json.loads((out / "config.json").read_text())["optim"]["max_steps"] == 3
     assert not (out / "samples.txt").exists()  # the new run writes none
@@ -125,8 +126,8 @@ def test_second_train_is_locked_out_and_ctrl_c_saves_and_prints_the_resume_comma
             first.kill()
     assert first.returncode == 130, stderr[-2000:]
     assert "(SIGINT); continue with --resume" in stdout
-    (stopped,) = ckpt.list_checkpoints(out)
-    ckpt.verify_checkpoint(stopped)
+    (stopped,) = layout.list_checkpoints(out)
+    layout.verify_checkpoint(stopped)
     done = int(stopped.name.split("_")[1])
     assert train_steps(out / "log.txt")[-1] == done - 1
 
@@ -234,7 +235,7 @@ def test_out_of_the_wrong_kind_is_one_line_before_any_work(command, shards, fini
     a_file.write_text("precious")
     a_folder = tmp_path / "folder"
     a_folder.mkdir()
-    ckpt_dir = ckpt.list_checkpoints(finished_run)[0]
+    ckpt_dir = layout.list_checkpoints(finished_run)[0]
     takes_a_file = command in ("plot", "eval --json")
     wrong, under_a_file = (a_folder, a_file / "x.png") if takes_a_file else (a_file, a_file / "sub")
     line = {"prepare": ["prepare", "--source", "demo", "--out"], "train": [*TINY, "--data", shards, "--out"],
@@ -252,14 +253,14 @@ def test_out_of_the_wrong_kind_is_one_line_before_any_work(command, shards, fini
 
 
 def test_export_never_writes_into_our_folders_and_into_others_only_with_overwrite(finished_run, tmp_path, capsys):
-    ckpt_dir = ckpt.list_checkpoints(finished_run)[0]
+    ckpt_dir = layout.list_checkpoints(finished_run)[0]
     before = {p.name: p.read_bytes() for p in ckpt_dir.iterdir()}
     for out, needle in ((ckpt_dir, "is a gpt2repro checkpoint"), (finished_run, "is a gpt2repro training run"),
                         (ckpt_dir / "hf", f"is inside the checkpoint {ckpt_dir}")):
         result = cli_here(capsys, "export", "--model", ckpt_dir, "--out", out, "--overwrite")
         assert_one_line_error(result, f"--out {out}", needle)
     assert {p.name: p.read_bytes() for p in ckpt_dir.iterdir()} == before
-    ckpt.verify_checkpoint(ckpt_dir)
+    layout.verify_checkpoint(ckpt_dir)
 
     theirs = tmp_path / "hf"
     theirs.mkdir()
@@ -295,7 +296,7 @@ def test_demo_twice_into_one_folder_needs_overwrite(tmp_path, capsys, monkeypatc
     monkeypatch.setattr(demo, "train", train_without_val)
     replaced = cli_here(capsys, "demo", "--out", out, "--max-steps", 1, "--overwrite")
     assert replaced.returncode == 0, replaced.stderr
-    assert [p.name for p in ckpt.list_checkpoints(out)] == ["ckpt_000001"]
+    assert [p.name for p in layout.list_checkpoints(out)] == ["ckpt_000001"]
     assert train_steps(out / "log.txt") == [0]
     assert (out / "plot.png").read_bytes()[:8] == PNG
     assert (out / "notes.txt").read_text() == "mine"
@@ -316,7 +317,7 @@ resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))
 
 @pytest.mark.parametrize("command", ["prepare", "train", "eval --json", "plot", "export"])
 def test_a_full_disk_is_one_line_naming_the_path(command, shards, finished_run, hellaswag_items, tmp_path):
-    ckpt_dir = ckpt.list_checkpoints(finished_run)[0]
+    ckpt_dir = layout.list_checkpoints(finished_run)[0]
     out = tmp_path / "out"
     limit, args, path, what = {
         "prepare": (2000, ["prepare", "--source", write_corpus(tmp_path / "c.txt"), "--out", out,
@@ -336,7 +337,7 @@ def test_a_full_disk_is_one_line_naming_the_path(command, shards, finished_run, 
     if command == "train":  # safetensors' own error type, not an OSError: a warning, then a clean stop
         assert result.stdout.count("WARNING: checkpoint at step 1 failed (SafetensorError") == 1
         assert "2 checkpoint writes in a row failed" in result.stderr
-        assert ckpt.list_checkpoints(out) == [] and train_steps(out / "log.txt") == [0, 1]
+        assert layout.list_checkpoints(out) == [] and train_steps(out / "log.txt") == [0, 1]
     elif command == "eval --json":  # the results are printed before the write that fails
         assert "acc_norm" in result.stdout and not (out / "r.json").exists()
     elif command in ("plot", "export"):
@@ -365,9 +366,9 @@ def test_checkpoint_failures_of_any_type_are_retried_and_a_final_one_fails(shard
                           "the final checkpoint failed", "ckpt_000006 is intact", "--resume")
     warnings = [line for line in result.stdout.splitlines() if line.startswith("WARNING: ")]
     assert [w.split()[4] for w in warnings] == ["4", "8"], warnings
-    assert [p.name for p in ckpt.list_checkpoints(out)] == ["ckpt_000006", "ckpt_000002"]
+    assert [p.name for p in layout.list_checkpoints(out)] == ["ckpt_000006", "ckpt_000002"]
     assert not list(out.glob(".tmp_*")) and train_steps(out / "log.txt") == list(range(10))
-    ckpt.verify_checkpoint(out / "ckpt_000006")
+    layout.verify_checkpoint(out / "ckpt_000006")
 
 
 def test_a_failed_resave_keeps_that_steps_checkpoint(tmp_path, monkeypatch):

@@ -10,12 +10,12 @@ import types
 import pytest
 import torch
 
+from gpt2repro import checkpoints as layout
 from gpt2repro import runtime
 from gpt2repro.distributed import DistInfo
 from gpt2repro.model.generate import generate
 from gpt2repro.model.gpt import GPT
 from gpt2repro.presets import MODEL_PRESETS
-from gpt2repro.train import checkpoint as ckpt
 from gpt2repro.train.metrics import PEAK_BF16_FLOPS, RunLog, peak_flops
 
 
@@ -60,7 +60,7 @@ def test_a_checkpoint_swap_cut_short_is_put_back(tmp_path):
     (tmp_path / ".old_ckpt_000002_1").mkdir()  # moved aside, and its replacement is in place
     (tmp_path / "ckpt_000002").mkdir()
     (tmp_path / ".tmp_ckpt_000006_1").mkdir()  # half-written
-    ckpt.remove_temporaries(tmp_path)
+    layout.remove_temporaries(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_000002", "ckpt_000004"]
 
 

@@ -74,13 +74,15 @@ def train_command(args: argparse.Namespace) -> int:
     if cfg.init_from and args.resume:
         raise UserError(f"--init-from {cfg.init_from} starts a new run from that model's weights and "
                         "--resume continues this run from its own checkpoint: pass one of them")
-    from gpt2repro.load import load_init, start_from
+    from gpt2repro.load import load_init, resumed_config, start_from
     from gpt2repro.train.trainer import train
 
     is_main = os.environ.get("RANK", "0") == "0"
     init = load_init(cfg.init_from) if cfg.init_from else None
     if init:
         cfg = start_from(cfg, init, chosen_model_settings(args, cfg), log=print if is_main else lambda *a: None)
+    elif args.resume:
+        cfg = resumed_config(cfg)
     metrics = train(cfg, resume=args.resume, stop_at_step=args.stop_at_step, overwrite=args.overwrite,
                     init_weights=init.weights if init else None)
     if metrics.get("stopped_early") and is_main:

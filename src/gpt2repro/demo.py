@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 from gpt2repro.atomic import atomic_write
+from gpt2repro.checkpoints import RUN_DIRS, RUN_FILES, existing_run
 from gpt2repro.data.prepare import prepare
 from gpt2repro.data.tokenizer import decode, encode
 from gpt2repro.errors import UserError
@@ -19,7 +20,7 @@ from gpt2repro.outdir import FolderLock
 from gpt2repro.presets import get_preset
 from gpt2repro.report.plot import plot_logs
 from gpt2repro.runlog import LOG_FILE
-from gpt2repro.train.rundir import RUN_DIRS, RUN_FILES, check_new_run_folder, existing_run, record_written
+from gpt2repro.train.rundir import check_new_run_folder, record_written
 from gpt2repro.train.trainer import train
 
 DEMO_PROMPTS = ("The function", "In Python, a class", "The result of")

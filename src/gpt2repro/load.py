@@ -1,15 +1,17 @@
 """A MODEL argument made into a model: our checkpoint or run directory, a Hugging Face
 GPT-2 directory, or a hub name such as ``gpt2``.
 
-It sits above ``train`` (it reads our checkpoint layout) and below the commands
-that take ``--model``: eval, sample, export, bench and the demo. ``export_model``
-also decides where an export may go, since it knows which folders are ours.
+It reads our checkpoint layout (``gpt2repro.checkpoints``), beside ``train`` and independent of
+it, below the commands that take ``--model``: eval, sample, export, bench and the demo.
+``export_model`` also decides where an export may go, since it knows which folders are ours.
+``start_from`` and ``resumed_config`` give a run's config the model it starts from or continues.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import re
 import shutil
 from pathlib import Path
@@ -20,15 +22,14 @@ from safetensors import SafetensorError
 from safetensors.torch import save as safetensors_bytes
 
 from gpt2repro.atomic import writing
-from gpt2repro.config import GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE, ModelConfig, TrainConfig
+from gpt2repro.checkpoints import META_FILE, describe_ours, latest_checkpoint, verify_checkpoint
+from gpt2repro.config import GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE, ModelConfig, TrainConfig, model_config_from_dict
 from gpt2repro.device import pick_autocast_dtype, pick_device
 from gpt2repro.errors import UserError
 from gpt2repro.model.gpt import GPT
 from gpt2repro.model.hf import export_hf, from_pretrained
 from gpt2repro.model.io import load_model_dir, read_config
 from gpt2repro.outdir import folder_target
-from gpt2repro.train.checkpoint import META_FILE, latest_checkpoint, verify_checkpoint
-from gpt2repro.train.rundir import describe_ours
 
 
 def load_model(spec: str, device: str | torch.device = "cpu") -> GPT:
@@ -156,6 +157,21 @@ def weights_mismatch(config: ModelConfig, weights: dict[str, torch.Tensor]) -> s
         if tuple(weights[name].shape) != expected[name]:
             return f"its {name} is {tuple(weights[name].shape)}, not {expected[name]}"
     return None
+
+
+def resumed_config(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` for ``--resume``: a run started with --init-from took its model's shape from that
+    model, not from the preset, so ``cfg`` adopts it (and the source) from the run's newest
+    complete checkpoint. A checkpoint that cannot say is left to the trainer's checks."""
+    newest = latest_checkpoint(Path(cfg.out_dir), log=lambda *_: None)
+    try:
+        started = json.loads((newest / "config.json").read_text())["train"] if newest else {}
+        if isinstance(started, dict) and started.get("init_from") and not cfg.init_from:
+            cfg.model = model_config_from_dict(started["model"])
+            cfg.init_from, cfg.init_sha256 = started["init_from"], started.get("init_sha256", "")
+    except (OSError, ValueError, KeyError, TypeError, UserError):
+        pass
+    return cfg
 
 
 def start_from(cfg: TrainConfig, init: InitWeights, chosen: dict[str, str] | None = None, log=print) -> TrainConfig:

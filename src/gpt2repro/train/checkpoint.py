@@ -1,27 +1,18 @@
-"""Checkpoints that survive crashes, full disks and bit rot.
+"""Writing and reading checkpoints that survive crashes, full disks and bit rot.
 
-A checkpoint is a directory ``OUT/ckpt_<step>`` (step = optimizer steps completed):
-
-- ``model.safetensors`` + ``config.json``: the weights and the full run config
-  (a model directory that ``gpt2repro eval/sample/export`` load directly);
-- ``trainer_state.pt``: optimizer state, loader position, RNG states (``rng_state``);
-  only tensors and primitives, loaded with ``torch.load(weights_only=True)``;
-- ``meta.json``: byte size and sha256 of each file, written last.
-
-Everything is written into a hidden temporary directory that is renamed into
-place only when complete, so a crash mid-write leaves the previous checkpoint as
-the newest. On load, sizes and hashes are checked; a damaged checkpoint is
-refused with its reason and ``latest_checkpoint`` falls back to the one before.
+The layout (names, the meta.json integrity record, which checkpoint is the newest complete one,
+recovery of an interrupted swap) is ``gpt2repro.checkpoints``'s. A checkpoint is written into a
+hidden temporary directory that is renamed into place only when complete, so a crash mid-write
+leaves the previous checkpoint as the newest. Its trainer state holds only tensors and
+primitives and is loaded with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
 import random
-import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -29,27 +20,21 @@ from typing import Any
 
 import torch
 
-from gpt2repro.config import ModelConfig, TrainConfig, model_config_from_dict
+from gpt2repro.checkpoints import (
+    STATE_FILE,
+    checkpoint_name,
+    latest_checkpoint,
+    list_checkpoints,
+    moved_aside_path,
+    temporary_path,
+    write_meta,
+)
+from gpt2repro.config import ModelConfig, TrainConfig
 from gpt2repro.errors import UserError
 from gpt2repro.model.io import save_weights
 
 # Config keys that define the experiment: resuming with different values is refused.
 RESUME_MUST_MATCH = ("model", "data.seq_len", "optim.total_batch_tokens", "optim.optimizer")
-STATE_FILE = "trainer_state.pt"
-META_FILE = "meta.json"
-NAME = re.compile(r"^ckpt_(\d{6,})$")
-
-
-def checkpoint_name(step: int) -> str:
-    return f"ckpt_{step:06d}"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fsync(path: Path) -> None:
@@ -66,19 +51,16 @@ def save_checkpoint(run_dir: Path, step: int, weights: dict[str, torch.Tensor], 
     ``config``; then keep only the newest ``keep`` (0 keeps all)."""
     run_dir = Path(run_dir)
     final = run_dir / checkpoint_name(step)
-    tmp = run_dir / f".tmp_{final.name}_{os.getpid()}"
+    tmp = temporary_path(run_dir, step, os.getpid())
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         save_weights(weights, model_config, tmp, extra={"step": step, "train": config})
         torch.save(state, tmp / STATE_FILE)
-        files = sorted(p.name for p in tmp.iterdir())
-        meta = {"step": step, "files": {name: {"bytes": (tmp / name).stat().st_size,
-                                               "sha256": _sha256(tmp / name)} for name in files}}
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        for name in [*files, META_FILE]:
-            _fsync(tmp / name)
+        write_meta(tmp, step)
+        for path in tmp.iterdir():
+            _fsync(path)
         if final.exists():  # re-saving the same step (e.g. after a rollback): swap, then delete
-            old = run_dir / f".old_{final.name}_{os.getpid()}"
+            old = moved_aside_path(run_dir, step, os.getpid())
             final.rename(old)
             try:
                 tmp.rename(final)
@@ -96,58 +78,6 @@ def save_checkpoint(run_dir: Path, step: int, weights: dict[str, torch.Tensor], 
         for stale in list_checkpoints(run_dir)[keep:]:
             shutil.rmtree(stale, ignore_errors=True)
     return final
-
-
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Checkpoint directories, newest first. Temporary ones never match."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        return []
-    found = [p for p in run_dir.iterdir() if p.is_dir() and NAME.match(p.name)]
-    return sorted(found, key=lambda p: int(NAME.match(p.name).group(1)), reverse=True)
-
-
-def remove_temporaries(run_dir: Path) -> None:
-    """Half-written checkpoints left by a crash; a checkpoint moved aside for a re-save of its
-    step goes back into place when the crash came before its replacement did."""
-    for p in Path(run_dir).glob(".tmp_ckpt_*"):
-        shutil.rmtree(p, ignore_errors=True)
-    for p in Path(run_dir).glob(".old_ckpt_*"):
-        target = Path(run_dir) / p.name[len(".old_"):].rsplit("_", 1)[0]
-        if NAME.match(target.name) and not target.exists():
-            p.rename(target)
-        else:
-            shutil.rmtree(p, ignore_errors=True)
-
-
-def verify_checkpoint(path: Path) -> None:
-    """Raise UserError unless every file matches the size and sha256 in meta.json."""
-    meta_path = Path(path) / META_FILE
-    try:
-        meta = json.loads(meta_path.read_text())
-        files = meta["files"]
-    except (OSError, ValueError, KeyError, TypeError):
-        raise UserError(f"{path}: checkpoint is incomplete or corrupt ({META_FILE} missing or unreadable)") from None
-    for name, expected in files.items():
-        f = Path(path) / name
-        if not f.is_file():
-            raise UserError(f"{path}: checkpoint is corrupt ({name} is missing)")
-        if f.stat().st_size != expected["bytes"]:
-            raise UserError(f"{path}: checkpoint is corrupt ({name} has {f.stat().st_size} bytes, "
-                            f"expected {expected['bytes']})")
-        if _sha256(f) != expected["sha256"]:
-            raise UserError(f"{path}: checkpoint is corrupt ({name} fails its sha256 check)")
-
-
-def latest_checkpoint(run_dir: Path, log: Callable[[str], None] = print) -> Path | None:
-    """The newest checkpoint that verifies; damaged ones are reported and skipped."""
-    for path in list_checkpoints(run_dir):
-        try:
-            verify_checkpoint(path)
-            return path
-        except UserError as e:
-            log(f"{e}; falling back to an earlier checkpoint")
-    return None
 
 
 def after_a_failed_write(out_dir: Path, error: str, failures: int, allowed: int, final: bool,
@@ -217,9 +147,8 @@ def check_resume_config(saved: dict[str, Any], now: dict[str, Any], where: Path)
 
 
 def checkpoint_to_resume(run_dir: Path, cfg: TrainConfig, log: Callable[[str], None] = print) -> Path:
-    """The newest complete checkpoint of ``run_dir``, checked to continue ``cfg``'s experiment.
-    A run started with --init-from took its model's shape from that model, not from the
-    preset: ``cfg`` adopts it (and the source) from the checkpoint."""
+    """The newest complete checkpoint of ``run_dir``, checked to continue ``cfg``'s experiment
+    (a run started with --init-from: ``load.resumed_config`` has given ``cfg`` its model)."""
     path = latest_checkpoint(run_dir, log=log)
     if path is None:
         raise UserError(f"{run_dir}: --resume found no complete checkpoint to resume from; "
@@ -232,11 +161,7 @@ def checkpoint_to_resume(run_dir: Path, cfg: TrainConfig, log: Callable[[str], N
         raise UserError(f"{path / 'config.json'}: not a training checkpoint's config (a JSON object with a "
                         "'train' object and a 'step' number); move this checkpoint aside to resume from the "
                         "one before, or drop --resume")
-    started = saved["train"]
-    if started.get("init_from") and not cfg.init_from:
-        cfg.model = model_config_from_dict(started["model"])
-        cfg.init_from, cfg.init_sha256 = started["init_from"], started.get("init_sha256", "")
-    check_resume_config(started, cfg.to_dict(), path)
+    check_resume_config(saved["train"], cfg.to_dict(), path)
     max_steps = cfg.optim.max_steps
     if saved["step"] >= max_steps:
         raise UserError(f"optim.max_steps={max_steps} (--max-steps): {path.name} has already done "

@@ -6,9 +6,9 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+from gpt2repro.checkpoints import list_checkpoints
 from gpt2repro.config import ModelConfig, TrainConfig
 from gpt2repro.presets import MODEL_PRESETS
-from gpt2repro.train.checkpoint import list_checkpoints
 from gpt2repro.train.metrics import RunLog
 
 # `gpt2repro plot --sz` of each GPT-2 size: the summary's plot command draws that size's baselines.

@@ -24,45 +24,12 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from gpt2repro.atomic import atomic_write
+from gpt2repro.checkpoints import NAME, RUN_DIRS, RUN_FILES, TEMPORARY_PREFIXES, existing_run, recorded_names
 from gpt2repro.data.prepare import MANIFEST as SHARDS_MANIFEST
 from gpt2repro.distributed import any_rank
 from gpt2repro.errors import UserError, write_error
-from gpt2repro.model.io import read_config
 from gpt2repro.outdir import FILES_MANIFEST as MANIFEST
-from gpt2repro.outdir import LOCK_FILE, FolderLock, manifest_names
-from gpt2repro.runlog import LOG_FILE
-from gpt2repro.train.checkpoint import META_FILE, NAME, list_checkpoints
-
-RUN_FILES = (LOG_FILE, "samples.txt", "config.json")  # what the Trainer writes besides checkpoints
-RUN_DIRS = ("tb",)  # TensorBoard
-TEMPORARY_PREFIXES = (".tmp_ckpt_", ".old_ckpt_")  # checkpoints being written or swapped
-LEGACY_NAMES = (*RUN_FILES, *RUN_DIRS, "plot.png", "final_samples.txt")  # runs from before the manifest
-
-
-def existing_run(run_dir: str | Path) -> list[str]:
-    """The names that mark ``run_dir`` as holding a run: its log (one a run wrote) and its checkpoints."""
-    run_dir = Path(run_dir)
-    found = [LOG_FILE] if (run_dir / LOG_FILE).is_file() and LOG_FILE in recorded_names(run_dir) else []
-    return found + [p.name for p in list_checkpoints(run_dir)]
-
-
-def recorded_names(run_dir: Path) -> set[str]:
-    """The names gpt2repro wrote into ``run_dir``: its manifest's or, for a run written before
-    manifests (it has checkpoints, or a run's config.json), the names runs write."""
-    names = manifest_names(run_dir)
-    if names is not None:
-        return names
-    if list_checkpoints(run_dir) or _is_run_config(run_dir / "config.json"):
-        return {n for n in LEGACY_NAMES if (run_dir / n).exists()}
-    return set()
-
-
-def _is_run_config(path: Path) -> bool:
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(config, dict) and {"model", "data", "optim"} <= config.keys()
+from gpt2repro.outdir import LOCK_FILE, FolderLock
 
 
 def record_written(run_dir: Path, names: Iterable[str]) -> None:
@@ -117,20 +84,6 @@ class RunFolder:
             if removed:
                 self.log(f"--overwrite: removed the earlier run from {self.path} ({', '.join(removed)})")
         record_written(self.path, names)
-
-
-def describe_ours(folder: Path) -> str | None:
-    """What a gpt2repro command keeps in ``folder`` (a checkpoint, a run, shards being written), or None."""
-    if (folder / META_FILE).is_file():
-        return "a gpt2repro checkpoint"
-    with contextlib.suppress(UserError):  # an unreadable config.json is not ours to protect
-        if read_config(folder) is not None:
-            return "a gpt2repro model directory"
-    if existing_run(folder):
-        return "a gpt2repro training run"
-    if (folder / LOCK_FILE).exists():
-        return "a folder that a gpt2repro command is writing right now"
-    return None
 
 
 @contextlib.contextmanager

@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from gpt2repro import checkpoints as layout
 from gpt2repro.atomic import atomic_write, writing
 from gpt2repro.config import TrainConfig
 from gpt2repro.data.loader import TokenLoader
@@ -130,7 +131,7 @@ class Trainer:
             raise failed or UserError(f"{self.out_dir}: could not be prepared on rank 0; see its error")
         if self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            ckpt.remove_temporaries(self.out_dir)
+            layout.remove_temporaries(self.out_dir)
             atomic_write(self.out_dir / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
             self.run_log = RunLog(self.out_dir / LOG_FILE, resume_step=self.step if resume_from else None,
                                   tensorboard_dir=self.out_dir / "tb" if cfg.runtime.tensorboard else None,
@@ -170,7 +171,7 @@ class Trainer:
                 with stop.interruptible(self.rt.dist.world_size == 1):
                     self.evaluate(step, last, metrics)
             except StopNow:  # the weights are this step's, untouched: keep them
-                if not (self.out_dir / ckpt.checkpoint_name(step)).exists():
+                if not (self.out_dir / layout.checkpoint_name(step)).exists():
                     self.save(step, final=True)
                 metrics.update(stopped_early=True, stopped_by=stop.signal_name)
                 self.log(f"stopping at step {step}, during evaluation ({stop.signal_name}); continue with --resume")
@@ -281,7 +282,7 @@ class Trainer:
         if self.cfg.runtime.on_nonfinite == "rollback":
             self.rollback(step, what)
             return
-        newest = ckpt.latest_checkpoint(self.out_dir, log=self.log)
+        newest = layout.latest_checkpoint(self.out_dir, log=self.log)
         o = self.cfg.optim
         rates = "optim.max_lr" + (" (embeddings), optim.head_lr or optim.muon_lr" if o.optimizer == "muon" else "")
         if newest is None:
@@ -293,7 +294,7 @@ class Trainer:
     def rollback(self, bad_step: int, what: str) -> None:
         """Reload the newest checkpoint, replay up to the bad step, and skip that step's batch
         (logged, never silent)."""
-        path = ckpt.latest_checkpoint(self.out_dir, log=self.log)
+        path = layout.latest_checkpoint(self.out_dir, log=self.log)
         if path is None:
             raise UserError(f"step {bad_step}: {what}, and no checkpoint to roll back to; "
                             "lower optim.max_lr or set checkpoint.every")
