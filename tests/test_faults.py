@@ -223,10 +223,19 @@ def test_nonfinite_loss_stops_with_the_step(poisoned_shards, tmp_path):
     layout.verify_checkpoint(out / "ckpt_000004")
 
 
-def test_nonfinite_rollback_skips_the_batch_and_says_so(poisoned_shards, tmp_path):
-    out = tmp_path / "run"
-    result = patched_cli(NAN_ON_POISON, "train", "--preset", "tiny", "--data", poisoned_shards, "--out", out,
-                         *COMMON, "runtime.on_nonfinite=rollback")
+def rollback_run(data, out, *extra):
+    return patched_cli(NAN_ON_POISON, "train", "--preset", "tiny", "--data", data, "--out", out, *COMMON,
+                       "runtime.on_nonfinite=rollback", *extra)
+
+
+@pytest.fixture(scope="module")
+def rolled_back(poisoned_shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("rollback") / "run"
+    return out, rollback_run(poisoned_shards, out)
+
+
+def test_nonfinite_rollback_skips_the_batch_and_says_so(rolled_back):
+    out, result = rolled_back
     assert result.returncode == 0, result.stderr[-2000:]
     assert "step 5: non-finite loss" in result.stdout
     assert "rolled back to ckpt_000004 (step 4), step 5's batch will be skipped" in result.stdout
@@ -235,3 +244,16 @@ def test_nonfinite_rollback_skips_the_batch_and_says_so(poisoned_shards, tmp_pat
     assert train_steps == [0, 1, 2, 3, 4, 6, 7, 8, 9]
     final = weights(out, 10)
     assert all(torch.isfinite(t).all() for t in final.values())
+
+
+def test_resume_after_a_rollback_equals_the_uninterrupted_run(poisoned_shards, rolled_back, tmp_path):
+    """A run stopped after a rollback records the skipped batch in its checkpoint, and resumed it
+    ends with the uninterrupted run's weights: the data position, RNG and step count survive."""
+    out = tmp_path / "run"
+    stopped = rollback_run(poisoned_shards, out, "--stop-at-step", "6")
+    assert stopped.returncode == 0 and "rolled back to ckpt_000004" in stopped.stdout, stopped.stderr[-2000:]
+    assert ckpt.load_trainer_state(out / "ckpt_000006")["skip_steps"] == [5]
+    resumed = rollback_run(poisoned_shards, out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "at step 6" in resumed.stdout and "non-finite" not in resumed.stdout
+    assert max_abs_diff(weights(out, 10), weights(rolled_back[0], 10)) == 0.0

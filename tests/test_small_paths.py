@@ -16,6 +16,7 @@ from gpt2repro.distributed import DistInfo
 from gpt2repro.model.generate import generate
 from gpt2repro.model.gpt import GPT
 from gpt2repro.presets import MODEL_PRESETS
+from gpt2repro.rank0 import print0
 from gpt2repro.train.metrics import PEAK_BF16_FLOPS, RunLog, peak_flops
 
 
@@ -111,3 +112,14 @@ def test_a_finite_step_is_still_wrong_when_weights_explode_or_the_gradient_is_ze
     with torch.no_grad():
         model.bias.fill_(1e3)
     assert "exploded (a tensor with RMS 1e+03" in what_went_wrong(0, StepResult(3.0, 1.0, 1e-3), model, log_every=1)
+
+
+def test_print0_speaks_on_rank_0_only(monkeypatch, capsys):
+    """Every rank runs the same code: a line printed through print0 appears once under torchrun."""
+    for rank, shown in (("0", "hello\n"), ("1", ""), (None, "hello\n")):
+        if rank is None:
+            monkeypatch.delenv("RANK", raising=False)
+        else:
+            monkeypatch.setenv("RANK", rank)
+        print0("hello")
+        assert capsys.readouterr().out == shown, rank

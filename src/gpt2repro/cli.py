@@ -22,6 +22,7 @@ from gpt2repro.commands import (
 )
 from gpt2repro.errors import UserError, tell_the_launcher
 from gpt2repro.flags import build_parser
+from gpt2repro.rank0 import is_rank0, print0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -86,16 +87,15 @@ def main(argv: list[str] | None = None) -> int:
             raise
         # Under torchrun every rank meets the same bad input (rank 0's refusals reach the others
         # through one all-reduce): one line, from rank 0; every rank exits with the same code.
-        if os.environ.get("RANK", "0") == "0":
-            print(f"gpt2repro {args.command}: error: {e}", file=sys.stderr)
+        print0(f"gpt2repro {args.command}: error: {e}", file=sys.stderr)
+        if is_rank0():
             tell_the_launcher(f"gpt2repro {args.command}: error: {e}")
         return e.exit_code
     except KeyboardInterrupt as e:
         why = f" by a second {e}" if str(e) else ""
         hint = f"; the last checkpoint is intact, continue with: {resume_command(argv)}" \
             if args.command == "train" else ""
-        if os.environ.get("RANK", "0") == "0":
-            print(f"gpt2repro {args.command}: interrupted{why}{hint}", file=sys.stderr)
+        print0(f"gpt2repro {args.command}: interrupted{why}{hint}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `gpt2repro settings | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit

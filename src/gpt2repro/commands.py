@@ -13,6 +13,7 @@ import sys
 
 from gpt2repro.config import MAX_SAMPLE_TOKENS
 from gpt2repro.errors import UserError
+from gpt2repro.rank0 import print0
 
 
 def train_config(args: argparse.Namespace):
@@ -77,16 +78,15 @@ def train_command(args: argparse.Namespace) -> int:
     from gpt2repro.load import load_init, resumed_config, start_from
     from gpt2repro.train.trainer import train
 
-    is_main = os.environ.get("RANK", "0") == "0"
     init = load_init(cfg.init_from) if cfg.init_from else None
     if init:
-        cfg = start_from(cfg, init, chosen_model_settings(args, cfg), log=print if is_main else lambda *a: None)
+        cfg = start_from(cfg, init, chosen_model_settings(args, cfg), log=print0)
     elif args.resume:
         cfg = resumed_config(cfg)
     metrics = train(cfg, resume=args.resume, stop_at_step=args.stop_at_step, overwrite=args.overwrite,
                     init_weights=init.weights if init else None)
-    if metrics.get("stopped_early") and is_main:
-        print(f"continue with: {resume_command(getattr(args, 'argv', None))}")
+    if metrics.get("stopped_early"):
+        print0(f"continue with: {resume_command(getattr(args, 'argv', None))}")
         if metrics.get("stopped_by") == "SIGINT":
             return 130  # interrupted, as a shell expects from Ctrl-C, though the run is saved
     return 0

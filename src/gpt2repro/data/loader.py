@@ -23,6 +23,7 @@ import torch
 
 from gpt2repro.data.shards import check_token_ids, list_shards, open_shard
 from gpt2repro.errors import UserError
+from gpt2repro.rank0 import print0
 
 
 class TokenStream:
@@ -102,9 +103,8 @@ class TokenLoader:
             self.epoch += 1
             self.step = 0
             self._start_epoch()
-            if self.rank == 0:
-                print(f"data: {self.split} epoch {self.epoch - 1} done; starting epoch {self.epoch}"
-                      + (" with a new shard order" if self.shuffle_shards else ""), flush=True)
+            print0(f"data: {self.split} epoch {self.epoch - 1} done; starting epoch {self.epoch}"
+                   + (" with a new shard order" if self.shuffle_shards else ""), flush=True)
         return tokens[:-1].view(self.B, self.T), tokens[1:].view(self.B, self.T)
 
     def state_dict(self) -> dict:
@@ -152,10 +152,10 @@ def val_batches(data_dir, seq_len: int, n_tokens: int, micro_batch: int, rank: i
         raise UserError(f"{data_dir}: the val split has {len(stream):,} tokens, fewer than one "
                         f"sequence of seq_len + 1 = {seq_len + 1}; prepare with a larger --val-tokens")
     wanted = n_tokens // seq_len
-    if wanted > available and rank == 0 and (str(data_dir), n_tokens) not in _warned:
+    if wanted > available and (str(data_dir), n_tokens) not in _warned:
         _warned.add((str(data_dir), n_tokens))
-        print(f"data: warning: {data_dir} has {len(stream):,} val tokens, fewer than the "
-              f"{n_tokens:,} asked for; evaluating on {available * seq_len:,}", flush=True)
+        print0(f"data: warning: {data_dir} has {len(stream):,} val tokens, fewer than the "
+               f"{n_tokens:,} asked for; evaluating on {available * seq_len:,}", flush=True)
     mine = list(range(rank, min(wanted, available), world_size))
     for first in range(0, len(mine), micro_batch):
         rows = [stream.read(j * seq_len, seq_len + 1) for j in mine[first:first + micro_batch]]

@@ -31,6 +31,7 @@ from gpt2repro.model.attention import window_blocks
 from gpt2repro.model.generate import generate
 from gpt2repro.model.gpt import GPT
 from gpt2repro.model.io import load_state_strict, read_weights
+from gpt2repro.rank0 import print0
 from gpt2repro.runlog import LOG_FILE
 from gpt2repro.runtime import Runtime, choose_micro_batch, grad_accum_steps, setup_runtime
 from gpt2repro.train import checkpoint as ckpt
@@ -58,9 +59,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_at_step: int | None = 
     cfg.validate()
     rt = setup_runtime(cfg.runtime)
     try:
-        log = print if rt.dist.is_main else (lambda *a, **k: None)
         with rundir.claim(cfg.out_dir, resume=resume, overwrite=overwrite, is_main=rt.dist.is_main,
-                          device=rt.device, log=log) as folder, StopRequest() as stop:
+                          device=rt.device, log=print0) as folder, StopRequest() as stop:
             return Trainer(cfg, rt, resume, init_weights, folder).run(stop, stop_at_step)
     finally:
         shutdown_distributed()
@@ -89,7 +89,7 @@ class Trainer:
         self.cfg, self.rt = cfg, rt
         self.out_dir = Path(cfg.out_dir)
         self.is_main = rt.dist.is_main
-        self.log = print if self.is_main else (lambda *a, **k: None)
+        self.log = print0
 
         resume_from = ckpt.checkpoint_to_resume(self.out_dir, cfg, log=self.log) if resume else None
         check_model_states_fit(cfg, rt.device, rt.dist.world_size)
