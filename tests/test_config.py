@@ -8,8 +8,8 @@ from conftest import assert_one_line_error
 from gpt2repro.cli import main
 from gpt2repro.config import TrainConfig
 from gpt2repro.errors import UserError
-from gpt2repro.overrides import apply_overrides, as_overrides, config_keys, describe, set_values
-from gpt2repro.presets import MODEL_PRESETS, TRAIN_PRESETS, get_preset
+from gpt2repro.overrides import apply_overrides, as_overrides, config_keys, describe, set_values, values_of
+from gpt2repro.presets import MODEL_PRESETS, RECIPE_PAIRS, TRAIN_PRESETS, get_preset
 from gpt2repro.settings import allowed_text, choices, declared
 
 
@@ -48,6 +48,20 @@ def test_presets():
     for name in TRAIN_PRESETS:
         assert get_preset(name).model.vocab_size == 50304
     assert "optim.max_lr" in config_keys()
+
+
+@pytest.mark.parametrize("pair", RECIPE_PAIRS)
+def test_bench_recipe_pairs_differ_only_in_the_recipe(pair):
+    """``bench recipe --pair`` compares at equal tokens: the twins share shape, context and batch,
+    and the long pair's context holds several of the built-in corpus's documents."""
+    faithful, modern = get_preset(pair), get_preset(f"{pair}-modern")
+    same = ("model.n_layer", "model.n_embd", "model.block_size", "data.seq_len", "data.micro_batch",
+            "optim.total_batch_tokens", "optim.max_steps", "eval.val_tokens", "data.path")
+    assert values_of(faithful, same) == values_of(modern, same)
+    assert not faithful.model.switches() and modern.model.doc_mask and 0 < modern.model.window_start
+    assert modern.model.window_end <= modern.model.block_size
+    if pair == "demo-long":
+        assert faithful.data.seq_len == 1024 and modern.model.window_end < 1024  # the window slides
 
 
 def test_cli_help_lists_the_commands(cli):

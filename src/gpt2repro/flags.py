@@ -10,7 +10,7 @@ import os
 
 from gpt2repro.argtypes import Parser, count, count_list, number
 from gpt2repro.config import DataConfig, RuntimeConfig
-from gpt2repro.presets import PRESET_ALIASES, TRAIN_PRESETS
+from gpt2repro.presets import PRESET_ALIASES, RECIPE_PAIRS, TRAIN_PRESETS
 from gpt2repro.settings import choices, declared, flag_help
 
 PLOT_SIZES = ("124M", "350M", "774M", "1558M")
@@ -187,6 +187,9 @@ def _bench(sub, common: argparse.ArgumentParser) -> None:
     b = bench_sub.add_parser("recipe", parents=[common],
                              help="quality per token: demo vs demo-modern on the built-in corpus, optional ablation")
     b.add_argument("--out", default="runs/bench-recipe", help="a new folder for the runs, the data and the plot")
+    b.add_argument("--pair", default="demo", choices=RECIPE_PAIRS,
+                   help="the faithful preset, against its -modern twin: demo (128-token context) or demo-long "
+                        "(1,024 tokens: room for documents and a sliding window)")
     b.add_argument("--data", default=None, help="token shards (default: prepare the built-in corpus into OUT/data)")
     b.add_argument("--seeds", type=count_list(0, 2**32 - 1), default="1,2,3", help="comma list of seeds")
     b.add_argument("--max-steps", type=count(2), default=500, help="steps per run (the demo preset's 500)")

@@ -68,6 +68,17 @@ def _demo() -> TrainConfig:
     return cfg
 
 
+def _demo_long() -> TrainConfig:
+    # The demo at a 1,024-token context, one sequence per step: documents of the built-in corpus
+    # (about 1,100 tokens on average) now share sequences, and a window has room to slide.
+    cfg = _demo()
+    cfg.model.block_size = cfg.data.seq_len = cfg.optim.total_batch_tokens = 1024
+    cfg.data.micro_batch = 1
+    cfg.out_dir = "demo_long_out"
+    cfg.data.path = "demo_long_out/data"
+    return cfg
+
+
 def _tiny() -> TrainConfig:
     # For tests: seconds per run on a CPU.
     cfg = TrainConfig(model=dataclasses.replace(MODEL_PRESETS["tiny"]), out_dir="runs/tiny")
@@ -152,6 +163,10 @@ DEMO_MODERN_TUNED: dict[str, Any] = {
     "optim.muon_momentum_warmup_steps": 100, "model.value_embeds": 1, "model.window_block": 16,
     "model.window_start": 16, "model.window_end": 128,
 }
+# The window at 1,024 tokens: blocks of 128, growing from 1 to 4 (half the context at the end).
+DEMO_LONG_MODERN_TUNED: dict[str, Any] = DEMO_MODERN_TUNED | {
+    "model.window_block": 128, "model.window_start": 128, "model.window_end": 512,
+}
 TINY_MODERN_TUNED: dict[str, Any] = {
     "model.n_layer": 4, "model.value_embeds": 1, "model.window_block": 16, "model.window_start": 16,
     "model.window_end": 48, "optim.muon_lr": 0.02, "optim.min_lr": 0.0, "optim.muon_momentum_warmup_steps": 5,
@@ -169,8 +184,12 @@ TRAIN_PRESETS: dict[str, typing.Callable[[], TrainConfig]] = {
     "finetune": _finetune,
     "gpt2-124m-modern": lambda: _modern(TRAIN_PRESETS["gpt2-124m-10b"], "runs/gpt2-124m-modern", RECORD_2025_01_04),
     "demo-modern": lambda: _modern(_demo, "demo_out", DEMO_MODERN_TUNED),
+    "demo-long": _demo_long,
+    "demo-long-modern": lambda: _modern(_demo_long, "demo_long_out", DEMO_LONG_MODERN_TUNED),
     "tiny-modern": lambda: _modern(_tiny, "runs/tiny-modern", TINY_MODERN_TUNED),
 }
+# Faithful presets with a -modern twin of the same shape and batch, for ``bench recipe --pair``.
+RECIPE_PAIRS = ("demo", "demo-long")
 # Model-size names are accepted too and mean that size's 10B-token recipe.
 PRESET_ALIASES = {
     "gpt2": "gpt2-124m-10b",

@@ -1,7 +1,8 @@
 """``gpt2repro bench recipe``: quality per token, the faithful recipe against the modern one.
 
-Both train on the same data with the same batch (the ``demo`` and ``demo-modern``
-presets: same shape, same tokens per step) for each seed. The question: what
+Both train on the same data with the same batch (``--pair demo``: the ``demo`` and
+``demo-modern`` presets, same shape, same tokens per step; ``--pair demo-long``: the same at a
+1,024-token context, where documents and a sliding window have room to act) for each seed. The question: what
 fraction of the faithful run's tokens does the modern recipe need to reach the
 faithful run's final val loss? Two answers are printed:
 
@@ -41,8 +42,6 @@ from gpt2repro.report.plot import plot_logs
 from gpt2repro.runlog import LOG_FILE, read_log
 from gpt2repro.train.rundir import record_written
 from gpt2repro.train.trainer import train
-
-RECIPES = ("demo", "demo-modern")
 
 
 def run_one(preset: str, overrides: list[str], out: Path, data: Path, steps: int, val_every: int, seed: int) -> dict:
@@ -86,43 +85,44 @@ def bench_recipe(args: argparse.Namespace) -> dict:
     steps, every = args.max_steps, args.val_every
     if steps < 2 or every < 1 or any(not 0 < f < 1 for f in fractions):
         raise UserError("--max-steps must be at least 2, --val-every at least 1 and --fractions between 0 and 1")
+    names = {"faithful": args.pair, "modern": f"{args.pair}-modern"}
     if not args.data:
         prepare(source="demo", out_dir=data)
 
     common = list(getattr(args, "overrides", []))  # every run's, e.g. eval.val_tokens for a quick try
     runs: dict[tuple[str, int], dict] = {}
     for seed in seeds:
-        for preset in RECIPES:
+        for recipe, preset in names.items():
             print(f"training {preset} seed {seed} ({steps} steps) ...", flush=True)
-            runs[preset, seed] = run_one(preset, common, out / f"{preset}-seed{seed}", data, steps, every, seed)
+            runs[recipe, seed] = run_one(preset, common, out / f"{preset}-seed{seed}", data, steps, every, seed)
         for fraction in fractions:
             short = max(2, round(fraction * steps))
-            print(f"training demo-modern seed {seed} ({short} steps, its own schedule) ...", flush=True)
-            runs[f"demo-modern@{fraction}", seed] = run_one(
-                "demo-modern", common, out / f"demo-modern-{short}-seed{seed}", data, short, every, seed)
+            print(f"training {names['modern']} seed {seed} ({short} steps, its own schedule) ...", flush=True)
+            runs[f"modern@{fraction}", seed] = run_one(
+                names["modern"], common, out / f"{names['modern']}-{short}-seed{seed}", data, short, every, seed)
 
     rows, budget_needed, curve_needed = [], [], []
     for seed in seeds:
-        faithful, modern = runs["demo", seed], runs["demo-modern", seed]
+        faithful, modern = runs["faithful", seed], runs["modern", seed]
         target, total = faithful["final"], steps * faithful["tokens_per_step"]
-        reached = [f for f in fractions if runs[f"demo-modern@{f}", seed]["final"] <= target]
+        reached = [f for f in fractions if runs[f"modern@{f}", seed]["final"] <= target]
         budget = reached[0] if reached else (1.0 if modern["final"] <= target else float("inf"))
         needed = tokens_to_reach(target, modern["val"], modern["tokens_per_step"])
         curve = needed / total if needed is not None else float("inf")
         budget_needed.append(budget)
         curve_needed.append(curve)
-        short_finals = [f"{runs[f'demo-modern@{f}', seed]['final']:.4f}" for f in fractions]
+        short_finals = [f"{runs[f'modern@{f}', seed]['final']:.4f}" for f in fractions]
         rows.append([str(seed), f"{target:.4f}", f"{modern['final']:.4f}", *short_finals, f"{budget:g}",
                      f"{curve:.3f}", f"{faithful['step_ms']:.0f}", f"{modern['step_ms']:.0f}"])
-    print_table(f"bench recipe: demo vs demo-modern, {steps} steps × {runs['demo', seeds[0]]['tokens_per_step']} "
-                f"tokens, val every {every} steps, {machine_name()}",
+    print_table(f"bench recipe: {names['faithful']} vs {names['modern']}, {steps} steps × "
+                f"{runs['faithful', seeds[0]]['tokens_per_step']} tokens, val every {every} steps, {machine_name()}",
                 ["seed", "faithful final val", "modern final val",
                  *(f"modern in {f:g} of the tokens" for f in fractions), "budget needed", "curve reading",
                  "faithful ms/step", "modern ms/step"], rows)
     print(f"fraction of the faithful run's tokens the modern recipe needs: budget {max(budget_needed):g} "
           f"(worst seed), curve reading median {statistics.median(curve_needed):.3f}, max {max(curve_needed):.3f}")
-    print_curves(runs, seeds)
-    plot_logs([str(out / f"{p}-seed{seeds[0]}" / LOG_FILE) for p in RECIPES], out=str(out / "recipe.png"),
+    print_curves(runs, seeds, names)
+    plot_logs([str(out / f"{p}-seed{seeds[0]}" / LOG_FILE) for p in names.values()], out=str(out / "recipe.png"),
               x="tokens")
 
     ablation = None
@@ -131,33 +131,34 @@ def bench_recipe(args: argparse.Namespace) -> dict:
         unknown = [lever for lever in levers if lever not in MODERN_LEVERS]
         if unknown:
             raise UserError(f"--levers: unknown {', '.join(unknown)}; choose from {', '.join(MODERN_LEVERS)}")
-        ablation = run_ablation(out, data, steps, every, seeds[0], runs, levers, common)
+        ablation = run_ablation(out, data, steps, every, seeds[0], runs, levers, common, names)
     return {"budget": budget_needed, "curve": curve_needed, "ablation": ablation}
 
 
-def print_curves(runs: dict, seeds: list[int]) -> None:
+def print_curves(runs: dict, seeds: list[int], names: dict[str, str]) -> None:
     """Val loss at each evaluation, mean over seeds, both recipes side by side."""
-    steps = [s for s, _ in runs["demo", seeds[0]]["val"]]
-    mean = {p: [statistics.mean(runs[p, seed]["val"][i][1] for seed in seeds) for i in range(len(steps))]
-            for p in RECIPES}
-    print_table("val loss curves (mean over seeds)", ["step", "tokens", "demo", "demo-modern"],
-                [[str(s), f"{s * runs['demo', seeds[0]]['tokens_per_step']:,}", f"{mean['demo'][i]:.4f}",
-                  f"{mean['demo-modern'][i]:.4f}"] for i, s in enumerate(steps)])
+    steps = [s for s, _ in runs["faithful", seeds[0]]["val"]]
+    mean = {r: [statistics.mean(runs[r, seed]["val"][i][1] for seed in seeds) for i in range(len(steps))]
+            for r in names}
+    print_table("val loss curves (mean over seeds)", ["step", "tokens", *names.values()],
+                [[str(s), f"{s * runs['faithful', seeds[0]]['tokens_per_step']:,}", f"{mean['faithful'][i]:.4f}",
+                  f"{mean['modern'][i]:.4f}"] for i, s in enumerate(steps)])
 
 
 def run_ablation(out: Path, data: Path, steps: int, every: int, seed: int, runs: dict,
-                 levers: list[str], common: list[str]) -> list[dict]:
-    faithful, modern = runs["demo", seed], runs["demo-modern", seed]
+                 levers: list[str], common: list[str], names: dict[str, str]) -> list[dict]:
+    faithful, modern = runs["faithful", seed], runs["modern", seed]
     results, rows = [], []
     for lever in levers:
         keys = MODERN_LEVERS[lever]
         print(f"ablation: {lever} ...", flush=True)
-        # added at the value demo-modern uses (the record's own may not fit the demo: 3 value
-        # tables in 4 layers, a window of 128-token blocks in a 128-token context)
-        on, off = values_of(get_preset("demo-modern"), keys), values_of(TrainConfig(), keys)
-        added = run_one("demo", [*common, *as_overrides(on)], out / f"demo+{lever}", data, steps, every, seed)
-        removed = run_one("demo-modern", [*common, *as_overrides(off)], out / f"demo-modern-{lever}", data, steps,
-                          every, seed)
+        # added at the value the modern preset uses (the record's own may not fit the demo: 3
+        # value tables in 4 layers, a window of 128-token blocks in a 128-token context)
+        on, off = values_of(get_preset(names["modern"]), keys), values_of(TrainConfig(), keys)
+        added = run_one(names["faithful"], [*common, *as_overrides(on)], out / f"{names['faithful']}+{lever}", data,
+                        steps, every, seed)
+        removed = run_one(names["modern"], [*common, *as_overrides(off)], out / f"{names['modern']}-{lever}", data,
+                          steps, every, seed)
         results.append({"lever": lever, "added": added, "removed": removed})
         rows.append([lever, f"{added['final']:.4f}", f"{added['final'] - faithful['final']:+.4f}",
                      f"{added['step_ms']:.0f}", f"{removed['final']:.4f}",
