@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -101,3 +102,44 @@ def test_two_gloo_ranks_stop_at_once_on_a_second_signal(shards, tmp_path):
     stopped = [ln for ln in stderr.splitlines() if ln.startswith("gpt2repro train: interrupted by a second SIG")]
     assert len(stopped) == 1 and "--resume" in stopped[0], stderr[-3000:]  # one line, from rank 0
     assert not list((tmp_path / "run").glob("ckpt_*"))
+
+
+def rank_pids(launcher_pid: int, timeout: float = 60) -> dict[int, int]:
+    """{rank: pid} of the processes torchrun started, read from their environments."""
+    deadline, found = time.monotonic() + timeout, {}
+    while time.monotonic() < deadline and len(found) < 2:
+        for child in Path(f"/proc/{launcher_pid}/task/{launcher_pid}/children").read_text().split():
+            environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+            rank = [e.split(b"=", 1)[1] for e in environ if e.startswith(b"RANK=")]
+            if rank:
+                found[int(rank[0])] = int(child)
+        time.sleep(0.2)
+    return found
+
+
+@pytest.mark.slow
+def test_a_signal_on_one_rank_stops_every_rank_during_evaluation(tmp_path):
+    """A first SIGTERM that reaches rank 1 alone, while both ranks measure a long val loss, stops
+    both at the same batch within seconds (not at the end of the evaluation), with the checkpoint
+    of the step the run is at, and exit 0: the ranks agree between batches."""
+    shards = make_pattern_shards(tmp_path / "data", n_val=2_001_000)  # minutes of val batches
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "-m", "gpt2repro", "train", "--preset", "tiny", "--data", str(shards),
+                             "--out", str(tmp_path / "run"), "optim.max_steps=2", "eval.val_every=1",
+                             "eval.val_tokens=2000000"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        wait_for_line(proc, "outputs:")
+        time.sleep(2.0)  # into step 0's val loss
+        sent = time.monotonic()
+        os.kill(rank_pids(proc.pid)[1], signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert time.monotonic() - sent < 15, "the ranks did not stop the evaluation"
+    assert proc.returncode == 0, stderr[-3000:]
+    assert stdout.count("stopping at step 0, during evaluation (SIGTERM)") == 1, stdout[-3000:]
+    assert "| val loss" not in stdout  # stopped inside it, not after it
+    assert (tmp_path / "run" / "ckpt_000000").is_dir()

@@ -4,6 +4,7 @@ TensorBoard's copy of the log."""
 
 from __future__ import annotations
 
+import math
 import sys
 import types
 
@@ -12,7 +13,7 @@ import torch
 
 from gpt2repro import checkpoints as layout
 from gpt2repro import runtime
-from gpt2repro.distributed import DistInfo
+from gpt2repro.distributed import DistInfo, rounds_on_every_rank
 from gpt2repro.model.generate import generate
 from gpt2repro.model.gpt import GPT
 from gpt2repro.presets import MODEL_PRESETS
@@ -123,3 +124,12 @@ def test_print0_speaks_on_rank_0_only(monkeypatch, capsys):
             monkeypatch.setenv("RANK", rank)
         print0("hello")
         assert capsys.readouterr().out == shown, rank
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 8])
+def test_rounds_on_every_rank_are_the_rounds_the_last_rank_has(world_size):
+    """A collective inside an evaluation loop runs only in rounds that every rank reaches."""
+    for n_items in range(0, 40):
+        for per_round in (1, 2, 3, 5):
+            rounds = [math.ceil(len(range(r, n_items, world_size)) / per_round) for r in range(world_size)]
+            assert rounds_on_every_rank(n_items, world_size, per_round) == min(rounds)

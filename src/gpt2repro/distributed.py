@@ -7,6 +7,7 @@ the CPU; multi-node works through torchrun's rendezvous flags unchanged.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -71,9 +72,19 @@ def all_reduce_min(value: int, device) -> int:
     return int(t.item())
 
 
-def any_rank(flag: bool, device) -> bool:
-    """True if the flag is set on any rank: every rank takes the same branch."""
-    t = torch.tensor([int(flag)], device=device)
+def max_over_ranks(value: int, device) -> int:
+    t = torch.tensor([value], device=device)
     if dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return int(t.item())
+
+
+def any_rank(flag: bool, device) -> bool:
+    """True if the flag is set on any rank: every rank takes the same branch."""
+    return bool(max_over_ranks(int(flag), device))
+
+
+def rounds_on_every_rank(n_items: int, world_size: int, per_round: int) -> int:
+    """How many rounds of ``per_round`` items every rank gets when items r, r + W, ... go to
+    rank r: the last rank's count. Collectives inside a loop are safe in those rounds only."""
+    return math.ceil(len(range(world_size - 1, n_items, world_size)) / per_round)

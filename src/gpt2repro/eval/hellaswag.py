@@ -199,7 +199,8 @@ SCORINGS = {s.name: s for s in (
 def evaluate_scorings(model, items: list[dict], ending_scorer: Callable[[list[Question]], torch.Tensor], *,
                       scorings: tuple[str, ...] = tuple(SCORINGS), device="cpu", rank: int = 0,
                       world_size: int = 1, items_per_chunk: int = ITEMS_PER_CHUNK,
-                      progress: Callable[[int], Any] | None = None) -> dict:
+                      progress: Callable[[int], Any] | None = None,
+                      poll: Callable[[], None] | None = None) -> dict:
     """The named scorings on ``items`` with any ending scorer (``evaluate_hellaswag`` plugs in
     the packed rows; the bench and the tests build-nanogpt's loop): ``{"completion": {"acc",
     "acc_norm", "n", "items_per_s"}, ..., "n", "items_per_s"}``, the last two over all of them."""
@@ -208,7 +209,8 @@ def evaluate_scorings(model, items: list[dict], ending_scorer: Callable[[list[Qu
         raise ValueError(f"hellaswag scorings {list(scorings)}: choose one or more of {list(SCORINGS)}")
     start = time.perf_counter()
     results = {name: score(model, items, SCORINGS[name].tokenize, ending_scorer, device=device, rank=rank,
-                           world_size=world_size, items_per_chunk=items_per_chunk, progress=progress)
+                           world_size=world_size, items_per_chunk=items_per_chunk, progress=progress,
+                           poll=poll)
                for name in scorings}
     n = results[scorings[-1]]["n"]
     return {**results, "n": n, "items_per_s": n / (time.perf_counter() - start)}
@@ -217,20 +219,22 @@ def evaluate_scorings(model, items: list[dict], ending_scorer: Callable[[list[Qu
 def evaluate_hellaswag(model, items: list[dict], *, scorings: tuple[str, ...] = tuple(SCORINGS),
                        batch_size: int = 32, device="cpu", autocast_dtype: torch.dtype | None = None,
                        rank: int = 0, world_size: int = 1, items_per_chunk: int = ITEMS_PER_CHUNK,
-                       progress: Callable[[int], Any] | None = None) -> dict:
+                       progress: Callable[[int], Any] | None = None,
+                       poll: Callable[[], None] | None = None) -> dict:
     """The asked-for scorings on ``items``, packed and batched: ``{"completion": {"acc",
     "acc_norm", "n", "items_per_s"}, "harness": {...}, "n", "items_per_s"}``.
 
     ``model`` is our GPT (raw, not compiled or DDP-wrapped) on ``device``; it is put in eval
     mode and restored after. Under a process group, rank r scores items r, r + world_size, ...
     and the counts are summed across ranks, so every rank returns the global result.
-    ``progress(n)``: n more of this rank's items scored, once per chunk and scoring.
+    ``progress(n)``: n more of this rank's items scored, once per chunk and scoring; ``poll()``
+    before each chunk every rank has (``multiple_choice.score``).
     """
     def ending_scorer(questions):
         return ending_logprobs(model, questions, batch_size=batch_size, device=device,
                                autocast_dtype=autocast_dtype)
     return evaluate_scorings(model, items, ending_scorer, scorings=scorings, device=device, rank=rank,
-                             world_size=world_size, items_per_chunk=items_per_chunk, progress=progress)
+                             world_size=world_size, items_per_chunk=items_per_chunk, progress=progress, poll=poll)
 
 
 def summary_lines(results: dict) -> list[str]:

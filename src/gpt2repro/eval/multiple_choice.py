@@ -37,7 +37,7 @@ import torch
 from gpt2repro.config import GPT2_VOCAB_SIZE
 from gpt2repro.data.tokenizer import EOT_TOKEN
 from gpt2repro.device import autocast, resolve_ce_chunk_rows, to_device
-from gpt2repro.distributed import all_reduce_sum
+from gpt2repro.distributed import all_reduce_sum, rounds_on_every_rank
 from gpt2repro.errors import UserError
 
 # Questions are scored in chunks of this many: on a GPU, tokenizing and packing a chunk on the
@@ -185,7 +185,7 @@ def correct_counts(logprobs: torch.Tensor, questions: list[Question]) -> torch.T
 def score(model, items: Sequence[Any], to_question: Callable[[Any], Question],
           ending_scorer: Callable[[list[Question]], torch.Tensor], *, device="cpu", rank: int = 0,
           world_size: int = 1, items_per_chunk: int = ITEMS_PER_CHUNK,
-          progress: Callable[[int], Any] | None = None) -> dict:
+          progress: Callable[[int], Any] | None = None, poll: Callable[[], None] | None = None) -> dict:
     """``{"acc", "acc_norm", "n", "items_per_s"}`` of one scoring: every item made a question
     by ``to_question`` and fitted to the model's block, its endings' summed log-likelihoods
     from ``ending_scorer`` ((n, N) on ``device``; ``ending_logprobs`` or a reference).
@@ -194,6 +194,8 @@ def score(model, items: Sequence[Any], to_question: Callable[[Any], Question],
     rank r scores items r, r + world_size, ... and the counts are summed across ranks, so
     every rank returns the global result. ``progress(n)`` is told of each chunk of n of this
     rank's items as it is handed to the device (on a GPU the device may still be working on it).
+    ``poll()`` runs before each chunk that every rank has (it may hold a collective, and raise
+    to stop the scoring).
     """
     device = torch.device(device)
     was_training = model.training
@@ -204,7 +206,10 @@ def score(model, items: Sequence[Any], to_question: Callable[[Any], Question],
             start = time.perf_counter()
             counts = torch.zeros(3, dtype=torch.long, device=device)
             # The device runs one chunk while the host tokenizes and packs the next.
-            for first in range(0, len(mine), items_per_chunk):
+            rounds = rounds_on_every_rank(len(items), world_size, items_per_chunk)
+            for i, first in enumerate(range(0, len(mine), items_per_chunk)):
+                if poll is not None and i < rounds:
+                    poll()
                 questions = [fit_to_block(to_question(item), model.config.block_size)
                              for item in mine[first:first + items_per_chunk]]
                 counts += correct_counts(ending_scorer(questions), questions)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 
@@ -16,12 +16,13 @@ class StopRequest:
     """SIGTERM (what schedulers send before preemption) and Ctrl-C (SIGINT) ask for a checkpoint
     after the current step. A second one of either kind stops at once (``StopNow``), keeping the
     last checkpoint; so does the first inside ``interruptible()``: work that changes no training
-    state (evaluation, sampling), after which the trainer can checkpoint the step it is at."""
+    state (evaluation, sampling), after which the trainer can checkpoint the step it is at. Under
+    a process group the ranks must stop together: evaluation asks them all (``agree``)."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
-        self.signal_name: str | None = None  # the first stop signal received
+        self.signal_name: str | None = None  # the first stop signal received (or agreed on, see below)
         self.received = 0
         self._interruptible = False
         self._previous: dict[int, Any] = {}
@@ -42,6 +43,15 @@ class StopRequest:
         self.signal_name = self.signal_name or name
         if self.received > 1 or self._interruptible:
             raise StopNow(name)
+
+    def agree(self, max_over_ranks: Callable[[int], int]) -> None:
+        """Under a process group, where work in step on every rank can stop at once (evaluation,
+        between batches): raise ``StopNow`` on every rank if any rank received a stop signal.
+        ``max_over_ranks`` is the collective that tells them; every rank must call this together."""
+        received = max_over_ranks(int(signal.Signals[self.signal_name]) if self.signal_name else 0)
+        if received:
+            self.signal_name = self.signal_name or signal.Signals(received).name
+            raise StopNow(self.signal_name)
 
     @contextlib.contextmanager
     def interruptible(self, enabled: bool = True) -> Iterator[None]:

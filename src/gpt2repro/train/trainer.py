@@ -9,6 +9,7 @@ checkpoints that resume to the same parameters an uninterrupted run reaches.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -23,7 +24,7 @@ from gpt2repro.config import TrainConfig
 from gpt2repro.data.loader import TokenLoader
 from gpt2repro.data.tokenizer import decode, encode
 from gpt2repro.device import synchronize, to_device
-from gpt2repro.distributed import all_reduce_mean, any_rank, shutdown_distributed
+from gpt2repro.distributed import all_reduce_mean, any_rank, max_over_ranks, shutdown_distributed
 from gpt2repro.errors import UserError
 from gpt2repro.eval.hellaswag import evaluate_hellaswag, load_items_on_every_rank
 from gpt2repro.eval.val_loss import evaluate_val_loss_and_bpb
@@ -167,9 +168,9 @@ class Trainer:
         while self.step < max_steps:
             step = self.step
             last = step == max_steps - 1
-            try:  # one process: a signal stops evaluation at once (ranks would fall out of step)
-                with stop.interruptible(self.rt.dist.world_size == 1):
-                    self.evaluate(step, last, metrics)
+            try:  # a signal stops evaluation at once: on one process where it lands, on several
+                with stop.interruptible(self.rt.dist.world_size == 1):  # ranks between batches
+                    self.evaluate(step, last, metrics, stop)
             except StopNow:  # the weights are this step's, untouched: keep them
                 if not (self.out_dir / layout.checkpoint_name(step)).exists():
                     self.save(step, final=True)
@@ -350,18 +351,20 @@ class Trainer:
 
     # --- periodic evaluation -------------------------------------------------------------------
 
-    def evaluate(self, step: int, last: bool, metrics: dict[str, Any]) -> None:
+    def evaluate(self, step: int, last: bool, metrics: dict[str, Any], stop: StopRequest) -> None:
         cfg, rt = self.cfg, self.rt
         val = _due(step, cfg.eval.val_every, last)
         hella = self.hellaswag_items is not None and _due(step, cfg.eval.hellaswag_every, last)
         samples = step > 0 and _due(step, cfg.eval.sample_every, last)
         if not (val or hella or samples):
             return
+        # Several ranks: a stop signal on any of them stops every rank at the same batch.
+        poll = (lambda: stop.agree(lambda n: max_over_ranks(n, rt.device))) if rt.dist.enabled else None
         with self.parallel.eval_models() as (fast_model, model):
             if val:
                 metrics["val"], metrics["val_bpb"] = evaluate_val_loss_and_bpb(
                     fast_model, cfg.data.path, cfg.data.seq_len, cfg.eval.val_tokens, self.micro_batch, rt,
-                    window=self.window(step))
+                    window=self.window(step), poll=poll)
                 self.log(f"step {step:5d} | val loss {metrics['val']:.4f} | val bpb {metrics['val_bpb']:.4f}")
                 if self.run_log:
                     self.run_log.write(step, "val", metrics["val"])
@@ -370,13 +373,16 @@ class Trainer:
                 result = evaluate_hellaswag(model, self.hellaswag_items, scorings=("completion",),
                                             batch_size=self.micro_batch, device=rt.device,
                                             autocast_dtype=rt.autocast_dtype, rank=rt.dist.rank,
-                                            world_size=rt.dist.world_size)
+                                            world_size=rt.dist.world_size, poll=poll)
                 metrics["hella"] = result["completion"]["acc_norm"]
                 self.log(f"step {step:5d} | hellaswag acc_norm {metrics['hella']:.4f}")
                 if self.run_log:
                     self.run_log.write(step, "hella", metrics["hella"])
-            if samples and self.is_main:
-                self.write_samples(model, step)
+            if samples and self.is_main:  # several ranks: rank 0 stops sampling at once, all agree below
+                with contextlib.suppress(StopNow) if poll else contextlib.nullcontext(), stop.interruptible():
+                    self.write_samples(model, step)
+            if poll is not None:
+                poll()
 
     def write_samples(self, model: GPT, step: int) -> None:
         ev = self.cfg.eval
