@@ -42,12 +42,12 @@ def test_compiled_model_gives_the_same_loss():
     assert abs(eager_loss.item() - compiled_loss.item()) < 1e-5
 
 
-def bench_losses(variants, steps=3, warmup=1, preset="tiny"):
+def bench_losses(variants, steps=3, warmup=1, preset="tiny", overrides=()):
     """Run ``bench train`` on the tiny preset (or another); {variant: (loss at step 0, loss at the last step)}.
     Every variant takes ``warmup + steps`` optimizer steps on the same batch, so its last loss
     is measured after ``warmup + steps - 1`` updates."""
     result = run_cli("bench", "train", "--preset", preset, "--steps", steps, "--warmup", warmup,
-                     "--variants", ",".join(variants), cwd=REPO)
+                     "--variants", ",".join(variants), *overrides, cwd=REPO)
     assert result.returncode == 0, result.stderr[-2000:]
     header, _, *rows = [[c.strip() for c in line.split("|")[1:-1]] for line in result.stdout.splitlines()
                         if line.startswith("|")]
@@ -61,8 +61,8 @@ def bench_losses(variants, steps=3, warmup=1, preset="tiny"):
 
 def assert_same_training(losses):
     """Equal first losses: the same function. Equal last losses: the same optimizer steps.
-    The loss must also have fallen (by ~0.03 nats over 3 updates at lr 1e-4 on the repeated
-    batch), or an optimizer that never steps would pass too."""
+    The loss must also have fallen (over 3 updates at the preset's LR on the repeated batch),
+    or an optimizer that never steps would pass too."""
     reference_first, reference_last = next(iter(losses.values()))
     for variant, (first, last) in losses.items():
         assert abs(first - reference_first) < 1e-4, (variant, first, reference_first)
@@ -85,5 +85,9 @@ def test_bench_train_refuses_an_unknown_variant():
 
 
 def test_bench_train_of_the_modern_recipe_uses_muon_on_every_variant():
-    # Muon's bf16 Newton–Schulz: last losses agree to ~1e-5 here, like float32 AdamW's
-    assert_same_training(bench_losses(["eager", "foreach-adamw", "chunked-ce"], steps=5, preset="tiny-modern"))
+    # Adam's groups at a small LR: the variants' rounding differences (fused against foreach
+    # AdamW, chunked against plain cross-entropy) then stay below 1e-4 through Muon's bf16
+    # Newton–Schulz; at tiny-modern's own Adam LRs they grow to 3e-3 in 5 steps (measured).
+    small_adam = ["optim.max_lr=1e-4", "optim.head_lr=1e-4", "optim.scalar_lr=1e-4"]
+    assert_same_training(bench_losses(["eager", "foreach-adamw", "chunked-ce"], steps=5, preset="tiny-modern",
+                                      overrides=small_adam))

@@ -41,7 +41,7 @@ from gpt2repro.overrides import apply_overrides
 from gpt2repro.presets import get_preset
 from gpt2repro.runtime import setup_runtime
 from gpt2repro.train.metrics import mfu, peak_flops
-from gpt2repro.train.optim import partition_parameters
+from gpt2repro.train.optim import build_optimizers
 
 GPU_CHUNK_ROWS = 8192  # big enough to keep the matmuls efficient on a GPU
 CPU_VARIANTS = "baseline,eager,chunked-ce"
@@ -77,26 +77,15 @@ def build_variant(name: str, reference: GPT, device: torch.device):
     return model, model, context, chunk_rows
 
 
-def build_optimizers(name: str, raw, cfg: OptimConfig, device: torch.device) -> list[torch.optim.Optimizer]:
-    """AdamW (fused, or its multi-tensor loop) over everything; in a Muon recipe, over what Muon
-    does not take, with the recipe's Muon for the hidden matrices."""
-    options = {"foreach": True} if name == "foreach-adamw" or not fused_adamw_available(device) else {"fused": True}
-    if cfg.optimizer != "muon":
-        return [torch.optim.AdamW(raw.parameters(), lr=1e-4, betas=(0.9, 0.95), **options)]
-    parts = partition_parameters(raw)
-    rest = [p for part in ("embed", "head", "scalar") for _, p in parts[part]]
-    return [torch.optim.AdamW(rest, lr=1e-4, betas=(cfg.beta1, cfg.beta2), **options),
-            torch.optim.Muon([p for _, p in parts["hidden"]], lr=cfg.muon_lr, momentum=cfg.muon_momentum,
-                             adjust_lr_fn=cfg.muon_adjust_lr)]
-
-
 class Variant:
     """One variant's model and optimizers, stepped a few times per round."""
 
     def __init__(self, name: str, raw, model, context, ce_chunk_rows: int, cfg: OptimConfig, device: torch.device):
         self.name, self.model, self.context, self.device = name, model, context, device
         self.loss_options = {"ce_chunk_rows": ce_chunk_rows} if ce_chunk_rows else {}
-        self.optimizers = build_optimizers(name, raw, cfg, device)
+        # the product's optimizers at the preset's settings; the foreach-adamw variant without
+        # the fused kernel, to time one against the other
+        self.optimizers = build_optimizers(raw, cfg, fused=fused_adamw_available(device) and name != "foreach-adamw")
         self.times: list[float] = []
         self.first_loss: float | None = None
         self.last_loss: torch.Tensor | None = None  # read once at the end: no extra host sync per step
