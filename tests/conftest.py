@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -15,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 from torch.overrides import TorchFunctionMode
 
+from gpt2repro.cli import main
 from gpt2repro.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,18 +33,6 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
         prefix + [str(a) for a in args],
         cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout,
     )
-
-
-def main_result(capsys, *argv) -> subprocess.CompletedProcess:
-    """``gpt2repro ARGV`` through ``cli.main`` in this process, as a CompletedProcess."""
-    from gpt2repro import cli
-
-    try:
-        code = cli.main([str(a) for a in argv])
-    except SystemExit as e:  # argparse's exit
-        code = e.code
-    out, err = capsys.readouterr()
-    return subprocess.CompletedProcess(argv, code, out, err)
 
 
 def assert_one_line_error(result, *needles: str) -> None:
@@ -68,6 +59,21 @@ def one_line_user_error(call, *needles):
 @pytest.fixture
 def cli():
     return run_cli
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory):
+    """Learnable shards (PATTERN_TOKENS: 8,192 train, 1,024 val) that no test writes into; a
+    module that needs other data defines its own ``shards``."""
+    return make_pattern_shards(tmp_path_factory.mktemp("pattern_shards"))
+
+
+@pytest.fixture(scope="session")
+def finished_run(shards, tmp_path_factory):
+    """A 2-step tiny run with its final checkpoint, ckpt_000002, that no test writes into (copy it)."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    assert main(["train", "--preset", "tiny", "--data", str(shards), "--out", str(out), "max_steps=2"]) == 0
+    return out
 
 
 # Tensor methods that copy a value to the host, and so wait for the device.
@@ -141,11 +147,6 @@ def run_main(*args: str) -> subprocess.CompletedProcess:
     """``gpt2repro ARGS`` in this process, without a new interpreter (no second torch import): a
     CompletedProcess like ``run_cli``'s, with what the command printed. For commands whose
     failures are ``UserError`` lines or argparse errors, as the real command line prints them."""
-    import contextlib
-    import io
-
-    from gpt2repro.cli import main
-
     out, err = io.StringIO(), io.StringIO()
     argv = [str(a) for a in args]
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):

@@ -19,7 +19,7 @@ import time
 import pytest
 import torch
 
-from conftest import assert_one_line_error, main_result, make_pattern_shards, run_cli
+from conftest import assert_one_line_error, run_cli, run_main
 from gpt2repro import checkpoints as layout
 from gpt2repro.errors import UserError
 from gpt2repro.model.gpt import GPT
@@ -199,27 +199,13 @@ FLAG_CASES = [
 
 @pytest.mark.parametrize("argv, needles", FLAG_CASES, ids=[" ".join(a) or "(none)" for a, _ in FLAG_CASES])
 def test_bad_flag_is_one_line(capsys, argv, needles):
-    result = main_result(capsys, *argv)
+    result = run_main(*argv)
     assert result.returncode == 2
     assert_one_line_error(result, *needles)
 
 
 # ---------------------------------------------------------------------------
 # train: what needs a run or a checkpoint
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return make_pattern_shards(tmp_path_factory.mktemp("bad_input_shards"), n_train=4096, n_val=512)
-
-
-@pytest.fixture(scope="module")
-def finished_run(shards, tmp_path_factory):
-    """A tiny run of 2 steps with its final checkpoint, ckpt_000002."""
-    out = tmp_path_factory.mktemp("finished") / "run"
-    result = run_cli("train", "--preset", "tiny", "--data", shards, "--out", out, "optim.max_steps=2")
-    assert result.returncode == 0, result.stderr[-2000:]
-    return out
 
 
 def test_log_every_zero_means_no_step_lines(shards, tmp_path):
@@ -281,7 +267,7 @@ def test_a_model_config_with_the_wrong_content(capsys, tmp_path, model, needle):
     save_model(GPT(MODEL_PRESETS["tiny"]), tmp_path / "m")
     content = {"format": "gpt2repro", **({"model": model} if model is not None else {})}
     (tmp_path / "m" / "config.json").write_text(json.dumps(content))
-    result = main_result(capsys, "sample", "--model", tmp_path / "m", "--device", "cpu")
+    result = run_main("sample", "--model", tmp_path / "m", "--device", "cpu")
     assert_one_line_error(result, str(tmp_path / "m" / "config.json"), needle)
 
 
@@ -290,7 +276,7 @@ def test_a_model_config_with_the_wrong_content(capsys, tmp_path, model, needle):
 
 
 def test_sample_refuses_more_tokens_than_a_run_makes(capsys, tmp_path):
-    result = main_result(capsys, "sample", "--model", tmp_path, "--num", "4", "--max-new-tokens", "1e6")
+    result = run_main("sample", "--model", tmp_path, "--num", "4", "--max-new-tokens", "1e6")
     assert_one_line_error(result, "--num 4 × --max-new-tokens 1000000 = 4,000,000 new tokens", "lower --num")
 
 
@@ -302,7 +288,7 @@ def test_sample_refuses_more_samples_than_memory_holds(capsys, finished_run, mon
     # 56 new tokens, its whole block) do not fit. (With the real free memory this would take ~1e9
     # samples, which a broken check would try to allocate.)
     monkeypatch.setattr(device, "free_memory_bytes", lambda dev: 2**20)
-    result = main_result(capsys, "sample", "--model", finished_run, "--num", "100", "--max-new-tokens", "56",
+    result = run_main("sample", "--model", finished_run, "--num", "100", "--max-new-tokens", "56",
                          "--device", "cpu")
     assert_one_line_error(result, "--num 100", "0.0 GiB free", "lower --num (about 10 fit)")
 
@@ -375,12 +361,12 @@ def test_a_hub_name_asks_the_hub_once(tmp_path):
 
 def test_an_unlikely_hub_name_never_reaches_the_network(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    result = main_result(capsys, "sample", "--model", "my run:final", "--device", "cpu")
+    result = run_main("sample", "--model", "my run:final", "--device", "cpu")
     assert_one_line_error(result, "my run:final: no such directory")
 
 
 def test_missing_hellaswag_model_path(capsys, tmp_path):
     items = tmp_path / "hs.jsonl"
     items.write_text(json.dumps({"ctx": "a", "endings": ["b", "c", "d", "e"], "label": 0}) + "\n")
-    result = main_result(capsys, "eval", "hellaswag", "--model", tmp_path / "gone", "--data", items)
+    result = run_main("eval", "hellaswag", "--model", tmp_path / "gone", "--data", items)
     assert_one_line_error(result, "gone: no such directory")

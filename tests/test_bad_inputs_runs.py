@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from conftest import assert_one_line_error, main_result, make_pattern_shards
+from conftest import assert_one_line_error, run_main
 from gpt2repro import checkpoints as layout
 from gpt2repro.model.gpt import GPT
 from gpt2repro.model.io import save_model
@@ -20,24 +20,14 @@ TINY = ["--preset", "tiny", "eval.sample_every=0"]
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return make_pattern_shards(tmp_path_factory.mktemp("run_shards"), n_train=4096, n_val=512)
-
-
-@pytest.fixture(scope="module")
 def stopped_run(shards, tmp_path_factory):
     """A 4-step run stopped after step 2, with ckpt_000002."""
     out = tmp_path_factory.mktemp("stopped") / "run"
-    result = main_result(_NoCapture(), "train", *TINY, "--data", shards, "--out", out, "--max-steps", "4",
+    result = run_main("train", *TINY, "--data", shards, "--out", out, "--max-steps", "4",
                          "--stop-at-step", "2")
     assert result.returncode == 0, result.stderr
     return out
 
-
-class _NoCapture:  # main_result's capsys, for a module fixture
-    @staticmethod
-    def readouterr():
-        return "", ""
 
 
 def _resign(checkpoint, name):
@@ -50,7 +40,7 @@ def _resign(checkpoint, name):
 def test_resume_with_stop_at_step_at_the_checkpoint_trains_nothing(capsys, shards, stopped_run):
     log = (stopped_run / "log.txt").read_text()
     for stop in ("2", "1"):
-        result = main_result(capsys, "train", *TINY, "--data", shards, "--out", stopped_run, "--resume",
+        result = run_main("train", *TINY, "--data", shards, "--out", stopped_run, "--resume",
                              "--max-steps", "4", "--stop-at-step", stop)
         assert result.returncode == 0, result.stderr
         assert f"--stop-at-step {stop}: the run is at step 2 already; nothing to train" in result.stdout
@@ -66,7 +56,7 @@ def test_a_trainer_state_holding_the_wrong_dict(capsys, shards, stopped_run, tmp
     shutil.copytree(stopped_run, run)
     torch.save(state, run / "ckpt_000002" / layout.STATE_FILE)
     _resign(run / "ckpt_000002", layout.STATE_FILE)
-    result = main_result(capsys, "train", *TINY, "--data", shards, "--out", run, "--resume", "--max-steps", "4")
+    result = run_main("train", *TINY, "--data", shards, "--out", run, "--resume", "--max-steps", "4")
     assert_one_line_error(result, "trainer_state.pt: not a trainer state", "move this checkpoint aside")
 
 
@@ -78,15 +68,15 @@ def test_a_truncated_safetensors_file_in_a_hugging_face_folder(capsys, shards, t
     weights = folder / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     capsys.readouterr()  # transformers' own progress bars while saving
-    result = main_result(capsys, "train", *TINY, "--data", shards, "--out", tmp_path / "run", "--init-from", folder)
+    result = run_main("train", *TINY, "--data", shards, "--out", tmp_path / "run", "--init-from", folder)
     assert_one_line_error(result, "hf: could not load a Hugging Face GPT-2", "incomplete metadata")
     assert not (tmp_path / "run").exists()
 
 
 def test_a_bad_runtime_device_names_the_key(capsys, shards, tmp_path):
-    result = main_result(capsys, "train", *TINY, "--data", shards, "--out", tmp_path / "run", "runtime.device=tpu")
+    result = run_main("train", *TINY, "--data", shards, "--out", tmp_path / "run", "runtime.device=tpu")
     assert_one_line_error(result, "runtime.device=tpu: not a device", "use auto, cuda, cuda:N, mps or cpu")
-    result = main_result(capsys, "sample", "--model", tmp_path, "--device", "tpu")
+    result = run_main("sample", "--model", tmp_path, "--device", "tpu")
     assert_one_line_error(result, "--device tpu: not a device")
 
 
@@ -96,10 +86,10 @@ def test_a_bad_runtime_device_names_the_key(capsys, shards, tmp_path):
 
 def test_a_dangling_symlink_as_out_or_model(capsys, shards, tmp_path):
     (tmp_path / "broken").symlink_to(tmp_path / "nowhere")
-    result = main_result(capsys, "train", *TINY, "--data", shards, "--out", tmp_path / "broken")
+    result = run_main("train", *TINY, "--data", shards, "--out", tmp_path / "broken")
     assert_one_line_error(result, "broken: a symbolic link to", "does not exist")
     (tmp_path / "loop").symlink_to(tmp_path / "loop")
-    result = main_result(capsys, "sample", "--model", tmp_path / "loop", "--device", "cpu")
+    result = run_main("sample", "--model", tmp_path / "loop", "--device", "cpu")
     assert_one_line_error(result, "loop: a symbolic link to", "(or loops)")
     assert "hub" not in result.stderr
     assert (tmp_path / "broken").is_symlink() and not (tmp_path / "nowhere").exists()
@@ -124,9 +114,9 @@ def test_a_result_file_is_never_one_of_ours(capsys, tmp_path, our_files, which):
     before = target.read_bytes() if target.exists() else None
     log = tmp_path / "log.txt"
     log.write_text("0 train 5.0\n1 val 4.5\n")
-    plotted = main_result(capsys, "plot", "--log", log, "--out", target if which == "record" else
+    plotted = run_main("plot", "--log", log, "--out", target if which == "record" else
                           target.parent / "plot.png")
-    evaluated = main_result(capsys, "eval", "loss", "--model", tmp_path / "model", "--data", tmp_path / "nowhere",
+    evaluated = run_main("eval", "loss", "--model", tmp_path / "model", "--data", tmp_path / "nowhere",
                             "--json", target)
     for result in (evaluated, plotted):
         assert_one_line_error(result, "which gpt2repro reads back")
@@ -141,7 +131,7 @@ def test_eval_json_into_a_read_only_folder_fails_before_the_model_loads(capsys, 
         real_access = os.access
         monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(folder) else real_access(p, mode))
     try:
-        result = main_result(capsys, "eval", "loss", "--model", tmp_path / "gone", "--data", tmp_path,
+        result = run_main("eval", "loss", "--model", tmp_path / "gone", "--data", tmp_path,
                              "--json", folder / "r.json")
     finally:
         folder.chmod(0o700)
@@ -166,7 +156,7 @@ def log_file(tmp_path):
 ])
 def test_plot_out_that_cannot_be_written(capsys, tmp_path, log_file, out, needle):
     (tmp_path / "folder").mkdir()
-    result = main_result(capsys, "plot", "--log", log_file, "--out", tmp_path / out)
+    result = run_main("plot", "--log", log_file, "--out", tmp_path / out)
     assert_one_line_error(result, "--out", needle)
     assert not list(tmp_path.glob("plot*"))
 
@@ -177,14 +167,14 @@ def test_parquet_text_column_that_is_not_strings(capsys, tmp_path, column):
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"text": column}), tmp_path / "t.parquet")
-    result = main_result(capsys, "prepare", "--source", tmp_path / "t.parquet", "--out", tmp_path / "o")
+    result = run_main("prepare", "--source", tmp_path / "t.parquet", "--out", tmp_path / "o")
     assert_one_line_error(result, "t.parquet", "the \"text\" column holds", "not strings")
 
 
 def test_plot_warns_about_values_outside_their_range(capsys, tmp_path):
     log = tmp_path / "log.txt"
     log.write_text("0 train 5.0\n1 train 4.0\n1 val nan\n1 hella 1.5\n2 val 4.2\n2 hella 0.3\n")
-    result = main_result(capsys, "plot", "--log", log, "--out", tmp_path / "p.png")
+    result = run_main("plot", "--log", log, "--out", tmp_path / "p.png")
     assert result.returncode == 0, result.stderr
     assert "2 value(s) outside their stream's range, not drawn: val nan (step 1), hella 1.5 (step 1)" in result.stdout
     assert "max HellaSwag 0.3000 (step 2)" in result.stdout  # 1.5 is not the best
@@ -194,7 +184,7 @@ def test_plot_by_tokens_says_when_the_runs_config_is_unreadable(capsys, tmp_path
     log = tmp_path / "log.txt"
     log.write_text("0 train 5.0\n1 train 4.0\n")
     (tmp_path / "config.json").write_text("{not json")
-    result = main_result(capsys, "plot", "--log", log, "--out", tmp_path / "p.png", "--x", "tokens",
+    result = run_main("plot", "--log", log, "--out", tmp_path / "p.png", "--x", "tokens",
                          "--tokens-per-step", "1000")
     assert result.returncode == 0, result.stderr
     assert f"warning: {tmp_path / 'config.json'}: unreadable" in result.stdout
@@ -208,9 +198,9 @@ def test_exploding_weights_stop_the_run_though_the_loss_is_finite(capsys, shards
     # a learning rate of 9 moves the LayerNorm gains from 1 to about 10 in its first step.
     monkeypatch.setattr(health, "MAX_WEIGHT_RMS", 5.0)
     run = ["train", *TINY, "--data", shards, "--max-steps", "3", "optim.warmup_steps=0", "runtime.log_every=1"]
-    sane = main_result(capsys, *run, "--out", tmp_path / "sane")
+    sane = run_main(*run, "--out", tmp_path / "sane")
     assert sane.returncode == 0, sane.stderr
-    result = main_result(capsys, *run, "--out", tmp_path / "wild", "optim.max_lr=9", "optim.min_lr=0")
+    result = run_main(*run, "--out", tmp_path / "wild", "optim.max_lr=9", "optim.min_lr=0")
     assert_one_line_error(result, "step 0: the weights have exploded (a tensor with RMS", "above 5",
                           "though the loss is finite", "stopped before any checkpoint: lower optim.max_lr")
 
@@ -218,7 +208,7 @@ def test_exploding_weights_stop_the_run_though_the_loss_is_finite(capsys, shards
 def test_prepare_with_more_workers_than_cores_uses_the_cores(capsys, tmp_path):
     corpus = tmp_path / "c.txt"
     corpus.write_text("A short document about tokens.\n\nAnother one, also short.\n")
-    result = main_result(capsys, "prepare", "--source", corpus, "--out", tmp_path / "data", "--workers", "1e6",
+    result = run_main("prepare", "--source", corpus, "--out", tmp_path / "data", "--workers", "1e6",
                          "--val-tokens", "8", "--shard-tokens", "8")
     assert result.returncode == 0, result.stderr
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

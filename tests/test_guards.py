@@ -46,19 +46,6 @@ def train_steps(log: Path) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return make_pattern_shards(tmp_path_factory.mktemp("guard_shards"))
-
-
-@pytest.fixture(scope="module")
-def finished_run(shards, tmp_path_factory):
-    """A 2-step tiny run with its one checkpoint."""
-    out = tmp_path_factory.mktemp("finished") / "run"
-    assert main([*TINY, "--data", str(shards), "--out", str(out), "max_steps=2"]) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
 def hellaswag_items(tmp_path_factory):
     return write_jsonl(tmp_path_factory.mktemp("hs") / "hs.jsonl", make_items(3))
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from conftest import assert_one_line_error, main_result, make_shards, run_cli
+from conftest import assert_one_line_error, make_shards, run_cli, run_main
 from gpt2repro.data import demo_corpus
 
 transformers = pytest.importorskip("transformers")
@@ -137,13 +137,13 @@ def test_the_readme_finetune_example_runs_on_a_local_folder(tmp_path):
 
 def test_chosen_model_settings_apply_when_they_fit_and_are_refused_when_they_do_not(shards, hf, tmp_path, capsys):
     base = ["train", "--preset", "finetune", "--data", shards, *SMALL, "--init-from", hf]
-    applied = main_result(capsys, *base, "--out", tmp_path / "cap", "--max-steps", "1", "model.logit_softcap=30")
+    applied = run_main(*base, "--out", tmp_path / "cap", "--max-steps", "1", "model.logit_softcap=30")
     assert applied.returncode == 0, applied.stderr
     assert "MODEL's config, with model.logit_softcap=30.0" in applied.stdout
     assert json.loads((tmp_path / "cap" / "config.json").read_text())["model"]["logit_softcap"] == 30.0
-    assert_one_line_error(main_result(capsys, *base, "--out", tmp_path / "deep", "model.n_layer=4"),
+    assert_one_line_error(run_main(*base, "--out", tmp_path / "deep", "model.n_layer=4"),
                           "model.n_layer=4 would not fit MODEL's weights", "it has no transformer.h.2.")
     modern = ["train", "--preset", "tiny-modern", "--data", shards, *SMALL, "--init-from", hf]
-    assert_one_line_error(main_result(capsys, *modern, "--out", tmp_path / "modern"),
+    assert_one_line_error(run_main(*modern, "--out", tmp_path / "modern"),
                           "--preset tiny-modern's model.pos_emb=", "would not fit MODEL's weights")
     assert not (tmp_path / "deep").exists() and not (tmp_path / "modern").exists()

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from conftest import assert_one_line_error, main_result, make_pattern_shards, run_cli, write_corpus
+from conftest import assert_one_line_error, run_cli, run_main, write_corpus
 
 
 def snapshot(folder):
@@ -16,15 +16,10 @@ def snapshot(folder):
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return make_pattern_shards(tmp_path_factory.mktemp("shards"))
-
-
 @pytest.fixture
 def finished_run(shards, tmp_path, capsys):
     out = tmp_path / "run"
-    result = main_result(capsys, "train", "--preset", "tiny", "--data", shards, "--out", out, "optim.max_steps=2",
+    result = run_main("train", "--preset", "tiny", "--data", shards, "--out", out, "optim.max_steps=2",
                          "runtime.log_every=0")
     assert result.returncode == 0, result.stderr
     return out
@@ -48,7 +43,7 @@ def test_overwrite_keeps_the_earlier_run_when_a_start_up_check_fails(overrides, 
     before = snapshot(finished_run)
     argv = [o.format(missing=tmp_path / "missing") for o in overrides]
     data = [] if "--data" in argv else ["--data", shards]
-    result = main_result(capsys, "train", "--preset", "tiny", *data, "--out", finished_run, "--overwrite",
+    result = run_main("train", "--preset", "tiny", *data, "--out", finished_run, "--overwrite",
                          "optim.max_steps=2", *argv)
     assert_one_line_error(result, needle)
     assert snapshot(finished_run) == before  # the earlier run, byte for byte
@@ -58,7 +53,7 @@ def test_overwrite_replaces_only_what_the_run_wrote(finished_run, shards, capsys
     (finished_run / "notes.md").write_text("mine\n")
     (finished_run / "plots").mkdir()
     (finished_run / "plots" / "a.png").write_bytes(b"png")
-    result = main_result(capsys, "train", "--preset", "tiny", "--data", shards, "--out", finished_run, "--overwrite",
+    result = run_main("train", "--preset", "tiny", "--data", shards, "--out", finished_run, "--overwrite",
                          "optim.max_steps=1")
     assert result.returncode == 0, result.stderr
     assert (finished_run / "notes.md").read_text() == "mine\n" and (finished_run / "plots" / "a.png").exists()
@@ -72,7 +67,7 @@ def test_a_user_file_a_run_would_write_is_refused_even_with_overwrite(name, shar
     out.mkdir()
     (out / name).write_text("the user's own\n")
     for flags in ([], ["--overwrite"]):
-        result = main_result(capsys, "train", "--preset", "tiny", "--data", shards, "--out", out,
+        result = run_main("train", "--preset", "tiny", "--data", shards, "--out", out,
                              "optim.max_steps=1", *flags)
         assert_one_line_error(result, name, "did not write")
         assert (out / name).read_text() == "the user's own\n" and sorted(p.name for p in out.iterdir()) == [name]
@@ -82,9 +77,9 @@ def test_a_folder_of_other_files_is_refused_and_with_overwrite_kept(shards, tmp_
     out = tmp_path / "mine"
     out.mkdir()
     (out / "notes.md").write_text("mine\n")
-    refused = main_result(capsys, "train", "--preset", "tiny", "--data", shards, "--out", out, "optim.max_steps=1")
+    refused = run_main("train", "--preset", "tiny", "--data", shards, "--out", out, "optim.max_steps=1")
     assert_one_line_error(refused, "notes.md", "did not write", "--overwrite")
-    beside = main_result(capsys, "train", "--preset", "tiny", "--data", shards, "--out", out, "optim.max_steps=1",
+    beside = run_main("train", "--preset", "tiny", "--data", shards, "--out", out, "optim.max_steps=1",
                          "--overwrite")
     assert beside.returncode == 0, beside.stderr
     assert (out / "notes.md").read_text() == "mine\n" and "removed" not in beside.stdout
@@ -96,7 +91,7 @@ def test_demo_never_writes_over_a_users_plot(tmp_path, capsys):
     out.mkdir()
     (out / "plot.png").write_bytes(b"the user's plot")
     for flags in ([], ["--overwrite"]):
-        result = main_result(capsys, "demo", "--out", out, "--max-steps", "1", *flags)
+        result = run_main("demo", "--out", out, "--max-steps", "1", *flags)
         assert_one_line_error(result, "plot.png", "did not write")
         assert (out / "plot.png").read_bytes() == b"the user's plot"
 

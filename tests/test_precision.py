@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import make_pattern_shards, run_cli
+from conftest import run_cli
 
 STEPS = 5
 # Constant LR 1e-2, no warmup: the loss falls from ~10.8 by ~2 nats in STEPS steps.
@@ -29,11 +29,6 @@ FLOAT32_TOLERANCE = 1e-3
 AUTOCAST_TOLERANCE = 0.05
 MIN_STEP_FALL = 0.2  # the reference's loss falls at least this much at every step
 MIN_RUN_FALL = 1.5  # and at least this much over the run, as must every switched run's
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return make_pattern_shards(tmp_path_factory.mktemp("pattern_shards"))
 
 
 def train(shards, out, *overrides):

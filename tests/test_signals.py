@@ -13,11 +13,6 @@ import pytest
 from conftest import make_pattern_shards
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return make_pattern_shards(tmp_path_factory.mktemp("signal_shards"))
-
-
 def start_training(shards, out, *overrides):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-m", "gpt2repro", "train", "--preset", "tiny", "--data", str(shards),
