@@ -22,6 +22,15 @@ def _add_device_flags(p: argparse.ArgumentParser) -> None:
                    help=flag_help(RuntimeConfig, "dtype"))
 
 
+def _add_model_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="our checkpoint/run dir, a Hugging Face dir, or a hub name")
+
+
+def _add_output_and_device_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", default=None, help="also write the results to this file")
+    _add_device_flags(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="gpt2repro",
@@ -95,15 +104,14 @@ def _eval(sub, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("eval", parents=[common], help="evaluate a model")
     eval_sub = p.add_subparsers(dest="task", metavar="TASK", required=True)
     e = eval_sub.add_parser("hellaswag", parents=[common], help="HellaSwag val accuracy, two scorings")
-    e.add_argument("--model", required=True, help="our checkpoint/run dir, a Hugging Face dir, or a hub name")
+    _add_model_flag(e)
     e.add_argument("--data", default=None, help="hellaswag jsonl (default: download the official val file)")
     e.add_argument("--limit", type=count(1), default=None, help="evaluate only the first N items (default: all)")
     e.add_argument("--batch-size", type=count(1), default=32, help="items per forward pass")
-    e.add_argument("--json", default=None, help="also write the results to this file")
-    _add_device_flags(e)
+    _add_output_and_device_flags(e)
     e = eval_sub.add_parser("loss", parents=[common],
                             help="mean next-token loss and bits per byte on a split of token shards")
-    e.add_argument("--model", required=True, help="our checkpoint/run dir, a Hugging Face dir, or a hub name")
+    _add_model_flag(e)
     e.add_argument("--data", required=True, help="a folder of token shards (ours, build-nanogpt's or llm.c's .bin)")
     e.add_argument("--split", default="val", choices=("val", "train"), help="which shards to measure")
     e.add_argument("--tokens", type=count(1), default=None,
@@ -111,18 +119,16 @@ def _eval(sub, common: argparse.ArgumentParser) -> None:
     e.add_argument("--seq-len", type=count(1), default=None,
                    help="tokens per window, non-overlapping (default: 1024, or the model's block if shorter)")
     e.add_argument("--batch-size", type=count(1), default=8, help="windows per forward pass")
-    e.add_argument("--json", default=None, help="also write the results to this file")
-    _add_device_flags(e)
+    _add_output_and_device_flags(e)
     e = eval_sub.add_parser("harness", parents=[common],
                             help="lm-evaluation-harness tasks (pip install 'gpt2repro[lm-eval]')")
-    e.add_argument("--model", required=True, help="our checkpoint/run dir, a Hugging Face dir, or a hub name")
+    _add_model_flag(e)
     e.add_argument("--tasks", required=True, help="comma list of lm-eval task names (globs allowed)")
     e.add_argument("--include-path", default=None, help="a folder of your own task YAML files")
     e.add_argument("--limit", type=count(1), default=None, help="only the first N documents of each task")
     e.add_argument("--batch-size", type=count(1), default=32, help="requests per forward pass")
     e.add_argument("--num-fewshot", type=count(0), default=None, help="few-shot examples (default: the task's)")
-    e.add_argument("--json", default=None, help="also write the results to this file")
-    _add_device_flags(e)
+    _add_output_and_device_flags(e)
 
 
 def _plot(sub, common: argparse.ArgumentParser) -> None:
