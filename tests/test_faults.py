@@ -18,6 +18,7 @@ from conftest import (
     max_abs_diff,
     patched_cli,
     run_cli,
+    run_main,
     train_cli,
     wait_for_train_step,
     weights,
@@ -202,30 +203,33 @@ def poisoned_shards(tmp_path_factory):
     return directory
 
 
-NAN_ON_POISON = f"""
-import torch
-from gpt2repro.model.gpt import GPT
-real_forward = GPT.forward
-def forward(self, idx, targets=None, **options):
-    logits, loss = real_forward(self, idx, targets, **options)
-    if targets is not None and torch.is_grad_enabled() and bool((idx == {POISON}).any()):
-        loss = loss * float("nan")
-    return logits, loss
-GPT.forward = forward
-"""
+def nan_on_poison(real_forward):
+    """GPT.forward whose training loss is NaN on the batch that holds POISON."""
+    def forward(self, idx, targets=None, **options):
+        logits, loss = real_forward(self, idx, targets, **options)
+        if targets is not None and torch.is_grad_enabled() and bool((idx == POISON).any()):
+            loss = loss * float("nan")
+        return logits, loss
+    return forward
+
+
+def poisoned_run(data, out, *extra):
+    """``train`` in this process with a NaN loss at step 5."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(GPT, "forward", nan_on_poison(GPT.forward))
+        return run_main("train", "--preset", "tiny", "--data", data, "--out", out, *COMMON, *extra)
 
 
 def test_nonfinite_loss_stops_with_the_step(poisoned_shards, tmp_path):
     out = tmp_path / "run"
-    result = patched_cli(NAN_ON_POISON, "train", "--preset", "tiny", "--data", poisoned_shards, "--out", out, *COMMON)
+    result = poisoned_run(poisoned_shards, out)
     assert_one_line_error(result, "step 5: non-finite loss", "ckpt_000004")
     assert [p.name for p in layout.list_checkpoints(out)] == ["ckpt_000004", "ckpt_000002"]
     layout.verify_checkpoint(out / "ckpt_000004")
 
 
 def rollback_run(data, out, *extra):
-    return patched_cli(NAN_ON_POISON, "train", "--preset", "tiny", "--data", data, "--out", out, *COMMON,
-                       "runtime.on_nonfinite=rollback", *extra)
+    return poisoned_run(data, out, "runtime.on_nonfinite=rollback", *extra)
 
 
 @pytest.fixture(scope="module")
