@@ -35,7 +35,7 @@ def hf(tmp_path_factory):
 
 
 def train(*args):
-    result = run_cli("train", *map(str, args))
+    result = run_main("train", *map(str, args))
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -55,7 +55,7 @@ def test_init_and_export_are_exact(shards, hf, tmp_path):
     assert saved["init_from"] == str(hf) and len(saved["init_sha256"]) == 64
     assert (saved["model"]["n_layer"], saved["model"]["vocab_size"], saved["model"]["real_vocab_size"]) == (
         2, 50304, 50257)
-    assert run_cli("export", "--model", run, "--out", tmp_path / "back").returncode == 0
+    assert run_main("export", "--model", run, "--out", tmp_path / "back").returncode == 0
     original, back = (load_file(str(d / "model.safetensors")) for d in (hf, tmp_path / "back"))
     assert original.keys() == back.keys()
     for key in original:
@@ -106,11 +106,11 @@ def test_from_one_of_our_checkpoints_and_resumed(shards, tmp_path):
 
 def test_bad_combinations_are_one_line(shards, hf, tmp_path):
     base = ["train", "--preset", "finetune", "--data", shards, *SMALL]
-    assert_one_line_error(run_cli(*base, "--init-from", hf, "--resume", "--out", tmp_path / "a"),
+    assert_one_line_error(run_main(*base, "--init-from", hf, "--resume", "--out", tmp_path / "a"),
                           "--init-from", "--resume", "pass one of them")
-    assert_one_line_error(run_cli(*base, "--init-from", tmp_path / "missing", "--out", tmp_path / "b"), "missing")
+    assert_one_line_error(run_main(*base, "--init-from", tmp_path / "missing", "--out", tmp_path / "b"), "missing")
     small_vocab = hf_folder(tmp_path / "small-vocab", vocab_size=1000)
-    assert_one_line_error(run_cli(*base, "--init-from", small_vocab, "--out", tmp_path / "c"),
+    assert_one_line_error(run_main(*base, "--init-from", small_vocab, "--out", tmp_path / "c"),
                           "small-vocab: its vocabulary has 1,000 tokens", "50,257")
     assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
 
@@ -125,9 +125,9 @@ def test_the_readme_finetune_example_runs_on_a_local_folder(tmp_path):
     prepared = run_cli("prepare", "--source", tmp_path / "my.txt", "--out", tmp_path / "data",
                        "--shard-tokens", "100000", "--val-tokens", "45000", cwd=tmp_path)
     assert prepared.returncode == 0, prepared.stderr
-    trained = run_cli("train", "--init-from", model, "--preset", "finetune", "--data", tmp_path / "data",
-                      "--out", tmp_path / "ft", "--max-steps", "2", "optim.total_batch_tokens=4096",
-                      "eval.val_tokens=4096", cwd=tmp_path, env={"OMP_NUM_THREADS": "2"})
+    trained = run_main("train", "--init-from", model, "--preset", "finetune", "--data", tmp_path / "data",
+                       "--out", tmp_path / "ft", "--max-steps", "2", "optim.total_batch_tokens=4096",
+                       "eval.val_tokens=4096")
     assert trained.returncode == 0, trained.stderr[-3000:]
     val = logged(tmp_path / "ft", "val")
     assert [s for s, _ in val] == [0, 1] and val[1][1] < val[0][1]  # it learns
