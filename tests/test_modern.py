@@ -10,7 +10,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import assert_one_line_error, make_document_shards, make_shards, max_abs_diff, run_cli, train_cli, weights
+from conftest import (
+    assert_one_line_error,
+    make_document_shards,
+    make_shards,
+    max_abs_diff,
+    run_cli,
+    run_main,
+    train_cli,
+    weights,
+)
 from gpt2repro.model import gpt as gpt_module
 from gpt2repro.model.attention import apply_rotary, rotary_tables
 from gpt2repro.model.chunked_ce import chunked_cross_entropy
@@ -238,16 +247,17 @@ def shards(tmp_path_factory):
 
 def test_modern_resume_equals_uninterrupted_run(shards, tmp_path):
     common = ["--preset", "tiny-modern", "--data", shards, "max_steps=8", "val_every=3", "checkpoint.every=0"]
-    straight = run_cli("train", "--out", tmp_path / "straight", *common)
+    straight = run_main("train", "--out", tmp_path / "straight", *common)
     assert straight.returncode == 0, straight.stderr[-3000:]
-    assert run_cli("train", "--out", tmp_path / "split", "--stop-at-step", "4", *common).returncode == 0
-    resumed = run_cli("train", "--out", tmp_path / "split", "--resume", *common)
+    assert run_main("train", "--out", tmp_path / "split", "--stop-at-step", "4", *common).returncode == 0
+    resumed = run_main("train", "--out", tmp_path / "split", "--resume", *common)
     assert resumed.returncode == 0 and "at step 4" in resumed.stdout, resumed.stderr[-3000:]
     assert max_abs_diff(weights(tmp_path / "straight", 8), weights(tmp_path / "split", 8)) == 0.0
     assert (tmp_path / "straight" / "log.txt").read_text() == (tmp_path / "split" / "log.txt").read_text()
     assert "lm_head.weight" in weights(tmp_path / "split", 8)  # the untied head is saved
     # the checkpoint carries the model config: sampling needs no flags
-    sampled = run_cli("sample", "--model", tmp_path / "split", "--num", "1", "--max-new-tokens", "5", "--device", "cpu")
+    sampled = run_main("sample", "--model", tmp_path / "split", "--num", "1", "--max-new-tokens", "5",
+                       "--device", "cpu")
     assert sampled.returncode == 0 and sampled.stdout.startswith("sample 0:"), sampled.stderr
 
 
@@ -309,9 +319,8 @@ def test_an_untied_gpt2_exports_with_identical_logits(tmp_path):
 @pytest.mark.slow
 def test_bench_recipe_compares_the_recipes_and_ablates_levers(tmp_path):
     out = tmp_path / "recipe"
-    result = run_cli("bench", "recipe", "--out", out, "--seeds", "1", "--max-steps", "4", "--val-every", "4",
-                     "--fractions", "0.5", "--ablation", "--levers", "value-embeds", "eval.val_tokens=1024",
-                     env={"OMP_NUM_THREADS": "2"})
+    result = run_main("bench", "recipe", "--out", out, "--seeds", "1", "--max-steps", "4", "--val-every", "4",
+                      "--fractions", "0.5", "--ablation", "--levers", "value-embeds", "eval.val_tokens=1024")
     assert result.returncode == 0, result.stderr[-3000:]
     rows = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[2:-1]]
             for ln in result.stdout.splitlines() if ln.startswith("| ")}
@@ -325,5 +334,5 @@ def test_bench_recipe_compares_the_recipes_and_ablates_levers(tmp_path):
     assert "value-embeds" in rows and '"value_embeds": 1,' in (out / "demo+value-embeds" / "config.json").read_text()
     assert '"value_embeds": 0,' in (out / "demo-modern-value-embeds" / "config.json").read_text()
     assert (out / "recipe.png").read_bytes()[:4] == b"\x89PNG"
-    again = run_cli("bench", "recipe", "--out", out, "--seeds", "1", "--max-steps", "6")
+    again = run_main("bench", "recipe", "--out", out, "--seeds", "1", "--max-steps", "6")
     assert_one_line_error(again, "already exists", "new --out")
