@@ -192,8 +192,11 @@ def max_abs_diff(a, b):
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-def train_cli(*args, **kwargs):
-    result = run_cli("train", "--preset", "tiny", *args, **kwargs)
+def train_cli(*args, in_process=False, **kwargs):
+    """``gpt2repro train --preset tiny ARGS``, which must succeed: in a new process (one thread),
+    or in this one (its threads: runs compared bit for bit must all be made the same way)."""
+    result = run_main("train", "--preset", "tiny", *args) if in_process else \
+        run_cli("train", "--preset", "tiny", *args, **kwargs)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 

@@ -58,11 +58,11 @@ def test_grad_accum_steps():
 
 def test_resume_equals_uninterrupted_run(shards, tmp_path):
     common = ["--data", shards, "max_steps=8", "val_every=3", "checkpoint.every=0"]
-    train_cli("--out", tmp_path / "straight", *common)
-    train_cli("--out", tmp_path / "split", "--stop-at-step", "4", *common)
+    train_cli("--out", tmp_path / "straight", *common, in_process=True)
+    train_cli("--out", tmp_path / "split", "--stop-at-step", "4", *common, in_process=True)
     assert (tmp_path / "split" / "ckpt_000004").is_dir()
     assert not (tmp_path / "split" / "ckpt_000008").exists()
-    result = train_cli("--out", tmp_path / "split", "--resume", *common)
+    result = train_cli("--out", tmp_path / "split", "--resume", *common, in_process=True)
     assert "resuming from" in result.stdout and "at step 4" in result.stdout
     assert max_abs_diff(weights(tmp_path / "straight", 8), weights(tmp_path / "split", 8)) == 0.0
     # the log of the resumed run is the uninterrupted log, line for line
