@@ -20,6 +20,11 @@ from torch.overrides import TorchFunctionMode
 from gpt2repro.cli import main
 from gpt2repro.errors import UserError
 
+# `make test` runs two workers on two cores: one torch thread each, as the command-line runs
+# the tests start (OMP_NUM_THREADS=1); more would only make the two fight over the cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
 REPO = Path(__file__).resolve().parents[1]
 
 
