@@ -30,10 +30,13 @@ def evaluate_val_loss_and_bpb(model, data_dir, seq_len: int, val_tokens: int, mi
     model.eval()
     total = torch.zeros(3, device=rt.device, dtype=torch.float64)  # loss sum, token count, byte count
     n_bytes = 0
-    rounds = rounds_on_every_rank(val_sequence_count(data_dir, seq_len, val_tokens), rt.dist.world_size, micro_batch)
+    rounds = 0  # the batches every rank has: counted (one more look at the val split) only to poll
+    if poll is not None:
+        rounds = rounds_on_every_rank(val_sequence_count(data_dir, seq_len, val_tokens), rt.dist.world_size,
+                                      micro_batch)
     batches = val_batches(data_dir, seq_len, val_tokens, micro_batch, rt.dist.rank, rt.dist.world_size)
     for i, (x, y) in enumerate(batches):
-        if poll is not None and i < rounds:
+        if i < rounds:
             poll()
         n_bytes += count_bytes(y.numpy())  # before the copy to the device: no host sync
         x, y = to_device(x, rt.device), to_device(y, rt.device)
