@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save as safetensors_bytes
 
 from gpt2repro.atomic import writing
-from gpt2repro.checkpoints import META_FILE, describe_ours, latest_checkpoint, verify_checkpoint
+from gpt2repro.checkpoints import META_FILE, describe_ours, latest_checkpoint, list_checkpoints, verify_checkpoint
 from gpt2repro.config import GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE, ModelConfig, TrainConfig, model_config_from_dict
 from gpt2repro.device import pick_autocast_dtype, pick_device
 from gpt2repro.errors import UserError
@@ -162,15 +162,17 @@ def weights_mismatch(config: ModelConfig, weights: dict[str, torch.Tensor]) -> s
 def resumed_config(cfg: TrainConfig) -> TrainConfig:
     """``cfg`` for ``--resume``: a run started with --init-from took its model's shape from that
     model, not from the preset, so ``cfg`` adopts it (and the source) from the run's newest
-    complete checkpoint. A checkpoint that cannot say is left to the trainer's checks."""
-    newest = latest_checkpoint(Path(cfg.out_dir), log=lambda *_: None)
-    try:
-        started = json.loads((newest / "config.json").read_text())["train"] if newest else {}
-        if isinstance(started, dict) and started.get("init_from") and not cfg.init_from:
-            cfg.model = model_config_from_dict(started["model"])
-            cfg.init_from, cfg.init_sha256 = started["init_from"], started.get("init_sha256", "")
-    except (OSError, ValueError, KeyError, TypeError, UserError):
-        pass
+    checkpoint whose config reads. Its files are not hashed here: the trainer verifies the one it
+    resumes from, and refuses a config that differs from this one."""
+    for checkpoint in list_checkpoints(Path(cfg.out_dir)):
+        try:
+            started = json.loads((checkpoint / "config.json").read_text())["train"]
+            if isinstance(started, dict) and started.get("init_from") and not cfg.init_from:
+                cfg.model = model_config_from_dict(started["model"])
+                cfg.init_from, cfg.init_sha256 = started["init_from"], started.get("init_sha256", "")
+            return cfg
+        except (OSError, ValueError, KeyError, TypeError, UserError):
+            continue  # a damaged checkpoint: the trainer will fall back past it too
     return cfg
 
 
