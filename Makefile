@@ -7,7 +7,8 @@ STAMP := $(VENV)/.installed
 TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
 # Test files run in this many processes (pytest-xdist; a file's tests stay together, so its
-# module fixtures are built once). Most tests wait on one-thread work: 2 on 2 cores is 1.4x.
+# module fixtures are built once; tests/conftest.py names the files that share one). Most tests
+# wait on one-thread work: 2 on 2 cores is 1.4x.
 TEST_WORKERS ?= 2
 
 .PHONY: install demo test lint clean

@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from torch.overrides import TorchFunctionMode
+from xdist.scheduler import LoadFileScheduling
 
 from gpt2repro.cli import main
 from gpt2repro.errors import UserError
@@ -26,6 +27,24 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+# How `make test` (pytest-xdist, --dist loadfile) shares the work between its processes: one
+# unit of work per test file, so that a file's module fixtures are built once, except files
+# named here, which share a unit: the torch.compile checks, where the first compile fills
+# inductor's on-disk cache and the others find most of their kernels there.
+SHARED_UNITS = {"tests/test_fast_paths.py": "torch.compile", "tests/test_precision.py": "torch.compile"}
+
+
+class FileScheduling(LoadFileScheduling):
+    def _split_scope(self, nodeid: str) -> str:
+        file = nodeid.split("::", 1)[0]
+        return SHARED_UNITS.get(file, file)
+
+
+@pytest.hookimpl(tryfirst=True, optionalhook=True)  # optional: plain pytest runs too
+def pytest_xdist_make_scheduler(config, log):
+    return FileScheduling(config, log) if config.getvalue("dist") == "loadfile" else None
 
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600,
@@ -211,6 +230,20 @@ def patched_cli(patch: str, *args, env=None):
     the product code)."""
     code = f"import sys\n{patch}\nfrom gpt2repro.cli import main\nsys.exit(main({[str(a) for a in args]!r}))\n"
     return run_cli("-c", code, module=None, env=env)
+
+
+def fail_torch_save(monkeypatch, failing_calls: set[int], error: Exception) -> None:
+    """torch.save raises ``error`` on its calls numbered in ``failing_calls`` (from 1) and saves
+    on the others: a checkpoint write that fails in this process."""
+    real, calls = torch.save, [0]
+
+    def flaky_save(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] in failing_calls:
+            raise error
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", flaky_save)
 
 
 def wait_for_train_step(proc, log_path, step, timeout=120):

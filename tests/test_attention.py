@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import flex_attention
 
+from conftest import run_cli
 from gpt2repro.model import attention
 from gpt2repro.model.attention import LocalMask, document_ids, flex_block_mask, local_attention
 
@@ -91,3 +92,23 @@ def test_a_long_sequence_never_builds_a_quadratic_mask(monkeypatch):
     local_attention(q, k, v, LocalMask(0, document_ids(tokens), blocks, block))
     assert len(largest) == T // attention.QUERY_CHUNK
     assert max(largest) <= attention.QUERY_CHUNK * (attention.QUERY_CHUNK + blocks * block)
+
+
+def test_rotary_tables_follow_a_device_block_that_no_longer_reaches_linspace():
+    """transformers patches torch.linspace while it loads a model; if the process's first
+    `with torch.device(...)` block runs then, later blocks no longer reach linspace (torch caches
+    its list of constructors). A model built on the meta device must still build. In a new process:
+    the list is cached in this one."""
+    code = """
+import torch
+original = torch.linspace
+torch.linspace = lambda *args, **kwargs: original(*args, **kwargs)  # as transformers' loading does
+with torch.device("meta"):
+    torch.empty(0)  # the process's first call in a device block: torch lists its constructors now
+torch.linspace = original
+from gpt2repro.model.attention import rotary_tables
+with torch.device("meta"):
+    print(*{t.device.type for t in rotary_tables(16, 64, 10000.0, "rope-half")})
+"""
+    result = run_cli("-c", code, module=None)
+    assert result.returncode == 0 and result.stdout.split() == ["meta"], result.stderr[-2000:]

@@ -209,8 +209,8 @@ def test_bad_flag_is_one_line(capsys, argv, needles):
 
 
 def test_log_every_zero_means_no_step_lines(shards, tmp_path):
-    result = run_cli("train", "--preset", "tiny", "--data", shards, "--out", tmp_path / "run", "optim.max_steps=2",
-                     "runtime.log_every=0")
+    result = run_main("train", "--preset", "tiny", "--data", shards, "--out", tmp_path / "run", "optim.max_steps=2",
+                      "runtime.log_every=0")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "step     0/" not in result.stdout and "finished: 2 of 2 steps" in result.stdout
     assert (tmp_path / "run" / "log.txt").read_text().count(" train ") == 2  # the log itself is complete
@@ -224,8 +224,8 @@ def test_a_val_budget_of_zero_is_refused(shards, tmp_path):
 
 @pytest.mark.parametrize("max_steps", ["2", "1"])
 def test_resume_with_max_steps_at_or_below_the_checkpoint(shards, finished_run, max_steps):
-    result = run_cli("train", "--preset", "tiny", "--data", shards, "--out", finished_run, "--resume",
-                     "--max-steps", max_steps)
+    result = run_main("train", "--preset", "tiny", "--data", shards, "--out", finished_run, "--resume",
+                      "--max-steps", max_steps)
     assert_one_line_error(result, f"optim.max_steps={max_steps}", "ckpt_000002 has already done 2 steps",
                           "--max-steps above 2")
 
@@ -253,7 +253,7 @@ def test_resume_from_a_checkpoint_config_with_the_wrong_content(shards, finished
         content = [content]
     config.write_text(json.dumps(content))
     _resign(run / "ckpt_000002")
-    result = run_cli("train", "--preset", "tiny", "--data", shards, "--out", run, "--resume", "--max-steps", "4")
+    result = run_main("train", "--preset", "tiny", "--data", shards, "--out", run, "--resume", "--max-steps", "4")
     assert_one_line_error(result, str(config), "not a training checkpoint's config", "'train' object")
 
 
@@ -316,7 +316,7 @@ def test_hf_folder_with_a_pickle_that_holds_code(tmp_path):
     marker = tmp_path / "payload_ran"
     with open(folder / "pytorch_model.bin", "wb") as f:
         torch.save({**state, "evil": _Payload(marker)}, f, pickle_protocol=pickle.DEFAULT_PROTOCOL)
-    result = run_cli("sample", "--model", folder, "--device", "cpu", "--num", "1", "--max-new-tokens", "1")
+    result = run_main("sample", "--model", folder, "--device", "cpu", "--num", "1", "--max-new-tokens", "1")
     assert_one_line_error(result, str(folder), "refused to load its pytorch_model.bin", "model.safetensors")
     assert not marker.exists()
 

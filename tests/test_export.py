@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, run_cli, run_main
 from gpt2repro.config import GPT2_VOCAB_SIZE
 from gpt2repro.model.gpt import GPT
 from gpt2repro.model.io import save_model
@@ -65,6 +65,6 @@ def test_lm_eval_hf_model_scores_like_our_harness_scoring(exported):
 
 
 def test_export_of_a_missing_checkpoint(tmp_path):
-    result = run_cli("export", "--model", tmp_path / "missing", "--out", tmp_path / "hf")
+    result = run_main("export", "--model", tmp_path / "missing", "--out", tmp_path / "hf")
     assert_one_line_error(result, "missing", "no such directory")
     assert not (tmp_path / "hf").exists()

@@ -14,10 +14,10 @@ import torch
 
 from conftest import (
     assert_one_line_error,
+    fail_torch_save,
     make_shards,
     max_abs_diff,
     patched_cli,
-    run_cli,
     run_main,
     train_cli,
     wait_for_train_step,
@@ -30,6 +30,9 @@ from gpt2repro.presets import MODEL_PRESETS
 from gpt2repro.train import checkpoint as ckpt
 
 COMMON = ["max_steps=10", "checkpoint.every=2", "checkpoint.keep=0"]
+# The runs a fault interrupts are processes of their own; the uninterrupted runs and the
+# resumptions run in this one, on one thread as those processes do: the weights are compared bit for bit.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -38,10 +41,10 @@ def shards(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference(shards, tmp_path_factory):
+def reference(shards, tmp_path_factory, one_torch_thread):
     """The uninterrupted run every faulty run must reproduce."""
     out = tmp_path_factory.mktemp("reference") / "run"
-    train_cli("--data", shards, "--out", out, *COMMON)
+    train_cli("--data", shards, "--out", out, *COMMON, in_process=True)
     return weights(out, 10)
 
 
@@ -51,6 +54,7 @@ def start_training(*args):
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_resume_matches(shards, reference, tmp_path):
     out = tmp_path / "run"
     proc = start_training("--data", shards, "--out", out, *COMMON)
@@ -59,11 +63,12 @@ def test_sigkill_mid_run_then_resume_matches(shards, reference, tmp_path):
     proc.wait()
     newest = layout.list_checkpoints(out)[0].name
     assert newest in ("ckpt_000004", "ckpt_000006")
-    result = train_cli("--data", shards, "--out", out, "--resume", *COMMON)
+    result = train_cli("--data", shards, "--out", out, "--resume", *COMMON, in_process=True)
     assert f"resuming from {out / newest}" in result.stdout
     assert max_abs_diff(weights(out, 10), reference) == 0.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kill_at_fsync", [3, 8])  # 5 fsyncs per checkpoint: 1st and 2nd
 def test_sigkill_while_writing_a_checkpoint(shards, reference, tmp_path, kill_at_fsync):
     # Each checkpoint fsyncs its files, meta.json and the run directory; dying at the N-th
@@ -86,14 +91,15 @@ c._fsync = dying_fsync
     complete = layout.list_checkpoints(out)
     assert all((p / layout.META_FILE).exists() for p in complete)
     if not complete:
-        result = run_cli("train", "--preset", "tiny", "--data", shards, "--out", out, "--resume", *COMMON)
+        result = run_main("train", "--preset", "tiny", "--data", shards, "--out", out, "--resume", *COMMON)
         assert_one_line_error(result, "--resume found no complete checkpoint")
         return
-    train_cli("--data", shards, "--out", out, "--resume", *COMMON)
+    train_cli("--data", shards, "--out", out, "--resume", *COMMON, in_process=True)
     assert not list(out.glob(".tmp_ckpt_*"))
     assert max_abs_diff(weights(out, 10), reference) == 0.0
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_exits_zero(shards, reference, tmp_path):
     out = tmp_path / "run"
     proc = start_training("--data", shards, "--out", out, *COMMON, "checkpoint.every=0")
@@ -104,7 +110,7 @@ def test_sigterm_checkpoints_and_exits_zero(shards, reference, tmp_path):
     assert "(SIGTERM); continue with --resume" in stdout
     (stopped,) = layout.list_checkpoints(out)
     assert 3 <= int(stopped.name.split("_")[1]) < 10
-    train_cli("--data", shards, "--out", out, "--resume", *COMMON, "checkpoint.every=0")
+    train_cli("--data", shards, "--out", out, "--resume", *COMMON, "checkpoint.every=0", in_process=True)
     assert max_abs_diff(weights(out, 10), reference) == 0.0
 
 
@@ -123,19 +129,10 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
     layout.verify_checkpoint(good)
 
 
-def test_training_reports_a_failed_write_and_goes_on(shards, tmp_path):
+def test_training_reports_a_failed_write_and_goes_on(shards, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    patch = """
-import torch
-real, calls = torch.save, [0]
-def flaky_save(*args, **kwargs):
-    calls[0] += 1
-    if calls[0] == 2:
-        raise OSError(28, "No space left on device")
-    return real(*args, **kwargs)
-torch.save = flaky_save
-"""
-    result = patched_cli(patch, "train", "--preset", "tiny", "--data", shards, "--out", out, *COMMON)
+    fail_torch_save(monkeypatch, {2}, OSError(28, "No space left on device"))
+    result = run_main("train", "--preset", "tiny", "--data", shards, "--out", out, *COMMON)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "WARNING: checkpoint at step 4 failed" in result.stdout
     names = [p.name for p in layout.list_checkpoints(out)]
@@ -152,16 +149,17 @@ def _corrupt(path, how):
         target.write_bytes(bytes(data))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["truncate", "flip"])
 def test_corrupt_checkpoint_is_refused_and_resume_falls_back(shards, tmp_path, how):
     out = tmp_path / "run"
-    train_cli("--data", shards, "--out", out, *COMMON, "--stop-at-step", "4")
+    train_cli("--data", shards, "--out", out, *COMMON, "--stop-at-step", "4", in_process=True)
     _corrupt(out / "ckpt_000004", how)
     with pytest.raises(UserError, match="ckpt_000004: checkpoint is corrupt"):
         layout.verify_checkpoint(out / "ckpt_000004")
-    direct = run_cli("sample", "--model", out / "ckpt_000004", "--max-new-tokens", "2", "--num", "1")
+    direct = run_main("sample", "--model", out / "ckpt_000004", "--max-new-tokens", "2", "--num", "1")
     assert_one_line_error(direct, "ckpt_000004: checkpoint is corrupt")
-    result = train_cli("--data", shards, "--out", out, "--resume", *COMMON, "--stop-at-step", "6")
+    result = train_cli("--data", shards, "--out", out, "--resume", *COMMON, "--stop-at-step", "6", in_process=True)
     assert "ckpt_000004: checkpoint is corrupt" in result.stdout
     assert "falling back to an earlier checkpoint" in result.stdout
     assert f"resuming from {out / 'ckpt_000002'} at step 2" in result.stdout

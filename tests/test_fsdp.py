@@ -1,17 +1,20 @@
 """Sharded training (FSDP2) and activation checkpointing, on the CPU with gloo."""
 
+import dataclasses
 import re
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import assert_one_line_error, max_abs_diff, run_cli, weights
+from conftest import assert_one_line_error, max_abs_diff, one_line_user_error, run_cli, run_main, weights
+from gpt2repro.distributed import DistInfo
 from gpt2repro.model.gpt import GPT
 from gpt2repro.overrides import apply_overrides
 from gpt2repro.presets import get_preset
 from gpt2repro.runtime import setup_runtime
-from gpt2repro.train.parallel import Parallel
+from gpt2repro.train.parallel import Parallel, check_layout
 
 pytestmark = pytest.mark.slow
 
@@ -35,10 +38,11 @@ def torchrun(*args, nproc=2):
 
 
 def train(out, data, *extra, parallel=None, nproc=1):
+    """A run under torchrun on ``nproc`` ranks, or in this process."""
     args = ["--out", out, "--data", data, *COMMON, *extra]
     if parallel:
         args = ["--parallel", parallel, *args]
-    result = torchrun(*args, nproc=nproc) if nproc > 1 else run_cli("train", *args)
+    result = torchrun(*args, nproc=nproc) if nproc > 1 else run_main("train", *args)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -81,9 +85,11 @@ def test_each_fsdp_rank_holds_half_of_the_weights_and_optimizer_state(runs):
 
 def test_fsdp_resume_is_exact_and_checkpoints_move_between_layouts(runs, data, tmp_path):
     root, _ = runs
-    # FSDP stopped at step 5, resumed under FSDP: the uninterrupted FSDP run, bit for bit
-    train(tmp_path / "split", data, "--stop-at-step", "5", parallel="fsdp", nproc=2)
-    resumed = train(tmp_path / "split", data, "--resume", parallel="fsdp", nproc=2)
+    # the FSDP run's checkpoint of step 5, resumed under FSDP: the uninterrupted FSDP run, bit for bit
+    split = tmp_path / "split"
+    split.mkdir()
+    shutil.copytree(root / "fsdp" / "ckpt_000005", split / "ckpt_000005")
+    resumed = train(split, data, "--resume", parallel="fsdp", nproc=2)
     assert "at step 5" in resumed.stdout
     assert max_abs_diff(weights(tmp_path / "split", 10), weights(root / "fsdp", 10)) == 0.0
     # the FSDP checkpoint of step 5 resumes in one process, as the single-process run continued
@@ -92,15 +98,15 @@ def test_fsdp_resume_is_exact_and_checkpoints_move_between_layouts(runs, data, t
     (root / "fsdp" / "ckpt_000005").rename(one / "ckpt_000005")
     train(one, data, "--resume")
     assert max_abs_diff(weights(one, 10), weights(root / "single", 10)) <= 1e-5
-    # a DDP checkpoint resumes under FSDP on 4 ranks (a different world size: accumulation 1)
-    four = tmp_path / "four"
-    four.mkdir()
-    (root / "ddp" / "ckpt_000005").rename(four / "ckpt_000005")
-    result = train(four, data, "--resume", parallel="fsdp", nproc=4)
-    assert "1 accumulation × 4 ranks" in result.stdout
-    assert max_abs_diff(weights(four, 10), weights(root / "single", 10)) <= 1e-5
+    # and a one-process checkpoint resumes under FSDP on 2 ranks (another world size: accumulation 2)
+    two = tmp_path / "two"
+    two.mkdir()
+    shutil.copytree(root / "single" / "ckpt_000005", two / "ckpt_000005")
+    result = train(two, data, "--resume", parallel="fsdp", nproc=2)
+    assert "2 accumulation × 2 ranks" in result.stdout
+    assert max_abs_diff(weights(two, 10), weights(root / "single", 10)) <= 1e-5
     # and sample reads an FSDP checkpoint with no flag
-    sampled = run_cli("sample", "--model", tmp_path / "split", "--num", "1", "--max-new-tokens", "4")
+    sampled = run_main("sample", "--model", tmp_path / "split", "--num", "1", "--max-new-tokens", "4")
     assert sampled.returncode == 0 and sampled.stdout.startswith("sample 0:"), sampled.stderr
 
 
@@ -150,10 +156,18 @@ def test_activation_checkpointing_gives_the_same_gradients_and_keeps_less():
 
 
 def test_bad_layouts_are_one_line(data, tmp_path):
-    result = run_cli("train", "--parallel", "fsdp", "--out", tmp_path / "a", "--data", data, *COMMON)
+    result = run_main("train", "--parallel", "fsdp", "--out", tmp_path / "a", "--data", data, *COMMON)
     assert_one_line_error(result, "--parallel fsdp", "torchrun")
-    result = run_cli("train", "--parallel", "zero", "--out", tmp_path / "b", "--data", data, *COMMON)
+    result = run_main("train", "--parallel", "zero", "--out", tmp_path / "b", "--data", data, *COMMON)
     assert_one_line_error(result, "argument --parallel: invalid choice: 'zero'", "ddp", "fsdp")
-    result = torchrun("--parallel", "fsdp", "--out", tmp_path / "c", "--data", data, *COMMON, "optimizer=muon")
-    assert result.returncode != 0
-    assert "gpt2repro train: error: --parallel fsdp with optim.optimizer=muon" in result.stderr
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("optim.optimizer=muon", "--parallel fsdp with optim.optimizer=muon: Muon orthogonalises whole matrices"),
+    ("runtime.dtype=float16", "--parallel fsdp trains in bfloat16 or float32, not float16"),
+])
+def test_fsdp_refuses_what_it_cannot_shard_before_anything_is_built(override, needle):
+    """As every rank of a torchrun world of 2 checks it (test_guards: each rank prints rank 0's refusal)."""
+    cfg = apply_overrides(get_preset("tiny"), ["runtime.parallel=fsdp", "runtime.device=cpu", override])
+    two_ranks = dataclasses.replace(setup_runtime(cfg.runtime), dist=DistInfo(rank=0, local_rank=0, world_size=2))
+    one_line_user_error(lambda: check_layout(cfg, two_ranks), needle)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, run_cli, run_main
 from gpt2repro.config import GPT2_VOCAB_SIZE
 from gpt2repro.data.tokenizer import decode, encode
 from gpt2repro.model.generate import generate
@@ -72,5 +72,5 @@ def test_sample_cli_prints_the_samples(tmp_path, tiny_model):
 
 
 def test_sample_cli_missing_model(tmp_path):
-    result = run_cli("sample", "--model", tmp_path / "nope", "--device", "cpu")
+    result = run_main("sample", "--model", tmp_path / "nope", "--device", "cpu")
     assert_one_line_error(result, "nope", "no such directory")

@@ -17,10 +17,12 @@ import pytest
 
 from conftest import (
     assert_one_line_error,
+    fail_torch_save,
     make_items,
     make_pattern_shards,
     patched_cli,
     run_cli,
+    run_main,
     wait_for_train_step,
     write_corpus,
     write_jsonl,
@@ -80,6 +82,7 @@ def test_train_refuses_a_run_folder_and_overwrite_replaces_only_the_run(shards, 
     assert (out / "notes.txt").read_text() == "mine" and (out / "mine").is_dir()
 
 
+@pytest.mark.slow
 def test_under_torchrun_every_rank_gets_rank_0s_refusal(shards, finished_run):
     log_before = (finished_run / "log.txt").read_bytes()
     result = run_cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "gpt2repro",
@@ -94,6 +97,7 @@ def test_under_torchrun_every_rank_gets_rank_0s_refusal(shards, finished_run):
     assert (finished_run / "log.txt").read_bytes() == log_before
 
 
+@pytest.mark.slow
 def test_second_train_is_locked_out_and_ctrl_c_saves_and_prints_the_resume_command(shards, tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
@@ -122,7 +126,7 @@ def test_second_train_is_locked_out_and_ctrl_c_saves_and_prints_the_resume_comma
                   if line.startswith("continue with: ")]
     args = shlex.split(command)
     assert args[:2] == ["gpt2repro", "train"] and args[-1] == "--resume" and "--overwrite" not in args
-    resumed = run_cli(*args[1:], "--stop-at-step", done + 1)  # the lock went with the first process
+    resumed = run_main(*args[1:], "--stop-at-step", done + 1)  # the lock went with the first process
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"resuming from {stopped} at step {done}" in resumed.stdout
 
@@ -331,22 +335,12 @@ def test_a_full_disk_is_one_line_naming_the_path(command, shards, finished_run, 
         assert not out.exists() or not any(out.iterdir())
 
 
-FLAKY_TORCH_SAVE = """
-import torch
-real, calls = torch.save, [0]
-def flaky_save(*args, **kwargs):
-    calls[0] += 1
-    if calls[0] in (2, 4, 5):
-        raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
-    return real(*args, **kwargs)
-torch.save = flaky_save
-"""
-
-
-def test_checkpoint_failures_of_any_type_are_retried_and_a_final_one_fails(shards, tmp_path):
+def test_checkpoint_failures_of_any_type_are_retried_and_a_final_one_fails(shards, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    result = patched_cli(FLAKY_TORCH_SAVE, *TINY, "--data", shards, "--out", out, "max_steps=10",
-                         "checkpoint.every=2", "checkpoint.keep=0", "checkpoint.max_failures=2")
+    fail_torch_save(monkeypatch, {2, 4, 5}, RuntimeError("PytorchStreamWriter failed writing file data/0: "
+                                                         "file write failed"))
+    result = run_main(*TINY, "--data", shards, "--out", out, "max_steps=10", "checkpoint.every=2",
+                      "checkpoint.keep=0", "checkpoint.max_failures=2")
     # Steps 4 and 8 fail with a step between them that succeeds: the count starts again, the run
     # goes on; the final checkpoint (step 10) failing stops it with one line.
     assert_one_line_error(result, "checkpoint at step 10 failed (RuntimeError: PytorchStreamWriter",

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import CountHostReads, assert_one_line_error, make_items, run_cli, write_jsonl
+from conftest import CountHostReads, assert_one_line_error, make_items, run_cli, run_main, write_jsonl
 from gpt2repro.bench.hellaswag_reference import ending_logprobs_reference, evaluate_hellaswag_reference
 from gpt2repro.config import GPT2_VOCAB_SIZE
 from gpt2repro.data.tokenizer import EOT_TOKEN, encode
@@ -270,10 +270,10 @@ def test_cli_bad_data_file(tmp_path, content, needle):
 def test_cli_unusable_model(tmp_path):
     data = write_jsonl(tmp_path / "hs.jsonl", make_items(2))
     (tmp_path / "empty").mkdir()
-    result = run_cli("eval", "hellaswag", "--model", tmp_path / "empty", "--data", data, "--device", "cpu")
+    result = run_main("eval", "hellaswag", "--model", tmp_path / "empty", "--data", data, "--device", "cpu")
     assert_one_line_error(result, "empty", "Hugging Face")
     corrupt = tmp_path / "corrupt"
     save_model(GPT(MODEL_PRESETS["tiny"]), corrupt)
     (corrupt / "model.safetensors").write_bytes(b"not safetensors")
-    result = run_cli("eval", "hellaswag", "--model", corrupt, "--data", data, "--device", "cpu")
+    result = run_main("eval", "hellaswag", "--model", corrupt, "--data", data, "--device", "cpu")
     assert_one_line_error(result, "model.safetensors", "corrupt")

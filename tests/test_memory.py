@@ -2,7 +2,7 @@
 
 import torch
 
-from conftest import run_cli
+from conftest import run_main
 from gpt2repro.config import OptimConfig
 from gpt2repro.model.gpt import GPT
 from gpt2repro.presets import MODEL_PRESETS
@@ -34,7 +34,7 @@ def test_activation_checkpointing_and_the_chunked_loss_shrink_the_activations():
 
 
 def test_bench_memory_prints_every_size_and_layout():
-    result = run_cli("bench", "memory", "--ranks", "2,8")
+    result = run_main("bench", "memory", "--ranks", "2,8")
     assert result.returncode == 0, result.stderr
     rows = [ln for ln in result.stdout.splitlines() if ln.startswith("| gpt2-")]
     assert len(rows) == 4 * 3 and sum("FSDP × 8" in r for r in rows) == 4

@@ -288,7 +288,7 @@ def test_modern_ddp_equals_single_process_accumulation(tmp_path):
                   "train", "--out", tmp_path / "ddp", *common, module=None)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert "2 accumulation × 2 ranks" in ddp.stdout
-    single = train_cli("--out", tmp_path / "single", *common)
+    single = train_cli("--out", tmp_path / "single", *common, in_process=True)
     assert "4 accumulation × 1 ranks" in single.stdout
     ddp_losses, single_losses = train_losses(tmp_path / "ddp"), train_losses(tmp_path / "single")
     assert len(ddp_losses) == 6 and single_losses[0] - single_losses[-1] > 1.0  # it learns
@@ -297,7 +297,7 @@ def test_modern_ddp_equals_single_process_accumulation(tmp_path):
 
 def test_export_refuses_the_modern_architecture_and_writes_nothing(tmp_path):
     save_model(modern_model(), tmp_path / "ckpt")
-    result = run_cli("export", "--model", tmp_path / "ckpt", "--out", tmp_path / "hf")
+    result = run_main("export", "--model", tmp_path / "ckpt", "--out", tmp_path / "hf")
     assert_one_line_error(result, "not GPT-2's architecture", "model.pos_emb=rope", "model.qk_norm=True",
                           "model.logit_softcap=15.0")
     assert not (tmp_path / "hf").exists()
@@ -309,7 +309,7 @@ def test_an_untied_gpt2_exports_with_identical_logits(tmp_path):
     ours = GPT(dataclasses.replace(MODEL_PRESETS["tiny"], tie_embeddings=False)).eval()
     save_model(ours, tmp_path / "ckpt")
     assert torch.equal(load_model_dir(tmp_path / "ckpt").lm_head.weight, ours.lm_head.weight)
-    assert run_cli("export", "--model", tmp_path / "ckpt", "--out", tmp_path / "hf").returncode == 0
+    assert run_main("export", "--model", tmp_path / "ckpt", "--out", tmp_path / "hf").returncode == 0
     theirs = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
     x = batch()[0]
     with torch.no_grad():

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, run_cli, run_main
 from gpt2repro.errors import UserError
 from gpt2repro.report.plot import plot_logs, smooth
 from gpt2repro.runlog import read_log as parse_log
@@ -79,7 +79,7 @@ def test_log_with_nothing_to_plot(tmp_path):
     (tmp_path / "log.txt").write_text("hello\nthis is not a log\n")
     with pytest.raises(UserError, match="2 malformed"):
         plot_logs([str(tmp_path / "log.txt")], out=str(tmp_path / "p.png"))
-    result = run_cli("plot", "--log", tmp_path / "log.txt", "--out", tmp_path / "p.png")
+    result = run_main("plot", "--log", tmp_path / "log.txt", "--out", tmp_path / "p.png")
     assert_one_line_error(result, "log.txt", "no lines like")
     assert not (tmp_path / "p.png").exists()
 
@@ -114,5 +114,5 @@ def test_tokens_on_the_x_axis_overlay_runs_of_different_batch_sizes(tmp_path):
     by_step = plot_logs([str(small)], out=str(tmp_path / "q.png"))
     val_line = {ln.get_label(): ln for ln in by_step.axes[0].get_lines()}["val loss"]
     assert val_line.get_xdata().tolist() == [0, 10, 20, 30]
-    result = run_cli("plot", "--log", small, "--x", "tokens", "--out", tmp_path / "r.png")
+    result = run_main("plot", "--log", small, "--x", "tokens", "--out", tmp_path / "r.png")
     assert result.returncode == 0 and "512 tokens per step (from" in result.stdout

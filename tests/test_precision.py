@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_cli
+from conftest import run_main
 
 STEPS = 5
 # Constant LR 1e-2, no warmup: the loss falls from ~10.8 by ~2 nats in STEPS steps.
@@ -32,8 +32,8 @@ MIN_RUN_FALL = 1.5  # and at least this much over the run, as must every switche
 
 
 def train(shards, out, *overrides):
-    """One CLI run; (its stdout, the train loss of every step, its final weights)."""
-    result = run_cli("train", "--preset", "tiny", "--data", shards, "--out", out, *FAST_LEARNING, *FLOAT32,
+    """One run of the command, in this process; (its stdout, the train loss of every step, its final weights)."""
+    result = run_main("train", "--preset", "tiny", "--data", shards, "--out", out, *FAST_LEARNING, *FLOAT32,
                      *overrides)
     assert result.returncode == 0, result.stderr[-3000:]
     records = [line.split() for line in (out / "log.txt").read_text().splitlines()]

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import record_2025_01_04 as record
-from conftest import assert_one_line_error, make_document_shards, run_cli
+from conftest import assert_one_line_error, make_document_shards, run_main
 from gpt2repro import cli
 from gpt2repro.model.gpt import GPT
 from gpt2repro.model.io import save_model
@@ -132,8 +132,8 @@ def test_bench_gpu_reports_each_preset_and_writes_between_the_markers(documents,
     """The GPU check's own machinery, tried on the CPU with small presets."""
     docs = tmp_path / "benchmarks.md"
     docs.write_text("before\n<!-- bench gpu: start -->\nold results\n<!-- bench gpu: end -->\nafter\n")
-    result = run_cli("bench", "gpu", "--allow-cpu", "--presets", "tiny,tiny-modern", "--steps", "5",
-                     "--out", tmp_path / "gpu", "--docs", docs, "--data", documents)
+    result = run_main("bench", "gpu", "--allow-cpu", "--presets", "tiny,tiny-modern", "--steps", "5",
+                      "--out", tmp_path / "gpu", "--docs", docs, "--data", documents)
     assert result.returncode == 0, result.stderr[-3000:]
     text = docs.read_text()
     assert text.startswith("before\n<!-- bench gpu: start -->\nMeasured ") and text.endswith(
@@ -146,8 +146,8 @@ def test_bench_gpu_reports_each_preset_and_writes_between_the_markers(documents,
 
     unmarked = tmp_path / "plain.md"
     unmarked.write_text("no markers\n")
-    refused = run_cli("bench", "gpu", "--allow-cpu", "--presets", "tiny", "--steps", "5", "--out", tmp_path / "again",
-                      "--docs", unmarked)
+    refused = run_main("bench", "gpu", "--allow-cpu", "--presets", "tiny", "--steps", "5", "--out", tmp_path / "again",
+                       "--docs", unmarked)
     assert_one_line_error(refused, "needs one line <!-- bench gpu: start -->")
     assert unmarked.read_text() == "no markers\n" and not (tmp_path / "again").exists()  # refused before any run
-    assert_one_line_error(run_cli("bench", "gpu", "--out", tmp_path / "nogpu"), "no CUDA device")
+    assert_one_line_error(run_main("bench", "gpu", "--out", tmp_path / "nogpu"), "no CUDA device")

@@ -47,13 +47,17 @@ def rotary_tables(head_size: int, length: int, base: float, variant: str = "rope
     ``rope`` (Su et al., 2021): frequencies base^(-2i/d). ``rope-half`` (modded-nanogpt):
     head_size/4 frequencies from 1 down to 1/1024, and the other half of the pairs not rotated
     at all (frequency 0), turning the other way round (negative angles), as that code does."""
+    positions = torch.arange(length, dtype=torch.float32)
     if variant == "rope-half":
         quarter = head_size // 4
-        freq = -((1 / 1024) ** torch.linspace(0, 1, steps=quarter, dtype=torch.float32))
+        # on the positions' device, named: once transformers has loaded a model while torch.linspace
+        # was patched, a `with torch.device(...)` block no longer reaches linspace in this process
+        steps = torch.linspace(0, 1, steps=quarter, dtype=torch.float32, device=positions.device)
+        freq = -((1 / 1024) ** steps)
         freq = torch.cat([freq, freq.new_zeros(quarter)])
     else:
         freq = 1.0 / base ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)
-    angles = torch.outer(torch.arange(length, dtype=torch.float32), freq)
+    angles = torch.outer(positions, freq)
     return angles.cos(), angles.sin()
 
 
