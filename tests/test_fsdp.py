@@ -98,10 +98,10 @@ def test_fsdp_resume_is_exact_and_checkpoints_move_between_layouts(runs, data, t
     (root / "fsdp" / "ckpt_000005").rename(one / "ckpt_000005")
     train(one, data, "--resume")
     assert max_abs_diff(weights(one, 10), weights(root / "single", 10)) <= 1e-5
-    # and a one-process checkpoint resumes under FSDP on 2 ranks (another world size: accumulation 2)
+    # and a DDP checkpoint resumes under FSDP
     two = tmp_path / "two"
     two.mkdir()
-    shutil.copytree(root / "single" / "ckpt_000005", two / "ckpt_000005")
+    shutil.copytree(root / "ddp" / "ckpt_000005", two / "ckpt_000005")
     result = train(two, data, "--resume", parallel="fsdp", nproc=2)
     assert "2 accumulation × 2 ranks" in result.stdout
     assert max_abs_diff(weights(two, 10), weights(root / "single", 10)) <= 1e-5
