@@ -14,7 +14,7 @@ import types
 import pytest
 import torch
 
-from conftest import make_pattern_shards, run_cli
+from conftest import make_pattern_shards, run_cli, run_main
 from gpt2repro import cli
 from gpt2repro.commands import train_config
 from gpt2repro.data.tokenizer import StreamDecoder, decode, encode
@@ -183,8 +183,8 @@ def test_hellaswag_progress_only_for_rank_0_on_a_terminal(tiny_dir, hellaswag_fi
 def test_train_says_where_its_outputs_go_and_sums_up(tmp_path, capsys):
     data = make_pattern_shards(tmp_path / "data", n_train=4096, n_val=512)
     out = tmp_path / "run"
-    result = run_cli("train", "--preset", "tiny", "--data", data, "--out", out, "optim.max_steps=3",
-                     "eval.val_every=2", "eval.val_tokens=64")
+    result = run_main("train", "--preset", "tiny", "--data", data, "--out", out, "optim.max_steps=3",
+                      "eval.val_every=2", "eval.val_tokens=64")
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.splitlines()
     outputs = next(ln for ln in lines if ln.startswith("outputs: "))
