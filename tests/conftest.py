@@ -123,8 +123,6 @@ PATTERN_TOKENS = (464, 3290, 318, 257, 1263, 3290, 13, 383, 3797, 318, 257, 1310
 
 def make_pattern_shards(directory: Path, n_train: int = 8192, n_val: int = 1024) -> Path:
     """Learnable shards in the prepare layout (val first): PATTERN_TOKENS over and over."""
-    import numpy as np
-
     directory.mkdir(parents=True, exist_ok=True)
     pattern = np.array(PATTERN_TOKENS, dtype=np.uint16)
     np.save(directory / "test_val_000000.npy", np.resize(pattern, n_val))
@@ -137,8 +135,6 @@ def write_bin_shard(path: Path, tokens, *, magic: int = 20240520, version: int =
     """An llm.c / modded-nanogpt ``.bin`` shard as their scripts write it: 256 little-endian int32
     (magic, version, token count, zeros), then the uint16 tokens. The format is spelt out here, not
     taken from gpt2repro, so a wrong constant there fails the tests; the keywords write bad headers."""
-    import numpy as np
-
     tokens = np.asarray(tokens, dtype="<u2")
     header = np.zeros(256, dtype="<i4")
     header[:3] = magic, version, len(tokens) if n is None else n
@@ -151,8 +147,6 @@ def make_document_shards(directory: Path, n_train: int = 40_000, n_val: int = 4_
     """Random-token documents, each opened by <|endoftext|> as prepare writes them, in the prepare
     layout (val first): what document masking needs to see boundaries. Tokens from a small
     ``vocab`` are learnable within a few steps (their frequencies)."""
-    import numpy as np
-
     directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
 
@@ -186,8 +180,6 @@ def one_torch_thread():
     """The module's in-process model work on one torch thread. Tiny models gain nothing from a
     second thread, and on a busy 2-core machine (two test files at a time) a thread that waits
     for a core makes every small matmul take milliseconds: 20x slower."""
-    import torch
-
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
