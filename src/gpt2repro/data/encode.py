@@ -12,6 +12,7 @@ bounded whatever the corpus size.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import functools
 import itertools
 import multiprocessing
@@ -129,12 +130,19 @@ def _init_worker() -> None:
 
 
 def tokenize_documents(documents: Iterable[str], workers: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(tokens, document start offsets) per task, in corpus order, using ``workers`` processes."""
+    """(tokens, document start offsets) per task, in corpus order, using ``workers`` processes.
+
+    However the caller leaves (all read, ``--max-tokens`` reached, a bad document, Ctrl-C), the
+    pool is shut down with the tasks not yet started cancelled and the running ones finished
+    and read: ``multiprocessing.Pool.terminate()`` with results still in flight can deadlock
+    on its result pipe, which a worker holds while it writes."""
     if workers <= 1:
         yield from map(_encode_task, _tasks(documents))
         return
-    with multiprocessing.get_context().Pool(workers, initializer=_init_worker) as pool:
-        # apply_async with a bounded queue, not imap: imap would read the whole corpus ahead.
+    pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(),
+                                                  initializer=_init_worker)
+    try:
+        # A bounded queue of futures, not pool.map: map would read the whole corpus ahead.
         pending: collections.deque = collections.deque()
         tasks = _tasks(documents)
         while True:
@@ -142,12 +150,14 @@ def tokenize_documents(documents: Iterable[str], workers: int) -> Iterator[tuple
                 task = next(tasks, None)
             except Exception:  # a bad document: first hand over the work read before it
                 while pending:
-                    yield pending.popleft().get()
+                    yield pending.popleft().result()
                 raise
             if task is None:
                 break
-            pending.append(pool.apply_async(_encode_task, (task,)))
+            pending.append(pool.submit(_encode_task, task))
             if len(pending) >= 2 * workers:
-                yield pending.popleft().get()
+                yield pending.popleft().result()
         while pending:
-            yield pending.popleft().get()
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)

@@ -22,6 +22,7 @@ import itertools
 import json
 import os
 from collections.abc import Iterator
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
@@ -278,9 +279,13 @@ def _write_stream(writer: _ShardWriter, tasks: Iterator[tuple[np.ndarray, np.nda
                desc=f"tokenizing ({encoder_name()}, {workers} workers)",
                disable=None)  # off when stderr is not a terminal: logs keep the summary line
     with bar:
-        for tokens, doc_starts in tasks:
-            before = writer.written
-            going = writer.add(tokens, doc_starts, max_tokens)
-            bar.update(writer.written - before)
-            if not going:
-                break
+        try:
+            for tokens, doc_starts in tasks:
+                before = writer.written
+                going = writer.add(tokens, doc_starts, max_tokens)
+                bar.update(writer.written - before)
+                if not going:
+                    break
+        except BrokenProcessPool:  # a worker killed from outside, most often by the kernel's OOM killer
+            raise UserError(f"{writer.out_dir}: a tokenizer worker process died (out of memory?); the finished "
+                            "shards are kept: run the same command again, with fewer --workers") from None
