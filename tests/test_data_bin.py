@@ -6,7 +6,7 @@ import torch
 
 from conftest import one_line_user_error, write_bin_shard
 from gpt2repro.data import prepare as prep
-from gpt2repro.data.loader import TokenLoader, val_batches
+from gpt2repro.data.loader import TokenLoader, window_batches
 from gpt2repro.data.shards import list_shards, open_shard, read_shard_length
 
 B, T, W = 2, 8, 2
@@ -47,16 +47,16 @@ def test_train_batches_are_the_npy_batches(tmp_path):
     assert sorted(windows) == sorted(expected) and len(set(windows)) == len(windows)
 
 
-def test_val_batches_are_the_npy_batches(tmp_path):
+def test_window_batches_are_the_npy_batches(tmp_path):
     npy, bin_, stream = twin_folders(tmp_path)
     rows = []
     for rank in range(W):
-        theirs = list(val_batches(bin_, T, 200, micro_batch=3, rank=rank, world_size=W))
-        ours = list(val_batches(npy, T, 200, micro_batch=3, rank=rank, world_size=W))
+        theirs = list(window_batches(bin_, "val", T, 200 // T, 3, rank=rank, world_size=W))
+        ours = list(window_batches(npy, "val", T, 200 // T, 3, rank=rank, world_size=W))
         assert len(theirs) == len(ours) > 0
-        for (x, y), (x_npy, y_npy) in zip(theirs, ours):
-            assert torch.equal(x, x_npy) and torch.equal(y, y_npy)
-            rows += [tuple(r) for r in torch.cat([x, y[:, -1:]], dim=1).tolist()]
+        for batch, batch_npy in zip(theirs, ours):
+            assert np.array_equal(batch, batch_npy)
+            rows += [tuple(r) for r in batch.tolist()]
     expected = [tuple(stream["val"][j * T:(j + 1) * T + 1].tolist()) for j in range(200 // T)]
     assert sorted(rows) == sorted(expected) and len(set(rows)) == len(rows)
 
@@ -111,7 +111,7 @@ def test_a_folder_of_both_kinds_is_refused(tmp_path):
     np.save(tmp_path / "edufineweb_train_000002.npy", TOKENS)
     needles = [str(tmp_path), "both .npy and .bin", "edufineweb_train_000002.npy", "fineweb_", "one kind"]
     one_line_user_error(lambda: TokenLoader(tmp_path, "train", 2, 8), *needles)
-    one_line_user_error(lambda: list(val_batches(tmp_path, 8, 64, 2)), *needles)  # val alone is one kind
+    one_line_user_error(lambda: list(window_batches(tmp_path, "val", 8, 8, 2)), *needles)  # val alone is one kind
 
 
 def test_prepare_refuses_a_folder_of_bin_shards(tmp_path):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from gpt2repro.data.loader import TokenLoader, val_batches
+from gpt2repro.data.loader import TokenLoader, window_batches
 from gpt2repro.errors import UserError
 
 TRAIN_SIZES = [37, 100, 5, 64, 91, 40]  # uneven, so windows cross shard boundaries
@@ -136,24 +136,24 @@ def test_resume_refuses_other_shards(data_dir, tmp_path):
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
-@pytest.mark.parametrize("micro_batch", [1, 2, 5])
-def test_val_reads_the_same_tokens_whatever_the_ranks_and_batch(tmp_path, world_size, micro_batch):
-    write_shards(tmp_path, [70, 45], split="val")  # two val shards: sequences cross the boundary
-    T, n_tokens = 8, 100
+@pytest.mark.parametrize("batch_size", [1, 2, 5])
+def test_val_reads_the_same_tokens_whatever_the_ranks_and_batch(tmp_path, world_size, batch_size):
+    write_shards(tmp_path, [70, 45], split="val")  # two val shards: windows cross the boundary
+    T, n_windows = 8, 12
     seen = []
     for rank in range(world_size):
-        for x, y in val_batches(tmp_path, T, n_tokens, micro_batch, rank=rank, world_size=world_size):
-            assert x.shape[1] == T and 1 <= x.shape[0] <= micro_batch and x.dtype == torch.int64
-            assert torch.equal(y, x + 1)
-            seen += [row[0].item() for row in x]
-    assert sorted(seen) == [j * T for j in range(n_tokens // T)]
+        for rows in window_batches(tmp_path, "val", T, n_windows, batch_size, rank=rank, world_size=world_size):
+            assert rows.shape[1] == T + 1 and 1 <= rows.shape[0] <= batch_size and rows.dtype == np.int64
+            assert np.array_equal(rows[:, 1:], rows[:, :-1] + 1)
+            seen += [row[0] for row in rows.tolist()]
+    assert sorted(seen) == [j * T for j in range(n_windows)]
 
 
-def test_val_larger_than_the_split_uses_what_there_is(tmp_path, capsys):
+def test_more_windows_than_the_split_holds_is_a_clear_error(tmp_path):
     write_shards(tmp_path, [41], split="val")
-    starts = [x[:, 0].tolist() for x, _ in val_batches(tmp_path, 8, 10_000, 4)]
-    assert sum(starts, []) == [0, 8, 16, 24, 32]
-    assert "warning" in capsys.readouterr().out
+    assert [rows[:, 0].tolist() for rows in window_batches(tmp_path, "val", 8, 5, 4)] == [[0, 8, 16, 24], [32]]
+    with pytest.raises(UserError, match="room for 5 windows"):
+        list(window_batches(tmp_path, "val", 8, 6, 4))
 
 
 def test_stream_smaller_than_one_window_is_a_clear_error(tmp_path):
@@ -165,4 +165,4 @@ def test_stream_smaller_than_one_window_is_a_clear_error(tmp_path):
     assert "\n" not in message
     write_shards(tmp_path, [5], split="val")
     with pytest.raises(UserError, match="val split has 5 tokens"):
-        list(val_batches(tmp_path, 8, 64, 2))
+        list(window_batches(tmp_path, "val", 8, 1, 2))

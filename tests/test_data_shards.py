@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from conftest import one_line_user_error
-from gpt2repro.data.loader import TokenLoader, val_batches
+from gpt2repro.data.loader import TokenLoader, window_batches
 from gpt2repro.data.shards import list_shards, open_shard, read_shard_length, shard_name
 
 
@@ -68,7 +68,7 @@ def test_bad_shard_is_one_line_naming_the_file(tmp_path, what, write, needle):
 def test_token_id_error_gives_the_position(tmp_path):
     path = save(tmp_path / "d_val_000000.npy", np.array([1, 2, 60000, 3], dtype=np.uint16))
     one_line_user_error(lambda: open_shard(path), "60000", "position 2")
-    one_line_user_error(lambda: list(val_batches(tmp_path, 2, 2, 1)), "60000")
+    one_line_user_error(lambda: list(window_batches(tmp_path, "val", 2, 1, 1)), "60000")
 
 
 def test_missing_splits_and_directories(tmp_path):
@@ -76,7 +76,7 @@ def test_missing_splits_and_directories(tmp_path):
     one_line_user_error(lambda: TokenLoader(tmp_path, "train", 2, 8), str(tmp_path), "no train shards",
                          "gpt2repro prepare")
     (tmp_path / "d_val_000000.npy").rename(tmp_path / "d_train_000001.npy")
-    one_line_user_error(lambda: list(val_batches(tmp_path, 8, 64, 2)), "no val shards")
+    one_line_user_error(lambda: list(window_batches(tmp_path, "val", 8, 8, 2)), "no val shards")
     one_line_user_error(lambda: list_shards(tmp_path / "nowhere", "train"), "nowhere", "no such data directory")
 
 

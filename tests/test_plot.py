@@ -1,3 +1,4 @@
+import json
 import math
 
 import pytest
@@ -58,13 +59,53 @@ def test_plot_writes_a_png_with_both_panels(tmp_path, capsys):
     assert "skipped 1 malformed line" in printed
 
 
-def test_a_log_without_hellaswag_says_so_in_its_panel(tmp_path):
-    log = write_log(tmp_path / "log.txt", hella=False)
-    loss_ax, hella_ax = plot_logs([str(log)], size="124M", out=str(tmp_path / "p.png")).axes
-    assert [t.get_text() for t in hella_ax.texts] == ["no HellaSwag evaluations in the log"]
-    assert hella_ax.get_xlim() == loss_ax.get_xlim()
+def test_a_log_without_hellaswag_gets_no_hellaswag_panel(tmp_path):
+    (loss_ax,) = plot_logs([str(write_log(tmp_path / "log.txt", hella=False))], size="124M",
+                           out=str(tmp_path / "p.png")).axes
+    assert loss_ax.get_title() == "Loss"
     with_hella = plot_logs([str(write_log(tmp_path / "h.txt"))], size="124M", out=str(tmp_path / "h.png"))
-    assert not with_hella.axes[1].texts
+    assert [ax.get_title() for ax in with_hella.axes] == ["Loss", "HellaSwag eval"]
+
+
+def run_on(tmp_path, name, manifest=None, shard=None):
+    """A run folder whose config.json points at a shard folder with ``manifest`` or ``shard`` in it."""
+    data = tmp_path / f"{name}-data"
+    data.mkdir()
+    if manifest is not None:
+        (data / "manifest.json").write_text(json.dumps(manifest))
+    if shard is not None:
+        (data / shard).write_bytes(b"")
+    log = write_log(tmp_path / name / "log.txt", hella=False)
+    (log.parent / "config.json").write_text(json.dumps({"data": {"path": str(data)}}))
+    return str(log)
+
+
+def val_lines(fig):
+    return [line.get_label() for line in fig.axes[0].get_lines() if "checkpoint val loss" in line.get_label()]
+
+
+def test_gpt2s_val_line_only_over_fineweb_edu_val(tmp_path, capsys):
+    edu = run_on(tmp_path, "edu", {"source": "HuggingFaceFW/fineweb-edu/sample-10BT"})
+    nanogpt = run_on(tmp_path, "nanogpt", shard="edufineweb_val_000000.npy")  # build-nanogpt's own shards
+    demo = run_on(tmp_path, "demo", {"source": "demo"})
+    fineweb = run_on(tmp_path, "fineweb", {"source": "HuggingFaceFW/fineweb/sample-10BT"})
+    bare = str(write_log(tmp_path / "bare" / "log.txt", hella=False))  # no config.json: corpus unknown
+    out = str(tmp_path / "p.png")
+    assert val_lines(plot_logs([edu, nanogpt], size="124M", out=out)) == [
+        "OpenAI GPT-2 (124M) checkpoint val loss (FineWeb-edu)"]
+    for others in ([demo], [fineweb], [bare], [edu, demo]):
+        capsys.readouterr()
+        assert val_lines(plot_logs(others, size="124M", out=out)) == []
+        assert "no GPT-2 val loss line" in capsys.readouterr().out
+
+
+def test_a_log_that_is_not_a_file_is_refused_before_reading(tmp_path):
+    result = run_main("plot", "--log", "/dev/zero", "--out", tmp_path / "p.png")
+    assert_one_line_error(result, "/dev/zero", "not a regular file")
+    with open(tmp_path / "huge.txt", "wb") as f:
+        f.truncate(300 << 20)  # sparse: no disk used
+    assert_one_line_error(run_main("plot", "--log", tmp_path / "huge.txt", "--out", tmp_path / "p.png"),
+                          "huge.txt", "larger than 256 MiB")
 
 
 def test_plot_cli_with_the_124m_baseline(tmp_path):
@@ -98,8 +139,6 @@ def test_nonfinite_values_do_not_break_the_summary(tmp_path, capsys):
 
 
 def test_tokens_on_the_x_axis_overlay_runs_of_different_batch_sizes(tmp_path):
-    import json
-
     small = write_log(tmp_path / "small" / "log.txt", steps=40)
     (tmp_path / "small" / "config.json").write_text(json.dumps({"optim": {"total_batch_tokens": 512}}))
     nanogpt = write_log(tmp_path / "nanogpt" / "log.txt", steps=20)  # no config.json: --tokens-per-step

@@ -1,5 +1,6 @@
 """Training: schedule, DDP == single-process accumulation, exact resume, bad input."""
 
+import json
 import math
 
 import pytest
@@ -115,8 +116,6 @@ def test_seq_len_longer_than_block_size(shards, tmp_path):
 
 
 def test_periodic_val_hellaswag_and_samples_are_logged(shards, tmp_path):
-    import json
-
     items = tmp_path / "hellaswag.jsonl"
     items.write_text("".join(json.dumps({"ctx": f"A man opens door number {i}.", "activity_label": "Doors",
                                          "endings": ["He walks in.", "It rains fish.", "Blue.", "The end."],
@@ -125,12 +124,29 @@ def test_periodic_val_hellaswag_and_samples_are_logged(shards, tmp_path):
                        "hellaswag_every=2", f"hellaswag_data={items}", "sample_every=2", "sample_tokens=4",
                        in_process=True)
     records = [line.split() for line in (tmp_path / "run" / "log.txt").read_text().splitlines()]
-    assert [(int(s), k) for s, k, _ in records if k != "train"] == [(0, "val"), (0, "val_bpb"), (0, "hella"),
-                                                                    (2, "val"), (2, "val_bpb"), (2, "hella")]
+    # every 2 steps, build-nanogpt's val at the last step (2), and the saved model after step 3's update
+    assert [(int(s), k) for s, k, _ in records if k != "train"] == [
+        (step, stream) for step in (0, 2, 3) for stream in ("val", "val_bpb", "hella")]
     hella = [float(v) * 6 for _, k, v in records if k == "hella"]  # accuracies over 6 items
     assert all(0 <= h <= 6 and abs(h - round(h)) < 1e-4 for h in hella)
     assert "hellaswag acc_norm" in result.stdout
-    assert (tmp_path / "run" / "samples.txt").read_text().count("step 2 sample") == 4
+    samples = (tmp_path / "run" / "samples.txt").read_text()
+    assert samples.count("step 2 sample") == samples.count("step 3 sample") == 4
+
+
+def test_the_final_val_loss_is_the_saved_models(shards, tmp_path):
+    """A run of N steps measures val after its last update, on the weights of ckpt_N, and reports
+    that number; ``eval loss`` on that checkpoint over the same windows gives it again."""
+    result = train_cli("--data", shards, "--out", tmp_path / "run", "max_steps=3", "val_every=2", in_process=True)
+    log = [line.split() for line in (tmp_path / "run" / "log.txt").read_text().splitlines()]
+    val = [(int(step), float(value)) for step, stream, value in log if stream == "val"]
+    assert [step for step, _ in val] == [0, 2, 3] and (tmp_path / "run" / "ckpt_000003").is_dir()
+    assert f"final val loss {val[-1][1]:.4f} (step 3)" in result.stdout
+    out = tmp_path / "eval.json"
+    measured = run_main("eval", "loss", "--model", tmp_path / "run", "--data", shards, "--seq-len", "32",
+                        "--tokens", "1024", "--device", "cpu", "--json", out)  # the tiny preset's val
+    assert measured.returncode == 0, measured.stderr
+    assert abs(json.loads(out.read_text())["loss"] - val[-1][1]) <= 1e-5
 
 
 def test_missing_hellaswag_file_fails_before_training(shards, tmp_path):

@@ -13,8 +13,9 @@ from gpt2repro.atomic import atomic_write, writing
 from gpt2repro.errors import UserError
 
 LOG_FILE = "log.txt"
-LINE = re.compile(r"^(\d+) (\w+) (\S+)$")
+LINE = re.compile(rb"^(\d+) (\w+) (\S+)$")
 DEFAULT_TOKENS_PER_STEP = 524_288  # build-nanogpt's 2**19
+MAX_LOG_BYTES = 256 << 20  # far above any run's log; a larger file is something else
 
 Streams = dict[str, list[tuple[int, float]]]
 
@@ -29,12 +30,14 @@ def append(path: Path, step: int, stream: str, value: float) -> None:
 
 
 def truncate(path: Path, step: int) -> None:
-    """Drop the records of ``step`` and later (a resumed run is about to recompute them)."""
+    """Drop the records of ``step`` and later (a resumed run is about to recompute them). Lines are
+    kept as bytes: a stray byte that is not UTF-8 stays as it was."""
     if not path.exists():
         return
-    kept = [ln for ln in path.read_text().splitlines(keepends=True)
-            if not (m := LINE.match(ln.strip())) or int(m.group(1)) < step]
-    atomic_write(path, "".join(kept))
+    with writing(path):
+        lines = path.read_bytes().splitlines(keepends=True)
+    kept = [ln for ln in lines if not (m := LINE.match(ln.strip())) or int(m.group(1)) < step]
+    atomic_write(path, b"".join(kept))
 
 
 def parse_text(text: str) -> tuple[Streams, int]:
@@ -58,15 +61,23 @@ def parse_text(text: str) -> tuple[Streams, int]:
 
 
 def read_log(path: str | Path) -> tuple[Streams, int]:
-    """``parse_text`` of the log at ``path``; a missing or unreadable file is one line."""
+    """``parse_text`` of the log at ``path``; a missing, unreadable, special or oversized file is one line."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8", errors="replace")
+        if not path.is_file():  # a device (/dev/zero), a pipe or a folder: it may never end
+            if path.exists():
+                raise UserError(f"{path}: not a regular file; pass the log.txt of a training run with --log")
+            raise FileNotFoundError
+        with open(path, "rb") as f:
+            data = f.read(MAX_LOG_BYTES + 1)
     except FileNotFoundError:
         raise UserError(f"{path}: no such file; pass the log.txt of a training run with --log") from None
     except OSError as e:
         raise UserError(f"{path}: unreadable ({e.strerror}); pass the log.txt of a training run") from None
-    return parse_text(text)
+    if len(data) > MAX_LOG_BYTES:
+        raise UserError(f"{path}: larger than {MAX_LOG_BYTES >> 20} MiB, not a training log (a million steps "
+                        "take about 30 MiB); pass the log.txt of a training run")
+    return parse_text(data.decode("utf-8", errors="replace"))
 
 
 def tokens_per_step(log: str | Path, default: int = DEFAULT_TOKENS_PER_STEP) -> tuple[int, str]:

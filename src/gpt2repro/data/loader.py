@@ -133,39 +133,19 @@ class TokenLoader:
         self._start_epoch()
 
 
-_warned: set[tuple[str, int]] = set()  # a short val split is reported once, not at every eval
+def window_batches(data_dir, split: str, seq_len: int, n_windows: int, batch_size: int, rank: int = 0,
+                   world_size: int = 1) -> Iterator[np.ndarray]:
+    """This rank's share of the split's first ``n_windows`` windows, as (B, T + 1) int64 rows.
 
-
-def val_sequence_count(data_dir, seq_len: int, n_tokens: int) -> int:
-    """How many val sequences of ``seq_len`` tokens an evaluation of ``n_tokens`` measures: the
-    first ``n_tokens // seq_len``, or all the val split holds (with a warning, once)."""
-    stream = TokenStream(list_shards(data_dir, "val"))
+    Window j is stream tokens [j·T, (j+1)·T + 1): T inputs and their T targets, the last target
+    being the first token of the next window. It goes to rank j % W, so the union over ranks is
+    the same whatever W and the batch size; ranks may get different numbers of batches."""
+    stream = TokenStream(list_shards(data_dir, split))
     available = (len(stream) - 1) // seq_len
-    if available == 0:
-        raise UserError(f"{data_dir}: the val split has {len(stream):,} tokens, fewer than one "
-                        f"sequence of seq_len + 1 = {seq_len + 1}; prepare with a larger --val-tokens")
-    wanted = n_tokens // seq_len
-    if wanted > available and (str(data_dir), n_tokens) not in _warned:
-        _warned.add((str(data_dir), n_tokens))
-        print0(f"data: warning: {data_dir} has {len(stream):,} val tokens, fewer than the "
-               f"{n_tokens:,} asked for; evaluating on {available * seq_len:,}", flush=True)
-    return min(wanted, available)
-
-
-def val_batches(data_dir, seq_len: int, n_tokens: int, micro_batch: int, rank: int = 0,
-                world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """This rank's share of the ``val_sequence_count`` val sequences, in batches.
-
-    Sequence j is val tokens [j·T, (j+1)·T + 1) and goes to rank j % W, so the union
-    over ranks is the same whatever W and micro_batch. Ranks may get different
-    numbers of batches: sum losses and counts locally, then all-reduce once.
-    If the val split is shorter than ``n_tokens`` the sequences it has are used,
-    with a warning, so runs on the same data stay comparable.
-    """
-    n = val_sequence_count(data_dir, seq_len, n_tokens)
-    stream = TokenStream(list_shards(data_dir, "val"))
-    mine = list(range(rank, n, world_size))
-    for first in range(0, len(mine), micro_batch):
-        rows = [stream.read(j * seq_len, seq_len + 1) for j in mine[first:first + micro_batch]]
-        tokens = torch.from_numpy(np.stack(rows))
-        yield tokens[:, :-1], tokens[:, 1:]
+    if n_windows > available:
+        raise UserError(f"{data_dir}: the {split} split has {len(stream):,} tokens, room for {available:,} "
+                        f"windows of seq_len + 1 = {seq_len + 1:,}, not {n_windows:,}; prepare more data or "
+                        "measure fewer tokens")
+    mine = range(rank, n_windows, world_size)
+    for first in range(0, len(mine), batch_size):
+        yield np.stack([stream.read(j * seq_len, seq_len + 1) for j in mine[first:first + batch_size]])

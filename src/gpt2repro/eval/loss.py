@@ -1,22 +1,21 @@
-"""``eval loss``: a model's next-token loss and bits per byte on a split of token shards.
+"""Validation loss: one definition for training's ``val``, ``eval loss`` and the benchmarks.
 
-The window layout is fixed, so that a number means the same thing for every model, run
-and world size:
-
-- the split's shards, in index order, are one token stream (``data.loader.TokenStream``);
-- window j is stream tokens [j·T, (j+1)·T + 1): T inputs and their T targets, the last
-  target being the first token of the next window; windows do not overlap, so every
-  target is predicted once, from the tokens of its own window only (the first target of
-  a window sees one token, the last sees T);
-- the first N // T windows are measured (N = ``n_tokens``, default: as many as the split
-  holds); rank r takes windows r, r + W, ... and every rank sums loss, tokens and bytes
-  locally, then one all-reduce adds them up: any world size and batch size give the same
-  number (up to float summation order);
-- a token's loss is −log p over the real 50,257-token vocabulary in float32: the padding
-  rows of a padded head (50,304) never take part in the softmax, unlike the training loss
-  (``model(x, y)``, as build-nanogpt computes it), which can be a hair higher for that;
-- the model runs as it was trained: a modern model masks documents and applies its final
-  sliding window itself, inside each window.
+- **Windows.** The split's shards, in index order, are one token stream
+  (``data.loader.TokenStream``). Window j is stream tokens [j·T, (j+1)·T + 1): T inputs and
+  their T targets; windows do not overlap, so every target is predicted once, from the tokens
+  of its own window only. The first N // T windows are measured (N: ``eval.val_tokens`` in
+  training, ``--tokens`` in ``eval loss``; T: ``data.seq_len``, ``--seq-len``).
+- **Loss.** The model's own training loss, ``model(x, y)``: the mean cross-entropy over the
+  rows of its head that its loss uses. For a model trained here from scratch that is all
+  50,304 rows, as build-nanogpt and modded-nanogpt measure val; for OpenAI's GPT-2, and a run
+  started from it (``model.real_vocab_size``), the 50,257 real ones. A modern model masks
+  documents and applies its sliding window (the schedule's at a training step, the final one
+  otherwise) inside each window.
+- **Ranks.** Rank r takes windows r, r + W, ...; every rank sums loss, targets and bytes
+  locally and one all-reduce adds them up: any world size and batch size give the same number
+  (up to float summation order).
+- **Bits per byte** divides the summed loss by the UTF-8 bytes of the targets
+  (``eval.bits_per_byte``).
 """
 
 from __future__ import annotations
@@ -26,14 +25,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from gpt2repro.config import GPT2_VOCAB_SIZE
-from gpt2repro.data.loader import TokenStream
+from gpt2repro.data.loader import TokenStream, window_batches
 from gpt2repro.data.shards import list_shards
 from gpt2repro.device import autocast, resolve_ce_chunk_rows, to_device
-from gpt2repro.distributed import all_reduce_sum
+from gpt2repro.distributed import all_reduce_sum, rounds_on_every_rank
 from gpt2repro.errors import UserError
 from gpt2repro.eval.bits_per_byte import bits_per_byte, count_bytes, token_bytes
 
@@ -50,24 +47,25 @@ def window_length(seq_len: int | None, block_size: int) -> int:
     return seq_len
 
 
-def count_windows(n_stream: int, seq_len: int, n_tokens: int | None, where: str) -> int:
+def count_windows(n_stream: int, seq_len: int, n_tokens: int | None, where: str, fewer_ok: bool = False) -> int:
     """How many windows of ``seq_len`` (+1) tokens to measure: ``n_tokens // seq_len``, or all that
-    fit in a stream of ``n_stream`` tokens; a one-line error when that is none, or more than fit."""
+    fit in a stream of ``n_stream`` tokens; a one-line error when that is none, or (unless
+    ``fewer_ok``: training measures what its val split holds) more than fit."""
     available = (n_stream - 1) // seq_len if n_stream > 0 else 0
     if available == 0:
-        raise UserError(f"{where}: {n_stream:,} tokens, fewer than one window of --seq-len + 1 = {seq_len + 1:,}; "
-                        "lower --seq-len or prepare more data")
+        raise UserError(f"{where}: {n_stream:,} tokens, fewer than one window of seq_len + 1 = {seq_len + 1:,}; "
+                        "lower the sequence length or prepare more data")
     if n_tokens is None:
         return available
     wanted = n_tokens // seq_len
     if wanted == 0:
         raise UserError(f"--tokens {n_tokens}: fewer than one window of --seq-len {seq_len} tokens; "
                         f"pass at least {seq_len}")
-    if wanted > available:
+    if wanted > available and not fewer_ok:
         windows = f"{available:,} window{'s' * (available != 1)}"
         raise UserError(f"--tokens {n_tokens}: {where} has {n_stream:,} tokens, room for {windows} of {seq_len:,} "
                         f"(+1); pass --tokens {available * seq_len} or less, or omit --tokens for the whole split")
-    return wanted
+    return min(wanted, available)
 
 
 def open_split(data_dir: str | Path, split: str) -> TokenStream:
@@ -76,33 +74,22 @@ def open_split(data_dir: str | Path, split: str) -> TokenStream:
 
 
 @torch.no_grad()
-def window_sums(model, tokens: torch.Tensor, head_chunk_rows: int = 0) -> torch.Tensor:
-    """[summed loss (nats), targets] of a batch of windows (B, T + 1), float64 on the model's device."""
-    x, y = tokens[:, :-1], tokens[:, 1:].reshape(-1)
-    hidden = model.hidden(x).flatten(0, 1)
-    step = head_chunk_rows or hidden.size(0)
-    loss = torch.zeros((), dtype=torch.float64, device=hidden.device)
-    for start in range(0, hidden.size(0), step):
-        logits = model.logits(hidden[start:start + step], GPT2_VOCAB_SIZE).float()
-        target = y[start:start + step]
-        loss += (logits.logsumexp(dim=1) - logits.gather(1, target[:, None]).squeeze(1)).double().sum()
-    return torch.stack([loss, torch.tensor(float(y.numel()), dtype=torch.float64, device=loss.device)])
-
-
 def evaluate_loss(model, data_dir: str | Path, *, split: str = "val", seq_len: int | None = None,
                   n_tokens: int | None = None, batch_size: int = 8, device="cpu",
                   autocast_dtype: torch.dtype | None = None, rank: int = 0, world_size: int = 1,
-                  progress: Callable[[int], Any] | None = None) -> dict:
+                  ce_chunk_rows: int | None = None, window: int | None = None,
+                  progress: Callable[[int], Any] | None = None, poll: Callable[[], None] | None = None) -> dict:
     """``{"split", "tokens", "windows", "seq_len", "loss", "bpb", "tokens_per_s"}`` of ``model``
-    (our GPT, on ``device``) over the first ``n_tokens // seq_len`` windows of ``split``
-    (default: all of them); the layout is the module docstring's. ``progress(n)``: n more of
-    this rank's windows measured."""
+    (our GPT, or its compiled form, on ``device``) over the first ``n_tokens // seq_len`` windows
+    of ``split`` (default: all of them), as the module docstring defines them. ``window``: the
+    sliding window's blocks (default: the model's final one). ``progress(n)``: n more of this
+    rank's windows measured; ``poll()`` runs before each batch that every rank has (it may hold a
+    collective, and raise to stop the evaluation)."""
     seq_len = window_length(seq_len, model.config.block_size)
-    stream = open_split(data_dir, split)
-    windows = count_windows(len(stream), seq_len, n_tokens, f"{data_dir}: the {split} split")
+    windows = count_windows(len(open_split(data_dir, split)), seq_len, n_tokens, f"{data_dir}: the {split} split")
     device = torch.device(device)
-    head_chunk_rows = resolve_ce_chunk_rows("auto", device)
-    mine = list(range(rank, windows, world_size))
+    chunk_rows = resolve_ce_chunk_rows("auto", device) if ce_chunk_rows is None else ce_chunk_rows
+    rounds = rounds_on_every_rank(windows, world_size, batch_size)
     token_bytes()  # the BPE's byte table, built once, before the clock starts
     was_training = model.training
     model.eval()
@@ -110,14 +97,18 @@ def evaluate_loss(model, data_dir: str | Path, *, split: str = "val", seq_len: i
     total = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, targets, bytes
     n_bytes = 0
     try:
-        for first in range(0, len(mine), batch_size):
-            batch = mine[first:first + batch_size]
-            rows = np.stack([stream.read(j * seq_len, seq_len + 1) for j in batch])
-            n_bytes += count_bytes(rows[:, 1:])
+        for i, rows in enumerate(window_batches(data_dir, split, seq_len, windows, batch_size, rank, world_size)):
+            if poll is not None and i < rounds:
+                poll()
+            n_bytes += count_bytes(rows[:, 1:])  # on the host, before the copy: no device sync
+            tokens = to_device(torch.from_numpy(rows), device)
             with autocast(device, autocast_dtype):
-                total[:2] += window_sums(model, to_device(torch.from_numpy(rows), device), head_chunk_rows)
+                _, loss = model(tokens[:, :-1], tokens[:, 1:], ce_chunk_rows=chunk_rows, window=window)
+            targets = rows.shape[0] * seq_len
+            total[0] += loss.double() * targets
+            total[1] += targets
             if progress is not None:
-                progress(len(batch))
+                progress(len(rows))
         total[2] += n_bytes
         all_reduce_sum(total)
         loss_sum, targets, n_bytes = total.tolist()  # the one host sync

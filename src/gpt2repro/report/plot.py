@@ -11,20 +11,27 @@ with different batch sizes overlay honestly. A run's tokens per step come from t
 ``config.json`` that training writes beside its log (``optim.total_batch_tokens``);
 a log without one (build-nanogpt's) uses ``tokens_per_step``, 524,288 by default.
 
-The horizontal lines are OpenAI's checkpoints: GPT-2's val loss on FineWeb-edu (known
-for 124M only) and the HellaSwag acc_norm of GPT-2 and GPT-3 of the same size. No
+The horizontal lines are OpenAI's checkpoints, drawn only where they apply: GPT-2's val loss
+on FineWeb-edu (known for 124M only) when the run's val split is FineWeb-edu (the shard
+manifest that its ``config.json`` points at says which corpus it is, and build-nanogpt's
+``edufineweb_*`` shards are FineWeb-edu), and the HellaSwag acc_norm of GPT-2 and GPT-3 of the
+same size beside HellaSwag points. A panel appears only for what the logs hold: HellaSwag
+when some log has HellaSwag points, bits per byte when some log has ``val_bpb``. No
 checkpoint's val bits per byte is known here (``GPT2_VAL_BPB`` is empty until ``eval loss
---model gpt2`` has measured one), so the bits-per-byte panel has no baseline line.
+--model gpt2`` has measured one), so that panel has no baseline line.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
 import numpy as np
 
 from gpt2repro.atomic import atomic_open, writing
+from gpt2repro.data.prepare import MANIFEST as SHARDS_MANIFEST
+from gpt2repro.data.sources import FINEWEB_EDU, FINEWEB_PREFIX
 from gpt2repro.errors import UserError
 from gpt2repro.outdir import file_target
 from gpt2repro.runlog import DEFAULT_TOKENS_PER_STEP, LOG_FILE, Streams, read_log, tokens_per_step
@@ -77,6 +84,19 @@ def _drawable(stream: str, points: list[tuple[int, float]]) -> list[tuple[int, f
     return [(s, v) for s, v in points if _valid(stream, v)]
 
 
+def val_is_fineweb_edu(log: str | Path) -> bool:
+    """Whether the run that wrote ``log`` measured val on FineWeb-edu: its ``config.json`` names its
+    shard folder, whose manifest names the corpus (or whose shards carry build-nanogpt's names)."""
+    try:
+        data = Path(json.loads(Path(log).with_name("config.json").read_text())["data"]["path"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    try:
+        return json.loads((data / SHARDS_MANIFEST).read_text())["source"].startswith(FINEWEB_EDU + "/")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return any(data.glob(f"{FINEWEB_PREFIX}_val_*.npy"))
+
+
 def check_out(out: str | Path) -> Path:
     """``--out`` as a file whose suffix names a format matplotlib writes, checked before any drawing."""
     from matplotlib.backend_bases import FigureCanvasBase
@@ -121,9 +141,12 @@ def plot_logs(logs: list[str], size: str = "124M", out: str = "plot.png", show: 
             print(f"warning: {path}: {len(bad)} value(s) outside their stream's range, not drawn: "
                   f"{', '.join(bad[:5])}{more}")
 
-    with_bpb = any(_drawable("val_bpb", streams.get("val_bpb", [])) for streams, _ in parsed)
-    fig, axes = plt.subplots(1, 3 if with_bpb else 2, figsize=(24 if with_bpb else 16, 6))
-    loss_ax, hella_ax, bpb_ax = (*axes, None) if not with_bpb else axes
+    def holds(stream: str) -> bool:
+        return any(_drawable(stream, streams.get(stream, [])) for streams, _ in parsed)
+
+    panels = ["loss"] + [name for name, stream in (("hella", "hella"), ("bpb", "val_bpb")) if holds(stream)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(8 * len(panels), 6), squeeze=False)
+    ax_of = dict(zip(panels, axes[0]))
     for name, path, (streams, malformed) in zip(_names(logs), logs, parsed):
         label = f"{name} " if len(logs) > 1 else ""
         summary = []
@@ -131,11 +154,12 @@ def plot_logs(logs: list[str], size: str = "124M", out: str = "plot.png", show: 
         if x == "tokens":
             per_step, source = tokens_per_step(path, default_tokens_per_step)
             print(f"{path}: {per_step:,} tokens per step (from {source})")
-        for stream, ax, best, what in (("train", loss_ax, "min", "train loss"), ("val", loss_ax, "min", "val loss"),
-                                       ("hella", hella_ax, "max", "HellaSwag"), ("val_bpb", bpb_ax, "min", "val bpb")):
+        for stream, panel, best, what in (("train", "loss", "min", "train loss"), ("val", "loss", "min", "val loss"),
+                                          ("hella", "hella", "max", "HellaSwag"), ("val_bpb", "bpb", "min", "val bpb")):
             points = _drawable(stream, streams.get(stream, []))
             if not points:
                 continue
+            ax = ax_of[panel]
             steps, values = map(np.array, zip(*points))
             # tokens trained on before the value was measured: s steps' worth at step s (the val
             # and HellaSwag of step s run before it; step s's train loss is on its own batch)
@@ -146,36 +170,38 @@ def plot_logs(logs: list[str], size: str = "124M", out: str = "plot.png", show: 
                 ax.plot(xs, smooth(values, window), color=raw.get_color(),
                         label=f"{label}train loss (mean of {window})")
             else:
-                name = {"hella": "HellaSwag acc_norm", "val_bpb": "val bits per byte"}.get(stream, what)
-                ax.plot(xs, values, label=f"{label}{name}")
+                title = {"hella": "HellaSwag acc_norm", "val_bpb": "val bits per byte"}.get(stream, what)
+                ax.plot(xs, values, label=f"{label}{title}")
             i = int(values.argmin() if best == "min" else values.argmax())
             summary.append(f"{best} {what} {values[i]:.4f} (step {steps[i]})")
         print(f"{path}: {', '.join(summary)}")
         if malformed:
             print(f"{path}: skipped {malformed} malformed line{'s' * (malformed != 1)}")
 
-    if size in GPT2_VAL_LOSS:
-        loss_ax.axhline(GPT2_VAL_LOSS[size], color="r", linestyle="--",
-                        label=f"OpenAI GPT-2 ({size}) checkpoint val loss")
-    loss_ax.set_yscale("log")
     xlabel = "step" if x == "step" else "tokens"
+    loss_ax = ax_of["loss"]
+    if size in GPT2_VAL_LOSS and holds("val"):
+        if all(val_is_fineweb_edu(p) for p, (streams, _) in zip(logs, parsed) if streams.get("val")):
+            loss_ax.axhline(GPT2_VAL_LOSS[size], color="r", linestyle="--",
+                            label=f"OpenAI GPT-2 ({size}) checkpoint val loss (FineWeb-edu)")
+        else:
+            print(f"no GPT-2 val loss line: {GPT2_VAL_LOSS[size]} is measured on FineWeb-edu's val, and not every "
+                  "run here measured val on it (its config.json and shard manifest say which corpus it used)")
+    loss_ax.set_yscale("log")
     loss_ax.set(xlabel=xlabel, ylabel="loss", title="Loss")
     loss_ax.legend()
-    gpt2, gpt3 = HELLASWAG_BASELINES[size]
-    hella_ax.axhline(gpt2, color="r", linestyle="--", label=f"OpenAI GPT-2 ({size}) checkpoint")
-    hella_ax.axhline(gpt3, color="g", linestyle="--", label=f"OpenAI GPT-3 ({size}) checkpoint")
-    hella_ax.set(xlabel=xlabel, ylabel="accuracy", title="HellaSwag eval")
-    if not any(_drawable("hella", streams.get("hella", [])) for streams, _ in parsed):
-        hella_ax.set_xlim(loss_ax.get_xlim())
-        hella_ax.text(0.5, 0.5, "no HellaSwag evaluations in the log", transform=hella_ax.transAxes,
-                      ha="center", va="center", color="gray")
-    hella_ax.legend()
-    if bpb_ax is not None:
+    if "hella" in ax_of:
+        gpt2, gpt3 = HELLASWAG_BASELINES[size]
+        ax_of["hella"].axhline(gpt2, color="r", linestyle="--", label=f"OpenAI GPT-2 ({size}) checkpoint")
+        ax_of["hella"].axhline(gpt3, color="g", linestyle="--", label=f"OpenAI GPT-3 ({size}) checkpoint")
+        ax_of["hella"].set(xlabel=xlabel, ylabel="accuracy", title="HellaSwag eval")
+        ax_of["hella"].legend()
+    if "bpb" in ax_of:
         if size in GPT2_VAL_BPB:
-            bpb_ax.axhline(GPT2_VAL_BPB[size], color="r", linestyle="--",
-                           label=f"OpenAI GPT-2 ({size}) checkpoint val bpb")
-        bpb_ax.set(xlabel=xlabel, ylabel="bits per byte", title="Val bits per byte")
-        bpb_ax.legend()
+            ax_of["bpb"].axhline(GPT2_VAL_BPB[size], color="r", linestyle="--",
+                                 label=f"OpenAI GPT-2 ({size}) checkpoint val bpb")
+        ax_of["bpb"].set(xlabel=xlabel, ylabel="bits per byte", title="Val bits per byte")
+        ax_of["bpb"].legend()
     fig.tight_layout()
 
     with writing(out_path.parent):

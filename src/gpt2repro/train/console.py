@@ -53,14 +53,16 @@ def summary_lines(cfg: TrainConfig, steps_done: int, run_log: RunLog, seconds: f
     out, max_steps = Path(cfg.out_dir), cfg.optim.max_steps
     val, hella = run_log.records("val"), run_log.records("hella")
     val_text = f"{val[-1][1]:.4f} (step {val[-1][0]})" if val else "not measured (eval.val_every)"
-    best = max(hella, key=lambda record: record[1], default=None)
-    hella_text = f"{best[1]:.4f} (step {best[0]})" if best else "not measured (eval.hellaswag_every)"
+    hella_text = "not measured (eval.hellaswag_every)"
+    if hella:
+        best = max(hella, key=lambda record: record[1])
+        hella_text = f"{hella[-1][1]:.4f} (step {hella[-1][0]}; best {best[1]:.4f} at step {best[0]})"
     newest = list_checkpoints(out)
     size = next((PLOT_SIZES[name] for name in PLOT_SIZES if _same_shape(MODEL_PRESETS[name], cfg.model)), None)
     plot = (f"gpt2repro plot --log {shlex.quote(str(out / 'log.txt'))}" + (f" --sz {size}" if size else "")
             + f" --out {shlex.quote(str(out / 'plot.png'))}")
     return [f"{'finished' if steps_done >= max_steps else 'stopped'}: {steps_done:,} of {max_steps:,} steps, "
             f"{steps_done * cfg.optim.total_batch_tokens:,} tokens; this run took {duration(seconds)}",
-            f"final val loss {val_text} | best HellaSwag acc_norm {hella_text}",
+            f"final val loss {val_text} | HellaSwag acc_norm {hella_text}",
             f"checkpoint: {newest[0] if newest else 'none'}",
             f"plot: {plot}"]

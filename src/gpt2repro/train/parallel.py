@@ -120,7 +120,11 @@ class Parallel:
         return get_model_state_dict(self.model, options=GATHERED_ON_RANK0)
 
     def optimizer_state(self, optimizers: list[torch.optim.Optimizer]) -> dict:
-        """Full optimizer state keyed by parameter name, whatever the layout (every rank calls this)."""
+        """Full optimizer state keyed by parameter name, whatever the layout (every rank calls this).
+        Before the first step there is none, and none is saved: DCP would create it by stepping
+        every optimizer once with zero gradients, which counts as a step in Adam's bias correction."""
+        if not any(optimizer.state for optimizer in optimizers):
+            return {"state": {}, "param_groups": []}
         return get_optimizer_state_dict(self.model, optimizers, options=GATHERED_ON_RANK0)
 
     def load_model_state(self, state: dict[str, torch.Tensor], source) -> None:
@@ -136,13 +140,8 @@ class Parallel:
                             f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
 
     def load_optimizer_state(self, optimizers: list[torch.optim.Optimizer], state: dict) -> None:
-        if all(isinstance(k, int) for k in state["state"]):  # written before names: one AdamW's own state_dict
-            if self.fsdp or len(optimizers) != 1:
-                raise UserError("this checkpoint's optimizer state predates sharded checkpoints; "
-                                "resume it once with --parallel ddp and the same recipe")
-            optimizers[0].load_state_dict(state)
-            return
-        set_optimizer_state_dict(self.model, optimizers, state, options=GATHERED_EVERYWHERE)
+        if state["state"]:  # else saved before the first step: the fresh optimizers are that state
+            set_optimizer_state_dict(self.model, optimizers, state, options=GATHERED_EVERYWHERE)
 
     # --- evaluation ------------------------------------------------------------------------------
 

@@ -27,7 +27,7 @@ from gpt2repro.device import synchronize, to_device
 from gpt2repro.distributed import all_reduce_mean, any_rank, max_over_ranks, shutdown_distributed
 from gpt2repro.errors import UserError
 from gpt2repro.eval.hellaswag import evaluate_hellaswag, load_items_on_every_rank
-from gpt2repro.eval.val_loss import evaluate_val_loss_and_bpb
+from gpt2repro.eval.loss import count_windows, evaluate_loss, open_split
 from gpt2repro.model.attention import window_blocks
 from gpt2repro.model.generate import generate
 from gpt2repro.model.gpt import GPT
@@ -116,6 +116,9 @@ class Trainer:
             self.restore(resume_from)
             self.log(f"resuming from {resume_from} at step {self.step}")
         ev = cfg.eval  # loaded at start-up, so a missing file fails before hours of training
+        self.val_tokens = 0  # what each val measures: eval.val_tokens, or all a smaller val split holds
+        if ev.val_every > 0:
+            self.val_tokens = cfg.data.seq_len * self.val_windows(ev.val_tokens)
         self.hellaswag_items = load_items_on_every_rank(ev.hellaswag_data or None, ev.hellaswag_limit or None,
                                                         self.is_main, rt.device) if ev.hellaswag_every > 0 else None
 
@@ -170,7 +173,7 @@ class Trainer:
             last = step == max_steps - 1
             try:  # a signal stops evaluation at once: on one process where it lands, on several
                 with stop.interruptible(self.rt.dist.world_size == 1):  # ranks between batches
-                    self.evaluate(step, last, metrics, stop)
+                    self.evaluate(step, metrics, stop)
             except StopNow:  # the weights are this step's, untouched: keep them
                 if not (self.out_dir / layout.checkpoint_name(step)).exists():
                     self.save(step, final=True)
@@ -204,6 +207,8 @@ class Trainer:
                 metrics["stopped_by"] = why
                 self.log(f"stopping after step {step} ({why}); continue with --resume")
                 break
+        if self.step == max_steps:
+            self.evaluate_final_model(metrics, stop)
         held = self.parallel.local_bytes(self.optimizers)
         self.log("held by this rank: " + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in held.items()))
         if self.run_log:  # rank 0
@@ -247,6 +252,16 @@ class Trainer:
                 self.scaler.step(optimizer)
             self.scaler.update()
         return result
+
+    def val_windows(self, val_tokens: int) -> int:
+        """The val windows each evaluation measures; a val split shorter than one is refused now."""
+        data, seq_len = self.cfg.data.path, self.cfg.data.seq_len
+        n_stream = len(open_split(data, "val"))
+        windows = count_windows(n_stream, seq_len, val_tokens, f"{data}: the val split", fewer_ok=True)
+        if windows < val_tokens // seq_len:
+            self.log(f"data: warning: {data} has {n_stream:,} val tokens, fewer than eval.val_tokens="
+                     f"{val_tokens:,}; each val measures {windows * seq_len:,}")
+        return windows
 
     def window(self, step: int) -> int:
         """Sliding-window blocks at ``step``: the window grows with the fraction of training done."""
@@ -351,20 +366,37 @@ class Trainer:
 
     # --- periodic evaluation -------------------------------------------------------------------
 
-    def evaluate(self, step: int, last: bool, metrics: dict[str, Any], stop: StopRequest) -> None:
+    def evaluate_final_model(self, metrics: dict[str, Any], stop: StopRequest) -> None:
+        """Val, HellaSwag and samples of the weights the final checkpoint holds: the numbers the
+        run reports are the saved model's."""
+        step = self.cfg.optim.max_steps
+        try:
+            with stop.interruptible(self.rt.dist.world_size == 1):
+                self.evaluate(step, metrics, stop, final=True)
+        except StopNow:
+            self.log(f"the final evaluation was stopped ({stop.signal_name}); training is complete and saved: "
+                     f"measure it with gpt2repro eval loss --model {self.out_dir}")
+
+    def evaluate(self, step: int, metrics: dict[str, Any], stop: StopRequest, final: bool = False) -> None:
+        """What is due at ``step``: val every eval.val_every steps and at the last step (build-nanogpt's
+        points), HellaSwag and samples every so many steps; everything once more at the end (``final``)."""
         cfg, rt = self.cfg, self.rt
-        val = _due(step, cfg.eval.val_every, last)
-        hella = self.hellaswag_items is not None and _due(step, cfg.eval.hellaswag_every, last)
-        samples = step > 0 and _due(step, cfg.eval.sample_every, last)
+        last = step == cfg.optim.max_steps - 1
+        val = (final and cfg.eval.val_every > 0) or _due(step, cfg.eval.val_every, last)
+        hella = self.hellaswag_items is not None and (final or _due(step, cfg.eval.hellaswag_every, False))
+        samples = cfg.eval.sample_every > 0 and step > 0 and (final or step % cfg.eval.sample_every == 0)
         if not (val or hella or samples):
             return
         # Several ranks: a stop signal on any of them stops every rank at the same batch.
         poll = (lambda: stop.agree(lambda n: max_over_ranks(n, rt.device))) if rt.dist.enabled else None
         with self.parallel.eval_models() as (fast_model, model):
             if val:
-                metrics["val"], metrics["val_bpb"] = evaluate_val_loss_and_bpb(
-                    fast_model, cfg.data.path, cfg.data.seq_len, cfg.eval.val_tokens, self.micro_batch, rt,
-                    window=self.window(step), poll=poll)
+                result = evaluate_loss(fast_model, cfg.data.path, seq_len=cfg.data.seq_len, n_tokens=self.val_tokens,
+                                       batch_size=self.micro_batch, device=rt.device,
+                                       autocast_dtype=rt.autocast_dtype, rank=rt.dist.rank,
+                                       world_size=rt.dist.world_size, ce_chunk_rows=rt.ce_chunk_rows,
+                                       window=self.window(step), poll=poll)
+                metrics["val"], metrics["val_bpb"] = result["loss"], result["bpb"]
                 self.log(f"step {step:5d} | val loss {metrics['val']:.4f} | val bpb {metrics['val_bpb']:.4f}")
                 if self.run_log:
                     self.run_log.write(step, "val", metrics["val"])
