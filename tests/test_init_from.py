@@ -130,7 +130,7 @@ def test_the_readme_finetune_example_runs_on_a_local_folder(tmp_path):
                        "eval.val_tokens=4096")
     assert trained.returncode == 0, trained.stderr[-3000:]
     val = logged(tmp_path / "ft", "val")
-    assert [s for s, _ in val] == [0, 1] and val[1][1] < val[0][1]  # it learns
+    assert [s for s, _ in val] == [0, 1, 2] and val[2][1] < val[0][1]  # it learns
     sampled = run_cli("sample", "--model", tmp_path / "ft", "--num", "1", "--max-new-tokens", "8", cwd=tmp_path)
     assert sampled.returncode == 0 and sampled.stdout.startswith("sample 0:"), sampled.stderr
 

@@ -327,7 +327,7 @@ def test_bench_recipe_compares_the_recipes_and_ablates_levers(tmp_path):
     faithful_final = float(rows["1"][0])
     val = {int(s): float(v) for s, k, v in (ln.split() for ln in (out / "demo-seed1" / "log.txt").read_text()
                                              .splitlines()) if k == "val"}
-    assert faithful_final == pytest.approx(val[3], abs=1e-4)  # the last evaluation of the faithful run
+    assert faithful_final == pytest.approx(val[4], abs=1e-4)  # the faithful run's final model
     assert (out / "demo-modern-2-seed1" / "log.txt").is_file()  # the half budget, its own run
     assert "fraction of the faithful run's tokens the modern recipe needs: budget" in result.stdout
     # added at demo-modern's value (1 table; the record's 3 do not fit 4 layers), removed: 0
