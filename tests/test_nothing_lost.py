@@ -68,9 +68,22 @@ def test_a_user_file_a_run_would_write_is_refused_even_with_overwrite(name, shar
     (out / name).write_text("the user's own\n")
     for flags in ([], ["--overwrite"]):
         result = run_main("train", "--preset", "tiny", "--data", shards, "--out", out,
-                             "optim.max_steps=1", *flags)
+                          "optim.max_steps=1", "eval.sample_every=1", *flags)
         assert_one_line_error(result, name, "did not write")
         assert (out / name).read_text() == "the user's own\n" and sorted(p.name for p in out.iterdir()) == [name]
+
+
+def test_a_run_records_only_what_it_wrote(shards, tmp_path):
+    """A run that never sampled does not own samples.txt: a user's file of that name, put there
+    later, survives the next run's --overwrite."""
+    out = tmp_path / "run"
+    train = ["train", "--preset", "tiny", "--data", shards, "--out", out, "optim.max_steps=1"]
+    assert run_main(*train).returncode == 0
+    (out / "samples.txt").write_text("the user's own\n")
+    (out / "tb").mkdir()
+    replaced = run_main(*train, "--overwrite")
+    assert replaced.returncode == 0, replaced.stderr
+    assert (out / "samples.txt").read_text() == "the user's own\n" and (out / "tb").is_dir()
 
 
 def test_a_folder_of_other_files_is_refused_and_with_overwrite_kept(shards, tmp_path, capsys):

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from gpt2repro.errors import UserError
-from gpt2repro.model.io import read_config
+from gpt2repro.model.io import CONFIG_FILE, WEIGHTS_FILE, read_config
 from gpt2repro.outdir import LOCK_FILE, manifest_names
 from gpt2repro.runlog import LOG_FILE
 
@@ -35,7 +35,9 @@ STATE_FILE = "trainer_state.pt"
 META_FILE = "meta.json"
 NAME = re.compile(r"^ckpt_(\d{6,})$")
 TEMPORARY_PREFIXES = (".tmp_ckpt_", ".old_ckpt_")  # checkpoints being written or swapped
-RUN_FILES = (LOG_FILE, "samples.txt", "config.json")  # what a run writes besides checkpoints
+MODEL_FILES = (WEIGHTS_FILE, CONFIG_FILE)  # what inference reads of a checkpoint
+SAMPLES_FILE = "samples.txt"
+RUN_FILES = (LOG_FILE, SAMPLES_FILE, "config.json")  # what a run writes besides checkpoints
 RUN_DIRS = ("tb",)  # TensorBoard
 LEGACY_NAMES = (*RUN_FILES, *RUN_DIRS, "plot.png", "final_samples.txt")  # runs from before the manifest
 
@@ -90,8 +92,10 @@ def remove_temporaries(run_dir: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def verify_checkpoint(path: Path) -> None:
-    """Raise UserError unless every file matches the size and sha256 in meta.json."""
+def verify_checkpoint(path: Path, only: tuple[str, ...] | None = None) -> None:
+    """Raise UserError unless every file (or those named in ``only``) matches the size and sha256 in
+    meta.json. Loading a model for inference checks its weights and config alone: an optimizer
+    state of twice the weights' size is not read to sample from them."""
     meta_path = Path(path) / META_FILE
     try:
         meta = json.loads(meta_path.read_text())
@@ -99,6 +103,8 @@ def verify_checkpoint(path: Path) -> None:
     except (OSError, ValueError, KeyError, TypeError):
         raise UserError(f"{path}: checkpoint is incomplete or corrupt ({META_FILE} missing or unreadable)") from None
     for name, expected in files.items():
+        if only is not None and name not in only:
+            continue
         f = Path(path) / name
         if not f.is_file():
             raise UserError(f"{path}: checkpoint is corrupt ({name} is missing)")
@@ -109,11 +115,12 @@ def verify_checkpoint(path: Path) -> None:
             raise UserError(f"{path}: checkpoint is corrupt ({name} fails its sha256 check)")
 
 
-def latest_checkpoint(run_dir: Path, log: Callable[[str], None] = print) -> Path | None:
-    """The newest checkpoint that verifies; damaged ones are reported and skipped."""
+def latest_checkpoint(run_dir: Path, log: Callable[[str], None] = print,
+                      only: tuple[str, ...] | None = None) -> Path | None:
+    """The newest checkpoint that verifies (``only``: those files of it); damaged ones are reported and skipped."""
     for path in list_checkpoints(run_dir):
         try:
-            verify_checkpoint(path)
+            verify_checkpoint(path, only)
             return path
         except UserError as e:
             log(f"{e}; falling back to an earlier checkpoint")

@@ -18,16 +18,23 @@ from gpt2repro.rank0 import print0
 
 def train_config(args: argparse.Namespace):
     """The preset, then the named flags, then KEY=VALUE overrides (last wins)."""
-    from gpt2repro.overrides import apply_overrides
+    from gpt2repro.overrides import apply_overrides, override_keys
     from gpt2repro.presets import get_preset
 
     cfg = get_preset(args.preset)
-    flags = {"data.path": args.data, "out_dir": args.out, "optim.max_steps": args.max_steps,
-             "data.micro_batch": args.micro_batch, "runtime.compile": args.compile, "runtime.parallel": args.parallel,
-             "init_from": args.init_from,
-             "runtime.device": None if args.device == "auto" else args.device,
-             "runtime.dtype": None if args.dtype == "auto" else args.dtype}
-    named = [f"{key}={value}" for key, value in flags.items() if value is not None]
+    flags = {"data.path": ("--data", args.data), "out_dir": ("--out", args.out),
+             "optim.max_steps": ("--max-steps", args.max_steps),
+             "data.micro_batch": ("--micro-batch", args.micro_batch),
+             "runtime.compile": ("--compile" if args.compile else "--no-compile", args.compile),
+             "runtime.parallel": ("--parallel", args.parallel), "init_from": ("--init-from", args.init_from),
+             "runtime.device": ("--device", None if args.device == "auto" else args.device),
+             "runtime.dtype": ("--dtype", None if args.dtype == "auto" else args.dtype)}
+    given = {key: flag for key, (flag, value) in flags.items() if value is not None}
+    overrides = [item for item in args.overrides if "=" in item]  # others are refused below, as they are
+    for item, key in zip(overrides, override_keys(cfg, overrides)):
+        if key in given:
+            raise UserError(f"{given[key]} and {item.strip()} both set {key}; pass one of them")
+    named = [f"{key}={value}" for key, (_, value) in flags.items() if value is not None]
     return apply_overrides(cfg, named + list(args.overrides)).validate()
 
 
@@ -144,7 +151,7 @@ def evaluate_hellaswag_command(args: argparse.Namespace) -> dict:
     from gpt2repro.load import load_for_inference
 
     if args.json:
-        check_output_file(args.json)  # now, not after the evaluation
+        check_output_file(args.json, inputs=[args.data, args.model])  # now, not after the evaluation
     items = load_items(args.data, args.limit)
     net = load_for_inference(args.model, args.device, args.dtype, int(os.environ.get("LOCAL_RANK", "0")))
     encode("")  # build the BPE tables now, so the first scoring's items/s does not include them
@@ -178,7 +185,7 @@ def evaluate_loss_command(args: argparse.Namespace) -> dict:
     from gpt2repro.load import load_for_inference
 
     if args.json:
-        check_output_file(args.json)  # now, not after the evaluation
+        check_output_file(args.json, inputs=[args.data, args.model])  # now, not after the evaluation
     where = f"{args.data}: the {args.split} split"
     n_stream = len(open_split(args.data, args.split))  # a missing folder or split, before the model loads
     if args.seq_len:
@@ -217,7 +224,7 @@ def evaluate_harness_command(args: argparse.Namespace) -> dict | None:
     from gpt2repro.eval.output import check_output_file, write_json_text
 
     if args.json:
-        check_output_file(args.json)  # now, not after the evaluation
+        check_output_file(args.json, inputs=[args.include_path, args.model])  # now, not after the evaluation
     names = parse_tasks(args.tasks)
     include_path = check_include_path(args.include_path)
     require_lm_eval()

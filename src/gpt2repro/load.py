@@ -22,7 +22,14 @@ from safetensors import SafetensorError
 from safetensors.torch import save as safetensors_bytes
 
 from gpt2repro.atomic import writing
-from gpt2repro.checkpoints import META_FILE, describe_ours, latest_checkpoint, list_checkpoints, verify_checkpoint
+from gpt2repro.checkpoints import (
+    META_FILE,
+    MODEL_FILES,
+    describe_ours,
+    latest_checkpoint,
+    list_checkpoints,
+    verify_checkpoint,
+)
 from gpt2repro.config import GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE, ModelConfig, TrainConfig, model_config_from_dict
 from gpt2repro.device import pick_autocast_dtype, pick_device
 from gpt2repro.errors import UserError
@@ -33,13 +40,23 @@ from gpt2repro.outdir import folder_target
 
 
 def load_model(spec: str, device: str | torch.device = "cpu") -> GPT:
+    """MODEL as our GPT on ``device``; weights that are not all finite are refused in one line."""
+    model = _load_model(spec, device)
+    broken = next((name for name, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+    if broken is not None:
+        raise UserError(f"{spec}: its weights hold NaN or infinite values ({broken}, ...): the run diverged before "
+                        "it was saved; use an earlier checkpoint")
+    return model
+
+
+def _load_model(spec: str, device: str | torch.device) -> GPT:
     path = Path(spec).expanduser()
     if path.is_dir():
         if read_config(path) is not None:  # one checkpoint, or an exported model of ours
             if (path / META_FILE).exists():
-                verify_checkpoint(path)
+                verify_checkpoint(path, only=MODEL_FILES)
             return load_model_dir(path, device)
-        newest = latest_checkpoint(path)  # a run directory
+        newest = latest_checkpoint(path, only=MODEL_FILES)  # a run directory
         if newest is not None:
             return load_model_dir(newest, device)
         if (path / "config.json").is_file():

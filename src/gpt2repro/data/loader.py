@@ -43,16 +43,24 @@ class TokenStream:
         """The same opened shards in another order."""
         return TokenStream([self.paths[i] for i in order], [self.shards[i] for i in order])
 
+    def check(self, start: int, length: int) -> None:
+        """Check the token ids of every shard that tokens [start, start + length) come from, ahead of
+        reading them (a full scan once per file and process)."""
+        shard = bisect.bisect_right(self.starts, start) - 1
+        while shard < len(self.shards) and self.starts[shard] < start + length:
+            if not self.checked[shard]:
+                check_token_ids(self.paths[shard], self.shards[shard])
+                self.checked[shard] = True
+            shard += 1
+
     def read(self, start: int, length: int) -> np.ndarray:
         """Tokens [start, start + length) as int64, across shard boundaries."""
+        self.check(start, length)
         out = np.empty(length, dtype=np.int64)
         filled = 0
         shard = bisect.bisect_right(self.starts, start) - 1
         while filled < length:
             tokens = self.shards[shard]
-            if not self.checked[shard]:
-                check_token_ids(self.paths[shard], tokens)  # a full scan once per file and process
-                self.checked[shard] = True
             begin = start + filled - self.starts[shard]
             take = min(length - filled, len(tokens) - begin)
             out[filled:filled + take] = tokens[begin:begin + take]
@@ -94,6 +102,11 @@ class TokenLoader:
         else:
             self.order = list(range(len(self.paths)))
         self.stream = self.by_index.reordered(self.order)
+
+    def check_next_round(self) -> None:
+        """The token ids of the shards that the next batch of every rank reads, checked now: every rank
+        gets the same answer, and a bad id is one line before any work."""
+        self.stream.check(self.step * self.world_size * self.window, self.world_size * self.window + 1)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         k = self.step * self.world_size + self.rank

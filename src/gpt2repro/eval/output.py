@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 from gpt2repro.atomic import atomic_write, writing
@@ -32,15 +33,21 @@ def kept_by_gpt2repro(path: Path) -> str | None:
     return None
 
 
-def check_output_file(path: str | Path, flag: str = "--json") -> Path:
+def check_output_file(path: str | Path, flag: str = "--json", inputs: Iterable[str | Path | None] = ()) -> Path:
     """``path`` as a file this process can write, checked before work that may take hours:
-    not a folder, not under a file, not one of gpt2repro's own files, and its nearest existing
-    folder writable."""
+    not a folder, not under a file, not one of gpt2repro's own files, not one of the command's
+    own ``inputs`` (a file, or a file inside a folder of them), and its nearest existing folder
+    writable."""
     path = file_target(path, flag)
     owner = kept_by_gpt2repro(path)
     if owner:
         raise UserError(f"{flag} {path}: inside {owner}, which gpt2repro reads back; write the result "
                         "somewhere else, e.g. a new file beside that folder")
+    for source in filter(None, inputs):
+        source = Path(source).resolve()
+        if path.resolve() == source or (source.is_dir() and path.exists() and path.resolve().is_relative_to(source)):
+            raise UserError(f"{flag} {path}: is an input of this command ({source}), which the result would "
+                            "replace; write it elsewhere, e.g. results.json")
     folder = next(p for p in (path.parent, *path.parent.parents) if p.exists())
     if not os.access(folder, os.W_OK | os.X_OK):
         raise UserError(f"{flag} {path}: cannot write into {folder} (permission denied); choose a writable path")

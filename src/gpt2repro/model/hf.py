@@ -94,6 +94,10 @@ def from_pretrained(name_or_path: str) -> GPT:
         raise UserError(f"{name_or_path}: refused to load its pytorch_model.bin, a pickle that holds more than "
                         f"tensors ({reason[:120]}); loading it could run code: use a model.safetensors copy of "
                         "these weights") from None
+    except RuntimeError:  # transformers' refusal of weights whose shapes its config does not give
+        raise UserError(f"{name_or_path}: its weights do not fit its config.json (a tensor's shape differs from "
+                        "the one the config gives); pass a Hugging Face GPT-2 directory whose config.json "
+                        "describes its weights") from None
     except (OSError, ValueError, SafetensorError) as e:  # a truncated model.safetensors is a SafetensorError
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise UserError(f"{name_or_path}: could not load a Hugging Face GPT-2 ({first[:200]}); "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -112,6 +113,12 @@ def check_loggers(tensorboard: bool, wandb: bool) -> None:
     if wandb and importlib.util.find_spec("wandb") is None:
         raise UserError("runtime.wandb=true needs Weights & Biases: pip install 'gpt2repro[wandb]', "
                         "or drop runtime.wandb")
+    if wandb and os.environ.get("WANDB_MODE", "").lower() not in ("offline", "disabled", "dryrun"):
+        import wandb as wb
+
+        if not wb.login(verify=False, prompt=False):  # credentials present; no prompt, no network
+            raise UserError("runtime.wandb=true: not logged in to Weights & Biases; run `wandb login` (or set "
+                            "WANDB_API_KEY), or set WANDB_MODE=offline to log locally")
 
 
 def _start_wandb(settings: dict):

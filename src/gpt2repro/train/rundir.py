@@ -24,12 +24,14 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from gpt2repro.atomic import atomic_write
-from gpt2repro.checkpoints import NAME, RUN_DIRS, RUN_FILES, TEMPORARY_PREFIXES, existing_run, recorded_names
+from gpt2repro.checkpoints import NAME, SAMPLES_FILE, TEMPORARY_PREFIXES, existing_run, recorded_names
+from gpt2repro.config import TrainConfig
 from gpt2repro.data.prepare import MANIFEST as SHARDS_MANIFEST
 from gpt2repro.distributed import any_rank
 from gpt2repro.errors import UserError, write_error
 from gpt2repro.outdir import FILES_MANIFEST as MANIFEST
 from gpt2repro.outdir import LOCK_FILE, FolderLock
+from gpt2repro.runlog import LOG_FILE
 
 
 def record_written(run_dir: Path, names: Iterable[str]) -> None:
@@ -77,7 +79,8 @@ class RunFolder:
     def __init__(self, path: Path, overwrite: bool, log: Callable[[str], None]):
         self.path, self.overwrite, self.log = path, overwrite, log
 
-    def start(self, names: Iterable[str] = (*RUN_FILES, *RUN_DIRS)) -> None:
+    def start(self, names: Iterable[str]) -> None:
+        """Clear an earlier run (with --overwrite), then record ``names``, which the run writes now."""
         self.path.mkdir(parents=True, exist_ok=True)
         if self.overwrite:
             removed = remove_run(self.path)
@@ -86,8 +89,14 @@ class RunFolder:
         record_written(self.path, names)
 
 
+def names_written(cfg: TrainConfig) -> list[str]:
+    """What a run of ``cfg`` writes into its folder besides checkpoints."""
+    return [LOG_FILE, "config.json", *[SAMPLES_FILE] * (cfg.eval.sample_every > 0),
+            *["tb"] * cfg.runtime.tensorboard, *["wandb"] * cfg.runtime.wandb]
+
+
 @contextlib.contextmanager
-def claim(run_dir: str | Path, *, resume: bool, overwrite: bool, is_main: bool, device,
+def claim(run_dir: str | Path, *, resume: bool, overwrite: bool, is_main: bool, device, writes: Iterable[str],
           log: Callable[[str], None] = print) -> Iterator[RunFolder]:
     """Hold ``run_dir`` for one run (see the module docstring)."""
     run_dir = Path(run_dir)
@@ -99,7 +108,7 @@ def claim(run_dir: str | Path, *, resume: bool, overwrite: bool, is_main: bool, 
                     raise UserError("--resume continues the run in --out and --overwrite deletes it; choose one")
                 stack.enter_context(FolderLock(run_dir))
                 if not resume:
-                    check_new_run_folder(run_dir, overwrite)
+                    check_new_run_folder(run_dir, overwrite, writes)
             except UserError as e:
                 error = e
         if any_rank(error is not None, device):
@@ -107,7 +116,7 @@ def claim(run_dir: str | Path, *, resume: bool, overwrite: bool, is_main: bool, 
         yield RunFolder(run_dir, overwrite and not resume, log)
 
 
-def check_new_run_folder(run_dir: Path, overwrite: bool, writes: Iterable[str] = (*RUN_FILES, *RUN_DIRS)) -> None:
+def check_new_run_folder(run_dir: Path, overwrite: bool, writes: Iterable[str]) -> None:
     """Refuse a folder holding a run (unless ``overwrite``) or files gpt2repro did not write
     (unless ``overwrite``, and never one named as a file the run ``writes``)."""
     found = existing_run(run_dir)

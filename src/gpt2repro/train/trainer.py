@@ -60,8 +60,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_at_step: int | None = 
     cfg.validate()
     rt = setup_runtime(cfg.runtime)
     try:
-        with rundir.claim(cfg.out_dir, resume=resume, overwrite=overwrite, is_main=rt.dist.is_main,
-                          device=rt.device, log=print0) as folder, StopRequest() as stop:
+        with rundir.claim(cfg.out_dir, resume=resume, overwrite=overwrite, is_main=rt.dist.is_main, device=rt.device,
+                          writes=rundir.names_written(cfg), log=print0) as folder, StopRequest() as stop:
             return Trainer(cfg, rt, resume, init_weights, folder).run(stop, stop_at_step)
     finally:
         shutdown_distributed()
@@ -123,16 +123,19 @@ class Trainer:
                                                         self.is_main, rt.device) if ev.hellaswag_every > 0 else None
 
         self.run_log = None
-        check_loggers(cfg.runtime.tensorboard, cfg.runtime.wandb)
-        # Every check has passed: only now is an earlier run (--overwrite) replaced.
-        failed = None
-        if self.is_main and folder is not None:
-            try:
-                folder.start()
-            except UserError as e:
-                failed = e
-        if any_rank(failed is not None, rt.device):
-            raise failed or UserError(f"{self.out_dir}: could not be prepared on rank 0; see its error")
+        self.loader.check_next_round()  # a token id past the vocabulary: the same answer on every rank
+        # Every check has passed: only now is an earlier run (--overwrite) replaced; rank 0's refusals
+        # reach the other ranks through one all-reduce each.
+        for rank0_step in (lambda: check_loggers(cfg.runtime.tensorboard, cfg.runtime.wandb),
+                           lambda: folder.start([n for n in rundir.names_written(cfg) if n != layout.SAMPLES_FILE])):
+            failed = None
+            if self.is_main and folder is not None:
+                try:
+                    rank0_step()
+                except UserError as e:
+                    failed = e
+            if any_rank(failed is not None, rt.device):
+                raise failed or UserError(f"{self.out_dir}: refused on rank 0; see its error")
         if self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             layout.remove_temporaries(self.out_dir)
@@ -258,6 +261,7 @@ class Trainer:
         data, seq_len = self.cfg.data.path, self.cfg.data.seq_len
         n_stream = len(open_split(data, "val"))
         windows = count_windows(n_stream, seq_len, val_tokens, f"{data}: the val split", fewer_ok=True)
+        open_split(data, "val").check(0, windows * seq_len + 1)  # its token ids, before anything is replaced
         if windows < val_tokens // seq_len:
             self.log(f"data: warning: {data} has {n_stream:,} val tokens, fewer than eval.val_tokens="
                      f"{val_tokens:,}; each val measures {windows * seq_len:,}")
@@ -422,7 +426,8 @@ class Trainer:
             samples = generate(model, encode(ev.sample_prompt), num_samples=ev.sample_count,
                                max_new_tokens=ev.sample_tokens, seed=self.cfg.runtime.seed)
         texts = [ev.sample_prompt + decode(s) for s in samples]
-        with writing(self.out_dir / "samples.txt"), open(self.out_dir / "samples.txt", "a") as f:
+        rundir.record_written(self.out_dir, [layout.SAMPLES_FILE])  # ours from its first line on
+        with writing(self.out_dir / layout.SAMPLES_FILE), open(self.out_dir / layout.SAMPLES_FILE, "a") as f:
             for i, text in enumerate(texts):
                 f.write(f"step {step} sample {i}: {text!r}\n")
         for i, text in enumerate(texts):
