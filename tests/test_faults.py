@@ -135,6 +135,30 @@ def test_sigterm_during_step_0s_val_resumes_as_the_uninterrupted_run(shards, ref
     assert max_abs_diff(weights(out, 10), reference) == 0.0
 
 
+def test_sigterm_between_micro_steps_resumes_as_the_uninterrupted_run(shards, tmp_path, monkeypatch):
+    """A stop in the middle of a step's accumulation abandons the step: the checkpoint is of the
+    step before, with the data position at the step's start, so --resume redoes it whole."""
+    from gpt2repro.data.loader import TokenLoader
+
+    run = ["--data", shards, "max_steps=4", "total_batch_tokens=512", "checkpoint.every=0"]  # 4 micro-steps
+    train_cli("--out", tmp_path / "whole", *run, in_process=True)
+    real, calls = TokenLoader.next_batch, [0]
+
+    def next_batch(self):
+        calls[0] += 1
+        if calls[0] == 4 * 2 + 3:  # step 2's third micro-step
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self)
+
+    monkeypatch.setattr(TokenLoader, "next_batch", next_batch)
+    stopped = train_cli("--out", tmp_path / "run", *run, in_process=True)
+    assert "stopping at step 2, between its micro-steps (SIGTERM)" in stopped.stdout
+    assert [p.name for p in layout.list_checkpoints(tmp_path / "run")] == ["ckpt_000002"]
+    monkeypatch.setattr(TokenLoader, "next_batch", real)
+    train_cli("--out", tmp_path / "run", "--resume", *run, in_process=True)
+    assert max_abs_diff(weights(tmp_path / "run", 4), weights(tmp_path / "whole", 4)) == 0.0
+
+
 def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
     model = GPT(MODEL_PRESETS["tiny"])
     good = ckpt.save_checkpoint(tmp_path, 2, model.state_dict(), model.config, {"step": 2}, {})

@@ -4,7 +4,11 @@ commands that write into a folder."""
 
 import hashlib
 import json
+import os
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 
 from conftest import assert_one_line_error, run_cli, run_main, write_corpus
@@ -32,7 +36,25 @@ STARTUP_ERRORS = [
     (["eval.hellaswag_every=1", "eval.hellaswag_data={missing}/hellaswag.jsonl"], "hellaswag"),
     (["runtime.tensorboard=true"], "needs TensorBoard"),
     (["model.n_layer=100000", "model.n_embd=4096", "model.n_head=32"], "weights, gradients and optimizer state"),
+    # checks that read the data: the first batch's token ids, the val split's
+    (["--data", "{bad_train}"], "token id 60000"),
+    (["--data", "{bad_val}", "eval.val_every=1"], "token id 60000"),
+    (["--data", "{short_val}", "eval.val_every=1"], "fewer than one window"),
+    (["runtime.wandb=true"], "not logged in to Weights & Biases"),
 ]
+
+
+def damaged_copy(shards, folder, split, tokens=None):
+    """``shards`` copied to ``folder`` with the ``split`` shard's first token 60,000 (or ``tokens`` instead)."""
+    folder.mkdir()
+    for path in shards.glob("*.npy"):
+        array = np.load(path)
+        if f"_{split}_" in path.name:
+            array = np.array(tokens, dtype=np.uint16) if tokens is not None else array.copy()
+            if tokens is None:
+                array[0] = 60_000
+        np.save(folder / path.name, array)
+    return folder
 
 
 @pytest.mark.parametrize("overrides, needle", STARTUP_ERRORS, ids=[e[1] for e in STARTUP_ERRORS])
@@ -40,8 +62,17 @@ def test_overwrite_keeps_the_earlier_run_when_a_start_up_check_fails(overrides, 
                                                                      tmp_path, capsys, monkeypatch):
     if "needs TensorBoard" in needle:
         monkeypatch.setattr("importlib.util.find_spec", lambda name: None if name == "tensorboard" else object())
+    if "Weights & Biases" in needle:  # no key anywhere, and online: wandb.init would fail on the first step
+        for name in ("WANDB_API_KEY", "WANDB_MODE", "NETRC"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("HOME", str(tmp_path / "home"))
+        monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "home"))
     before = snapshot(finished_run)
-    argv = [o.format(missing=tmp_path / "missing") for o in overrides]
+    folders = {"bad_train": lambda: damaged_copy(shards, tmp_path / "bad_train", "train"),
+               "bad_val": lambda: damaged_copy(shards, tmp_path / "bad_val", "val"),
+               "short_val": lambda: damaged_copy(shards, tmp_path / "short_val", "val", tokens=range(10))}
+    names = {name: make() for name, make in folders.items() if "{" + name + "}" in overrides}
+    argv = [o.format(missing=tmp_path / "missing", **names) for o in overrides]
     data = [] if "--data" in argv else ["--data", shards]
     result = run_main("train", "--preset", "tiny", *data, "--out", finished_run, "--overwrite",
                          "optim.max_steps=2", *argv)
@@ -125,3 +156,38 @@ sys.exit(main(["train", "--preset", "tiny", "--data", {str(data)!r}, "--out", {s
     assert {p.suffix for p in written} >= {".npy", ".json", ".safetensors", ".pt", ".txt"}
     modes = {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in written}
     assert modes == {name: oct(0o775 if (tmp_path / name).is_dir() else 0o664) for name in modes}
+
+
+def start(*args):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "gpt2repro", *map(str, args)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def read_lines_then_close_stdout(proc, n):
+    """What ``| head -n`` does: read n lines, then close the pipe while the command still writes."""
+    lines = [proc.stdout.readline() for _ in range(n)]
+    proc.stdout.close()
+    stderr = proc.stderr.read()
+    proc.wait(timeout=240)
+    return lines, stderr
+
+
+@pytest.mark.slow
+def test_a_closed_stdout_never_stops_training(shards, tmp_path):
+    proc = start("train", "--preset", "tiny", "--data", shards, "--out", tmp_path / "run", "optim.max_steps=30",
+                 "runtime.log_every=1")
+    _, stderr = read_lines_then_close_stdout(proc, 3)
+    assert proc.returncode == 0, stderr
+    assert "gpt2repro: stdout is closed; the job goes on" in stderr and "Traceback" not in stderr
+    assert (tmp_path / "run" / "ckpt_000030").is_dir()
+    assert (tmp_path / "run" / "log.txt").read_text().count(" train ") == 30
+
+
+@pytest.mark.slow
+def test_a_closed_stdout_never_stops_the_demo(tmp_path):
+    out = tmp_path / "demo"
+    proc = start("demo", "--out", out, "--max-steps", "3")
+    _, stderr = read_lines_then_close_stdout(proc, 2)
+    assert proc.returncode == 0, stderr
+    assert (out / "ckpt_000003").is_dir() and (out / "plot.png").is_file() and (out / "final_samples.txt").is_file()

@@ -8,6 +8,7 @@ code 2; ``--debug`` shows the full traceback instead.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -15,7 +16,7 @@ from gpt2repro.commands import (
     evaluate_harness_command,
     evaluate_hellaswag_command,
     evaluate_loss_command,
-    resume_command,
+    interrupted_hint,
     sample_command,
     settings_command,
     train_command,
@@ -76,10 +77,62 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+class KeepGoing:
+    """A console stream whose loss does not stop the job writing to it: ``train | head``, a closed
+    terminal. The first failed write says so once on the other stream (if it still works); later
+    output goes nowhere, and the job goes on to its checkpoints, logs and results."""
+
+    def __init__(self, stream, name: str, other):
+        self._stream, self._name, self._other, self.lost = stream, name, other, False
+
+    def write(self, text: str) -> int:
+        if not self.lost:
+            try:
+                return self._stream.write(text)
+            except OSError:  # EPIPE from a closed pipe, EIO from a hung-up terminal
+                self._lose()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.lost:
+            try:
+                self._stream.flush()
+            except OSError:
+                self._lose()
+
+    def _lose(self) -> None:
+        self.lost = True
+        with contextlib.suppress(OSError, ValueError):  # what the stream still buffers, and Python's flush at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self._stream.fileno())
+        with contextlib.suppress(OSError, ValueError):
+            self._other.write(f"gpt2repro: {self._name} is closed; the job goes on (its log and result files "
+                              "have everything)\n")
+            self._other.flush()
+
+    def __getattr__(self, name: str):  # isatty, fileno, encoding: the stream's own
+        return getattr(self._stream, name)
+
+
+# Commands whose output is their result: with the reader gone there is nothing left to do.
+OUTPUT_IS_THE_RESULT = ("settings", "sample")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse(argv)
     args.argv = argv  # for the --resume command printed when a run stops early
+    if args.command in OUTPUT_IS_THE_RESULT or isinstance(sys.stdout, KeepGoing):
+        return run_reporting_errors(args)
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = KeepGoing(streams[0], "stdout", streams[1]), KeepGoing(streams[1], "stderr", streams[0])
+    try:
+        return run_reporting_errors(args)
+    finally:
+        sys.stdout, sys.stderr = streams
+
+
+def run_reporting_errors(args: argparse.Namespace) -> int:
+    """``run``, with a user's error as one line and exit code 2, and a stop by a signal as one line."""
     try:
         return run(args)
     except UserError as e:
@@ -93,9 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     except KeyboardInterrupt as e:
         why = f" by a second {e}" if str(e) else ""
-        hint = f"; the last checkpoint is intact, continue with: {resume_command(argv)}" \
-            if args.command == "train" else ""
-        print0(f"gpt2repro {args.command}: interrupted{why}{hint}", file=sys.stderr)
+        print0(f"gpt2repro {args.command}: interrupted{why}{interrupted_hint(args)}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `gpt2repro settings | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit

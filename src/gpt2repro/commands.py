@@ -251,6 +251,26 @@ def evaluate_harness_command(args: argparse.Namespace) -> dict | None:
     return results
 
 
+def interrupted_hint(args: argparse.Namespace) -> str:
+    """What to do after a command was stopped at once (a second signal): for a run, whether its
+    last checkpoint is there to continue from."""
+    if args.command == "demo":
+        return f"; continue it with: gpt2repro demo --out {shlex.quote(str(args.out))} --resume"
+    if args.command != "train":
+        return ""
+    from gpt2repro.checkpoints import list_checkpoints
+    from gpt2repro.presets import get_preset
+
+    try:
+        out = args.out or get_preset(args.preset).out_dir
+    except UserError:
+        return ""
+    newest = list_checkpoints(out)
+    if newest:
+        return f"; the last checkpoint, {newest[0]}, is intact: continue with: {resume_command(args.argv)}"
+    return "; it stopped before its first checkpoint: start it again with --overwrite"
+
+
 def resume_command(argv: list[str] | None) -> str:
     """The command that continues a stopped run: its own arguments with --resume, never --overwrite."""
     if argv is None:

@@ -134,7 +134,7 @@ class DataConfig:
 @dataclass
 class OptimConfig:
     total_batch_tokens: int = setting(524_288, "tokens per optimizer step over all ranks (2**19, as in GPT-3)",
-                                      allowed=AT_LEAST_1, unit="tokens")
+                                      allowed=Range(1, 2**30, "[]"), unit="tokens")
     max_steps: int = setting(19_073, "length of the run and its LR schedule (19,073 ≈ 10B tokens)",
                              allowed=AT_LEAST_1, unit="steps")
     warmup_steps: int = setting(715, "linear warmup from 0 to max_lr", allowed=AT_LEAST_0, unit="steps")

@@ -29,6 +29,9 @@ from gpt2repro.errors import UserError
 MICRO_BATCH_CANDIDATES = (128, 64, 32, 16, 8, 4, 2, 1)
 CPU_MICRO_BATCH = 8  # auto off the GPU: enough to keep the cores busy, small enough for any laptop
 DEVICE_KEY = "runtime.device"  # what train --device sets
+# Micro-steps per optimizer step. GPT-2 1.5B on one GPU, one sequence at a time, takes 512; a
+# step of more would take hours, and is a typo rather than a plan.
+MAX_ACCUMULATION = 1 << 16
 
 
 @dataclass
@@ -66,7 +69,13 @@ def grad_accum_steps(total_batch_tokens: int, micro_batch: int, seq_len: int, wo
             f"optim.total_batch_tokens={total_batch_tokens} is not divisible by micro_batch × seq_len × "
             f"world_size = {micro_batch} × {seq_len} × {world_size} = {per_micro_step}; "
             "change one of them (e.g. --micro-batch) so that it divides")
-    return total_batch_tokens // per_micro_step
+    accum = total_batch_tokens // per_micro_step
+    if accum > MAX_ACCUMULATION:
+        raise UserError(
+            f"optim.total_batch_tokens={total_batch_tokens:,} over micro_batch × seq_len × world_size = "
+            f"{per_micro_step:,} is {accum:,} micro-steps per optimizer step, more than {MAX_ACCUMULATION:,}; "
+            "lower optim.total_batch_tokens (GPT-2's is 524288) or raise --micro-batch")
+    return accum
 
 
 def choose_micro_batch(micro_batch: int | str, total_batch_tokens: int, seq_len: int, vocab_size: int,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -13,17 +14,23 @@ class StopNow(KeyboardInterrupt):
 
 
 class StopRequest:
-    """SIGTERM (what schedulers send before preemption) and Ctrl-C (SIGINT) ask for a checkpoint
-    after the current step. A second one of either kind stops at once (``StopNow``), keeping the
-    last checkpoint; so does the first inside ``interruptible()``: work that changes no training
-    state (evaluation, sampling), after which the trainer can checkpoint the step it is at. Under
-    a process group the ranks must stop together: evaluation asks them all (``agree``)."""
+    """SIGTERM (what schedulers send before preemption), Ctrl-C (SIGINT) and a closed terminal
+    (SIGHUP) ask for a checkpoint after the current step, or between its micro-steps. A second
+    one of any of them stops at once (``StopNow``), keeping the last checkpoint; so does the first
+    inside ``interruptible()``: work that changes no training state (evaluation, sampling), after
+    which the trainer can checkpoint the step it is at. Under a process group the ranks must stop
+    together: they agree between micro-steps and between evaluation batches (``agree``).
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    A signal within ``ECHO_S`` of the first counts as the first again: under torchrun every rank
+    gets the terminal's Ctrl-C (or the scheduler's SIGTERM) and, milliseconds later, the same
+    signal passed on by torchrun itself."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    ECHO_S = 1.0
 
     def __init__(self):
         self.signal_name: str | None = None  # the first stop signal received (or agreed on, see below)
-        self.received = 0
+        self.first_at: float | None = None
         self._interruptible = False
         self._previous: dict[int, Any] = {}
 
@@ -39,9 +46,12 @@ class StopRequest:
 
     def _handle(self, signum, frame):
         name = signal.Signals(signum).name
-        self.received += 1
+        now = time.monotonic()
+        second = self.first_at is not None and now - self.first_at >= self.ECHO_S
+        if self.first_at is None:
+            self.first_at = now
         self.signal_name = self.signal_name or name
-        if self.received > 1 or self._interruptible:
+        if second or self._interruptible:
             raise StopNow(name)
 
     def agree(self, max_over_ranks: Callable[[int], int]) -> None:

@@ -103,6 +103,9 @@ class Trainer:
                                               cfg.model.vocab_size, self.model, rt, self.log)
         self.accum = grad_accum_steps(cfg.optim.total_batch_tokens, self.micro_batch, cfg.data.seq_len,
                                       rt.dist.world_size)
+        # One process looks at its stop flag before every micro-step; several ranks agree at most 64
+        # times a step (each agreement is a collective and a host sync; a step of 8 micro-steps, 7)
+        self.stop_poll_every = max(1, self.accum // 64) if rt.dist.enabled else 1
         self.loader = TokenLoader(cfg.data.path, "train", self.micro_batch, cfg.data.seq_len, rt.dist.rank,
                                   rt.dist.world_size, shuffle_shards=cfg.data.shuffle_shards, seed=cfg.data.seed)
         # sharded (FSDP) or wrapped (DDP), compiled; built before the optimizers, which take
@@ -188,7 +191,14 @@ class Trainer:
             if step in self.skip_steps:
                 self.skip_step(step)
             else:
-                result = self.train_step(step)
+                result = self.train_step(step, stop)
+                if result is None:  # stopped between its micro-steps: the weights are still this step's
+                    if not (self.out_dir / layout.checkpoint_name(step)).exists():
+                        self.save(step, final=True)
+                    why = stop.signal_name or "a signal to another rank"
+                    metrics.update(stopped_early=True, stopped_by=why)
+                    self.log(f"stopping at step {step}, between its micro-steps ({why}); continue with --resume")
+                    break
                 problem = what_went_wrong(step, result, self.model, self.cfg.runtime.log_every,
                                           self.parallel.total_norm)
                 if problem:
@@ -222,13 +232,21 @@ class Trainer:
 
     # --- one optimizer step ------------------------------------------------------------------
 
-    def train_step(self, step: int) -> StepResult:
+    def train_step(self, step: int, stop: StopRequest | None = None) -> StepResult | None:
         """Accumulate gradients over the micro-steps, clip, step the optimizers (AdamW, and Muon
-        in the modern recipe). Nothing is stepped when the loss or the gradient norm is non-finite."""
+        in the modern recipe). Nothing is stepped when the loss or the gradient norm is non-finite.
+        A stop signal between micro-steps abandons the step (None): the data position goes back to
+        its start, so that the step is redone whole on --resume."""
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)
+        start = self.loader.state_dict()
         loss_sum = torch.zeros((), device=self.rt.device)
         for micro in range(self.accum):
+            if stop is not None and micro % self.stop_poll_every == 0 and micro and self.stop_agreed(stop):
+                self.loader.load_state_dict(start)
+                for optimizer in self.optimizers:
+                    optimizer.zero_grad(set_to_none=True)
+                return None
             x, y = self.loader.next_batch()
             x, y = to_device(x, self.rt.device), to_device(y, self.rt.device)
             with self.parallel.gradient_sync(last_micro_step=micro == self.accum - 1):
@@ -255,6 +273,10 @@ class Trainer:
                 self.scaler.step(optimizer)
             self.scaler.update()
         return result
+
+    def stop_agreed(self, stop: StopRequest) -> bool:
+        """Whether a stop was asked for, on any rank (one small all-reduce under torchrun)."""
+        return any_rank(stop.requested, self.rt.device) if self.rt.dist.enabled else stop.requested
 
     def val_windows(self, val_tokens: int) -> int:
         """The val windows each evaluation measures; a val split shorter than one is refused now."""
