@@ -304,3 +304,58 @@ def test_resume_after_a_rollback_equals_the_uninterrupted_run(poisoned_shards, r
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "at step 6" in resumed.stdout and "non-finite" not in resumed.stdout
     assert max_abs_diff(weights(out, 10), weights(rolled_back[0], 10)) == 0.0
+
+
+def nan_weights_checkpoint(shards, out):
+    """A run stopped at step 4 whose ckpt_000004 holds a NaN weight, re-signed so that it verifies."""
+    from safetensors.torch import load_file, save_file
+
+    train_cli("--data", shards, "--out", out, *COMMON, "--stop-at-step", "4", in_process=True)
+    path = out / "ckpt_000004" / "model.safetensors"
+    state = load_file(str(path))
+    state["transformer.h.0.mlp.c_fc.weight"][0, 0] = float("nan")
+    save_file(state, str(path), metadata={"format": "gpt2repro"})
+    layout.write_meta(out / "ckpt_000004", 4)
+
+
+def test_a_checkpoint_with_nan_weights_is_refused_not_resumed_or_rolled_back_to(shards, tmp_path):
+    out = tmp_path / "run"
+    nan_weights_checkpoint(shards, out)
+    for policy in ("stop", "rollback"):
+        result = run_main("train", "--preset", "tiny", "--data", shards, "--out", out, *COMMON, "--resume",
+                          f"runtime.on_nonfinite={policy}")
+        assert_one_line_error(result, "ckpt_000004: its weights hold NaN or infinite values",
+                              "transformer.h.0.mlp.c_fc.weight", "move it aside")
+    assert not (out / "ckpt_000006").exists()
+
+
+def test_a_run_that_keeps_going_wrong_after_a_rollback_stops(shards, tmp_path):
+    """Every step from step 4 on gives a NaN loss: a rollback skips one batch, then the next, and after
+    three rollbacks with no step that trains in between the run stops and says that no batch is to
+    blame (it does not skip every batch to the end and call the run finished)."""
+    real, calls = GPT.forward, [0]
+
+    def forward(self, idx, targets=None, **options):
+        logits, loss = real(self, idx, targets, **options)
+        if targets is not None and torch.is_grad_enabled():
+            calls[0] += 1
+            if calls[0] > 8:  # 2 micro-steps a step: from step 4 on
+                loss = loss * float("nan")
+        return logits, loss
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(GPT, "forward", forward)
+        result = run_main("train", "--preset", "tiny", "--data", shards, "--out", tmp_path / "run", *COMMON,
+                          "runtime.on_nonfinite=rollback")
+    assert_one_line_error(result, "step 7: non-finite loss", "3 rollbacks in a row", "lower optim.max_lr")
+    assert result.stdout.count("rolled back to") == 3 and "finished" not in result.stdout
+
+
+def test_the_stop_line_advises_a_rollback_only_where_it_can_help(poisoned_shards, tmp_path, monkeypatch):
+    helps = poisoned_run(poisoned_shards, tmp_path / "a")
+    assert_one_line_error(helps, "ckpt_000004) is intact", "runtime.on_nonfinite=rollback")
+    # the same stop, with the newest checkpoint's weights already non-finite (as if saved after they broke)
+    monkeypatch.setattr(ckpt, "nonfinite_tensor", lambda weights: "transformer.wte.weight")
+    useless = poisoned_run(poisoned_shards, tmp_path / "b")
+    assert_one_line_error(useless, "holds non-finite weights already", "cannot help", "--overwrite")
+    assert "on_nonfinite=rollback" not in useless.stderr

@@ -168,3 +168,25 @@ def test_a_signal_on_one_rank_stops_every_rank_during_evaluation(tmp_path):
     assert stdout.count("stopping at step 0, during evaluation (SIGTERM)") == 1, stdout[-3000:]
     assert "| val loss" not in stdout  # stopped inside it, not after it
     assert (tmp_path / "run" / "ckpt_000000").is_dir()
+
+
+@pytest.mark.slow
+def test_a_killed_rank_is_one_line_from_rank_0_naming_the_checkpoint(tmp_path):
+    shards = make_pattern_shards(tmp_path / "data")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "-m", "gpt2repro", "train", "--preset", "tiny", "--data", str(shards),
+                             "--out", str(tmp_path / "run"), "optim.max_steps=100000", "checkpoint.every=1",
+                             "runtime.log_every=1"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        wait_for_line(proc, "saved checkpoint")
+        os.kill(rank_pids(proc.pid)[1], signal.SIGKILL)
+        _, stderr = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    ours = [ln for ln in stderr.splitlines() if "gpt2repro train: error:" in ln and "traceback :" not in ln]
+    assert len(ours) == 1 and "[rank0]" not in stderr, stderr[-3000:]
+    assert "another rank of this run stopped" in ours[0] and "is intact: continue with:" in ours[0]
+    assert "--resume (it resumes exactly)" in ours[0]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 import sys
 
@@ -82,6 +83,9 @@ def train_command(args: argparse.Namespace) -> int:
     if cfg.init_from and args.resume:
         raise UserError(f"--init-from {cfg.init_from} starts a new run from that model's weights and "
                         "--resume continues this run from its own checkpoint: pass one of them")
+    import torch.distributed
+
+    from gpt2repro.checkpoints import list_checkpoints
     from gpt2repro.load import load_init, resumed_config, start_from
     from gpt2repro.train.trainer import train
 
@@ -90,13 +94,33 @@ def train_command(args: argparse.Namespace) -> int:
         cfg = start_from(cfg, init, chosen_model_settings(args, cfg), log=print0)
     elif args.resume:
         cfg = resumed_config(cfg)
-    metrics = train(cfg, resume=args.resume, stop_at_step=args.stop_at_step, overwrite=args.overwrite,
-                    init_weights=init.weights if init else None)
+    try:
+        metrics = train(cfg, resume=args.resume, stop_at_step=args.stop_at_step, overwrite=args.overwrite,
+                        init_weights=init.weights if init else None)
+    except (RuntimeError, torch.distributed.DistError) as e:
+        if not lost_a_rank(e):
+            raise
+        newest = list_checkpoints(cfg.out_dir)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        reason = re.sub(r"^\[[^\]]*\]\s*", "", first).split(". ")[0]  # gloo's source line off
+        what = (f"the last checkpoint, {newest[0]}, is intact: continue with: {resume_command(args.argv)} (it "
+                "resumes exactly)" if newest else "it stopped before its first checkpoint: start it again with "
+                "--overwrite")
+        raise UserError(f"another rank of this run stopped ({reason[:160]}); {what}") from e
     if metrics.get("stopped_early"):
         print0(f"continue with: {resume_command(getattr(args, 'argv', None))}")
         if metrics.get("stopped_by") == "SIGINT":
             return 130  # interrupted, as a shell expects from Ctrl-C, though the run is saved
     return 0
+
+
+def lost_a_rank(error: Exception) -> bool:
+    """Whether a collective failed because another rank is gone (killed, crashed, its node lost)."""
+    import torch.distributed
+
+    text = str(error)
+    return isinstance(error, torch.distributed.DistError) or any(
+        mark in text for mark in ("Connection closed by peer", "Connection reset by peer", "NCCL", "[gloo"))
 
 
 def sample_command(args: argparse.Namespace) -> list[str]:

@@ -243,6 +243,10 @@ class TrainConfig:
             raise UserError(f"data.seq_len={self.data.seq_len} is larger than model.block_size="
                             f"{self.model.block_size}; use data.seq_len<={self.model.block_size}")
         o, ev, rt = self.optim, self.eval, self.runtime
+        if o.warmup_steps > o.max_steps:
+            raise UserError(f"optim.warmup_steps={o.warmup_steps} is beyond optim.max_steps={o.max_steps}: the LR "
+                            "would rise for the whole run and never reach max_lr or decay; set optim.warmup_steps "
+                            f"to at most {o.max_steps} (e.g. {o.max_steps // 10}), or --max-steps above it")
         if o.min_lr > o.max_lr:
             raise UserError(f"optim.min_lr={o.min_lr!r} is above optim.max_lr={o.max_lr!r}: the schedule decays "
                             f"from max_lr to min_lr, so use optim.min_lr<={o.max_lr!r}, e.g. max_lr/10")

@@ -17,7 +17,7 @@ from gpt2repro.errors import UserError
 from gpt2repro.load import load_model
 from gpt2repro.model.generate import generate
 from gpt2repro.outdir import FolderLock
-from gpt2repro.presets import get_preset
+from gpt2repro.presets import get_preset, shortened
 from gpt2repro.report.plot import plot_logs
 from gpt2repro.runlog import LOG_FILE
 from gpt2repro.train.rundir import check_new_run_folder, record_written
@@ -49,7 +49,7 @@ def _run(out: Path, max_steps: int | None, overwrite: bool) -> Path:
     cfg.data.path = str(out / "data")
     cfg.out_dir = str(out)
     if max_steps is not None:
-        cfg.optim.max_steps = max_steps
+        shortened(cfg, max_steps)
 
     print(f"[1/4] preparing the built-in corpus into {cfg.data.path}")
     prepare(source="demo", out_dir=cfg.data.path, workers=os.cpu_count() or 1)

@@ -85,7 +85,7 @@ def _train(sub, common: argparse.ArgumentParser) -> None:
                    help=flag_help(RuntimeConfig, "parallel"))
     p.add_argument("--compile", dest="compile", action="store_true", default=None,
                    help="torch.compile the training model (default: on CUDA only)")
-    p.add_argument("--no-compile", dest="compile", action="store_false", help="never torch.compile")
+    p.add_argument("--no-compile", dest="compile", action="store_false", default=None, help="never torch.compile")
     _add_device_flags(p)
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="config overrides, e.g. optim.max_lr=3e-4 or eval.val_every=100; every key, its range and "
@@ -174,8 +174,8 @@ def _bench(sub, common: argparse.ArgumentParser) -> None:
     b.add_argument("--preset", default="gpt2-124m-10b", help="training preset whose model and batch to time")
     b.add_argument("--micro-batch", type=count(1), default=None, help="sequences per step (default: the preset's)")
     b.add_argument("--seq-len", type=count(1), default=None, help="tokens per sequence (default: the preset's)")
-    b.add_argument("--steps", type=count(1), default=10, help="timed steps (median reported)")
-    b.add_argument("--warmup", type=count(0), default=3, help="untimed steps first")
+    b.add_argument("--steps", type=count(1, 1000), default=10, help="timed steps (median reported)")
+    b.add_argument("--warmup", type=count(0, 100), default=3, help="untimed steps first")
     b.add_argument("--variants", default="auto", help="comma list, or auto for the device's set")
     b.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides of the preset")
     _add_device_flags(b)

@@ -84,7 +84,7 @@ def _tiny() -> TrainConfig:
     cfg = TrainConfig(model=dataclasses.replace(MODEL_PRESETS["tiny"]), out_dir="runs/tiny")
     cfg.data = DataConfig(path="data/tiny", seq_len=32, micro_batch=4)
     cfg.optim = OptimConfig(
-        total_batch_tokens=256, max_steps=10, warmup_steps=2, max_lr=1e-3, min_lr=1e-4
+        total_batch_tokens=256, max_steps=10, warmup_steps=1, max_lr=1e-3, min_lr=1e-4
     )
     cfg.eval = EvalConfig(val_every=0, val_tokens=1024, hellaswag_every=0, sample_every=0)
     cfg.checkpoint = CheckpointConfig(every=0, keep=2)
@@ -197,6 +197,14 @@ PRESET_ALIASES = {
     "gpt2-large": "gpt2-774m-10b",
     "gpt2-xl": "gpt2-1558m-10b",
 }
+
+
+def shortened(cfg: TrainConfig, max_steps: int) -> TrainConfig:
+    """``cfg``'s run cut to ``max_steps``, its warmup to at most a tenth of them: a schedule that is all
+    warmup never reaches its peak LR (a preset's own runs are long enough to keep theirs)."""
+    cfg.optim.warmup_steps = min(cfg.optim.warmup_steps, max_steps // 10)
+    cfg.optim.max_steps = max_steps
+    return cfg
 
 
 def get_model_preset(name: str) -> ModelConfig:

@@ -37,7 +37,7 @@ from gpt2repro.data.prepare import prepare
 from gpt2repro.errors import UserError
 from gpt2repro.outdir import folder_target
 from gpt2repro.overrides import apply_overrides, as_overrides, values_of
-from gpt2repro.presets import MODERN_LEVERS, get_preset
+from gpt2repro.presets import MODERN_LEVERS, get_preset, shortened
 from gpt2repro.report.plot import plot_logs
 from gpt2repro.runlog import LOG_FILE, read_log
 from gpt2repro.train.rundir import record_written
@@ -48,8 +48,8 @@ def run_one(preset: str, overrides: list[str], out: Path, data: Path, steps: int
     """Train one configuration quietly; returns its val curve, final val loss and seconds per step."""
     if out.exists():
         raise UserError(f"{out}: already exists; pass a new --out for this benchmark")
-    cfg = apply_overrides(get_preset(preset), [
-        f"data.path={data}", f"out_dir={out}", f"optim.max_steps={steps}", f"eval.val_every={val_every}",
+    cfg = apply_overrides(shortened(get_preset(preset), steps), [
+        f"data.path={data}", f"out_dir={out}", f"eval.val_every={val_every}",
         "eval.sample_every=0", "eval.hellaswag_every=0", "checkpoint.every=0", "checkpoint.keep=1",
         f"runtime.log_every={steps}", f"runtime.seed={seed}", *overrides])
     out.mkdir(parents=True)

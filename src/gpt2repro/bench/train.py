@@ -156,6 +156,8 @@ def bench_train(args: argparse.Namespace) -> list[dict]:
     x = torch.randint(0, GPT2_VOCAB_SIZE, (B, T), generator=g).to(device)
     y = torch.randint(0, GPT2_VOCAB_SIZE, (B, T), generator=g).to(device)
 
+    print(f"bench train: {args.preset}, {B} × {T} tokens, {args.warmup} untimed and {args.steps} timed steps of "
+          f"each of {names} on {machine_name(str(device))}", flush=True)
     variants = []
     for name in (n.strip() for n in names.split(",")):
         variant = Variant(name, *build_variant(name, reference, device), cfg.optim, device)

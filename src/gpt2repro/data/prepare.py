@@ -38,6 +38,7 @@ from gpt2repro.outdir import FolderLock, plain_name
 MANIFEST = "manifest.json"
 PROGRESS = "prepare_progress.json"
 FORMAT = "gpt2repro-shards"
+MAX_SHARD_TOKENS = 1_000_000_000  # 2 GB of memory while the shard fills
 # ---------------------------------------------------------------------------
 # shards, progress and manifest
 
@@ -246,6 +247,10 @@ def _check_sizes(shard_tokens: int, val_tokens: int, workers: int, max_tokens: i
                         ("--workers", workers), ("--max-tokens", max_tokens)):
         if value is not None and value < 1:
             raise UserError(f"{flag} {value}: must be at least 1")
+    for flag, value in (("--shard-tokens", shard_tokens), ("--val-tokens", val_tokens)):
+        if value > MAX_SHARD_TOKENS:
+            raise UserError(f"{flag} {value:,}: a shard fills in memory (2 bytes a token) before it is written, so "
+                            f"at most {MAX_SHARD_TOKENS:,}; build-nanogpt's are 100,000,000")
     if max_tokens is not None and max_tokens <= val_tokens:
         raise UserError(f"--max-tokens {max_tokens}: leaves no train tokens after the "
                         f"{val_tokens:,}-token val shard; raise it or lower --val-tokens")

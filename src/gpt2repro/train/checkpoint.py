@@ -114,6 +114,11 @@ def load_trainer_state(path: Path) -> dict[str, Any]:
     return state
 
 
+def nonfinite_tensor(weights: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first tensor holding NaN or an infinity, or None."""
+    return next((name for name, tensor in weights.items() if not torch.isfinite(tensor).all()), None)
+
+
 def rng_state() -> dict[str, Any]:
     """Every RNG a training step draws from, so that a resumed run draws the same numbers."""
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}

@@ -115,6 +115,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.autocast_dtype == torch.float16)
         self.step = 0
         self.skip_steps: set[int] = set()  # steps whose batch a rollback decided to skip
+        self.rollbacks_in_a_row = 0  # since the last step that trained
         if resume_from is not None:
             self.restore(resume_from)
             self.log(f"resuming from {resume_from} at step {self.step}")
@@ -204,6 +205,7 @@ class Trainer:
                 if problem:
                     self.handle_bad_step(step, problem)  # stops, or rolls back to a checkpoint
                     continue
+                self.rollbacks_in_a_row = 0
                 synchronize(self.rt.device)
                 metrics["step_seconds"].append(time.perf_counter() - t0)
                 recent = (recent + metrics["step_seconds"][-1:])[-20:]
@@ -325,13 +327,23 @@ class Trainer:
             self.rollback(step, what)
             return
         newest = layout.latest_checkpoint(self.out_dir, log=self.log)
-        o = self.cfg.optim
-        rates = "optim.max_lr" + (" (embeddings), optim.head_lr or optim.muon_lr" if o.optimizer == "muon" else "")
+        rates = self.learning_rates()
         if newest is None:
             raise UserError(f"step {step}: {what}; stopped before any checkpoint: lower {rates} (or raise "
                             "optim.warmup_steps) and start again with --overwrite")
+        if ckpt.nonfinite_tensor(read_weights(newest)) is not None:
+            raise UserError(f"step {step}: {what}; stopped, and the last checkpoint ({newest}) holds non-finite "
+                            f"weights already, so a rollback to it cannot help: lower {rates} and start again "
+                            "with --overwrite")
         raise UserError(f"step {step}: {what}; stopped, the last checkpoint ({newest}) is intact: lower {rates}, "
                         "or continue with --resume runtime.on_nonfinite=rollback to skip this batch")
+
+    def learning_rates(self) -> str:
+        """The settings that set this recipe's step sizes, for advice."""
+        return "optim.max_lr" + (" (embeddings), optim.head_lr or optim.muon_lr"
+                                 if self.cfg.optim.optimizer == "muon" else "")
+
+    MAX_ROLLBACKS = 3  # in a row, with no step that trains in between: not one bad batch but the run itself
 
     def rollback(self, bad_step: int, what: str) -> None:
         """Reload the newest checkpoint, replay up to the bad step, and skip that step's batch
@@ -340,6 +352,11 @@ class Trainer:
         if path is None:
             raise UserError(f"step {bad_step}: {what}, and no checkpoint to roll back to; "
                             "lower optim.max_lr or set checkpoint.every")
+        if self.rollbacks_in_a_row >= self.MAX_ROLLBACKS:
+            raise UserError(f"step {bad_step}: {what}; {self.MAX_ROLLBACKS} rollbacks in a row and no step after them "
+                            f"trains, which no skipped batch explains: lower {self.learning_rates()} and continue "
+                            "with --resume")
+        self.rollbacks_in_a_row += 1
         skips = self.skip_steps | {bad_step}
         self.restore(path)
         self.skip_steps = skips
@@ -355,8 +372,15 @@ class Trainer:
     # --- checkpoints ---------------------------------------------------------------------------
 
     def restore(self, path: Path) -> None:
-        """Weights, optimizer, data position, RNG and step from a checkpoint, in place."""
-        self.parallel.load_model_state(read_weights(path), path)
+        """Weights, optimizer, data position, RNG and step from a checkpoint, in place; weights that
+        are not all finite are refused (a run that diverged before it saved them)."""
+        weights = read_weights(path)
+        broken = ckpt.nonfinite_tensor(weights)
+        if broken is not None:
+            raise UserError(f"{path}: its weights hold NaN or infinite values ({broken}, ...): the run diverged "
+                            "before this checkpoint; move it aside to continue from the one before, at a lower "
+                            f"{self.learning_rates()}")
+        self.parallel.load_model_state(weights, path)
         state = ckpt.load_trainer_state(path)
         self.parallel.load_optimizer_state(self.optimizers, state["optimizer"])
         self.loader.load_state_dict(state["loader"])
