@@ -171,6 +171,17 @@ def test_parquet_text_column_that_is_not_strings(capsys, tmp_path, column):
     assert_one_line_error(result, "t.parquet", "the \"text\" column holds", "not strings")
 
 
+def test_parquet_rows_with_null_text_are_refused_as_jsonl_lines_are(capsys, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["a document. " * 50] * 3 + [None] + ["another. " * 50]}), tmp_path / "t.parquet")
+    result = run_main("prepare", "--source", tmp_path / "t.parquet", "--out", tmp_path / "o", "--shard-tokens", "100",
+                      "--val-tokens", "50")
+    assert_one_line_error(result, "t.parquet: row 3", "null", "give every row a string")
+    assert not (tmp_path / "o" / "manifest.json").exists()
+
+
 def test_plot_warns_about_values_outside_their_range(capsys, tmp_path):
     log = tmp_path / "log.txt"
     log.write_text("0 train 5.0\n1 train 4.0\n1 val nan\n1 hella 1.5\n2 val 4.2\n2 hella 0.3\n")

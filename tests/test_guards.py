@@ -371,3 +371,19 @@ def test_a_failed_resave_keeps_that_steps_checkpoint(tmp_path, monkeypatch):
         ckpt.save_checkpoint(tmp_path, 4, model.state_dict(), model.config, {"step": 4}, {})
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt_000004"]
     assert {p.name: p.read_bytes() for p in good.iterdir()} == before
+
+
+def test_a_full_disk_is_named_whatever_error_the_writer_raises(shards, tmp_path, monkeypatch):
+    """torch.save reports a full disk as "unexpected pos 12096 vs 11988": the line says the disk is full."""
+    import collections
+    import shutil
+
+    fail_torch_save(monkeypatch, {1, 2}, RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos "
+                                                      "12096 vs 11988"))
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 4096, 4096))
+    result = run_main(*TINY, "--data", shards, "--out", tmp_path / "run", "max_steps=4", "checkpoint.every=2",
+                      "checkpoint.max_failures=2")
+    assert_one_line_error(result, "checkpoint at step 4 failed (no space left on the disk: 0 MiB free, the "
+                          "checkpoint needs about", "free disk space")
+    assert "unexpected pos" not in result.stdout + result.stderr

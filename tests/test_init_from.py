@@ -144,6 +144,9 @@ def test_chosen_model_settings_apply_when_they_fit_and_are_refused_when_they_do_
     assert_one_line_error(run_main(*base, "--out", tmp_path / "deep", "model.n_layer=4"),
                           "model.n_layer=4 would not fit MODEL's weights", "it has no transformer.h.2.")
     modern = ["train", "--preset", "tiny-modern", "--data", shards, *SMALL, "--init-from", hf]
-    assert_one_line_error(run_main(*modern, "--out", tmp_path / "modern"),
-                          "--preset tiny-modern's model.pos_emb=", "would not fit MODEL's weights")
+    refused = run_main(*modern, "--out", tmp_path / "modern", "model.logit_softcap=30")
+    assert_one_line_error(refused, "--preset tiny-modern's model.pos_emb=", "would not fit MODEL's weights")
+    # only the settings that do not fit are named: not the ones that would (a soft-cap, QK-norm, ReLU²)
+    for fits in ("logit_softcap", "qk_norm", "model.mlp", "zero_init", "doc_mask", "window_end"):
+        assert fits not in refused.stderr, refused.stderr
     assert not (tmp_path / "deep").exists() and not (tmp_path / "modern").exists()

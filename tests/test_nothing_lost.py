@@ -191,3 +191,19 @@ def test_a_closed_stdout_never_stops_the_demo(tmp_path):
     _, stderr = read_lines_then_close_stdout(proc, 2)
     assert proc.returncode == 0, stderr
     assert (out / "ckpt_000003").is_dir() and (out / "plot.png").is_file() and (out / "final_samples.txt").is_file()
+
+
+def test_shards_and_runs_never_share_a_folder(finished_run, shards, tmp_path):
+    """prepare into a run folder, and train or export into a shard folder (--overwrite or not), would
+    mix one kind of file with the other: each is one line and leaves both folders as they were."""
+    run_before, shards_before = snapshot(finished_run), snapshot(shards)
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    prepared = run_main("prepare", "--source", corpus, "--out", finished_run, "--shard-tokens", "4000",
+                        "--val-tokens", "2000")
+    assert_one_line_error(prepared, f"--out {finished_run}: holds a gpt2repro training run", "a folder of their own")
+    for flags in ([], ["--overwrite"]):
+        trained = run_main("train", "--preset", "tiny", "--data", shards, "--out", shards, *flags)
+        assert_one_line_error(trained, f"{shards}: is a folder of token shards", "a folder of its own")
+        exported = run_main("export", "--model", finished_run, "--out", shards, *flags)
+        assert_one_line_error(exported, f"--out {shards}: is a folder of token shards")
+    assert snapshot(finished_run) == run_before and snapshot(shards) == shards_before

@@ -100,7 +100,25 @@ def test_data_dir_without_shards(tmp_path):
 
 def test_resume_with_nothing_to_resume(shards, tmp_path):
     result = run_main("train", "--preset", "tiny", "--data", shards, "--out", tmp_path / "run", "--resume")
-    assert_one_line_error(result, "--resume found no complete checkpoint")
+    assert_one_line_error(result, "--resume found no run to resume; drop --resume")
+
+
+def test_a_run_killed_before_its_first_checkpoint_gets_one_advice(shards, tmp_path, monkeypatch):
+    """Without --resume and with it, the same way out: --overwrite (not one pointing at the other)."""
+    from gpt2repro.train import trainer
+
+    def killed(self, *args, **kwargs):
+        raise SystemExit(137)  # the log is written, no checkpoint yet
+
+    run = ["train", "--preset", "tiny", "--data", shards, "--out", tmp_path / "run"]
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer.Trainer, "train_step", killed)
+        assert run_main(*run).returncode == 137
+    assert (tmp_path / "run" / "log.txt").exists() and not list((tmp_path / "run").glob("ckpt_*"))
+    assert_one_line_error(run_main(*run), "stopped before its first checkpoint", "start it again with --overwrite")
+    assert_one_line_error(run_main(*run, "--resume"), "stopped before its first one",
+                          "start it again with --overwrite instead of --resume")
+    assert run_main(*run, "--overwrite", "max_steps=2").returncode == 0
 
 
 def test_resume_with_a_different_model(shards, tmp_path):

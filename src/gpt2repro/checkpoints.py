@@ -26,6 +26,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from gpt2repro.data.prepare import holds_shards
 from gpt2repro.errors import UserError
 from gpt2repro.model.io import CONFIG_FILE, WEIGHTS_FILE, read_config
 from gpt2repro.outdir import LOCK_FILE, manifest_names
@@ -162,6 +163,8 @@ def describe_ours(folder: Path) -> str | None:
             return "a gpt2repro model directory"
     if existing_run(folder):
         return "a gpt2repro training run"
+    if holds_shards(folder):
+        return "a folder of token shards"
     if (folder / LOCK_FILE).exists():
         return "a folder that a gpt2repro command is writing right now"
     return None

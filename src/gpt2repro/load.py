@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -132,6 +133,9 @@ def load_for_inference(spec: str, device: str = "auto", dtype: str = "auto", loc
     return Inference(load_model(spec, dev).eval(), dev, autocast_dtype)
 
 
+WINDOW_KEYS = ("window_block", "window_start", "window_end")  # valid only together
+
+
 class InitWeights(NamedTuple):
     """What ``train --init-from MODEL`` starts from: the model's shape and its weights."""
 
@@ -199,18 +203,32 @@ def start_from(cfg: TrainConfig, init: InitWeights, chosen: dict[str, str] | Non
     ``chosen`` maps model keys the user set (an override, or a switch of a preset named on the
     command line) to how they were set; those are applied on top of MODEL's config when MODEL's
     weights still fit (e.g. ``logit_softcap``), and refused in one line when they do not."""
-    chosen = chosen or {}
-    settings = {key: getattr(cfg.model, key) for key in chosen}
-    changed = [chosen[key] for key, value in settings.items() if value != getattr(init.config, key)]
-    try:
-        model = dataclasses.replace(init.config, **settings)
-        mismatch = weights_mismatch(model, init.weights) if changed else None
-    except UserError as e:  # a setting that MODEL's shape cannot take at all
-        mismatch = str(e)
-    if mismatch:
-        raise UserError(f"--init-from {cfg.init_from}: {', '.join(changed)} would not fit MODEL's weights "
-                        f"({mismatch}); the layers and their shapes come from MODEL, so drop "
-                        f"{'that setting' if len(changed) == 1 else 'those settings'}")
+    settings = {key: getattr(cfg.model, key) for key in chosen or {}}
+    changed = {key: how for key, how in (chosen or {}).items() if settings[key] != getattr(init.config, key)}
+
+    def misfit(values: dict) -> str | None:
+        try:
+            return weights_mismatch(dataclasses.replace(init.config, **values), init.weights)
+        except UserError as e:  # a setting that MODEL's shape cannot take at all
+            return str(e)
+
+    def alone(key: str) -> dict:  # a setting with the ones it is only valid beside
+        group = WINDOW_KEYS if key in WINDOW_KEYS else (key,)
+        return {k: settings.get(k, getattr(cfg.model, k)) for k in group}
+
+    # each setting alone: the line names those that do not fit, not every one that was set
+    conflicts = {key: problem for key in changed if (problem := misfit(alone(key)))}
+    conflicts = conflicts or ({"": problem} if changed and (problem := misfit(settings)) else {})
+    if conflicts:
+        named = [changed[key] for key in conflicts if key] or list(changed.values())
+        prefix = os.path.commonprefix(named)
+        prefix = prefix[:prefix.rfind("'s ") + 3] if len(named) > 1 and "'s " in prefix else ""
+        named = [prefix + named[0]] + [n[len(prefix):] for n in named[1:]]
+        raise UserError(f"--init-from {cfg.init_from}: {', '.join(named)} would not fit MODEL's weights "
+                        f"({next(iter(conflicts.values()))}); the layers and their shapes come from MODEL, so drop "
+                        f"{'that setting' if len(named) == 1 else 'those settings'}")
+    model = dataclasses.replace(init.config, **settings)
+    changed = list(changed.values())
     if dataclasses.replace(cfg.model, vocab_size=init.config.vocab_size) != model:
         log(f"--init-from {cfg.init_from}: the model shape is MODEL's ({model.n_layer} layers, "
             f"{model.n_head} heads, {model.n_embd} wide, block {model.block_size}), not the preset's; "

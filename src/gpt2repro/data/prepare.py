@@ -33,7 +33,7 @@ from gpt2repro.data.encode import encoder_name, tokenize_documents
 from gpt2repro.data.shards import SHARD_PATTERN, read_shard_length, shard_name, write_shard
 from gpt2repro.data.sources import open_source
 from gpt2repro.errors import UserError
-from gpt2repro.outdir import FolderLock, plain_name
+from gpt2repro.outdir import FolderLock, manifest_names, plain_name
 
 MANIFEST = "manifest.json"
 PROGRESS = "prepare_progress.json"
@@ -151,6 +151,19 @@ def _kept_shards(out_dir: Path, previous: dict | None, run: dict, val_tokens: in
     return kept
 
 
+def holds_shards(folder: Path) -> bool:
+    """Whether ``folder`` is a token shard folder: prepare's record of one, or shard files."""
+    return (folder / MANIFEST).is_file() or (folder / PROGRESS).is_file() or (
+        folder.is_dir() and any(SHARD_PATTERN.match(p.name) for p in folder.iterdir()))
+
+
+def _refuse_a_run_folder(out_dir: Path) -> None:
+    """Shards never go into a folder that a run or the demo wrote (its record, or its checkpoints)."""
+    if out_dir.is_dir() and (manifest_names(out_dir) is not None or any(out_dir.glob("ckpt_[0-9]*"))):
+        raise UserError(f"--out {out_dir}: holds a gpt2repro training run; shards go into a folder of their own, "
+                        f"e.g. --out {out_dir / 'data'}")
+
+
 def _check_out_dir(out_dir: Path, prefix: str, previous: dict | None) -> None:
     """Refuse to mix our shards with shards of another corpus, or with .npy files that no
     prepare of ours wrote (build-nanogpt's own shards, say: same names, other tokens maybe),
@@ -198,6 +211,7 @@ def prepare(source: str, out_dir, *, name: str = "sample-10BT", streaming: bool 
     out_dir = Path(out_dir)
     run = {"source": corpus.label, "prefix": prefix, "shard_tokens": shard_tokens,
            "val_tokens": val_tokens}  # what a resumed run must share with the one it continues
+    _refuse_a_run_folder(out_dir)
     with FolderLock(out_dir):  # one writer; what the folder holds is read under the lock
         return _prepare_locked(corpus, source, out_dir, run, workers, max_tokens)
 

@@ -162,6 +162,11 @@ def _parquet_documents(path: Path) -> Iterator[str]:
             or getattr(pyarrow.types, "is_string_view", lambda _: False)(kind)):
         raise UserError(f"{path}: the \"text\" column holds {kind}, not strings; "
                         "store each document's text as a string in the \"text\" column")
+    row = 0
     for batch in parquet.iter_batches(batch_size=1024, columns=["text"]):
         for text in batch.column(0).to_pylist():
-            yield text or ""
+            if text is None:  # as a jsonl line without a "text" string is: one line, not a silent gap
+                raise UserError(f"{path}: row {row}: the \"text\" value is null; give every row a string "
+                                "(an empty one is skipped), or drop the row")
+            row += 1
+            yield text

@@ -23,6 +23,7 @@ import torch
 from gpt2repro.checkpoints import (
     STATE_FILE,
     checkpoint_name,
+    existing_run,
     latest_checkpoint,
     list_checkpoints,
     moved_aside_path,
@@ -78,6 +79,26 @@ def save_checkpoint(run_dir: Path, step: int, weights: dict[str, torch.Tensor], 
         for stale in list_checkpoints(run_dir)[keep:]:
             shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def why_a_write_failed(error: Exception, run_dir: Path, state: dict[str, Any]) -> str:
+    """A failed checkpoint write in words. A full disk reaches us as an OSError from Python, but as
+    safetensors' or torch's own errors from their writers ("unexpected pos 12096 vs 11988"): when
+    the disk has less room than the checkpoint needs, that is what it says."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    def tensor_bytes(value) -> int:
+        if isinstance(value, torch.Tensor):
+            return value.numel() * value.element_size()
+        if isinstance(value, dict):
+            return sum(map(tensor_bytes, value.values()))
+        return sum(map(tensor_bytes, value)) if isinstance(value, (list, tuple)) else 0
+
+    need, free = tensor_bytes(state), shutil.disk_usage(run_dir).free
+    if free < need:
+        return (f"no space left on the disk: {free / 2**20:,.0f} MiB free, the checkpoint needs about "
+                f"{need / 2**20:,.0f} MiB")
+    return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:300]}"
 
 
 def after_a_failed_write(out_dir: Path, error: str, failures: int, allowed: int, final: bool,
@@ -155,9 +176,11 @@ def checkpoint_to_resume(run_dir: Path, cfg: TrainConfig, log: Callable[[str], N
     """The newest complete checkpoint of ``run_dir``, checked to continue ``cfg``'s experiment
     (a run started with --init-from: ``load.resumed_config`` has given ``cfg`` its model)."""
     path = latest_checkpoint(run_dir, log=log)
+    if path is None and existing_run(run_dir):
+        raise UserError(f"{run_dir}: --resume found no complete checkpoint: the run stopped before its first one; "
+                        "start it again with --overwrite instead of --resume")
     if path is None:
-        raise UserError(f"{run_dir}: --resume found no complete checkpoint to resume from; "
-                        "drop --resume to start a new run")
+        raise UserError(f"{run_dir}: --resume found no run to resume; drop --resume to start one")
     try:
         saved = json.loads((path / "config.json").read_text())
     except (OSError, ValueError):

@@ -27,6 +27,7 @@ from gpt2repro.atomic import atomic_write
 from gpt2repro.checkpoints import NAME, SAMPLES_FILE, TEMPORARY_PREFIXES, existing_run, recorded_names
 from gpt2repro.config import TrainConfig
 from gpt2repro.data.prepare import MANIFEST as SHARDS_MANIFEST
+from gpt2repro.data.prepare import holds_shards
 from gpt2repro.distributed import any_rank
 from gpt2repro.errors import UserError, write_error
 from gpt2repro.outdir import FILES_MANIFEST as MANIFEST
@@ -119,7 +120,13 @@ def claim(run_dir: str | Path, *, resume: bool, overwrite: bool, is_main: bool, 
 def check_new_run_folder(run_dir: Path, overwrite: bool, writes: Iterable[str]) -> None:
     """Refuse a folder holding a run (unless ``overwrite``) or files gpt2repro did not write
     (unless ``overwrite``, and never one named as a file the run ``writes``)."""
+    if holds_shards(run_dir):
+        raise UserError(f"{run_dir}: is a folder of token shards; a run writes into a folder of its own (the "
+                        f"shards are its --data), e.g. --out {run_dir.parent / 'runs' / 'my-run'}")
     found = existing_run(run_dir)
+    if found == [LOG_FILE] and not overwrite:
+        raise UserError(f"{run_dir}: holds a run that stopped before its first checkpoint ({LOG_FILE}); start it "
+                        "again with --overwrite, or choose another --out")
     if found and not overwrite:
         shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
         raise UserError(f"{run_dir}: already holds a training run ({shown}); continue it with --resume, "

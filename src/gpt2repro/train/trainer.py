@@ -405,8 +405,8 @@ class Trainer:
                                             self.cfg.to_dict(), keep=self.cfg.checkpoint.keep)
                 self.log(f"saved checkpoint {path}")
             except Exception as e:
-                reason = (str(e).strip().splitlines() or [""])[0][:300]
-                error = f"checkpoint at step {step_done} failed ({type(e).__name__}: {reason})"
+                why = ckpt.why_a_write_failed(e, self.out_dir, [weights, state])
+                error = f"checkpoint at step {step_done} failed ({why})"
         if not any_rank(error is not None, self.rt.device):  # also the barrier: rank 0 has finished writing
             self.checkpoint_failures = 0
             return
