@@ -195,15 +195,29 @@ FLAG_CASES = [
     (["bench", "memory", "--presets", "gpt5"], ["unknown preset 'gpt5'"]),
     (["bench", "train", "--preset", "tiny", "--seq-len", "100"], ["--seq-len 100", "block_size 64"]),
     (["demo", "--max-steps", "0"], ["argument --max-steps", "minimum, 1"]),
+    (["demo", "--resume", "--overwrite"], ["--resume continues the demo", "choose one"]),
+    (["bench", "train", "--steps", "1e12"], ["argument --steps", "above the maximum, 1,000"]),
+    (["bench", "train", "--warmup", "1e6"], ["argument --warmup", "above the maximum, 100"]),
+    (["prepare", "--source", "demo", "--out", "{tmp}/shards", "--shard-tokens", "1e12"],
+     ["--shard-tokens 1,000,000,000,000", "at most 1,000,000,000"]),
+    (["prepare", "--source", "demo", "--out", "{tmp}/shards", "--val-tokens", "1e12"],
+     ["--val-tokens 1,000,000,000,000", "at most 1,000,000,000"]),
+    (["train", "--preset", "tiny", "--max-steps", "3", "optim.max_steps=5"],
+     ["--max-steps and optim.max_steps=5 both set optim.max_steps", "pass one of them"]),
+    (["train", "--preset", "tiny", "--out", "a", "out_dir=b"], ["--out and out_dir=b both set out_dir"]),
+    (["train", "--preset", "tiny", "--data", "a", "data.path=b"], ["--data and data.path=b both set data.path"]),
+    (["train", "--preset", "tiny", "--no-compile", "runtime.compile=true"],
+     ["--no-compile and runtime.compile=true both set runtime.compile"]),
     ([], ["the following arguments are required: COMMAND"]),
 ]
 
 
 @pytest.mark.parametrize("argv, needles", FLAG_CASES, ids=[" ".join(a) or "(none)" for a, _ in FLAG_CASES])
-def test_bad_flag_is_one_line(capsys, argv, needles):
-    result = run_main(*argv)
+def test_bad_flag_is_one_line(capsys, argv, needles, tmp_path):
+    result = run_main(*(a.format(tmp=tmp_path) for a in argv))
     assert result.returncode == 2
     assert_one_line_error(result, *needles)
+    assert not list(tmp_path.iterdir())  # refused before anything is written
 
 
 # ---------------------------------------------------------------------------

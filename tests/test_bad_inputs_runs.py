@@ -225,3 +225,59 @@ def test_prepare_with_more_workers_than_cores_uses_the_cores(capsys, tmp_path):
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     assert f"--workers 1,000,000: this machine gives us {cores} cores; using {cores}" in result.stdout
     assert not list((tmp_path / "data").glob(".gpt2repro.lock"))
+
+
+# ---------------------------------------------------------------------------
+# round three: inputs replaced by results, models that do not load, logs and help
+
+
+def test_a_result_file_never_replaces_the_commands_own_input(capsys, tmp_path):
+    items = tmp_path / "hs.jsonl"
+    items.write_text('{"ctx": "A", "endings": ["a", "b", "c", "d"], "label": 0}\n')
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "toy_mc.yaml").write_text("task: toy_mc\n")
+    before = items.read_bytes(), (tasks / "toy_mc.yaml").read_bytes()
+    hellaswag = run_main("eval", "hellaswag", "--model", tmp_path / "m", "--data", items, "--json", items)
+    assert_one_line_error(hellaswag, f"--json {items}: is an input of this command", "write it elsewhere")
+    harness = run_main("eval", "harness", "--model", tmp_path / "m", "--tasks", "toy_mc", "--include-path", tasks,
+                       "--json", tasks / "toy_mc.yaml")
+    assert_one_line_error(harness, "toy_mc.yaml: is an input of this command", "write it elsewhere")
+    assert (items.read_bytes(), (tasks / "toy_mc.yaml").read_bytes()) == before
+
+
+def test_a_hugging_face_folder_whose_config_does_not_fit_its_weights(capsys, shards, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=50257)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "hf")
+    settings = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**settings, "n_embd": 64}))
+    for args in (["sample", "--model", tmp_path / "hf", "--num", "1"],
+                 ["train", "--preset", "finetune", "--init-from", tmp_path / "hf", "--data", shards,
+                  "--out", tmp_path / "run"]):
+        assert_one_line_error(run_main(*args), f"{tmp_path / 'hf'}: its weights do not fit its config.json")
+    assert not (tmp_path / "run").exists()
+
+
+def test_sampling_from_a_checkpoint_with_a_nan_weight_is_one_line(capsys, tmp_path):
+    model = GPT(MODEL_PRESETS["tiny"])
+    with torch.no_grad():
+        model.transformer.h[1].attn.c_proj.weight[0, 0] = float("nan")
+    save_model(model, tmp_path / "m")
+    assert_one_line_error(run_main("sample", "--model", tmp_path / "m", "--num", "1"),
+                          "its weights hold NaN or infinite values", "transformer.h.1.attn.c_proj.weight",
+                          "use an earlier checkpoint")
+
+
+def test_resume_keeps_a_log_line_that_is_not_utf8(capsys, shards, stopped_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(stopped_run, run)
+    with open(run / "log.txt", "ab") as f:
+        f.write(b"0 note caf\xe9\n")  # a user's note, in Latin-1
+    result = run_main("train", *TINY, "--data", shards, "--out", run, "--resume", "--max-steps", "4")
+    assert result.returncode == 0, result.stderr
+    log = (run / "log.txt").read_bytes()
+    assert b"0 note caf\xe9\n" in log and log.count(b" train ") == 4
+

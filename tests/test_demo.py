@@ -3,7 +3,7 @@ checkpoint, plot and samples."""
 
 import pytest
 
-from conftest import run_cli
+from conftest import run_cli, run_main
 
 
 @pytest.mark.slow
@@ -33,3 +33,30 @@ def test_demo_learns_and_leaves_log_checkpoint_plot_and_samples(tmp_path):
     assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"min val loss {min(val.values()):.4f}" in plotted.stdout
     assert "no GPT-2 val loss line" in plotted.stdout  # the demo's corpus is not FineWeb-edu
+
+
+@pytest.mark.slow
+def test_a_stopped_demo_continues_with_demo_resume_to_its_plot_and_samples(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from gpt2repro.data.loader import TokenLoader
+
+    real, calls = TokenLoader.next_batch, [0]
+
+    def next_batch(self):
+        calls[0] += 1
+        if calls[0] == 3:  # Ctrl-C during step 2
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(self)
+
+    out = tmp_path / "demo_out"
+    with monkeypatch.context() as patch:
+        patch.setattr(TokenLoader, "next_batch", next_batch)
+        stopped = run_main("demo", "--out", out, "--max-steps", "6")
+    assert f"continue with: gpt2repro demo --out {out} --max-steps 6 --resume" in stopped.stdout
+    assert not (out / "plot.png").exists()
+    resumed = run_main("demo", "--out", out, "--max-steps", "6", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from" in resumed.stdout and "demo finished" in resumed.stdout
+    assert (out / "ckpt_000006").is_dir() and (out / "plot.png").is_file() and (out / "final_samples.txt").is_file()

@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.command == "demo":
         from gpt2repro.demo import run_demo
 
-        run_demo(out_dir=args.out, max_steps=args.max_steps, overwrite=args.overwrite)
+        run_demo(out_dir=args.out, max_steps=args.max_steps, overwrite=args.overwrite, resume=args.resume)
     return 0
 
 

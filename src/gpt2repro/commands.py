@@ -279,7 +279,8 @@ def interrupted_hint(args: argparse.Namespace) -> str:
     """What to do after a command was stopped at once (a second signal): for a run, whether its
     last checkpoint is there to continue from."""
     if args.command == "demo":
-        return f"; continue it with: gpt2repro demo --out {shlex.quote(str(args.out))} --resume"
+        steps = f" --max-steps {args.max_steps}" if args.max_steps else ""
+        return f"; continue it with: gpt2repro demo --out {shlex.quote(str(args.out))}{steps} --resume"
     if args.command != "train":
         return ""
     from gpt2repro.checkpoints import list_checkpoints

@@ -27,24 +27,29 @@ DEMO_PROMPTS = ("The function", "In Python, a class", "The result of")
 DEMO_FILES = ("plot.png", "final_samples.txt")  # what the demo writes besides the run and the data
 
 
-def run_demo(out_dir: str | Path = "demo_out", max_steps: int | None = None, overwrite: bool = False) -> Path:
+def run_demo(out_dir: str | Path = "demo_out", max_steps: int | None = None, overwrite: bool = False,
+             resume: bool = False) -> Path:
     """The demo into ``out_dir``. A folder with an earlier demo (or any training run) in it is
     refused unless ``overwrite``: then the earlier run, plot and samples are replaced and the
-    prepared corpus in ``OUT/data`` is kept (prepare finds it finished). Files the demo did
-    not write are refused, or with ``overwrite`` kept; one named as a demo output, never."""
+    prepared corpus in ``OUT/data`` is kept (prepare finds it finished), or ``resume``: a demo
+    stopped before it finished goes on from its checkpoint, then plots and samples. Files the
+    demo did not write are refused, or with ``overwrite`` kept; one named as a demo output, never."""
     out = Path(out_dir)
+    if resume and overwrite:
+        raise UserError("--resume continues the demo in --out and --overwrite replaces it; choose one")
     # Held for the whole demo (train takes it again, a no-op in this process): a second demo
     # started meanwhile is refused at once, not halfway through.
     with FolderLock(out):
         found = existing_run(out)
-        if found and not overwrite:
+        if found and not (overwrite or resume):
             raise UserError(f"{out}: holds an earlier demo ({', '.join(found[:2])}); replace it with "
                             f"`gpt2repro demo --out {out} --overwrite`, or pass a new --out")
-        check_new_run_folder(out, overwrite, writes=(*RUN_FILES, *RUN_DIRS, *DEMO_FILES))
-        return _run(out, max_steps, overwrite)
+        if not resume:
+            check_new_run_folder(out, overwrite, writes=(*RUN_FILES, *RUN_DIRS, *DEMO_FILES))
+        return _run(out, max_steps, overwrite, resume)
 
 
-def _run(out: Path, max_steps: int | None, overwrite: bool) -> Path:
+def _run(out: Path, max_steps: int | None, overwrite: bool, resume: bool) -> Path:
     cfg = get_preset("demo")
     cfg.data.path = str(out / "data")
     cfg.out_dir = str(out)
@@ -55,10 +60,9 @@ def _run(out: Path, max_steps: int | None, overwrite: bool) -> Path:
     prepare(source="demo", out_dir=cfg.data.path, workers=os.cpu_count() or 1)
 
     print(f"[2/4] training the demo preset ({cfg.optim.max_steps} steps) into {out}")
-    if train(cfg, overwrite=overwrite).get("stopped_early"):
+    if train(cfg, overwrite=overwrite, resume=resume).get("stopped_early"):
         steps = f" --max-steps {max_steps}" if max_steps is not None else ""
-        print(f"training was stopped; continue with: gpt2repro train --preset demo --data {cfg.data.path} "
-              f"--out {out}{steps} --resume")
+        print(f"training was stopped; continue with: gpt2repro demo --out {out}{steps} --resume")
         return out
 
     print("[3/4] plotting the log")

@@ -227,3 +227,5 @@ def _demo(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="demo_out", help="folder for everything the demo writes")
     p.add_argument("--max-steps", type=count(1), default=None, help="training steps (default: the demo preset's)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --out (its data is kept)")
+    p.add_argument("--resume", action="store_true", help="continue a stopped demo from its checkpoint, then plot "
+                                                         "and sample")
