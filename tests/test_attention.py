@@ -112,3 +112,80 @@ with torch.device("meta"):
 """
     result = run_cli("-c", code, module=None)
     assert result.returncode == 0 and result.stdout.split() == ["meta"], result.stderr[-2000:]
+
+
+def test_the_growing_window_never_recompiles_flex(monkeypatch):
+    """Over the record's whole window schedule (1 to 14 blocks), FlexAttention builds one graph: by
+    itself (the uncompiled model's path: evaluation replicas, micro-batch probes) and inside a
+    compiled model (the trainer's path), where the window comes as a 0-d tensor. With the window a
+    Python number each new window was a new graph, and after 8 Dynamo fell back to unfused flex,
+    which materialises B·H·T² scores (about 103 GB at the record's shape)."""
+    import dataclasses
+
+    from torch._dynamo.utils import counters
+
+    from gpt2repro.model.gpt import GPT
+    from gpt2repro.presets import get_preset
+
+    record = get_preset("gpt2-124m-modern").model
+    schedule = sorted({attention.window_blocks(record, step / 1390) for step in range(1390)})
+    assert schedule == list(range(1, 15))
+    T, block = 512, 128
+    tokens = random_documents(1, T, 3)
+    q = k = v = torch.randn(1, 2, T, 16)
+    graphs = counters["stats"]["unique_graphs"]
+    with torch.no_grad():
+        for blocks in schedule:
+            mask = flex_block_mask(document_ids(tokens), blocks, block, 1, T, "cpu")
+            attention.compiled_flex_attention()(q, k, v, block_mask=mask)
+    assert counters["stats"]["unique_graphs"] - graphs <= 2
+
+    # The compiled model, its flex path taken on the CPU: only Dynamo's guards count here, so the
+    # graphs run eagerly (Inductor's CPU flex kernel cannot take a mask built inside the graph).
+    monkeypatch.setattr(attention, "FLEX_DEVICE_TYPES", ("cuda", "cpu"))
+    cfg = dataclasses.replace(get_preset("tiny-modern").model, block_size=T, window_block=block,
+                              window_start=block, window_end=14 * block)
+    model = torch.compile(GPT(cfg).eval(), backend="aot_eager")
+    graphs = counters["stats"]["unique_graphs"]
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # unfused flex, on purpose
+        for blocks in schedule:
+            model(tokens, window=torch.tensor(blocks))
+    assert counters["stats"]["unique_graphs"] - graphs <= 2
+
+
+def test_flex_refuses_a_block_its_kernels_cannot_tile_at_start_up(shards, tmp_path, monkeypatch):
+    """FlexAttention's CUDA kernels tile blocks of 128 tokens: a 16-token window block (demo-modern's)
+    would fail to compile at the first step. The rule is checked where CUDA trains, with one line;
+    the CPU's chunked SDPA takes any block."""
+    from conftest import assert_one_line_error, one_line_user_error, run_main
+    from gpt2repro.presets import get_preset
+
+    cuda = torch.device("cuda")  # a device object needs no GPU
+    attention.check_flex(get_preset("gpt2-124m-modern").model, 65536, cuda)  # the record fits
+    attention.check_flex(get_preset("demo-modern").model, 128, torch.device("cpu"))
+    one_line_user_error(lambda: attention.check_flex(get_preset("demo-modern").model, 128, cuda),
+                        "model.window_block=16", "multiple of 128")
+    one_line_user_error(lambda: attention.check_flex(get_preset("gpt2-124m-modern").model, 1000, cuda),
+                        "data.seq_len=1000", "whole blocks of model.window_block=128")
+    # through the trainer's own call, before anything is built or written
+    monkeypatch.setattr(attention, "FLEX_DEVICE_TYPES", ("cuda", "cpu"))
+    result = run_main("train", "--preset", "tiny-modern", "--data", shards, "--out", tmp_path / "run")
+    assert_one_line_error(result, "model.window_block=16", "FlexAttention on cpu")
+    assert not (tmp_path / "run").exists()
+
+
+def test_chunked_sdpa_builds_its_masks_once_per_forward_pass(monkeypatch):
+    """The fallback's masks (and the one host read each needs, where a document starts) are built
+    for the first layer and reused by the others: on a GPU every host read stalls the queue."""
+    from conftest import CountHostReads
+    from gpt2repro.model.gpt import GPT
+    from gpt2repro.presets import get_preset
+
+    monkeypatch.setattr(attention, "QUERY_CHUNK", 16)
+    cfg = get_preset("tiny-modern").model  # 4 layers, 3 with attention, documents and a window
+    model = GPT(cfg).eval()
+    tokens = random_documents(2, 64, 3)
+    with torch.no_grad(), CountHostReads() as reads:
+        model(tokens)
+    assert len(reads.calls) <= 64 // 16, reads.calls  # one per chunk, not one per chunk and layer

@@ -8,15 +8,21 @@ GPT-2 attends causally over one row of at most block_size tokens. The record rec
 - **a sliding window** of whole blocks: a query in block i (of ``block`` tokens) sees
   blocks i-n+1 .. i, causally inside its own block.
 
-Three kernels compute the same thing:
+``attention_for`` picks, once per forward pass, the kernel that computes it:
 
-- ``flex_block_mask`` + FlexAttention on CUDA: the mask becomes lists of visible key
-  blocks per query block, built once per forward pass from the document ids of the
-  first and last token of each block; blocks never visible are never computed;
-- ``local_attention`` elsewhere: SDPA over chunks of queries with a dense boolean mask
-  covering only the keys the chunk can see, so memory grows with chunk × reach, not
-  with T². FlexAttention has no CPU backward, so this is also the reference;
-- an explicit mask (multiple-choice packing) gets the window from its positions.
+- plain causal SDPA (flash attention on GPUs) when there are no documents or window;
+- ``Masked``: SDPA with the caller's explicit mask (multiple-choice packing), the window
+  applied by position;
+- ``Flex``: FlexAttention on CUDA, when the block is a multiple of its kernels' tile
+  (``FLEX_TILE``) and the row a whole number of blocks. The mask becomes lists of visible
+  key blocks per query block, built once per forward pass; blocks never visible are never
+  computed. The window is a tensor in its mask function, so a growing window is new data
+  for a compiled kernel, not a new graph;
+- ``Local``: chunked SDPA everywhere else (the CPU, which has no FlexAttention backward;
+  rows of other lengths; queries after a KV cache): SDPA over chunks of queries with a dense
+  boolean mask covering only the keys the chunk can see, so memory grows with chunk × reach,
+  not T². Its masks are built once per forward pass, for every layer. On CUDA it says once
+  that it stands in for FlexAttention.
 
 Rotary position tables and the KV cache live here too: both are attention mechanics
 the model file only calls.
@@ -25,7 +31,8 @@ the model file only calls.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +40,8 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from gpt2repro.config import ModelConfig
 from gpt2repro.data.tokenizer import EOT_TOKEN
+from gpt2repro.errors import UserError
+from gpt2repro.rank0 import print0
 
 QUERY_CHUNK = 1024  # local_attention's queries per SDPA call: scores are B·H·1024·reach floats
 
@@ -124,7 +133,7 @@ def window_blocks(cfg: ModelConfig, progress: float = 1.0) -> int:
     return int(((1 - progress) * cfg.window_start + progress * cfg.window_end) // cfg.window_block)
 
 
-def in_window(q_pos: torch.Tensor, k_pos: torch.Tensor, blocks: int, block: int) -> torch.Tensor:
+def in_window(q_pos: torch.Tensor, k_pos: torch.Tensor, blocks: int | torch.Tensor, block: int) -> torch.Tensor:
     """Whether the key's block is one of the query's last ``blocks`` blocks (broadcasts)."""
     return torch.div(q_pos, block, rounding_mode="floor") - torch.div(k_pos, block, rounding_mode="floor") < blocks
 
@@ -132,29 +141,35 @@ def in_window(q_pos: torch.Tensor, k_pos: torch.Tensor, blocks: int, block: int)
 @dataclass
 class LocalMask:
     """Causal attention of queries at positions start.. over keys 0.., with optional document
-    ids (B, keys) and a window of ``blocks`` blocks (0: none)."""
+    ids (B, keys) and a window of ``blocks`` blocks (0: none). Each chunk's mask is built once
+    and reused by every layer of the forward pass."""
 
     start: int
     docs: torch.Tensor | None
     blocks: int
     block: int
+    chunks: dict = field(default_factory=dict)
 
     def chunk(self, q_from: int, q_to: int, device) -> tuple[int, torch.Tensor]:
         """The first key any query in [q_from, q_to) sees, and their (B or 1, 1, queries, keys) mask."""
-        q_pos = torch.arange(self.start + q_from, self.start + q_to, device=device)
-        first = 0
-        if self.blocks:
-            first = max(0, (int(q_pos[0]) // self.block - self.blocks + 1) * self.block)
+        if (q_from, q_to) not in self.chunks:
+            self.chunks[q_from, q_to] = self._build(q_from, q_to, device)
+        return self.chunks[q_from, q_to]
+
+    def _build(self, q_from: int, q_to: int, device) -> tuple[int, torch.Tensor]:
+        first_query = self.start + q_from
+        first = max(0, (first_query // self.block - self.blocks + 1) * self.block) if self.blocks else 0
         if self.docs is not None:  # documents are contiguous: the earliest start among the rows
-            doc_of_first_query = self.docs[:, self.start + q_from:self.start + q_from + 1].contiguous()
+            doc_of_first_query = self.docs[:, first_query:first_query + 1].contiguous()
             first = max(first, int(torch.searchsorted(self.docs.contiguous(), doc_of_first_query).min()))
-        k_pos = torch.arange(first, self.start + q_to, device=q_pos.device)
+        q_pos = torch.arange(first_query, self.start + q_to, device=device)
+        k_pos = torch.arange(first, self.start + q_to, device=device)
         allowed = k_pos[None, :] <= q_pos[:, None]
         if self.blocks:
             allowed = allowed & in_window(q_pos[:, None], k_pos[None, :], self.blocks, self.block)
         allowed = allowed[None]
         if self.docs is not None:
-            q_docs = self.docs[:, self.start + q_from:self.start + q_to]
+            q_docs = self.docs[:, first_query:self.start + q_to]
             allowed = allowed & (q_docs[:, :, None] == self.docs[:, None, first:self.start + q_to])
         return first, allowed[:, None]
 
@@ -175,26 +190,56 @@ def local_attention(q, k, v, mask: LocalMask) -> torch.Tensor:
 # ---------------------------------------------------------------------------
 # FlexAttention (CUDA)
 
+# FlexAttention's CUDA kernels tile queries and keys in blocks of 64 or 128 (by head size and
+# card); a mask block must be a whole number of tiles, or the kernels do not compile.
+FLEX_TILE = 128
+FLEX_DEVICE_TYPES = ("cuda",)  # where FlexAttention trains (the CPU has no backward for it)
+
+
+def flex_fits(block: int, length: int) -> bool:
+    """Whether FlexAttention's kernels can run blocks of ``block`` tokens over rows of ``length``."""
+    return block % FLEX_TILE == 0 and length % block == 0
+
+
+def check_flex(cfg: ModelConfig, seq_len: int, device: torch.device) -> None:
+    """A run that trains documents or a window with FlexAttention needs blocks its kernels tile, and
+    rows of whole blocks: refused at start-up with one line, not a compile error at the first step."""
+    if device.type not in FLEX_DEVICE_TYPES or not (cfg.doc_mask or cfg.window_end):
+        return
+    if cfg.window_block % FLEX_TILE:
+        raise UserError(f"model.window_block={cfg.window_block}: FlexAttention on {device.type} tiles attention in "
+                        f"blocks of {FLEX_TILE} tokens, so the block must be a multiple of {FLEX_TILE} (the record's "
+                        "is 128); set model.window_block (and window_start, window_end) to multiples of it, or "
+                        "train on the CPU")
+    if seq_len % cfg.window_block:
+        raise UserError(f"data.seq_len={seq_len}: FlexAttention needs rows of whole blocks of model.window_block="
+                        f"{cfg.window_block} tokens; use a multiple of it (the record's is 65536)")
+
 
 @functools.cache
 def compiled_flex_attention():
-    """FlexAttention compiled once per process: uncompiled it materialises every score."""
+    """FlexAttention compiled once per process: uncompiled it materialises every score. Its mask
+    function reads the window from a tensor, so the window's growth never recompiles it."""
     return torch.compile(flex_attention, dynamic=False)
 
 
-def flex_block_mask(docs: torch.Tensor | None, blocks: int, block: int, batch: int, length: int, device):
-    """FlexAttention's BlockMask for causal attention with documents and a block window.
+def flex_block_mask(docs: torch.Tensor | None, blocks: int | torch.Tensor, block: int, batch: int, length: int,
+                    device):
+    """FlexAttention's BlockMask for causal attention with documents and a window of ``blocks``
+    blocks (0: none).
 
     Per query block, the key blocks it sees at all (causal, in the window, sharing a document)
     and, among them, those it sees entirely (strictly earlier and the same single document in
-    both): only the partial ones run the token-level mask."""
+    both): only the partial ones run the token-level mask. ``blocks`` may be a 0-d tensor: then
+    no Python number depends on it, and a compiled model takes a new window as new data."""
     n = length // block
+    window = torch.as_tensor(blocks, device=device)
     q_blk = torch.arange(n, device=device)[:, None]
     kv_blk = torch.arange(n, device=device)[None, :]
-    some, full = (q_blk >= kv_blk)[None], (q_blk > kv_blk)[None]
-    if blocks:
-        near = (q_blk - kv_blk < blocks)[None]
-        some, full = some & near, full & near
+    # no window is a window of every block: one rule, and no branch on the window's value
+    window = torch.where(window > 0, window, n)
+    near = (q_blk - kv_blk < window)[None]
+    some, full = (q_blk >= kv_blk)[None] & near, (q_blk > kv_blk)[None] & near
     if docs is not None:
         low, high = docs[:, ::block], docs[:, block - 1::block]  # first and last document of each block
         some = some & (low[:, :, None] <= high[:, None, :]) & (low[:, None, :] <= high[:, :, None])
@@ -207,35 +252,55 @@ def flex_block_mask(docs: torch.Tensor | None, blocks: int, block: int, batch: i
         return counts[:, None].contiguous(), order[:, None].contiguous()
 
     def visible(b, h, q_idx, kv_idx):  # the same rule per token: uncompiled FlexAttention reads only this
-        seen = q_idx >= kv_idx
-        if blocks:
-            seen = seen & in_window(q_idx, kv_idx, blocks, block)
+        seen = (q_idx >= kv_idx) & in_window(q_idx, kv_idx, window, block)
         return seen & (docs[b, q_idx] == docs[b, kv_idx]) if docs is not None else seen
 
     return BlockMask.from_kv_blocks(*as_lists(some & ~full), *as_lists(full), BLOCK_SIZE=block, mask_mod=visible)
 
 
 # ---------------------------------------------------------------------------
-# one attention call
+# one function picks the kernel
 
 
-@dataclass
-class Attend:
-    """How this forward pass's queries see keys, decided once and shared by every layer."""
+def causal(q, k, v) -> torch.Tensor:
+    """Plain causal attention (flash / efficient SDPA); after a KV cache, new queries see every
+    key up to their own position."""
+    if k.size(2) == q.size(2):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    mask = torch.ones(q.size(2), k.size(2), dtype=torch.bool, device=q.device).tril(k.size(2) - q.size(2))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
-    mask: torch.Tensor | None = None  # explicit (B, 1, Tq, Tk) bool
-    local: LocalMask | None = None  # documents or a window, chunked SDPA
-    block_mask: BlockMask | None = None  # documents or a window, FlexAttention
 
-    def __call__(self, q, k, v) -> torch.Tensor:
-        if self.block_mask is not None:  # inside a compiled model, the model's compilation fuses it
+def attention_for(idx: torch.Tensor, pos: torch.Tensor, attn_mask: torch.Tensor | None, kv_cache: KVCache | None,
+                  window: int | torch.Tensor, cfg: ModelConfig
+                  ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """How this forward pass's queries see keys, decided once for every layer: ``(q, k, v) -> y``.
+    ``window``: the sliding window's blocks, an int or a 0-d tensor (0: none); whether there is
+    a window at all is the model's (``window_end``), so a tensor window never becomes a branch."""
+    windowed = cfg.window_end > 0
+    if attn_mask is not None:  # the caller's mask (multiple-choice packing); the window by position
+        if windowed:
+            attn_mask = attn_mask & in_window(pos[..., :, None], pos[..., None, :], window,
+                                              cfg.window_block).unsqueeze(-3)
+        return functools.partial(F.scaled_dot_product_attention, attn_mask=attn_mask)
+    if not (cfg.doc_mask or windowed):
+        return causal
+    if kv_cache is not None:
+        docs = kv_cache.store_docs(idx) if cfg.doc_mask else None
+        return functools.partial(local_attention, mask=LocalMask(kv_cache.length, docs, int(window), cfg.window_block))
+    docs = document_ids(idx) if cfg.doc_mask else None
+    B, T = idx.shape
+    if idx.device.type in FLEX_DEVICE_TYPES:
+        if flex_fits(cfg.window_block, T):
+            block_mask = flex_block_mask(docs, window, cfg.window_block, B, T, idx.device)
+            # inside a compiled model, the model's compilation fuses it
             flex = flex_attention if torch.compiler.is_compiling() else compiled_flex_attention()
-            return flex(q, k, v, block_mask=self.block_mask)
-        if self.local is not None:
-            return local_attention(q, k, v, self.local)
-        if self.mask is None and k.size(2) == q.size(2):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True)  # flash / efficient path
-        mask = self.mask
-        if mask is None:  # new queries after a cached prefix: query i sees keys <= its position
-            mask = torch.ones(q.size(2), k.size(2), dtype=torch.bool, device=q.device).tril(k.size(2) - q.size(2))
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            return functools.partial(flex, block_mask=block_mask)
+        _say_once_flex_does_not_fit(cfg.window_block, T)
+    return functools.partial(local_attention, mask=LocalMask(0, docs, int(window), cfg.window_block))
+
+
+@functools.cache
+def _say_once_flex_does_not_fit(block: int, length: int) -> None:
+    print0(f"attention: FlexAttention needs blocks of a multiple of {FLEX_TILE} tokens and rows of whole blocks "
+           f"(model.window_block={block}, a row of {length} tokens); chunked SDPA computes the same, slower")

@@ -29,17 +29,7 @@ import torch.nn.functional as F
 
 from gpt2repro.config import ModelConfig
 from gpt2repro.errors import UserError
-from gpt2repro.model.attention import (
-    Attend,
-    KVCache,
-    LocalMask,
-    apply_rotary,
-    document_ids,
-    flex_block_mask,
-    in_window,
-    rotary_tables,
-    window_blocks,
-)
+from gpt2repro.model.attention import KVCache, apply_rotary, attention_for, rotary_tables, window_blocks
 from gpt2repro.model.chunked_ce import chunked_cross_entropy
 
 
@@ -78,7 +68,7 @@ class CausalSelfAttention(nn.Module):
             self.lambdas = nn.Parameter(torch.tensor([0.5, 0.5]))
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
 
-    def forward(self, x, attend: Attend, kv_cache: KVCache | None = None, rotary=None, ve=None):
+    def forward(self, x, attend, kv_cache: KVCache | None = None, rotary=None, ve=None):
         B, T, C = x.shape
         if hasattr(self, "c_attn"):
             q, k, v = self.c_attn(x).split(C, dim=2)
@@ -121,7 +111,7 @@ class Block(nn.Module):
         self.ln_2 = make_norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, attend: Attend, kv_cache=None, rotary=None, x0=None, ve=None):
+    def forward(self, x, attend, kv_cache=None, rotary=None, x0=None, ve=None):
         if hasattr(self, "lambdas"):
             x = self.lambdas[0] * x + self.lambdas[1] * x0
         if self.attn is not None:
@@ -183,9 +173,11 @@ class GPT(nn.Module):
                 elif name == "skip_weights":
                     p.fill_(1.0)
 
-    def hidden(self, idx, pos=None, attn_mask=None, kv_cache: KVCache | None = None, window: int | None = None):
+    def hidden(self, idx, pos=None, attn_mask=None, kv_cache: KVCache | None = None,
+               window: int | torch.Tensor | None = None):
         """Final-norm hidden states, (B, T, n_embd). ``pos``: (T,) or (B, T) positions.
-        ``window``: sliding-window blocks (default: the trained model's, window_end's)."""
+        ``window``: sliding-window blocks, an int or a 0-d tensor (default: the trained model's,
+        window_end's); a compiled model takes a tensor without a new graph per window."""
         cfg = self.config
         B, T = idx.shape
         start = kv_cache.length if kv_cache is not None else 0
@@ -196,7 +188,7 @@ class GPT(nn.Module):
                     f"{cfg.block_size}; use at most {cfg.block_size} tokens"
                 )
             pos = torch.arange(start, start + T, device=idx.device)
-        attend = self.attend(idx, pos, attn_mask, kv_cache, window_blocks(cfg) if window is None else window)
+        attend = attention_for(idx, pos, attn_mask, kv_cache, window_blocks(cfg) if window is None else window, cfg)
         x = self.transformer.wte(idx)
         rotary = None
         if cfg.pos_emb == "learned":
@@ -220,27 +212,6 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.advance(T)
         return self.transformer.ln_f(x)
-
-    def attend(self, idx, pos, attn_mask, kv_cache: KVCache | None, window: int) -> Attend:
-        """How this pass's queries see keys: plain causal (GPT-2), the caller's mask (with the
-        window applied by position), or documents and a window: FlexAttention on CUDA,
-        chunked SDPA elsewhere and after a cached prefix."""
-        cfg = self.config
-        if attn_mask is not None:
-            if window:
-                attn_mask = attn_mask & in_window(pos[..., :, None], pos[..., None, :], window,
-                                                  cfg.window_block).unsqueeze(-3)
-            return Attend(mask=attn_mask)
-        if not (cfg.doc_mask or window):
-            return Attend()
-        if kv_cache is not None:
-            docs = kv_cache.store_docs(idx) if cfg.doc_mask else None
-            return Attend(local=LocalMask(kv_cache.length, docs, window, cfg.window_block))
-        docs = document_ids(idx) if cfg.doc_mask else None
-        B, T = idx.shape
-        if idx.device.type == "cuda" and T % cfg.window_block == 0:
-            return Attend(block_mask=flex_block_mask(docs, window, cfg.window_block, B, T, idx.device))
-        return Attend(local=LocalMask(0, docs, window, cfg.window_block))
 
     def logits(self, hidden: torch.Tensor, vocab_size: int | None = None) -> torch.Tensor:
         """The LM head over the first ``vocab_size`` tokens (default all), soft-capped if configured."""
@@ -280,14 +251,16 @@ class GPT(nn.Module):
                 n -= sum(p.numel() for p in self.transformer.ve.parameters())
         return n
 
-    def flops_per_token(self, seq_len: int) -> int:
+    def flops_per_token(self, seq_len: int, window: int | None = None) -> int:
         """Training FLOPs per token, nanoGPT/PaLM convention: 6·N + 12·L·H·Q·T
         (N without position embeddings; forward + backward, attention scores counted
         without the causal discount). 855 MFLOP for GPT-2 124M at T=1024. L counts the
-        layers with attention; with a sliding window T is at most its final width."""
+        layers with attention; with a sliding window T is at most its width in tokens,
+        ``window`` blocks (default: the final window)."""
         c = self.config
         layers = sum(block.attn is not None for block in self.transformer.h)
-        reach = min(seq_len, window_blocks(c) * c.window_block) if c.window_end else seq_len
+        blocks = window_blocks(c) if window is None else window
+        reach = min(seq_len, blocks * c.window_block) if c.window_end else seq_len
         return 6 * self.num_params(non_embedding=True) + 12 * layers * c.n_embd * reach
 
     def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:

@@ -28,7 +28,7 @@ from gpt2repro.distributed import all_reduce_mean, any_rank, max_over_ranks, shu
 from gpt2repro.errors import UserError
 from gpt2repro.eval.hellaswag import evaluate_hellaswag, load_items_on_every_rank
 from gpt2repro.eval.loss import count_windows, evaluate_loss, open_split
-from gpt2repro.model.attention import window_blocks
+from gpt2repro.model.attention import check_flex, window_blocks
 from gpt2repro.model.generate import generate
 from gpt2repro.model.gpt import GPT
 from gpt2repro.model.io import load_state_strict, read_weights
@@ -92,13 +92,14 @@ class Trainer:
         self.is_main = rt.dist.is_main
         self.log = print0
 
+        check_flex(cfg.model, cfg.data.seq_len, rt.device)  # a block FlexAttention cannot tile: now, not at step 0
         resume_from = ckpt.checkpoint_to_resume(self.out_dir, cfg, log=self.log) if resume else None
         check_model_states_fit(cfg, rt.device, rt.dist.world_size)
         torch.manual_seed(cfg.runtime.seed)
         self.model = GPT(cfg.model).to(rt.device)  # the module itself: eval, sampling, checkpoints
         if init_weights is not None:  # --init-from: its weights, a fresh optimizer, step 0
             load_state_strict(self.model, init_weights, cfg.init_from)
-        self.num_params, flops_per_token = self.model.num_params(), self.model.flops_per_token(cfg.data.seq_len)
+        self.num_params = self.model.num_params()
         self.micro_batch = choose_micro_batch(cfg.data.micro_batch, cfg.optim.total_batch_tokens, cfg.data.seq_len,
                                               cfg.model.vocab_size, self.model, rt, self.log)
         self.accum = grad_accum_steps(cfg.optim.total_batch_tokens, self.micro_batch, cfg.data.seq_len,
@@ -116,6 +117,7 @@ class Trainer:
         self.step = 0
         self.skip_steps: set[int] = set()  # steps whose batch a rollback decided to skip
         self.rollbacks_in_a_row = 0  # since the last step that trained
+        self.window_tensors: dict[int, torch.Tensor] = {}
         if resume_from is not None:
             self.restore(resume_from)
             self.log(f"resuming from {resume_from} at step {self.step}")
@@ -147,7 +149,6 @@ class Trainer:
             self.run_log = RunLog(self.out_dir / LOG_FILE, resume_step=self.step if resume_from else None,
                                   tensorboard_dir=self.out_dir / "tb" if cfg.runtime.tensorboard else None,
                                   wandb_run=wandb_settings(cfg) if cfg.runtime.wandb else None)
-        self.flops_per_token = flops_per_token
         self.peak_flops = peak_flops(rt.device)
         self.log(f"model: {self.num_params:,} parameters | device {rt.device} | dtype "
                  f"{rt.autocast_dtype or torch.float32} | compile {rt.compile} | fused AdamW {rt.fused_adamw} "
@@ -291,9 +292,14 @@ class Trainer:
                      f"{val_tokens:,}; each val measures {windows * seq_len:,}")
         return windows
 
-    def window(self, step: int) -> int:
-        """Sliding-window blocks at ``step``: the window grows with the fraction of training done."""
-        return window_blocks(self.cfg.model, step / self.cfg.optim.max_steps)
+    def window(self, step: int) -> torch.Tensor | int:
+        """Sliding-window blocks at ``step``: the window grows with the fraction of training done. A
+        0-d tensor on the device, one per window size, made once: a compiled model takes each new
+        window as data (not a new graph), and no step copies it from the host."""
+        blocks = window_blocks(self.cfg.model, step / self.cfg.optim.max_steps)
+        if blocks not in self.window_tensors:
+            self.window_tensors[blocks] = torch.tensor(blocks, device=self.rt.device)
+        return self.window_tensors[blocks]
 
     def skip_step(self, step: int) -> None:
         for _ in range(self.accum):
@@ -313,7 +319,9 @@ class Trainer:
         every = self.cfg.runtime.log_every
         if every > 0 and (step % every == 0 or last):
             eta_s = (self.cfg.optim.max_steps - step - 1) * sum(recent) / len(recent)
-            utilization = mfu(metrics["tokens_per_s"], self.flops_per_token, self.peak_flops, self.rt.dist.world_size)
+            window = window_blocks(self.cfg.model, step / self.cfg.optim.max_steps)  # this step's, not the last
+            flops = self.model.flops_per_token(self.cfg.data.seq_len, window)
+            utilization = mfu(metrics["tokens_per_s"], flops, self.peak_flops, self.rt.dist.world_size)
             mfu_text = f"{100 * utilization:.1f}%" if utilization is not None else "-"
             self.log(f"step {step:5d}/{self.cfg.optim.max_steps} | loss {result.loss:.6f} | lr {result.lr:.4e} "
                      f"| norm {result.grad_norm:.4f} | {1000 * dt:.1f} ms | {metrics['tokens_per_s']:,.0f} tok/s "
