@@ -336,3 +336,49 @@ def test_bench_recipe_compares_the_recipes_and_ablates_levers(tmp_path):
     assert (out / "recipe.png").read_bytes()[:4] == b"\x89PNG"
     again = run_main("bench", "recipe", "--out", out, "--seeds", "1", "--max-steps", "6")
     assert_one_line_error(again, "already exists", "new --out")
+
+
+def test_the_record_computes_in_bf16_through_the_path_cuda_takes(monkeypatch):
+    """Trained in bf16, the modern model's residual stream, x0, q and k are bf16, as the record's
+    (bf16 embeddings; weights cast to the activations). CUDA's autocast runs rms_norm in float32 and
+    the CPU's does not, so the CPU alone would show bf16 whatever the code did: here F.rms_norm
+    behaves as CUDA's autocast makes it behave, and the model must keep bf16 all the same."""
+    from gpt2repro.distributed import DistInfo
+    from gpt2repro.runtime import Runtime
+    from gpt2repro.train.parallel import Parallel
+
+    real_rms_norm = F.rms_norm
+
+    def as_cuda_autocast_runs_it(x, *args, **kwargs):  # CUDA's autocast lists rms_norm as float32
+        if torch.is_autocast_enabled(x.device.type):
+            x = x.float()
+        return real_rms_norm(x, *args, **kwargs)
+
+    monkeypatch.setattr(F, "rms_norm", as_cuda_autocast_runs_it)
+    cfg = apply_overrides(get_preset("tiny-modern"), ["runtime.bf16_embeddings=true"])
+    rt = Runtime(DistInfo(), torch.device("cpu"), torch.bfloat16, False, False, 0)
+    model = GPT(cfg.model)
+    Parallel(model, cfg, rt)  # the trainer's own set-up: bf16 tables where the run computes in bf16
+    seen = {"residual": set(), "x0": set(), "q": set(), "k": set()}
+    for block in model.transformer.h:
+        block.register_forward_pre_hook(lambda m, args: (seen["residual"].add(args[0].dtype),
+                                                         seen["x0"].add(args[4].dtype)) and None)
+        block.register_forward_hook(lambda m, args, out: seen["residual"].add(out.dtype))
+    real_attention_for = gpt_module.attention_for
+
+    def recording(*args, **kwargs):
+        attend = real_attention_for(*args, **kwargs)
+
+        def wrapped(q, k, v):
+            seen["q"].add(q.dtype)
+            seen["k"].add(k.dtype)
+            return attend(q, k, v)
+        return wrapped
+
+    monkeypatch.setattr(gpt_module, "attention_for", recording)
+    tokens = torch.randint(0, 50257, (2, 64))
+    with rt.autocast():
+        _, loss = model(tokens, tokens)
+    loss.backward()
+    assert seen == {"residual": {torch.bfloat16}, "x0": {torch.bfloat16}, "q": {torch.bfloat16},
+                    "k": {torch.bfloat16}}, seen

@@ -215,7 +215,7 @@ class RuntimeConfig:
                                                                 "last checkpoint and skip the batch")
     # modded-nanogpt keeps its largest tables in bf16: half their memory traffic
     bf16_embeddings: bool = setting(False, "token and value embeddings stored in bfloat16 when training in "
-                                           "bfloat16 on a GPU")
+                                           "bfloat16: the residual stream then runs in bfloat16, as the record's")
 
 
 @dataclass

@@ -37,10 +37,21 @@ def residual_init_std(cfg: ModelConfig) -> float:
     return 0.02 / math.sqrt(2 * cfg.n_layer)
 
 
+def rms_norm(x: torch.Tensor) -> torch.Tensor:
+    """Parameter-free RMS norm in ``x``'s own dtype, as modded-nanogpt computes it. Autocast is off
+    around it: CUDA's autocast runs rms_norm in float32 (the CPU's does not), which would make the
+    residual stream float32 on a GPU where the record keeps it in bfloat16."""
+    with torch.autocast(x.device.type, enabled=False):
+        return F.rms_norm(x, (x.size(-1),))
+
+
+class RMSNorm(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x)
+
+
 def make_norm(cfg: ModelConfig) -> nn.Module:
-    if cfg.norm == "rmsnorm":
-        return nn.RMSNorm(cfg.n_embd, elementwise_affine=False)
-    return nn.LayerNorm(cfg.n_embd)
+    return RMSNorm() if cfg.norm == "rmsnorm" else nn.LayerNorm(cfg.n_embd)
 
 
 def value_embedding_table(cfg: ModelConfig, layer: int) -> int | None:
@@ -78,7 +89,7 @@ class CausalSelfAttention(nn.Module):
             v = self.lambdas[0] * v + self.lambdas[1] * ve if ve is not None else self.lambdas[0] * v
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if self.qk_norm:  # bounded attention logits: no entropy collapse at high learning rates
-            q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
+            q, k = rms_norm(q), rms_norm(k)
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         if kv_cache is not None:
@@ -197,7 +208,7 @@ class GPT(nn.Module):
             rotary = tuple(table[pos].unsqueeze(-3) if pos.dim() == 2 else table[pos][None, None]
                            for table in (self.rope_cos, self.rope_sin))
         if cfg.embed_norm:
-            x = F.rms_norm(x, (x.size(-1),))
+            x = rms_norm(x)
         x0 = x
         ve = [table(idx) for table in self.transformer.ve] if cfg.value_embeds else []
         encoder_outputs = []

@@ -56,10 +56,11 @@ def check_layout(cfg: TrainConfig, rt: Runtime) -> None:
 
 
 def bf16_embeddings_apply(cfg: TrainConfig, rt: Runtime) -> bool:
-    """runtime.bf16_embeddings stores the embedding tables in bfloat16 where the run computes in it:
-    on a GPU under bf16 autocast, replicated (DDP), with an untied head (a tied table is the head's
-    weight too, which stays float32). Elsewhere they stay float32: the same preset runs everywhere."""
-    return (cfg.runtime.bf16_embeddings and rt.device.type == "cuda" and rt.autocast_dtype == torch.bfloat16
+    """runtime.bf16_embeddings stores the embedding tables in bfloat16 where the run computes in it
+    (bf16 autocast, on any device), replicated (DDP), with an untied head (a tied table is the head's
+    weight too, which stays float32). Elsewhere they stay float32: the same preset runs everywhere.
+    In bfloat16 the tables make the residual stream bfloat16 too, as the record's is."""
+    return (cfg.runtime.bf16_embeddings and rt.autocast_dtype == torch.bfloat16
             and cfg.runtime.parallel == "ddp" and not cfg.model.tie_embeddings)
 
 
