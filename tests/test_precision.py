@@ -74,3 +74,17 @@ def test_switch_trains_like_float32(shards, reference, tmp_path, override, banne
     assert all(torch.isfinite(w).all() for w in weights.values())
     if "dtype" in override:  # autocast really ran in the lower precision: not the float32 numbers
         assert max(gaps) > 0, losses
+
+
+def test_a_card_that_only_emulates_bf16_trains_in_fp16(monkeypatch):
+    """torch.cuda.is_bf16_supported() counts emulation by default: a V100 or T4 would get slow
+    emulated bf16 instead of fp16 with a GradScaler."""
+    from gpt2repro.device import pick_autocast_dtype
+
+    def v100(including_emulation=True):  # what torch answers on a card without bf16 units
+        return including_emulation
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", v100)
+    assert pick_autocast_dtype("auto", torch.device("cuda")) == torch.float16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # an A100, H100
+    assert pick_autocast_dtype("auto", torch.device("cuda")) == torch.bfloat16

@@ -172,3 +172,25 @@ def test_missing_hellaswag_file_fails_before_training(shards, tmp_path):
                       "hellaswag_every=2", f"hellaswag_data={tmp_path / 'missing.jsonl'}")
     assert_one_line_error(result, "missing.jsonl: no such file", "eval.hellaswag_data=FILE")
     assert not (tmp_path / "run" / "log.txt").exists()
+
+
+def test_hellaswag_in_training_batches_its_items_whatever_the_micro_batch(shards, tmp_path, monkeypatch):
+    """The record trains one 65,536-token row at a time: a HellaSwag batch of its micro-batch would be
+    one item per forward pass, 10,042 of them each time. The evaluation batch is its own."""
+    from conftest import make_items, write_jsonl
+    from gpt2repro.eval.hellaswag import BATCH_SIZE
+
+    items = write_jsonl(tmp_path / "hs.jsonl", make_items(40))
+    packed = []
+    real = GPT.hidden
+
+    def counting(self, idx, *args, attn_mask=None, **kwargs):
+        if attn_mask is not None:  # the packed rows of a multiple-choice scoring
+            packed.append(idx.size(0))
+        return real(self, idx, *args, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(GPT, "hidden", counting)
+    train_cli("--data", shards, "--out", tmp_path / "run", "max_steps=1", "micro_batch=1", "total_batch_tokens=32",
+              "hellaswag_every=1", f"hellaswag_data={items}", in_process=True)
+    per_evaluation = math.ceil(40 / BATCH_SIZE)
+    assert packed == [BATCH_SIZE, 40 - BATCH_SIZE] * 2 and len(packed) == 2 * per_evaluation  # steps 0 and 1

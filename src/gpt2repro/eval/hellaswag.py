@@ -36,6 +36,9 @@ from gpt2repro.errors import UserError
 from gpt2repro.eval.multiple_choice import ITEMS_PER_CHUNK, Question, ending_logprobs, score
 
 OFFICIAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
+# Items (packed rows of a context and its four endings, ~150 tokens) per forward pass: in training
+# too, whatever the micro-batch (the record's is one 65,536-token row: 10,042 forwards a time).
+BATCH_SIZE = 32
 N_ENDINGS = 4
 ITEM_LAYOUT = "each line is a JSON object with ctx (text), endings (4 texts) and label (0-3)"
 
@@ -217,7 +220,7 @@ def evaluate_scorings(model, items: list[dict], ending_scorer: Callable[[list[Qu
 
 
 def evaluate_hellaswag(model, items: list[dict], *, scorings: tuple[str, ...] = tuple(SCORINGS),
-                       batch_size: int = 32, device="cpu", autocast_dtype: torch.dtype | None = None,
+                       batch_size: int = BATCH_SIZE, device="cpu", autocast_dtype: torch.dtype | None = None,
                        rank: int = 0, world_size: int = 1, items_per_chunk: int = ITEMS_PER_CHUNK,
                        progress: Callable[[int], Any] | None = None,
                        poll: Callable[[], None] | None = None) -> dict:

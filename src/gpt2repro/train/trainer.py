@@ -26,6 +26,7 @@ from gpt2repro.data.tokenizer import decode, encode
 from gpt2repro.device import synchronize, to_device
 from gpt2repro.distributed import all_reduce_mean, any_rank, max_over_ranks, shutdown_distributed
 from gpt2repro.errors import UserError
+from gpt2repro.eval.hellaswag import BATCH_SIZE as HELLASWAG_BATCH_SIZE
 from gpt2repro.eval.hellaswag import evaluate_hellaswag, load_items_on_every_rank
 from gpt2repro.eval.loss import count_windows, evaluate_loss, open_split
 from gpt2repro.model.attention import check_flex, window_blocks
@@ -461,7 +462,7 @@ class Trainer:
                     self.run_log.write(step, "val_bpb", metrics["val_bpb"])
             if hella:
                 result = evaluate_hellaswag(model, self.hellaswag_items, scorings=("completion",),
-                                            batch_size=self.micro_batch, device=rt.device,
+                                            batch_size=HELLASWAG_BATCH_SIZE, device=rt.device,
                                             autocast_dtype=rt.autocast_dtype, rank=rt.dist.rank,
                                             world_size=rt.dist.world_size, poll=poll)
                 metrics["hella"] = result["completion"]["acc_norm"]
