@@ -184,8 +184,8 @@ def test_training_reports_a_failed_write_and_goes_on(shards, tmp_path, monkeypat
     assert names == ["ckpt_000010", "ckpt_000008", "ckpt_000006", "ckpt_000002"]
 
 
-def _corrupt(path, how):
-    target = path / "model.safetensors"
+def _corrupt(path, how, name="model.safetensors"):
+    target = path / name
     data = bytearray(target.read_bytes())
     if how == "truncate":
         target.write_bytes(data[: len(data) // 2])
@@ -359,3 +359,22 @@ def test_the_stop_line_advises_a_rollback_only_where_it_can_help(poisoned_shards
     useless = poisoned_run(poisoned_shards, tmp_path / "b")
     assert_one_line_error(useless, "holds non-finite weights already", "cannot help", "--overwrite")
     assert "on_nonfinite=rollback" not in useless.stderr
+
+
+def test_loading_a_checkpoint_for_inference_reads_no_optimizer_state(shards, tmp_path, monkeypatch):
+    """sample and eval verify and read the weights and config alone: an optimizer state twice the
+    weights' size (19 GB of reading to load 6 GB of 1.5B weights) is none of theirs, and a damaged
+    one does not stop them; resuming still refuses it."""
+    out = tmp_path / "run"
+    train_cli("--data", shards, "--out", out, *COMMON, "--stop-at-step", "2", in_process=True)
+    _corrupt(out / "ckpt_000002", "flip", layout.STATE_FILE)
+    hashed = []
+    real = layout.sha256
+    monkeypatch.setattr(layout, "sha256", lambda path: hashed.append(path.name) or real(path))
+    for model in (out, out / "ckpt_000002"):
+        sampled = run_main("sample", "--model", model, "--num", "1", "--max-new-tokens", "2")
+        assert sampled.returncode == 0, sampled.stderr
+    assert hashed and layout.STATE_FILE not in hashed
+    resumed = run_main("train", "--preset", "tiny", "--data", shards, "--out", out, "--resume", *COMMON)
+    assert resumed.returncode == 2 and "ckpt_000002: checkpoint is corrupt (trainer_state.pt" in resumed.stdout
+    assert "--resume found no intact checkpoint (none of ckpt_000002 passes its check" in resumed.stderr

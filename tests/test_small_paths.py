@@ -133,3 +133,51 @@ def test_rounds_on_every_rank_are_the_rounds_the_last_rank_has(world_size):
         for per_round in (1, 2, 3, 5):
             rounds = [math.ceil(len(range(r, n_items, world_size)) / per_round) for r in range(world_size)]
             assert rounds_on_every_rank(n_items, world_size, per_round) == min(rounds)
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """A gloo process group of one rank, as torchrun would make it: DDP, FSDP and DTensors build on it."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_the_fsdp_health_check_is_one_collective_for_every_weight(one_rank_group, monkeypatch):
+    """At every log step the health check needs each weight's RMS; under FSDP each rank holds a shard
+    of each, and one all-reduce gives them all (it was one collective per tensor, every step)."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from gpt2repro.train import health
+
+    model = torch.nn.Sequential(*(torch.nn.Linear(8, 8) for _ in range(3)))
+    with torch.no_grad():
+        model[1].weight.fill_(3.0)
+    expected = health.largest_weight_rms(model)
+    fully_shard(model)
+    calls = []
+    real = dist.all_reduce
+    monkeypatch.setattr(dist, "all_reduce", lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
+    assert health.largest_weight_rms(model) == pytest.approx(expected) == 3.0
+    assert len(calls) == 1
+
+
+def test_ddp_does_not_broadcast_derived_buffers(one_rank_group):
+    """The rotary tables are computed from the config on every rank: DDP's buffer broadcast before
+    each forward would copy 33 MB a micro-step at the record's shape for nothing."""
+    from gpt2repro.distributed import DistInfo
+    from gpt2repro.model.gpt import GPT
+    from gpt2repro.presets import get_preset
+    from gpt2repro.runtime import Runtime
+    from gpt2repro.train.parallel import Parallel
+
+    cfg = get_preset("tiny-modern")
+    rt = Runtime(DistInfo(0, 0, 2), torch.device("cpu"), None, False, False, 0)  # wrapped as under torchrun
+    model = GPT(cfg.model)
+    assert dict(model.named_buffers())  # rope tables: what there would be to broadcast
+    parallel = Parallel(model, cfg, rt)
+    assert isinstance(parallel.train_model, torch.nn.parallel.DistributedDataParallel)
+    assert parallel.train_model.forward_sync_buffers is False

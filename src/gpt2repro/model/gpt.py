@@ -231,12 +231,15 @@ class GPT(nn.Module):
         cap = self.config.logit_softcap
         return cap * torch.tanh(logits / cap) if cap > 0 else logits
 
-    def forward(self, idx, targets=None, ce_chunk_rows: int = 0, window: int | None = None):
+    def forward(self, idx, targets=None, ce_chunk_rows: int = 0, window: int | torch.Tensor | None = None,
+                return_logits: bool = True):
         """Logits (B, T, vocab) and, given targets, the mean cross-entropy (targets -1 are ignored).
 
         ``ce_chunk_rows`` > 0 with targets computes the head and the loss in chunks of that many
-        rows (``chunked_ce.py``): the logits are never built and None is returned in their place.
-        ``window``: sliding-window blocks, the training schedule's (default: window_end's)."""
+        rows (``chunked_ce.py``): the logits are never built and None is returned in their place;
+        so does ``return_logits=False`` (training: logits kept for the caller would live through
+        the backward pass, 6.6 GB at the record's shape). ``window``: sliding-window blocks, the
+        training schedule's (default: window_end's)."""
         h = self.hidden(idx, window=window)
         real = self.config.real_vocab_size or None  # padding rows of an imported vocabulary stay out
         if targets is not None and ce_chunk_rows > 0:
@@ -246,7 +249,7 @@ class GPT(nn.Module):
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits[..., :real].float().flatten(0, 1), targets.flatten(), ignore_index=-1)
-        return logits, loss
+        return (logits if return_logits else None), loss
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameters counted once (the tied embedding/head is one tensor). ``non_embedding``

@@ -176,6 +176,10 @@ def checkpoint_to_resume(run_dir: Path, cfg: TrainConfig, log: Callable[[str], N
     """The newest complete checkpoint of ``run_dir``, checked to continue ``cfg``'s experiment
     (a run started with --init-from: ``load.resumed_config`` has given ``cfg`` its model)."""
     path = latest_checkpoint(run_dir, log=log)
+    damaged = list_checkpoints(run_dir)
+    if path is None and damaged:
+        raise UserError(f"{run_dir}: --resume found no intact checkpoint (none of {', '.join(p.name for p in damaged[:3])}"
+                        " passes its check, as said above); restore a copy, or start again with --overwrite")
     if path is None and existing_run(run_dir):
         raise UserError(f"{run_dir}: --resume found no complete checkpoint: the run stopped before its first one; "
                         "start it again with --overwrite instead of --resume")

@@ -202,8 +202,7 @@ class Trainer:
                     metrics.update(stopped_early=True, stopped_by=why)
                     self.log(f"stopping at step {step}, between its micro-steps ({why}); continue with --resume")
                     break
-                problem = what_went_wrong(step, result, self.model, self.cfg.runtime.log_every,
-                                          self.parallel.total_norm)
+                problem = what_went_wrong(step, result, self.model, self.cfg.runtime.log_every)
                 if problem:
                     self.handle_bad_step(step, problem)  # stops, or rolls back to a checkpoint
                     continue
@@ -256,15 +255,14 @@ class Trainer:
             with self.parallel.gradient_sync(last_micro_step=micro == self.accum - 1):
                 with self.rt.autocast():
                     _, loss = self.parallel.train_model(x, y, ce_chunk_rows=self.rt.ce_chunk_rows,
-                                                        window=self.window(step))
+                                                        window=self.window(step), return_logits=False)
                 loss = loss / self.accum
                 loss_sum += loss.detach()
                 self.scaler.scale(loss).backward()
         all_reduce_mean(loss_sum)
         for optimizer in self.optimizers:
             self.scaler.unscale_(optimizer)
-        clip = self.cfg.optim.grad_clip or math.inf  # inf: the norm is measured, nothing is scaled
-        grad_norm = self.parallel.total_norm(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        grad_norm = self.parallel.total_norm(self.grad_norm())
         lr = learning_rate(step, self.cfg.optim)
         set_learning_rate(self.optimizers, lr)
         set_muon_momentum(self.optimizers, muon_momentum(step, self.cfg.optim))
@@ -292,6 +290,14 @@ class Trainer:
             self.log(f"data: warning: {data} has {n_stream:,} val tokens, fewer than eval.val_tokens="
                      f"{val_tokens:,}; each val measures {windows * seq_len:,}")
         return windows
+
+    def grad_norm(self) -> torch.Tensor:
+        """The global gradient norm, after clipping it to optim.grad_clip; with clipping off
+        (the record) it is measured and no gradient is touched."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if self.cfg.optim.grad_clip > 0:
+            return torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip)
+        return torch.nn.utils.get_total_norm([p.grad for p in params])
 
     def window(self, step: int) -> torch.Tensor | int:
         """Sliding-window blocks at ``step``: the window grows with the fraction of training done. A
