@@ -178,8 +178,9 @@ def checkpoint_to_resume(run_dir: Path, cfg: TrainConfig, log: Callable[[str], N
     path = latest_checkpoint(run_dir, log=log)
     damaged = list_checkpoints(run_dir)
     if path is None and damaged:
-        raise UserError(f"{run_dir}: --resume found no intact checkpoint (none of {', '.join(p.name for p in damaged[:3])}"
-                        " passes its check, as said above); restore a copy, or start again with --overwrite")
+        names = ", ".join(p.name for p in damaged[:3])
+        raise UserError(f"{run_dir}: --resume found no intact checkpoint (none of {names} passes its check, as "
+                        "said above); restore a copy, or start again with --overwrite")
     if path is None and existing_run(run_dir):
         raise UserError(f"{run_dir}: --resume found no complete checkpoint: the run stopped before its first one; "
                         "start it again with --overwrite instead of --resume")
