@@ -57,6 +57,42 @@ def test_auto_micro_batch_on_a_gpu_takes_the_largest_that_fits(monkeypatch):
     assert tried == [4]
 
 
+@pytest.mark.parametrize("preset", ["tiny", "tiny-modern"])
+def test_auto_micro_batch_leaves_room_for_the_optimizer_state(monkeypatch, preset):
+    """The probe runs before the first step, when AdamW's moments and Muon's momentum do not exist
+    yet: it holds their bytes while it measures, so the batch it picks still fits after step 0."""
+    from gpt2repro.model.gpt import GPT
+    from gpt2repro.presets import get_preset
+    from gpt2repro.train.optim import build_optimizers, optimizer_state_bytes
+
+    cfg = get_preset(preset)
+    model = GPT(cfg.model)
+    state_bytes = optimizer_state_bytes(model, cfg.optim)
+    optimizers = build_optimizers(model, cfg.optim, fused=False)  # the real state, after one step
+    model(torch.randint(0, 50257, (1, 8)), torch.randint(0, 50257, (1, 8)))[1].backward()
+    for optimizer in optimizers:
+        optimizer.step()
+    assert state_bytes == sum(t.numel() * t.element_size() for o in optimizers for s in o.state.values()
+                              for t in s.values() if torch.is_tensor(t) and t.dim() > 0)
+
+    held = []
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *args, **kwargs: held.append(args) or real_empty(*args, **kwargs))
+    rt = runtime.Runtime(DistInfo(), torch.device("cpu"), None, False, False, 0)
+    assert runtime._fits(2, 8, 50257, model, rt, state_bytes)
+    assert (state_bytes,) in held  # held while the probe's forward and backward ran
+
+    def card(batch, seq_len, vocab, model, rt, optimizer_bytes):  # room for 100 units; a sequence takes 10
+        return 10 * batch + optimizer_bytes <= 100
+
+    monkeypatch.setattr(runtime, "_fits", card)
+    monkeypatch.setattr(runtime, "all_reduce_min", lambda value, device: value)
+    gpu = runtime.Runtime(DistInfo(), torch.device("cuda", 0), None, False, False, 0)
+    pick = runtime.choose_micro_batch
+    assert pick("auto", 1024, 8, 50304, None, gpu, log=print) == 8  # nothing else held: 8 fit
+    assert pick("auto", 1024, 8, 50304, None, gpu, log=print, optimizer_bytes=40) == 4  # the state takes 40
+
+
 def test_a_checkpoint_swap_cut_short_is_put_back(tmp_path):
     (tmp_path / ".old_ckpt_000004_1").mkdir()  # moved aside for a re-save of step 4 that never came
     (tmp_path / ".old_ckpt_000002_1").mkdir()  # moved aside, and its replacement is in place

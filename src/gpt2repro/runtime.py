@@ -79,10 +79,11 @@ def grad_accum_steps(total_batch_tokens: int, micro_batch: int, seq_len: int, wo
 
 
 def choose_micro_batch(micro_batch: int | str, total_batch_tokens: int, seq_len: int, vocab_size: int,
-                       model: torch.nn.Module, rt: Runtime, log=print) -> int:
+                       model: torch.nn.Module, rt: Runtime, log=print, optimizer_bytes: int = 0) -> int:
     """``micro_batch=auto``: the largest B (a power of two dividing the total batch) whose
-    forward + backward fits in GPU memory, the same on every rank; off the GPU: 8 or less.
-    The total batch stays fixed: accumulation grows instead."""
+    forward + backward fits in GPU memory beside the optimizer state the first step will add
+    (``optimizer_bytes``), the same on every rank; off the GPU: 8 or less. The total batch stays
+    fixed: accumulation grows instead."""
     if micro_batch != "auto":
         return int(micro_batch)
     T, W = seq_len, rt.dist.world_size
@@ -95,7 +96,7 @@ def choose_micro_batch(micro_batch: int | str, total_batch_tokens: int, seq_len:
         chosen = next((b for b in candidates if b <= CPU_MICRO_BATCH), chosen)
     else:
         for b in candidates:
-            if _fits(b, T, vocab_size, model, rt):
+            if _fits(b, T, vocab_size, model, rt, optimizer_bytes):
                 chosen = b
                 break
     chosen = all_reduce_min(chosen, rt.device)
@@ -103,16 +104,21 @@ def choose_micro_batch(micro_batch: int | str, total_batch_tokens: int, seq_len:
     return chosen
 
 
-def _fits(batch: int, seq_len: int, vocab_size: int, model: torch.nn.Module, rt: Runtime) -> bool:
-    """One real forward and backward of this size on the GPU, without an out-of-memory error."""
+def _fits(batch: int, seq_len: int, vocab_size: int, model: torch.nn.Module, rt: Runtime,
+          optimizer_bytes: int = 0) -> bool:
+    """One real forward and backward of this size on the GPU, without an out-of-memory error, while
+    the optimizer state's bytes are held as they will be from the first step on."""
     try:
+        optimizer_state = torch.empty(optimizer_bytes, dtype=torch.uint8, device=rt.device)
         x = torch.randint(0, vocab_size, (batch, seq_len), device=rt.device)
         with rt.autocast():
-            _, loss = model(x, x, ce_chunk_rows=rt.ce_chunk_rows)
+            _, loss = model(x, x, ce_chunk_rows=rt.ce_chunk_rows, return_logits=False)
         loss.backward()
+        del optimizer_state
         return True
     except torch.OutOfMemoryError:
         return False
     finally:
         model.zero_grad(set_to_none=True)
-        torch.cuda.empty_cache()
+        if rt.device.type == "cuda":
+            torch.cuda.empty_cache()

@@ -44,6 +44,15 @@ def partition_parameters(model: torch.nn.Module) -> dict[str, list[tuple[str, to
     return groups
 
 
+def optimizer_state_bytes(model: torch.nn.Module, cfg: OptimConfig) -> int:
+    """The bytes of state the optimizers hold once they have stepped: AdamW's two moments for its
+    parameters, Muon's one momentum for the hidden matrices (float32, as the parameters)."""
+    parts = partition_parameters(model)
+    muon = {id(p) for _, p in parts["hidden"]} if cfg.optimizer == "muon" else set()
+    return sum((1 if id(p) in muon else 2) * p.numel() * p.element_size()
+               for group in parts.values() for _, p in group)
+
+
 def build_optimizers(model: torch.nn.Module, cfg: OptimConfig, fused: bool) -> list[torch.optim.Optimizer]:
     """[AdamW] for the faithful recipe, [AdamW, Muon] for the modern one."""
     if cfg.optimizer == "adamw":

@@ -46,6 +46,7 @@ from gpt2repro.train.optim import (
     build_optimizers,
     learning_rate,
     muon_momentum,
+    optimizer_state_bytes,
     set_learning_rate,
     set_muon_momentum,
 )
@@ -102,7 +103,8 @@ class Trainer:
             load_state_strict(self.model, init_weights, cfg.init_from)
         self.num_params = self.model.num_params()
         self.micro_batch = choose_micro_batch(cfg.data.micro_batch, cfg.optim.total_batch_tokens, cfg.data.seq_len,
-                                              cfg.model.vocab_size, self.model, rt, self.log)
+                                              cfg.model.vocab_size, self.model, rt, self.log,
+                                              optimizer_bytes=optimizer_state_bytes(self.model, cfg.optim))
         self.accum = grad_accum_steps(cfg.optim.total_batch_tokens, self.micro_batch, cfg.data.seq_len,
                                       rt.dist.world_size)
         # One process looks at its stop flag before every micro-step; several ranks agree at most 64
