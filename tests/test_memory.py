@@ -36,5 +36,16 @@ def test_activation_checkpointing_and_the_chunked_loss_shrink_the_activations():
 def test_bench_memory_prints_every_size_and_layout():
     result = run_main("bench", "memory", "--ranks", "2,8")
     assert result.returncode == 0, result.stderr
-    rows = [ln for ln in result.stdout.splitlines() if ln.startswith("| gpt2-")]
-    assert len(rows) == 4 * 3 and sum("FSDP × 8" in r for r in rows) == 4
+    layouts = [ln for ln in result.stdout.splitlines() if ln.startswith("| gpt2-") and ("DDP" in ln or "FSDP" in ln)]
+    assert len(layouts) == 4 * 3 + 1 and sum("FSDP × 8" in r for r in layouts) == 4  # the record: DDP only (Muon)
+
+
+def test_the_record_on_one_gpu_fits_24_gb_only_with_both_levers():
+    """gpt2-124m-modern keeps one 65,536-token row per micro-step on one GPU: its activations and
+    logits, not its weights, decide the card."""
+    result = run_main("bench", "memory", "--presets", "gpt2-124m-modern", "--ranks", "2")
+    rows = {cells[3]: cells[4:] for cells in (ln.split("|") for ln in result.stdout.splitlines())
+            if len(cells) > 7 and "65,536" in cells[2]}
+    fits = {lever.strip(): [c.strip() for c in cells[1:4]] for lever, cells in rows.items()}
+    assert fits == {"none": ["yes", "no", "no"], "chunked loss": ["yes", "yes", "no"],
+                    "activation checkpointing": ["yes", "yes", "no"], "both": ["yes", "yes", "yes"]}

@@ -294,6 +294,14 @@ def test_modern_ddp_equals_single_process_accumulation(tmp_path):
     assert len(ddp_losses) == 6 and single_losses[0] - single_losses[-1] > 1.0  # it learns
     assert max(abs(a - b) for a, b in zip(ddp_losses, single_losses)) <= 1e-3, (ddp_losses, single_losses)
 
+    # Each rank updates half of Muon's matrices and keeps their momentum: a checkpoint gathers all of
+    # it, so a run stopped after step 3 and resumed ends with the uninterrupted run's weights exactly.
+    for extra in (["--stop-at-step", "3"], ["--resume"]):
+        part = run_cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "gpt2repro",
+                       "train", "--out", tmp_path / "resumed", *common, *extra, module=None)
+        assert part.returncode == 0, part.stderr[-3000:]
+    assert max_abs_diff(weights(tmp_path / "resumed", 6), weights(tmp_path / "ddp", 6)) == 0.0
+
 
 def test_export_refuses_the_modern_architecture_and_writes_nothing(tmp_path):
     save_model(modern_model(), tmp_path / "ckpt")
@@ -382,3 +390,28 @@ def test_the_record_computes_in_bf16_through_the_path_cuda_takes(monkeypatch):
     loss.backward()
     assert seen == {"residual": {torch.bfloat16}, "x0": {torch.bfloat16}, "q": {torch.bfloat16},
                     "k": {torch.bfloat16}}, seen
+
+
+def test_each_rank_orthogonalises_its_share_of_muons_matrices(monkeypatch):
+    """Under W ranks, rank r runs Newton–Schulz for matrices r, r + W, ... only (torch.optim.Muon's
+    own step, on its share), then receives the others from their ranks."""
+    import torch.distributed as dist
+
+    from gpt2repro.train.optim import RankShardedMuon
+
+    class Done:
+        def wait(self):
+            pass
+
+    received = []
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 1)
+    monkeypatch.setattr(dist, "broadcast", lambda tensor, src, async_op=False: received.append(src) or Done())
+    params = [torch.nn.Parameter(torch.randn(8, 8)) for _ in range(5)]
+    before = [p.detach().clone() for p in params]
+    for p in params:
+        p.grad = torch.randn(8, 8)
+    RankShardedMuon(params, lr=0.1).step()
+    changed = [not torch.equal(p, b) for p, b in zip(params, before)]
+    assert changed == [False, True, False, True, False]  # rank 1's: matrices 1 and 3
+    assert received == [0, 1, 0, 1, 0]  # every matrix from the rank that updated it

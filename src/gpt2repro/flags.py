@@ -217,7 +217,7 @@ def _bench(sub, common: argparse.ArgumentParser) -> None:
     b.add_argument("--allow-cpu", action="store_true", help="run without CUDA (small presets: to try the command)")
 
     b = bench_sub.add_parser("memory", parents=[common], help="estimated per-rank memory: sizes × DDP/FSDP × ranks")
-    b.add_argument("--presets", default="gpt2-124m-10b,gpt2-350m-10b,gpt2-774m-10b,gpt2-1558m-10b",
+    b.add_argument("--presets", default="gpt2-124m-10b,gpt2-350m-10b,gpt2-774m-10b,gpt2-1558m-10b,gpt2-124m-modern",
                    help="comma list of training presets")
     b.add_argument("--ranks", type=count_list(1), default="2,4,8", help="comma list of FSDP world sizes")
 

@@ -23,28 +23,47 @@ HEADROOM_GIB = 2  # CUDA context and allocator slack, which the estimate leaves 
 def largest_micro_batch(cfg, world: int, parallel: str, ac: bool, card_gib: float) -> int:
     budget = (card_gib - HEADROOM_GIB) * GiB
     fitting = [b for b in MICRO_BATCH_CANDIDATES
-               if estimate(cfg.model, b, cfg.data.seq_len, world, parallel, ac).total <= budget]
+               if estimate(cfg.model, b, cfg.data.seq_len, world, parallel, ac,
+                           optimizer=cfg.optim.optimizer).total <= budget]
     return fitting[0] if fitting else 0
+
+
+# What one GPU can switch on to fit a preset's own micro-batch, lightest first.
+LEVERS = (("none", False, False), ("chunked loss", False, True), ("activation checkpointing", True, False),
+          ("both", True, True))
+LEVER_SETTINGS = {"none": "", "chunked loss": "runtime.ce_chunk_rows=8192",
+                  "activation checkpointing": "runtime.activation_checkpointing=true",
+                  "both": "runtime.activation_checkpointing=true runtime.ce_chunk_rows=8192"}
 
 
 def bench_memory(args: argparse.Namespace) -> list[list[str]]:
     ranks = [int(r) for r in args.ranks.split(",")]
     if any(r < 1 for r in ranks):
         raise UserError(f"--ranks {args.ranks}: positive numbers of ranks, e.g. 2,4,8")
-    rows = []
+    rows, one_gpu = [], []
     for name in args.presets.split(","):
         cfg = get_preset(name.strip())
-        B, T = cfg.data.micro_batch, cfg.data.seq_len
-        for parallel, world in [("ddp", 1)] + [("fsdp", r) for r in ranks]:
-            plain = estimate(cfg.model, B, T, world, parallel)
-            ac = estimate(cfg.model, B, T, world, parallel, activation_checkpointing=True)
+        B, T, opt = cfg.data.micro_batch, cfg.data.seq_len, cfg.optim.optimizer
+        for parallel, world in [("ddp", 1)] + [("fsdp", r) for r in ranks if opt == "adamw"]:
+            plain = estimate(cfg.model, B, T, world, parallel, optimizer=opt)
+            ac = estimate(cfg.model, B, T, world, parallel, activation_checkpointing=True, optimizer=opt)
             states = plain.params + plain.grads + plain.optimizer + plain.gathered
             fits = [f"{largest_micro_batch(cfg, world, parallel, False, card)}/"
                     f"{largest_micro_batch(cfg, world, parallel, True, card)}" for card in CARDS_GIB]
             rows.append([name, "DDP (any ranks)" if parallel == "ddp" else f"FSDP × {world}", str(B),
                          f"{states / GiB:.1f}", f"{plain.total / GiB:.1f}", f"{ac.total / GiB:.1f}", *fits])
-    print_table(f"estimated GiB per rank, bf16 activations, AdamW, seq_len from the preset; micro-batch fits as "
+        for lever, checkpointing, chunked in LEVERS:
+            total = estimate(cfg.model, B, T, activation_checkpointing=checkpointing, chunked_loss=chunked,
+                             optimizer=opt).total
+            one_gpu.append([name, f"{B} × {T:,}", lever, f"{total / GiB:.1f}",
+                            *("yes" if total <= (card - HEADROOM_GIB) * GiB else "no" for card in CARDS_GIB)])
+    print_table(f"estimated GiB per rank, bf16 activations, the preset's optimizer and seq_len; micro-batch fits as "
                 f"without/with activation checkpointing ({HEADROOM_GIB} GiB headroom)",
                 ["preset", "layout", "micro-batch", "weights+grads+optimizer", "total", "total with AC",
                  *(f"fits {c} GB" for c in CARDS_GIB)], rows)
-    return rows
+    print()
+    print_table(f"one GPU at the preset's own micro-batch (the total batch by accumulation): GiB per micro-step "
+                f"with each memory lever ({HEADROOM_GIB} GiB headroom); settings: "
+                + "; ".join(f"{k}: {v}" for k, v in LEVER_SETTINGS.items() if v),
+                ["preset", "micro-batch", "levers", "total", *(f"fits {c} GB" for c in CARDS_GIB)], one_gpu)
+    return rows + one_gpu

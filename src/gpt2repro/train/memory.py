@@ -32,10 +32,10 @@ from gpt2repro.config import ModelConfig, TrainConfig
 from gpt2repro.device import free_memory_bytes
 from gpt2repro.errors import UserError
 from gpt2repro.model.gpt import GPT
+from gpt2repro.train.optim import partition_parameters
 
 GiB = 2**30
 ACTIVATION_BYTES_PER_BLOCK = 34  # × B·T·C, bf16, flash attention
-OPTIMIZER_BYTES = {"adamw": 8, "muon": 4}
 
 
 @dataclass(frozen=True)
@@ -51,22 +51,24 @@ class MemoryEstimate:
         return self.params + self.grads + self.optimizer + self.gathered + self.activations
 
 
-def parameter_counts(cfg: ModelConfig) -> tuple[int, int]:
-    """(all parameters, parameters of one block), counted on the meta device: no memory used."""
+def parameter_counts(cfg: ModelConfig) -> tuple[int, int, int]:
+    """(all parameters, parameters of one block, hidden matrices: Muon's share), counted on the meta
+    device: no memory used."""
     return _parameter_counts(astuple(cfg))
 
 
 @functools.cache  # bench memory asks for each shape hundreds of times; building 1.5B even on meta is not free
-def _parameter_counts(fields: tuple) -> tuple[int, int]:
+def _parameter_counts(fields: tuple) -> tuple[int, int, int]:
     with torch.device("meta"):
         model = GPT(ModelConfig(*fields))
-    return model.num_params(), sum(p.numel() for p in model.transformer.h[0].parameters())
+    hidden = sum(p.numel() for _, p in partition_parameters(model)["hidden"])
+    return model.num_params(), sum(p.numel() for p in model.transformer.h[0].parameters()), hidden
 
 
 def estimate(cfg: ModelConfig, micro_batch: int, seq_len: int, world_size: int = 1, parallel: str = "ddp",
              activation_checkpointing: bool = False, chunked_loss: bool = False,
              optimizer: str = "adamw") -> MemoryEstimate:
-    n, per_block = parameter_counts(cfg)
+    n, per_block, hidden = parameter_counts(cfg)
     shard = world_size if parallel == "fsdp" else 1
     gathered = 0.0
     if parallel == "fsdp" and world_size > 1:
@@ -79,7 +81,9 @@ def estimate(cfg: ModelConfig, micro_batch: int, seq_len: int, world_size: int =
         activations = cfg.n_layer * ACTIVATION_BYTES_PER_BLOCK * btc
     if not chunked_loss:
         activations += 6 * micro_batch * seq_len * cfg.vocab_size
-    return MemoryEstimate(params=4 * n / shard, grads=4 * n / shard, optimizer=OPTIMIZER_BYTES[optimizer] * n / shard,
+    # AdamW: two float32 moments a parameter; Muon: one momentum for the hidden matrices, Adam the rest
+    optimizer_bytes = 8 * n if optimizer == "adamw" else 8 * (n - hidden) + 4 * hidden
+    return MemoryEstimate(params=4 * n / shard, grads=4 * n / shard, optimizer=optimizer_bytes / shard,
                           gathered=gathered, activations=activations)
 
 
@@ -97,7 +101,7 @@ def check_model_states_fit(cfg: TrainConfig, device, world_size: int = 1) -> Non
     """One line, before anything is built, when the weights, gradients and optimizer state
     (and rotary tables) of this rank cannot fit the memory free on its device."""
     n = approx_parameters(cfg.model)
-    per_parameter = 8 + OPTIMIZER_BYTES.get(cfg.optim.optimizer, 8)
+    per_parameter = 16  # float32 weights and gradients, and AdamW's two moments: the most any recipe holds
     need = per_parameter * n / (world_size if cfg.runtime.parallel == "fsdp" else 1)
     if cfg.model.pos_emb != "learned":
         need += 4 * cfg.model.block_size * cfg.model.n_embd // cfg.model.n_head  # cos and sin, float32

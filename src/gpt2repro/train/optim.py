@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 
 from gpt2repro.config import OptimConfig
 from gpt2repro.errors import UserError
@@ -72,10 +73,54 @@ def build_optimizers(model: torch.nn.Module, cfg: OptimConfig, fused: bool) -> l
                                adam_group("head", cfg.head_lr, cfg.weight_decay),
                                adam_group("scalar", cfg.scalar_lr, 0.0)) if g["params"]]
     adamw = torch.optim.AdamW(adam_groups, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused or None)
-    muon = torch.optim.Muon([p for _, p in parts["hidden"]], lr=cfg.muon_lr, momentum=cfg.muon_momentum,
-                            weight_decay=cfg.muon_weight_decay, adjust_lr_fn=cfg.muon_adjust_lr)
+    muon_class = RankShardedMuon if dist.is_initialized() and dist.get_world_size() > 1 else torch.optim.Muon
+    muon = muon_class([p for _, p in parts["hidden"]], lr=cfg.muon_lr, momentum=cfg.muon_momentum,
+                      weight_decay=cfg.muon_weight_decay, adjust_lr_fn=cfg.muon_adjust_lr)
     muon.param_groups[0]["lr_scale"] = scale(cfg.muon_lr)
     return [adamw, muon]
+
+
+class RankShardedMuon(torch.optim.Muon):
+    """torch.optim.Muon with its work split over the ranks, as the record splits it: every rank holds
+    the same (all-reduced) gradients, so rank r alone updates matrices r, r + W, ... (momentum,
+    Newton–Schulz, step) and then sends each to the others; each rank orthogonalises 1/W of them.
+    Its state stays torch.optim.Muon's, keyed by parameter: ``gather_state`` brings every matrix's
+    momentum from its rank to all of them before a checkpoint reads it, so a checkpoint holds the
+    whole state and resumes under any number of ranks."""
+
+    def owner(self, index: int) -> int:
+        return index % dist.get_world_size()
+
+    def step(self, closure=None):
+        rank = dist.get_rank()
+        everything = [group["params"] for group in self.param_groups]
+        mine = {id(p) for i, p in enumerate(self.all_params()) if self.owner(i) == rank}
+        try:
+            for group in self.param_groups:
+                group["params"] = [p for p in group["params"] if id(p) in mine]
+            loss = super().step(closure)
+        finally:
+            for group, params in zip(self.param_groups, everything):
+                group["params"] = params
+        with torch.no_grad():
+            self._from_owners(lambda p: p)
+        return loss
+
+    def all_params(self) -> list[torch.Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def gather_state(self) -> None:
+        """Every matrix's momentum, from the rank that updates it, on every rank."""
+        for p in self.all_params():
+            if "momentum_buffer" not in self.state[p]:
+                self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        self._from_owners(lambda p: self.state[p]["momentum_buffer"])
+
+    def _from_owners(self, tensor_of) -> None:
+        works = [dist.broadcast(tensor_of(p), src=self.owner(i), async_op=True)
+                 for i, p in enumerate(self.all_params())]
+        for work in works:
+            work.wait()
 
 
 def build_adamw(model: torch.nn.Module, cfg: OptimConfig, fused: bool) -> torch.optim.AdamW:

@@ -35,6 +35,7 @@ from gpt2repro.errors import UserError
 from gpt2repro.model.gpt import GPT
 from gpt2repro.model.io import load_state_strict
 from gpt2repro.runtime import Runtime
+from gpt2repro.train.optim import RankShardedMuon
 
 GATHERED_ON_RANK0 = StateDictOptions(full_state_dict=True, cpu_offload=True)
 GATHERED_EVERYWHERE = StateDictOptions(full_state_dict=True)
@@ -128,6 +129,9 @@ class Parallel:
         every optimizer once with zero gradients, which counts as a step in Adam's bias correction."""
         if not any(optimizer.state for optimizer in optimizers):
             return {"state": {}, "param_groups": []}
+        for optimizer in optimizers:
+            if isinstance(optimizer, RankShardedMuon):
+                optimizer.gather_state()  # each matrix's momentum lives on the rank that updates it
         return get_optimizer_state_dict(self.model, optimizers, options=GATHERED_ON_RANK0)
 
     def load_model_state(self, state: dict[str, torch.Tensor], source) -> None:
