@@ -155,9 +155,16 @@ def test_activation_checkpointing_gives_the_same_gradients_and_keeps_less():
     assert ac_kept < 0.6 * kept, (ac_kept, kept)
 
 
+def test_fsdp_on_one_process_trains_as_one_process_does(runs, data, tmp_path):
+    """FSDP's code path on one rank (a group of one, no sharding): what bench gpu checks on one GPU."""
+    root, _ = runs
+    alone = train(tmp_path / "alone", data, parallel="fsdp")
+    assert "| fsdp |" in alone.stdout and "4 accumulation × 1 ranks" in alone.stdout
+    assert max(abs(a - b) for a, b in zip(train_losses(tmp_path / "alone"), train_losses(root / "single"))) <= 1e-5
+    assert max_abs_diff(weights(tmp_path / "alone", 10), weights(root / "single", 10)) <= 1e-5
+
+
 def test_bad_layouts_are_one_line(data, tmp_path):
-    result = run_main("train", "--parallel", "fsdp", "--out", tmp_path / "a", "--data", data, *COMMON)
-    assert_one_line_error(result, "--parallel fsdp", "torchrun")
     result = run_main("train", "--parallel", "zero", "--out", tmp_path / "b", "--data", data, *COMMON)
     assert_one_line_error(result, "argument --parallel: invalid choice: 'zero'", "ddp", "fsdp")
 

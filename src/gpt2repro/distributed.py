@@ -30,10 +30,15 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init_distributed(device_type: str) -> DistInfo:
-    """Join the process group when launched by torchrun; a no-op for one process."""
+def init_distributed(device_type: str, alone: bool = False) -> DistInfo:
+    """Join the process group when launched by torchrun; a no-op for one process, unless ``alone``
+    asks for a group of one (FSDP runs in one)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
+        if alone and not dist.is_initialized():
+            device = torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else None
+            dist.init_process_group("nccl" if device_type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                                    world_size=1, device_id=device)
         return DistInfo()
     info = DistInfo(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")), world_size)
     if not dist.is_initialized():

@@ -51,7 +51,8 @@ class Runtime:
 
 def setup_runtime(cfg: RuntimeConfig) -> Runtime:
     probe = pick_device(cfg.device, flag=DEVICE_KEY)  # the device type decides the backend
-    dist = init_distributed(probe.type)
+    # FSDP needs a process group even on one process (no sharding then: its code path, checked on one GPU)
+    dist = init_distributed(probe.type, alone=cfg.parallel == "fsdp")
     device = pick_device(cfg.device, dist.local_rank, DEVICE_KEY)
     if device.type == "cuda":
         torch.cuda.set_device(device)

@@ -45,9 +45,6 @@ def check_layout(cfg: TrainConfig, rt: Runtime) -> None:
     """Combinations that cannot work, refused before anything is built."""
     if cfg.runtime.parallel != "fsdp":
         return
-    if not rt.dist.enabled:
-        raise UserError("--parallel fsdp shards the model over ranks and needs at least 2: run under torchrun "
-                        "(e.g. --nproc_per_node=2), or use the default --parallel ddp for one process")
     if rt.autocast_dtype == torch.float16:
         raise UserError("--parallel fsdp trains in bfloat16 or float32, not float16 (no GradScaler for sharded "
                         "gradients here); use --dtype bfloat16 or --parallel ddp")
