@@ -139,7 +139,8 @@ def test_bench_gpu_reports_each_preset_and_writes_between_the_markers(documents,
     assert text.startswith("before\n<!-- bench gpu: start -->\nMeasured ") and text.endswith(
         "<!-- bench gpu: end -->\nafter\n") and "old results" not in text
     assert "FlexAttention: not run (no CUDA device)" in text
-    for preset in ("tiny", "tiny-modern"):
+    assert "HellaSwag on tiny-modern's model:" in text and "| `tiny runtime.parallel=fsdp` |" in text
+    for preset in ("tiny", "tiny-modern", "tiny runtime.parallel=fsdp"):
         losses = [float(v) for v in text.split(f"`{preset}` loss per step: ")[1].splitlines()[0].split(", ")]
         assert len(losses) == 5 and losses[-1] < losses[0]
     assert (tmp_path / "gpu" / "gpu_check.md").read_text() in text

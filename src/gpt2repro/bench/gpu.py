@@ -1,14 +1,23 @@
 """``gpt2repro bench gpu``: the 10-minute check of the GPU paths, for the day a GPU is at hand.
 
-For each preset (default: the faithful 124M and ``gpt2-124m-modern``, the record) it trains
-the preset as it is, on the built-in corpus (no network needed) or ``--data``, for ``--steps`` steps of
-the full run's schedule, and reports the median tokens/s and MFU over the steps after
-the first few (compilation), and every step's loss. Before that it runs FlexAttention
-forward and backward on the device against SDPA with the equal dense mask, the one
-kernel the CPU tests cannot run. The results table, with the card's name and the date,
-is printed and written to ``OUT/gpu_check.md``; ``--docs FILE`` also puts it into FILE
-between the markers ``<!-- bench gpu: start -->`` and ``<!-- bench gpu: end -->``
-(``docs/benchmarks.md`` has them), replacing only what stands between them.
+Before any training it checks what the CPU tests cannot run:
+
+- FlexAttention forward and backward on the device against SDPA with the equal dense mask,
+  and over the record's whole window schedule (1 to 14 blocks), counting Dynamo's graphs
+  (one expected; a graph per window would end in unfused flex past the recompile limit);
+- the dtype of the modern model's residual stream, x0, q and k under CUDA's own autocast
+  (the record keeps them in bf16).
+
+Then, for each preset (default: the faithful 124M and ``gpt2-124m-modern``, the record), it
+trains the preset as it is, on the built-in corpus (no network needed) or ``--data``, for
+``--steps`` steps of the full run's schedule, and reports the median tokens/s and MFU over the
+steps after the first few (compilation), and every step's loss; the faithful 124M once more
+under ``--parallel fsdp`` on this one GPU (FSDP2's code path, a group of one); and HellaSwag
+items/s on the modern model it trained (synthetic items: no network). The results table, with
+the card's name and the date, is printed and written to ``OUT/gpu_check.md``; ``--docs FILE``
+also puts it into FILE between the markers ``<!-- bench gpu: start -->`` and
+``<!-- bench gpu: end -->`` (``docs/benchmarks.md`` has them), replacing only what stands
+between them.
 """
 
 from __future__ import annotations
@@ -25,9 +34,12 @@ import torch.nn.functional as F
 
 from gpt2repro.atomic import atomic_write
 from gpt2repro.bench import machine_name
+from gpt2repro.bench.eval import synthetic_items
 from gpt2repro.data.prepare import prepare
 from gpt2repro.data.tokenizer import EOT_TOKEN
 from gpt2repro.errors import UserError
+from gpt2repro.eval.hellaswag import evaluate_hellaswag
+from gpt2repro.load import load_model
 from gpt2repro.model.attention import LocalMask, document_ids, flex_block_mask, local_attention
 from gpt2repro.model.gpt import GPT
 from gpt2repro.outdir import folder_target
@@ -39,6 +51,7 @@ from gpt2repro.train.trainer import train
 
 START, END = "<!-- bench gpu: start -->", "<!-- bench gpu: end -->"
 UNTIMED_STEPS = 3  # compilation and allocator growth
+FSDP_STEPS = 20  # enough to time; the 10-minute budget is the whole check's
 
 
 def flex_check(device: torch.device) -> str:
@@ -63,10 +76,82 @@ def flex_check(device: torch.device) -> str:
     return f"FlexAttention forward and backward ran: max |Δ output| {out:.2e}, mean |Δ grad| {grad:.2e} vs SDPA (bf16)"
 
 
-def run_preset(name: str, data: Path, out: Path, steps: int) -> dict:
+def flex_schedule_check(device: torch.device) -> str:
+    """FlexAttention forward and backward over the record's 14 window sizes: Dynamo's graphs counted."""
+    if device.type != "cuda":
+        return "FlexAttention over the window schedule: not run (no CUDA device)"
+    from torch._dynamo.utils import counters
+
+    from gpt2repro.model.attention import compiled_flex_attention, window_blocks
+
+    record = get_preset("gpt2-124m-modern")
+    schedule = sorted({window_blocks(record.model, s / record.optim.max_steps) for s in range(record.optim.max_steps)})
+    B, H, T, D = 1, 6, 16384, 128
+    tokens = torch.randint(0, EOT_TOKEN, (B, T), device=device)
+    tokens[:, ::3000] = EOT_TOKEN
+    q, k, v = (torch.randn(B, H, T, D, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    graphs = counters["stats"]["unique_graphs"]
+    for blocks in schedule:
+        y = compiled_flex_attention()(q, k, v, block_mask=flex_block_mask(document_ids(tokens), blocks, 128, B, T,
+                                                                         device))
+        y.float().square().sum().backward()
+    built = counters["stats"]["unique_graphs"] - graphs
+    return (f"FlexAttention over the record's {len(schedule)} window sizes (forward and backward, {T:,} tokens): "
+            f"{built} graph{'s' * (built != 1)} built (one expected)")
+
+
+def residual_dtype_check(device: torch.device) -> str:
+    """The dtypes of the modern model's residual stream, x0, q and k under this device's own autocast."""
+    if device.type != "cuda":
+        return "residual stream dtype: not checked (no CUDA device)"
+    from gpt2repro.distributed import DistInfo
+    from gpt2repro.model import gpt as gpt_module
+    from gpt2repro.runtime import Runtime
+    from gpt2repro.train.parallel import Parallel
+
+    cfg = get_preset("gpt2-124m-modern")
+    rt = Runtime(DistInfo(), device, torch.bfloat16, False, False, 0)
+    model = GPT(cfg.model).to(device)
+    Parallel(model, cfg, rt)  # the trainer's set-up: bf16 tables
+    seen: dict[str, set] = {"residual": set(), "x0": set(), "q": set(), "k": set()}
+    for block in model.transformer.h:
+        block.register_forward_pre_hook(lambda m, a: (seen["residual"].add(a[0].dtype), seen["x0"].add(a[4].dtype))
+                                        and None)
+    real = gpt_module.attention_for
+
+    def recording(*args, **kwargs):
+        attend = real(*args, **kwargs)
+
+        def wrapped(q, k, v):
+            seen["q"].add(q.dtype)
+            seen["k"].add(k.dtype)
+            return attend(q, k, v)
+        return wrapped
+
+    gpt_module.attention_for = recording
+    try:
+        with torch.no_grad(), rt.autocast():
+            model.hidden(torch.randint(0, EOT_TOKEN, (1, 8192), device=device))
+    finally:
+        gpt_module.attention_for = real
+    found = ", ".join(f"{name} {'/'.join(str(d).removeprefix('torch.') for d in sorted(kinds, key=str))}"
+                      for name, kinds in seen.items())
+    return f"gpt2-124m-modern under CUDA bf16 autocast: {found} (the record's: all bfloat16)"
+
+
+def hellaswag_check(run_dir: Path, device: torch.device) -> str:
+    """HellaSwag items/s on the modern model a run trained (random-word items: only speed is read)."""
+    model = load_model(str(run_dir), str(device))
+    n = 1000 if device.type == "cuda" else 100  # --allow-cpu: the machinery, quickly
+    result = evaluate_hellaswag(model, synthetic_items(n), scorings=("completion",), device=device,
+                                autocast_dtype=torch.bfloat16 if device.type == "cuda" else None)
+    return f"HellaSwag on {run_dir.name}'s model: {result['items_per_s']:,.0f} items/s ({n:,} synthetic items)"
+
+
+def run_preset(name: str, data: Path, out: Path, steps: int, *overrides: str) -> dict:
     cfg = apply_overrides(get_preset(name), [
         f"data.path={data}", f"out_dir={out}", "eval.val_every=0", "eval.hellaswag_every=0", "eval.sample_every=0",
-        "checkpoint.every=0", "checkpoint.keep=0", "runtime.log_every=0"])
+        "checkpoint.every=0", "checkpoint.keep=0", "runtime.log_every=0", *overrides])
     with contextlib.redirect_stdout(io.StringIO()):
         metrics = train(cfg, stop_at_step=steps)
     timed = metrics["step_seconds"][UNTIMED_STEPS:] or metrics["step_seconds"]
@@ -74,14 +159,15 @@ def run_preset(name: str, data: Path, out: Path, steps: int) -> dict:
     with torch.device("meta"):
         flops = GPT(cfg.model).flops_per_token(cfg.data.seq_len)
     losses = [value for _, value in read_log(out / LOG_FILE)[0].get("train", [])]
-    return {"preset": name, "tokens_per_s": tokens_per_s, "mfu": mfu(tokens_per_s, flops, peak_flops(torch.device(
+    label = name + "".join(f" {o}" for o in overrides)
+    return {"preset": label, "tokens_per_s": tokens_per_s, "mfu": mfu(tokens_per_s, flops, peak_flops(torch.device(
         "cuda" if torch.cuda.is_available() else "cpu"))), "losses": losses, "cfg": cfg}
 
 
-def report(results: list[dict], flex: str, device: str) -> str:
+def report(results: list[dict], checks: list[str], device: str) -> str:
     card = machine_name(device)
     lines = [f"Measured {datetime.date.today().isoformat()} on one {card} with `gpt2repro bench gpu`, "
-             f"torch {torch.__version__}.", "", flex, "",
+             f"torch {torch.__version__}.", "", *(f"- {check}" for check in checks), "",
              "| preset | tokens/step | tokens/s (median) | MFU | loss at step 0 → last |", "|---|---|---|---|---|"]
     for r in results:
         mfu_text = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
@@ -123,8 +209,10 @@ def bench_gpu(args: argparse.Namespace) -> list[dict]:
     if args.docs:
         marked_text(Path(args.docs))  # before the runs, not after them
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    flex = flex_check(torch.device(device))
-    print(flex, flush=True)
+    checks = []
+    for check in (flex_check, flex_schedule_check, residual_dtype_check):
+        checks.append(check(torch.device(device)))
+        print(checks[-1], flush=True)
     data = Path(args.data) if args.data else out / "data"
     if not args.data:
         prepare(source="demo", out_dir=data)
@@ -132,7 +220,15 @@ def bench_gpu(args: argparse.Namespace) -> list[dict]:
     for name in args.presets.split(","):
         print(f"training {name} for {args.steps} steps ...", flush=True)
         results.append(run_preset(name, data, out / name, args.steps))
-    text = report(results, flex, device)
+        if get_preset(name).optim.optimizer == "muon":
+            checks.append(hellaswag_check(out / name, torch.device(device)))
+            print(checks[-1], flush=True)
+    first = args.presets.split(",")[0]
+    if get_preset(first).optim.optimizer == "adamw":  # FSDP2's path on this one GPU, a group of one
+        steps = FSDP_STEPS if device == "cuda" else args.steps
+        print(f"training {first} under --parallel fsdp for {steps} steps ...", flush=True)
+        results.append(run_preset(first, data, out / f"{first}-fsdp", steps, "runtime.parallel=fsdp"))
+    text = report(results, checks, device)
     print(text, end="")
     atomic_write(out / "gpu_check.md", text)
     if args.docs:
