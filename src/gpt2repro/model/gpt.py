@@ -71,21 +71,21 @@ class CausalSelfAttention(nn.Module):
         self.n_head = cfg.n_head
         self.layer = layer
         self.qk_norm = cfg.qk_norm
-        if cfg.split_qkv:
-            self.c_q, self.c_k, self.c_v = (nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias) for _ in range(3))
-        else:
-            self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
-        if cfg.value_embeds:  # v = λ0·v + λ1·value embedding (λ0·v alone in layers without one)
-            self.lambdas = nn.Parameter(torch.tensor([0.5, 0.5]))
+        split = cfg.split_qkv
+        self.c_attn = None if split else nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
+        self.c_q, self.c_k, self.c_v = (nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias) if split else None
+                                        for _ in range(3))
+        # v = λ0·v + λ1·value embedding (λ0·v alone in layers without one), from an even mix
+        self.register_parameter("lambdas", nn.Parameter(torch.tensor([0.5, 0.5])) if cfg.value_embeds else None)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
 
     def forward(self, x, attend, kv_cache: KVCache | None = None, rotary=None, ve=None):
         B, T, C = x.shape
-        if hasattr(self, "c_attn"):
+        if self.c_attn is not None:
             q, k, v = self.c_attn(x).split(C, dim=2)
         else:
             q, k, v = self.c_q(x), self.c_k(x), self.c_v(x)
-        if hasattr(self, "lambdas"):
+        if self.lambdas is not None:
             v = self.lambdas[0] * v + self.lambdas[1] * ve if ve is not None else self.lambdas[0] * v
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if self.qk_norm:  # bounded attention logits: no entropy collapse at high learning rates
@@ -114,8 +114,8 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        if cfg.x0_mix:  # x = λ0·x + λ1·x0 first: every block can reach back to the embedding
-            self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0]))
+        # x = λ0·x + λ1·x0 first: every block can reach back to the embedding; from 1, 0: no change at init
+        self.register_parameter("lambdas", nn.Parameter(torch.tensor([1.0, 0.0])) if cfg.x0_mix else None)
         has_attention = not (cfg.skip_mid_attention and layer == cfg.n_layer // 2 + 1)
         self.ln_1 = make_norm(cfg) if has_attention else None
         self.attn = CausalSelfAttention(cfg, layer) if has_attention else None
@@ -123,7 +123,7 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x, attend, kv_cache=None, rotary=None, x0=None, ve=None):
-        if hasattr(self, "lambdas"):
+        if self.lambdas is not None:
             x = self.lambdas[0] * x + self.lambdas[1] * x0
         if self.attn is not None:
             x = x + self.attn(self.ln_1(x), attend, kv_cache, rotary, ve)
@@ -134,22 +134,30 @@ class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
-        modules = dict(wte=nn.Embedding(cfg.vocab_size, cfg.n_embd))
-        if cfg.pos_emb == "learned":
-            modules["wpe"] = nn.Embedding(cfg.block_size, cfg.n_embd)
-        if cfg.value_embeds:
-            modules["ve"] = nn.ModuleList(nn.Embedding(cfg.vocab_size, cfg.n_embd) for _ in range(cfg.value_embeds))
-        modules.update(h=nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer)), ln_f=make_norm(cfg))
-        self.transformer = nn.ModuleDict(modules)
-        if cfg.unet:  # decoder layer n_layer//2 + i adds skip_weights[i] · the output of its mirror layer
-            self.skip_weights = nn.Parameter(torch.ones(cfg.n_layer // 2))
+        learned_pos = cfg.pos_emb == "learned"
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
+            wpe=nn.Embedding(cfg.block_size, cfg.n_embd) if learned_pos else None,
+            ve=nn.ModuleList(nn.Embedding(cfg.vocab_size, cfg.n_embd) for _ in range(cfg.value_embeds))
+            if cfg.value_embeds else None,
+            h=nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer)),
+            ln_f=make_norm(cfg),
+        ))
+        self.value_embed_of_layer = [value_embedding_table(cfg, i) for i in range(cfg.n_layer)]
+        self.embed_norm = cfg.embed_norm
+        # decoder layer n_layer//2 + i adds skip_weights[i] · the output of its mirror layer, from 1
+        self.register_parameter("skip_weights", nn.Parameter(torch.ones(cfg.n_layer // 2)) if cfg.unet else None)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
+        self.tie_embeddings = cfg.tie_embeddings
+        if self.tie_embeddings:
             self.transformer.wte.weight = self.lm_head.weight  # weight tying: one tensor
-        if cfg.pos_emb != "learned":  # derived from the config, not learned: not in the state dict
-            cos, sin = rotary_tables(cfg.n_embd // cfg.n_head, cfg.block_size, cfg.rope_base, cfg.pos_emb)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
+        self.logit_softcap = cfg.logit_softcap
+        self.real_vocab = cfg.real_vocab_size or None  # padding rows of an imported vocabulary stay out of the loss
+        # derived from the config, not learned: not in the state dict
+        cos, sin = (None, None) if learned_pos else rotary_tables(cfg.n_embd // cfg.n_head, cfg.block_size,
+                                                                  cfg.rope_base, cfg.pos_emb)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -157,12 +165,12 @@ class GPT(nn.Module):
         because each block adds two of them to the residual stream. ``init=pytorch``: nn.Linear's
         and nn.Embedding's own initialisations instead, as modded-nanogpt keeps them. With
         ``zero_init`` the projections (and an untied head) start at zero: every block starts as
-        the identity. Mixing weights start where they change nothing but the value mix (½, ½)."""
+        the identity. The mixing weights keep the values they are created with."""
         residual_std = residual_init_std(self.config)
         zero, gpt2 = self.config.zero_init, self.config.init == "gpt2"
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear):
-                if zero and (name.endswith("c_proj") or (name == "lm_head" and not self.config.tie_embeddings)):
+                if zero and (name.endswith("c_proj") or (name == "lm_head" and not self.tie_embeddings)):
                     nn.init.zeros_(module.weight)
                 elif gpt2:
                     nn.init.normal_(module.weight, mean=0.0, std=residual_std if name.endswith("c_proj") else 0.02)
@@ -175,14 +183,6 @@ class GPT(nn.Module):
             elif isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
-        with torch.no_grad():
-            for name, p in self.named_parameters():
-                if name.endswith("attn.lambdas"):
-                    p.copy_(torch.tensor([0.5, 0.5]))
-                elif name.endswith("lambdas"):
-                    p.copy_(torch.tensor([1.0, 0.0]))
-                elif name == "skip_weights":
-                    p.fill_(1.0)
 
     def hidden(self, idx, pos=None, attn_mask=None, kv_cache: KVCache | None = None,
                window: int | torch.Tensor | None = None):
@@ -202,23 +202,22 @@ class GPT(nn.Module):
         attend = attention_for(idx, pos, attn_mask, kv_cache, window_blocks(cfg) if window is None else window, cfg)
         x = self.transformer.wte(idx)
         rotary = None
-        if cfg.pos_emb == "learned":
+        if self.transformer.wpe is not None:
             x = x + self.transformer.wpe(pos)
         else:  # (T, d/2) -> (1, 1, T, d/2); (B, T, d/2) -> (B, 1, T, d/2)
             rotary = tuple(table[pos].unsqueeze(-3) if pos.dim() == 2 else table[pos][None, None]
                            for table in (self.rope_cos, self.rope_sin))
-        if cfg.embed_norm:
+        if self.embed_norm:
             x = rms_norm(x)
         x0 = x
-        ve = [table(idx) for table in self.transformer.ve] if cfg.value_embeds else []
-        encoder_outputs = []
+        ve = [table(idx) for table in self.transformer.ve] if self.transformer.ve is not None else []
+        unet, encoder_outputs = self.skip_weights is not None, []
         half = cfg.n_layer // 2
-        for i, block in enumerate(self.transformer.h):
-            if cfg.unet and i >= half and encoder_outputs:  # U-net: the mirror layer's output
+        for i, (block, table) in enumerate(zip(self.transformer.h, self.value_embed_of_layer)):
+            if unet and i >= half and encoder_outputs:  # U-net: the mirror layer's output
                 x = x + self.skip_weights[i - half] * encoder_outputs.pop()
-            table = value_embedding_table(cfg, i)
             x = block(x, attend, kv_cache, rotary, x0, ve[table] if table is not None else None)
-            if cfg.unet and i < half:
+            if unet and i < half:
                 encoder_outputs.append(x)
         if kv_cache is not None:
             kv_cache.advance(T)
@@ -228,7 +227,7 @@ class GPT(nn.Module):
         """The LM head over the first ``vocab_size`` tokens (default all), soft-capped if configured."""
         weight = self.lm_head.weight if vocab_size is None else self.lm_head.weight[:vocab_size]
         logits = F.linear(hidden, weight)
-        cap = self.config.logit_softcap
+        cap = self.logit_softcap
         return cap * torch.tanh(logits / cap) if cap > 0 else logits
 
     def forward(self, idx, targets=None, ce_chunk_rows: int = 0, window: int | torch.Tensor | None = None,
@@ -241,14 +240,13 @@ class GPT(nn.Module):
         the backward pass, 6.6 GB at the record's shape). ``window``: sliding-window blocks, the
         training schedule's (default: window_end's)."""
         h = self.hidden(idx, window=window)
-        real = self.config.real_vocab_size or None  # padding rows of an imported vocabulary stay out
         if targets is not None and ce_chunk_rows > 0:
-            return None, chunked_cross_entropy(h, self.lm_head.weight[:real], targets, ce_chunk_rows,
-                                               softcap=self.config.logit_softcap)
+            return None, chunked_cross_entropy(h, self.lm_head.weight[:self.real_vocab], targets, ce_chunk_rows,
+                                               softcap=self.logit_softcap)
         logits = self.logits(h)
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(logits[..., :real].float().flatten(0, 1), targets.flatten(), ignore_index=-1)
+        loss = F.cross_entropy(logits[..., :self.real_vocab].float().flatten(0, 1), targets.flatten(), ignore_index=-1)
         return (logits if return_logits else None), loss
 
     def num_params(self, non_embedding: bool = False) -> int:
@@ -257,11 +255,11 @@ class GPT(nn.Module):
         nanoGPT's FLOPs count does: they are lookups, not matmuls."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
-            if "wpe" in self.transformer:
+            if self.transformer.wpe is not None:
                 n -= self.transformer.wpe.weight.numel()
-            if not self.config.tie_embeddings:
+            if not self.tie_embeddings:
                 n -= self.transformer.wte.weight.numel()
-            if "ve" in self.transformer:
+            if self.transformer.ve is not None:
                 n -= sum(p.numel() for p in self.transformer.ve.parameters())
         return n
 
