@@ -124,8 +124,8 @@ def test_the_growing_window_never_recompiles_flex(monkeypatch):
 
     from torch._dynamo.utils import counters
 
+    from gpt2repro.config.presets import get_preset
     from gpt2repro.model.gpt import GPT
-    from gpt2repro.presets import get_preset
 
     record = get_preset("gpt2-124m-modern").model
     schedule = sorted({attention.window_blocks(record, step / 1390) for step in range(1390)})
@@ -159,7 +159,7 @@ def test_flex_refuses_a_block_its_kernels_cannot_tile_at_start_up(shards, tmp_pa
     would fail to compile at the first step. The rule is checked where CUDA trains, with one line;
     the CPU's chunked SDPA takes any block."""
     from conftest import assert_one_line_error, one_line_user_error, run_main
-    from gpt2repro.presets import get_preset
+    from gpt2repro.config.presets import get_preset
 
     cuda = torch.device("cuda")  # a device object needs no GPU
     attention.check_flex(get_preset("gpt2-124m-modern").model, 65536, cuda)  # the record fits
@@ -179,8 +179,8 @@ def test_chunked_sdpa_builds_its_masks_once_per_forward_pass(monkeypatch):
     """The fallback's masks (and the one host read each needs, where a document starts) are built
     for the first layer and reused by the others: on a GPU every host read stalls the queue."""
     from conftest import CountHostReads
+    from gpt2repro.config.presets import get_preset
     from gpt2repro.model.gpt import GPT
-    from gpt2repro.presets import get_preset
 
     monkeypatch.setattr(attention, "QUERY_CHUNK", 16)
     cfg = get_preset("tiny-modern").model  # 4 layers, 3 with attention, documents and a window

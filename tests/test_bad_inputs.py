@@ -20,12 +20,12 @@ import pytest
 import torch
 
 from conftest import assert_one_line_error, run_cli, run_main
-from gpt2repro import checkpoints as layout
+from gpt2repro.config.presets import MODEL_PRESETS, get_preset
+from gpt2repro.config.settings import apply_overrides
 from gpt2repro.errors import UserError
+from gpt2repro.model import checkpoint as layout
+from gpt2repro.model.checkpoint import save_model
 from gpt2repro.model.gpt import GPT
-from gpt2repro.model.io import save_model
-from gpt2repro.overrides import apply_overrides
-from gpt2repro.presets import MODEL_PRESETS, get_preset
 
 # ---------------------------------------------------------------------------
 # config values: TrainConfig.validate() (and the override parser in front of it)
@@ -128,7 +128,7 @@ def test_values_at_the_edges_of_their_ranges_are_accepted(overrides):
 
 
 def test_every_preset_is_valid():
-    from gpt2repro.presets import TRAIN_PRESETS
+    from gpt2repro.config.presets import TRAIN_PRESETS
 
     for name in TRAIN_PRESETS:
         get_preset(name).validate()

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from conftest import assert_one_line_error, run_main
-from gpt2repro import checkpoints as layout
+from gpt2repro.config.presets import MODEL_PRESETS
+from gpt2repro.files import FILES_MANIFEST
+from gpt2repro.model import checkpoint as layout
+from gpt2repro.model.checkpoint import save_model
 from gpt2repro.model.gpt import GPT
-from gpt2repro.model.io import save_model
-from gpt2repro.outdir import FILES_MANIFEST
-from gpt2repro.presets import MODEL_PRESETS
 
 TINY = ["--preset", "tiny", "eval.sample_every=0"]
 

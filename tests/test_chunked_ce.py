@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from gpt2repro.config.presets import MODEL_PRESETS
 from gpt2repro.model.chunked_ce import chunked_cross_entropy
 from gpt2repro.model.gpt import GPT
-from gpt2repro.presets import MODEL_PRESETS
 
 
 def _inputs(n=67, c=24, v=301, seed=0, ignore=True):

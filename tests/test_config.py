@@ -7,10 +7,19 @@ import pytest
 from conftest import assert_one_line_error
 from gpt2repro.cli import main
 from gpt2repro.config import TrainConfig
+from gpt2repro.config.presets import MODEL_PRESETS, RECIPE_PAIRS, TRAIN_PRESETS, get_preset
+from gpt2repro.config.settings import (
+    allowed_text,
+    apply_overrides,
+    as_overrides,
+    choices,
+    config_keys,
+    declared,
+    describe,
+    set_values,
+    values_of,
+)
 from gpt2repro.errors import UserError
-from gpt2repro.overrides import apply_overrides, as_overrides, config_keys, describe, set_values, values_of
-from gpt2repro.presets import MODEL_PRESETS, RECIPE_PAIRS, TRAIN_PRESETS, get_preset
-from gpt2repro.settings import allowed_text, choices, declared
 
 
 def test_overrides_by_dotted_and_bare_key():
@@ -47,7 +56,7 @@ def test_presets():
     assert get_preset("gpt2-xl").model == MODEL_PRESETS["gpt2-xl"]
     for name in TRAIN_PRESETS:
         assert get_preset(name).model.vocab_size == 50304
-    assert "optim.max_lr" in config_keys()
+    assert "optim.max_lr" in config_keys(TrainConfig())
 
 
 @pytest.mark.parametrize("pair", RECIPE_PAIRS)
@@ -98,7 +107,7 @@ CHOICES = [(s.key, choices(declaration(s.key)[0])) for s in DECLARED
 
 
 def test_every_setting_says_what_it_is():
-    assert len(DECLARED) == len(config_keys()) > 80
+    assert len(DECLARED) == len(config_keys(TrainConfig())) > 80
     for s in DECLARED:
         assert s.help and s.allowed, s
     numeric = [s.key for s in DECLARED if "integer" in s.allowed or "number" in s.allowed]

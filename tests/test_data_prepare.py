@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 
 from conftest import assert_one_line_error, run_cli
-from gpt2repro.atomic import temporary_name
 from gpt2repro.data import encode, sources
 from gpt2repro.data import prepare as prep
 from gpt2repro.data.shards import list_shards, open_shard
 from gpt2repro.data.tokenizer import EOT_TOKEN, gpt2_encoding
 from gpt2repro.errors import UserError
+from gpt2repro.files import temporary_name
 
 WORDS = ["the", "cat", "naïve", "café", "東京", "😀", "def f(x):", "    return x", "<|endoftext|>",
          "don't", "12345", "3.14", "\t", "  ", "!!", "Hello", "world", "über", "—", "a\u00a0b"]

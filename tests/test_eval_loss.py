@@ -9,14 +9,14 @@ import pytest
 import torch
 
 from conftest import assert_one_line_error, run_cli, run_main, write_bin_shard
+from gpt2repro.config.presets import MODEL_PRESETS
 from gpt2repro.data.tokenizer import EOT_TOKEN, decode, encode
 from gpt2repro.errors import UserError
 from gpt2repro.eval.bits_per_byte import count_bytes, token_bytes
 from gpt2repro.eval.loss import count_windows, evaluate_loss
-from gpt2repro.load import load_model
+from gpt2repro.model.checkpoint import load_model_dir, save_model
 from gpt2repro.model.gpt import GPT
-from gpt2repro.model.io import load_model_dir, save_model
-from gpt2repro.presets import MODEL_PRESETS
+from gpt2repro.model.load import load_model
 
 transformers = pytest.importorskip("transformers")
 

@@ -3,9 +3,9 @@ import torch
 
 from conftest import assert_one_line_error, run_cli, run_main
 from gpt2repro.config import GPT2_VOCAB_SIZE
+from gpt2repro.config.presets import MODEL_PRESETS
+from gpt2repro.model.checkpoint import save_model
 from gpt2repro.model.gpt import GPT
-from gpt2repro.model.io import save_model
-from gpt2repro.presets import MODEL_PRESETS
 
 transformers = pytest.importorskip("transformers")
 

@@ -11,8 +11,8 @@ import torch
 from conftest import assert_one_line_error, run_main
 from gpt2repro.bench.nanogpt_baseline import BaselineGPT
 from gpt2repro.config import GPT2_VOCAB_SIZE
+from gpt2repro.config.presets import MODEL_PRESETS, get_preset
 from gpt2repro.model.gpt import GPT
-from gpt2repro.presets import MODEL_PRESETS, get_preset
 
 
 def _pair(seed=0, batch=3, seq_len=47):

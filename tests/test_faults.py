@@ -23,11 +23,12 @@ from conftest import (
     wait_for_train_step,
     weights,
 )
-from gpt2repro import checkpoints as layout
+from gpt2repro.config.presets import MODEL_PRESETS
 from gpt2repro.errors import UserError
+from gpt2repro.model import checkpoint as ckpt
+from gpt2repro.model import checkpoint as layout
 from gpt2repro.model.gpt import GPT
-from gpt2repro.presets import MODEL_PRESETS
-from gpt2repro.train import checkpoint as ckpt
+from gpt2repro.train import start
 
 COMMON = ["max_steps=10", "checkpoint.every=2", "checkpoint.keep=0"]
 # The runs a fault interrupts are processes of their own; the uninterrupted runs and the
@@ -76,7 +77,7 @@ def test_sigkill_while_writing_a_checkpoint(shards, reference, tmp_path, kill_at
     out = tmp_path / "run"
     patch = f"""
 import os, signal
-import gpt2repro.train.checkpoint as c
+import gpt2repro.model.checkpoint as c
 real, calls = c._fsync, [0]
 def dying_fsync(path):
     calls[0] += 1
@@ -355,7 +356,7 @@ def test_the_stop_line_advises_a_rollback_only_where_it_can_help(poisoned_shards
     helps = poisoned_run(poisoned_shards, tmp_path / "a")
     assert_one_line_error(helps, "ckpt_000004) is intact", "runtime.on_nonfinite=rollback")
     # the same stop, with the newest checkpoint's weights already non-finite (as if saved after they broke)
-    monkeypatch.setattr(ckpt, "nonfinite_tensor", lambda weights: "transformer.wte.weight")
+    monkeypatch.setattr(start, "nonfinite_tensor", lambda weights: "transformer.wte.weight")
     useless = poisoned_run(poisoned_shards, tmp_path / "b")
     assert_one_line_error(useless, "holds non-finite weights already", "cannot help", "--overwrite")
     assert "on_nonfinite=rollback" not in useless.stderr

@@ -9,11 +9,10 @@ import pytest
 import torch
 
 from conftest import assert_one_line_error, max_abs_diff, one_line_user_error, run_cli, run_main, weights
-from gpt2repro.distributed import DistInfo
+from gpt2repro.config.presets import get_preset
+from gpt2repro.config.settings import apply_overrides
+from gpt2repro.device import DistInfo, setup_runtime
 from gpt2repro.model.gpt import GPT
-from gpt2repro.overrides import apply_overrides
-from gpt2repro.presets import get_preset
-from gpt2repro.runtime import setup_runtime
 from gpt2repro.train.parallel import Parallel, check_layout
 
 pytestmark = pytest.mark.slow

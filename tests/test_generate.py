@@ -3,11 +3,11 @@ import torch
 
 from conftest import assert_one_line_error, run_cli, run_main
 from gpt2repro.config import GPT2_VOCAB_SIZE
+from gpt2repro.config.presets import MODEL_PRESETS
 from gpt2repro.data.tokenizer import decode, encode
+from gpt2repro.model.checkpoint import load_model_dir, save_model
 from gpt2repro.model.generate import generate
 from gpt2repro.model.gpt import GPT
-from gpt2repro.model.io import load_model_dir, save_model
-from gpt2repro.presets import MODEL_PRESETS
 
 PROMPT = "Hello, I'm a language model,"
 

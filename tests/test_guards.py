@@ -27,10 +27,10 @@ from conftest import (
     write_corpus,
     write_jsonl,
 )
-from gpt2repro import checkpoints as layout
-from gpt2repro import demo
-from gpt2repro.cli import main
-from gpt2repro.train import checkpoint as ckpt
+from gpt2repro.cli import demo, main
+from gpt2repro.files import record_written
+from gpt2repro.model import checkpoint as ckpt
+from gpt2repro.model import checkpoint as layout
 
 PNG = b"\x89PNG\r\n\x1a\n"
 TINY = ["train", "--preset", "tiny"]
@@ -270,6 +270,7 @@ def test_demo_twice_into_one_folder_needs_overwrite(tmp_path, capsys, monkeypatc
     (out / "log.txt").write_text("0 train 10.0\n")
     (out / "ckpt_000002").mkdir()  # an earlier demo's checkpoint
     (out / "plot.png").write_bytes(b"old plot")
+    record_written(out, ["log.txt", "plot.png"])  # as the earlier demo recorded what it wrote
     (out / "notes.txt").write_text("mine")
     refused = cli_here(capsys, "demo", "--out", out, "--max-steps", 1)
     assert_one_line_error(refused, f"gpt2repro demo --out {out} --overwrite")
@@ -353,8 +354,8 @@ def test_checkpoint_failures_of_any_type_are_retried_and_a_final_one_fails(shard
 
 
 def test_a_failed_resave_keeps_that_steps_checkpoint(tmp_path, monkeypatch):
+    from gpt2repro.config.presets import MODEL_PRESETS
     from gpt2repro.model.gpt import GPT
-    from gpt2repro.presets import MODEL_PRESETS
 
     model = GPT(MODEL_PRESETS["tiny"])
     good = ckpt.save_checkpoint(tmp_path, 4, model.state_dict(), model.config, {"step": 4}, {})

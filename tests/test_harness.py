@@ -10,14 +10,13 @@ import pytest
 import torch
 
 from conftest import assert_one_line_error, run_cli, run_main
-from gpt2repro.cli import parse
-from gpt2repro.commands import sample_command
+from gpt2repro.cli import main, parse
+from gpt2repro.cli.commands import sample_command
+from gpt2repro.config.presets import MODEL_PRESETS, get_preset
 from gpt2repro.data.tokenizer import EOT_TOKEN, encode
 from gpt2repro.eval.multiple_choice import Question, ending_logprobs, fit_to_block, score
-from gpt2repro.load import export_model
+from gpt2repro.model.checkpoint import load_model_dir, save_model
 from gpt2repro.model.gpt import GPT
-from gpt2repro.model.io import load_model_dir, save_model
-from gpt2repro.presets import MODEL_PRESETS, get_preset
 
 lm_eval = pytest.importorskip("lm_eval")
 from lm_eval.tasks import TaskManager  # noqa: E402
@@ -86,7 +85,7 @@ def setup(tmp_path_factory):
     with torch.no_grad():
         model.transformer.wte.weight.mul_(10)
     save_model(model, root / "ckpt")
-    export_model(str(root / "ckpt"), root / "hf")
+    assert main(["export", "--model", str(root / "ckpt"), "--out", str(root / "hf")]) == 0
     return SimpleNamespace(root=root, tasks=root / "tasks", mc=mc, docs=docs, model=model)
 
 

@@ -4,8 +4,8 @@ import torch
 
 from conftest import run_main
 from gpt2repro.config import OptimConfig
+from gpt2repro.config.presets import MODEL_PRESETS
 from gpt2repro.model.gpt import GPT
-from gpt2repro.presets import MODEL_PRESETS
 from gpt2repro.train.memory import estimate
 from gpt2repro.train.optim import build_optimizers
 

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from gpt2repro.config import GPT2_VOCAB_SIZE, ModelConfig
+from gpt2repro.config.presets import MODEL_PRESETS
 from gpt2repro.errors import UserError
 from gpt2repro.model.gpt import GPT, residual_init_std
 from gpt2repro.model.hf import export_hf, from_hf_model, to_hf_model
-from gpt2repro.presets import MODEL_PRESETS
 
 transformers = pytest.importorskip("transformers")
 

@@ -20,14 +20,14 @@ from conftest import (
     train_cli,
     weights,
 )
+from gpt2repro.config.presets import MODEL_PRESETS, MODERN_LEVERS, TINY_MODERN_TUNED, get_preset
+from gpt2repro.config.settings import apply_overrides, as_overrides
 from gpt2repro.model import gpt as gpt_module
 from gpt2repro.model.attention import apply_rotary, rotary_tables
+from gpt2repro.model.checkpoint import load_model_dir, save_model
 from gpt2repro.model.chunked_ce import chunked_cross_entropy
 from gpt2repro.model.generate import generate
 from gpt2repro.model.gpt import GPT
-from gpt2repro.model.io import load_model_dir, save_model
-from gpt2repro.overrides import apply_overrides, as_overrides
-from gpt2repro.presets import MODEL_PRESETS, MODERN_LEVERS, TINY_MODERN_TUNED, get_preset
 from gpt2repro.train.optim import build_optimizers, learning_rate, partition_parameters, set_learning_rate
 from gpt2repro.train.trainer import train
 
@@ -351,8 +351,7 @@ def test_the_record_computes_in_bf16_through_the_path_cuda_takes(monkeypatch):
     (bf16 embeddings; weights cast to the activations). CUDA's autocast runs rms_norm in float32 and
     the CPU's does not, so the CPU alone would show bf16 whatever the code did: here F.rms_norm
     behaves as CUDA's autocast makes it behave, and the model must keep bf16 all the same."""
-    from gpt2repro.distributed import DistInfo
-    from gpt2repro.runtime import Runtime
+    from gpt2repro.device import DistInfo, Runtime
     from gpt2repro.train.parallel import Parallel
 
     real_rms_norm = F.rms_norm

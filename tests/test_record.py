@@ -17,10 +17,10 @@ import torch
 import record_2025_01_04 as record
 from conftest import assert_one_line_error, make_document_shards, run_main
 from gpt2repro import cli
+from gpt2repro.config.presets import get_preset
+from gpt2repro.config.settings import apply_overrides
+from gpt2repro.model.checkpoint import save_model
 from gpt2repro.model.gpt import GPT
-from gpt2repro.model.io import save_model
-from gpt2repro.overrides import apply_overrides
-from gpt2repro.presets import get_preset
 
 SHAPE = ["model.n_layer=12", "model.n_head=2", "model.n_embd=32"]
 FORWARD_SEQ = 2048  # 16 blocks of 128: windows of 1 to 14 blocks, a few documents

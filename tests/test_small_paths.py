@@ -11,14 +11,14 @@ import types
 import pytest
 import torch
 
-from gpt2repro import checkpoints as layout
-from gpt2repro import runtime
-from gpt2repro.distributed import DistInfo, rounds_on_every_rank
+from gpt2repro.config.presets import MODEL_PRESETS
+from gpt2repro.device import PEAK_BF16_FLOPS, DistInfo, Runtime, peak_flops, rounds_on_every_rank
+from gpt2repro.errors import print0
+from gpt2repro.model import checkpoint as layout
 from gpt2repro.model.generate import generate
 from gpt2repro.model.gpt import GPT
-from gpt2repro.presets import MODEL_PRESETS
-from gpt2repro.rank0 import print0
-from gpt2repro.train.metrics import PEAK_BF16_FLOPS, RunLog, peak_flops
+from gpt2repro.runlog import RunLog
+from gpt2repro.train import memory as geometry
 
 
 @pytest.mark.parametrize("name, peak", [
@@ -45,15 +45,15 @@ def test_auto_micro_batch_on_a_gpu_takes_the_largest_that_fits(monkeypatch):
         tried.append(batch)
         return batch <= 16  # a card where 16 sequences fit and 32 do not
 
-    monkeypatch.setattr(runtime, "_fits", fits)
-    monkeypatch.setattr(runtime, "all_reduce_min", lambda value, device: value)
-    rt = runtime.Runtime(DistInfo(rank=0, local_rank=0, world_size=1), torch.device("cuda", 0), None, False, False, 0)
-    chosen = runtime.choose_micro_batch("auto", 524_288, 1024, 50304, model=None, rt=rt, log=lambda *a: None)
+    monkeypatch.setattr(geometry, "_fits", fits)
+    monkeypatch.setattr(geometry, "all_reduce_min", lambda value, device: value)
+    rt = Runtime(DistInfo(rank=0, local_rank=0, world_size=1), torch.device("cuda", 0), None, False, False, 0)
+    chosen = geometry.choose_micro_batch("auto", 524_288, 1024, 50304, model=None, rt=rt, log=lambda *a: None)
     assert chosen == 16 and tried == [128, 64, 32, 16]
     # only sizes that divide the total batch are tried: 4 × 1024 tokens over 2 ranks
-    rt = runtime.Runtime(DistInfo(rank=0, local_rank=0, world_size=2), torch.device("cuda", 0), None, False, False, 0)
+    rt = Runtime(DistInfo(rank=0, local_rank=0, world_size=2), torch.device("cuda", 0), None, False, False, 0)
     tried.clear()
-    assert runtime.choose_micro_batch("auto", 4 * 2 * 1024, 1024, 50304, None, rt, log=lambda *a: None) == 4
+    assert geometry.choose_micro_batch("auto", 4 * 2 * 1024, 1024, 50304, None, rt, log=lambda *a: None) == 4
     assert tried == [4]
 
 
@@ -61,8 +61,8 @@ def test_auto_micro_batch_on_a_gpu_takes_the_largest_that_fits(monkeypatch):
 def test_auto_micro_batch_leaves_room_for_the_optimizer_state(monkeypatch, preset):
     """The probe runs before the first step, when AdamW's moments and Muon's momentum do not exist
     yet: it holds their bytes while it measures, so the batch it picks still fits after step 0."""
+    from gpt2repro.config.presets import get_preset
     from gpt2repro.model.gpt import GPT
-    from gpt2repro.presets import get_preset
     from gpt2repro.train.optim import build_optimizers, optimizer_state_bytes
 
     cfg = get_preset(preset)
@@ -78,17 +78,17 @@ def test_auto_micro_batch_leaves_room_for_the_optimizer_state(monkeypatch, prese
     held = []
     real_empty = torch.empty
     monkeypatch.setattr(torch, "empty", lambda *args, **kwargs: held.append(args) or real_empty(*args, **kwargs))
-    rt = runtime.Runtime(DistInfo(), torch.device("cpu"), None, False, False, 0)
-    assert runtime._fits(2, 8, 50257, model, rt, state_bytes)
+    rt = Runtime(DistInfo(), torch.device("cpu"), None, False, False, 0)
+    assert geometry._fits(2, 8, 50257, model, rt, state_bytes)
     assert (state_bytes,) in held  # held while the probe's forward and backward ran
 
     def card(batch, seq_len, vocab, model, rt, optimizer_bytes):  # room for 100 units; a sequence takes 10
         return 10 * batch + optimizer_bytes <= 100
 
-    monkeypatch.setattr(runtime, "_fits", card)
-    monkeypatch.setattr(runtime, "all_reduce_min", lambda value, device: value)
-    gpu = runtime.Runtime(DistInfo(), torch.device("cuda", 0), None, False, False, 0)
-    pick = runtime.choose_micro_batch
+    monkeypatch.setattr(geometry, "_fits", card)
+    monkeypatch.setattr(geometry, "all_reduce_min", lambda value, device: value)
+    gpu = Runtime(DistInfo(), torch.device("cuda", 0), None, False, False, 0)
+    pick = geometry.choose_micro_batch
     assert pick("auto", 1024, 8, 50304, None, gpu, log=print) == 8  # nothing else held: 8 fit
     assert pick("auto", 1024, 8, 50304, None, gpu, log=print, optimizer_bytes=40) == 4  # the state takes 40
 
@@ -204,10 +204,9 @@ def test_the_fsdp_health_check_is_one_collective_for_every_weight(one_rank_group
 def test_ddp_does_not_broadcast_derived_buffers(one_rank_group):
     """The rotary tables are computed from the config on every rank: DDP's buffer broadcast before
     each forward would copy 33 MB a micro-step at the record's shape for nothing."""
-    from gpt2repro.distributed import DistInfo
+    from gpt2repro.config.presets import get_preset
+    from gpt2repro.device import DistInfo, Runtime
     from gpt2repro.model.gpt import GPT
-    from gpt2repro.presets import get_preset
-    from gpt2repro.runtime import Runtime
     from gpt2repro.train.parallel import Parallel
 
     cfg = get_preset("tiny-modern")

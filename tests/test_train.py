@@ -7,9 +7,9 @@ import pytest
 
 from conftest import assert_one_line_error, make_shards, max_abs_diff, run_cli, run_main, train_cli, weights
 from gpt2repro.config import OptimConfig
+from gpt2repro.config.presets import MODEL_PRESETS
 from gpt2repro.model.gpt import GPT
-from gpt2repro.presets import MODEL_PRESETS
-from gpt2repro.runtime import grad_accum_steps
+from gpt2repro.train.memory import grad_accum_steps
 from gpt2repro.train.optim import build_optimizers, learning_rate
 
 

@@ -16,15 +16,15 @@ import torch
 
 from conftest import make_pattern_shards, run_cli, run_main
 from gpt2repro import cli
-from gpt2repro.commands import train_config
+from gpt2repro.cli.commands import train_config
+from gpt2repro.cli.parser import build_parser
+from gpt2repro.config.presets import MODEL_PRESETS, PRESET_ALIASES, TRAIN_PRESETS
 from gpt2repro.data.tokenizer import StreamDecoder, decode, encode
 from gpt2repro.errors import UserError
-from gpt2repro.flags import build_parser
+from gpt2repro.model.checkpoint import load_model_dir, save_model
 from gpt2repro.model.generate import generate
 from gpt2repro.model.gpt import GPT
-from gpt2repro.model.io import load_model_dir, save_model
-from gpt2repro.presets import MODEL_PRESETS, PRESET_ALIASES, TRAIN_PRESETS
-from gpt2repro.train.metrics import RunLog
+from gpt2repro.runlog import RunLog
 
 # ---------------------------------------------------------------------------
 # --help
@@ -162,8 +162,8 @@ def hellaswag_file(tmp_path):
 @pytest.mark.parametrize("tty, rank, shown", [(True, 0, True), (False, 0, False), (True, 1, False)])
 def test_hellaswag_progress_only_for_rank_0_on_a_terminal(tiny_dir, hellaswag_file, capsys, monkeypatch,
                                                           tty, rank, shown):
-    from gpt2repro import distributed
-    from gpt2repro.distributed import DistInfo
+    from gpt2repro import device as distributed
+    from gpt2repro.device import DistInfo
 
     monkeypatch.setattr(distributed, "init_distributed", lambda device_type: DistInfo(rank, 0, 1 + rank))
     monkeypatch.setattr(sys.stderr, "isatty", lambda: tty)

@@ -1,20 +1,29 @@
-"""Where and in what precision to compute: one place for every command.
+"""Where this process computes, in what precision, and beside which ranks: one place for every command.
 
-``auto`` means: CUDA if present (bf16 autocast, or fp16 with a GradScaler on GPUs
-without bf16; TF32 matmuls; torch.compile; fused AdamW), else Apple MPS, else the
-CPU in float32. Every choice can be forced by a flag.
+``auto`` means: CUDA if present (bf16 autocast, or fp16 with a GradScaler on GPUs without
+bf16; TF32 matmuls; torch.compile; fused AdamW), else Apple MPS, else the CPU in float32.
+Every choice can be forced by a flag. ``setup_runtime`` turns the config's ``runtime``
+section into this process's ``Runtime``.
+
+The same code runs as one process and under ``torchrun`` (RANK, LOCAL_RANK, WORLD_SIZE): NCCL
+on CUDA, gloo on the CPU, multi-node through torchrun's rendezvous; the collectives are small
+helpers here.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 import os
+from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from gpt2repro.errors import UserError
 
+DEVICE_KEY = "runtime.device"  # what train --device sets
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
           "fp16": torch.float16, "float32": None, "fp32": None}
 
@@ -124,3 +133,152 @@ def free_memory_bytes(device: torch.device) -> int | None:
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return None
+
+
+# Dense (no sparsity) peak tensor-core FLOP/s in bf16/fp16, from the vendors' datasheets.
+PEAK_BF16_FLOPS = {
+    "B200": 2250e12,
+    "H200": 989e12,
+    "GH200": 989e12,
+    "H100 NVL": 835e12,
+    "H100 PCIe": 756e12,
+    "H100": 989e12,  # SXM
+    "H800": 989e12,
+    "A100": 312e12,
+    "A800": 312e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "RTX 4090": 165e12,
+    "RTX 3090": 71e12,
+    "V100": 125e12,
+    "T4": 65e12,
+}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Peak bf16 FLOP/s of this GPU, or None when unknown (MFU is then not reported)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key in sorted(PEAK_BF16_FLOPS, key=len, reverse=True):  # "H100 PCIe" before "H100"
+        if key in name:
+            return PEAK_BF16_FLOPS[key]
+    return None
+
+
+# ---------------------------------------------------------------------------
+# ranks
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device_type: str, alone: bool = False) -> DistInfo:
+    """Join the process group when launched by torchrun; a no-op for one process, unless ``alone``
+    asks for a group of one (FSDP runs in one)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        if alone and not dist.is_initialized():
+            device = torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else None
+            dist.init_process_group("nccl" if device_type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                                    world_size=1, device_id=device)
+        return DistInfo()
+    info = DistInfo(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")), world_size)
+    if not dist.is_initialized():
+        if device_type == "cuda":
+            torch.cuda.set_device(info.local_rank)
+            dist.init_process_group(backend="nccl", device_id=torch.device("cuda", info.local_rank))
+        else:
+            dist.init_process_group(backend="gloo")
+    return info
+
+
+def shutdown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """In-place sum across ranks (identity for one process)."""
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    """In-place mean across ranks (gloo has no AVG, so sum and divide)."""
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t /= dist.get_world_size()
+    return t
+
+
+def all_reduce_min(value: int, device) -> int:
+    t = torch.tensor([value], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
+def max_over_ranks(value: int, device) -> int:
+    t = torch.tensor([value], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def any_rank(flag: bool, device) -> bool:
+    """True if the flag is set on any rank: every rank takes the same branch."""
+    return bool(max_over_ranks(int(flag), device))
+
+
+def rounds_on_every_rank(n_items: int, world_size: int, per_round: int) -> int:
+    """How many rounds of ``per_round`` items every rank gets when items r, r + W, ... go to
+    rank r: the last rank's count. Collectives inside a loop are safe in those rounds only."""
+    return math.ceil(len(range(world_size - 1, n_items, world_size)) / per_round)
+
+
+# ---------------------------------------------------------------------------
+# this process
+
+
+@dataclass
+class Runtime:
+    """This process's device, precision and place among the ranks."""
+
+    dist: DistInfo
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    compile: bool
+    fused_adamw: bool
+    ce_chunk_rows: int  # > 0: the LM head and loss run in row chunks (model.forward's ce_chunk_rows)
+
+    def autocast(self):
+        return autocast(self.device, self.autocast_dtype)
+
+
+def setup_runtime(cfg) -> Runtime:
+    """This process's runtime from the config's ``runtime`` section (a ``RuntimeConfig``)."""
+    probe = pick_device(cfg.device, flag=DEVICE_KEY)  # the device type decides the backend
+    # FSDP needs a process group even on one process (no sharding then: its code path, checked on one GPU)
+    dist = init_distributed(probe.type, alone=cfg.parallel == "fsdp")
+    device = pick_device(cfg.device, dist.local_rank, DEVICE_KEY)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    enable_tf32(device)
+    # Fused AdamW: one kernel for all parameters (CUDA), a vectorised loop on the CPU.
+    fused = resolve_flag(cfg.fused_adamw, device, auto_on=("cuda", "cpu")) and fused_adamw_available(device)
+    return Runtime(dist, device, pick_autocast_dtype(cfg.dtype, device), resolve_flag(cfg.compile, device),
+                   fused, resolve_ce_chunk_rows(cfg.ce_chunk_rows, device))

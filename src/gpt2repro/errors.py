@@ -1,9 +1,10 @@
-"""The one exception type that reaches the user as a single line.
+"""What reaches the user: one line per error, and one voice under torchrun.
 
-Anything a user can fix (a bad flag, a truncated shard, a corrupt checkpoint)
-raises ``UserError`` with a message that names the file or flag and the fix.
-``cli.main`` prints it as one line and exits non-zero; ``--debug`` shows the
-traceback instead.
+Anything a user can fix (a bad flag, a truncated shard, a corrupt checkpoint) raises
+``UserError`` with a message that names the file or flag and the fix; ``cli.main`` prints it
+as one line and exits non-zero (``--debug`` shows the traceback instead). Under torchrun every
+rank runs the same code and rank 0 alone speaks (``print0``); the rank is the launcher's
+``RANK``, known before the process group exists and without importing torch.
 """
 
 import contextlib
@@ -41,3 +42,13 @@ def tell_the_launcher(line: str) -> None:
     if path:
         with contextlib.suppress(OSError):
             Path(path).write_text(json.dumps({"message": line, "timestamp": int(time.time())}))
+
+
+def is_rank0() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def print0(*args, **kwargs) -> None:
+    """``print`` on rank 0; nothing on the others."""
+    if is_rank0():
+        print(*args, **kwargs)

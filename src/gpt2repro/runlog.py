@@ -1,16 +1,19 @@
 """A run's log, ``OUT/log.txt``: one ``<step> <stream> <value>`` line per record (streams
-train, val, val_bpb, hella), the format of build-nanogpt's log. Training writes it, ``plot``
-and the run summary read it, and a run's ``config.json`` beside it says how many tokens a
-step is."""
+train, val, val_bpb, hella), the format of build-nanogpt's log. Training writes it (``RunLog``,
+which mirrors it to TensorBoard and Weights & Biases when asked), ``plot`` and the run summary
+read it, and a run's ``config.json`` beside it says how many tokens a step is."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import math
+import os
 import re
 from pathlib import Path
 
-from gpt2repro.atomic import atomic_write, writing
 from gpt2repro.errors import UserError
+from gpt2repro.files import atomic_write, writing
 
 LOG_FILE = "log.txt"
 LINE = re.compile(rb"^(\d+) (\w+) (\S+)$")
@@ -95,3 +98,83 @@ def tokens_per_step(log: str | Path, default: int = DEFAULT_TOKENS_PER_STEP) -> 
     if not isinstance(tokens, int) or tokens < 1:
         raise UserError(f"{config}: optim.total_batch_tokens is {tokens!r}, not a positive integer")
     return tokens, str(config)
+
+
+class RunLog:
+    """``OUT/log.txt`` (``runlog``'s format), mirrored to TensorBoard and W&B when asked.
+
+    On resume (and rollback), lines from steps at or after the restored step are dropped
+    first, so a run killed after its last checkpoint leaves no duplicate or orphaned points.
+    """
+
+    def __init__(self, path: Path, resume_step: int | None = None, tensorboard_dir: Path | None = None,
+                 wandb_run: dict | None = None):
+        self.path = path
+        with writing(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if resume_step is None:
+                path.write_text("")
+        if resume_step is not None:
+            truncate(path, resume_step)
+        self.tb = None
+        if tensorboard_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise UserError("runtime.tensorboard=true needs TensorBoard: "
+                                "pip install 'gpt2repro[tensorboard]'") from None
+
+            self.tb = SummaryWriter(str(tensorboard_dir))
+        self.wandb = None
+        if wandb_run is not None:  # wandb.init's keyword arguments: project, name, config, dir
+            self.wandb = _start_wandb(wandb_run)
+
+    def truncate(self, step: int) -> None:
+        """Drop the records of ``step`` and later (they are about to be recomputed)."""
+        truncate(self.path, step)
+
+    def write(self, step: int, stream: str, value: float) -> None:
+        append(self.path, step, stream, value)
+        if self.tb is not None and math.isfinite(value):
+            self.tb.add_scalar(stream, value, step)
+        if self.wandb is not None and math.isfinite(value):
+            self.wandb.log({stream: value}, step=step)
+
+    def records(self, stream: str) -> list[tuple[int, float]]:
+        """``(step, value)`` of every ``stream`` line in the file, resumed runs' earlier lines included."""
+        return read_log(self.path)[0].get(stream, []) if self.path.exists() else []
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def check_loggers(tensorboard: bool, wandb: bool) -> None:
+    """The loggers a run asks for are installed: said before the run replaces anything."""
+    if tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise UserError("runtime.tensorboard=true needs TensorBoard: pip install 'gpt2repro[tensorboard]'")
+    if wandb and importlib.util.find_spec("wandb") is None:
+        raise UserError("runtime.wandb=true needs Weights & Biases: pip install 'gpt2repro[wandb]', "
+                        "or drop runtime.wandb")
+    if wandb and os.environ.get("WANDB_MODE", "").lower() not in ("offline", "disabled", "dryrun"):
+        import wandb as wb
+
+        if not wb.login(verify=False, prompt=False):  # credentials present; no prompt, no network
+            raise UserError("runtime.wandb=true: not logged in to Weights & Biases; run `wandb login` (or set "
+                            "WANDB_API_KEY), or set WANDB_MODE=offline to log locally")
+
+
+def _start_wandb(settings: dict):
+    try:
+        import wandb
+    except ImportError:
+        raise UserError("runtime.wandb=true needs Weights & Biases: pip install 'gpt2repro[wandb]', "
+                        "or drop runtime.wandb") from None
+    try:
+        return wandb.init(**settings)
+    except Exception as e:  # wandb's own errors (no API key, no network) have no common base class
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"runtime.wandb=true: could not start a Weights & Biases run ({reason[:200]}); "
+                        "run `wandb login`, or set WANDB_MODE=offline to log locally") from None

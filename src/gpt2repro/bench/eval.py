@@ -15,12 +15,12 @@ import torch
 
 from gpt2repro.bench import machine_name, print_table
 from gpt2repro.bench.hellaswag_reference import evaluate_hellaswag_reference
+from gpt2repro.config.presets import MODEL_PRESETS, get_model_preset
 from gpt2repro.device import pick_autocast_dtype, pick_device, synchronize
 from gpt2repro.errors import UserError
 from gpt2repro.eval.hellaswag import SCORINGS, evaluate_hellaswag, load_items
-from gpt2repro.load import load_model
 from gpt2repro.model.gpt import GPT
-from gpt2repro.presets import MODEL_PRESETS, get_model_preset
+from gpt2repro.model.load import load_model
 
 WORDS = ("the man woman person is then a and to of in on with her his they camera shows "
          "continues begins while holding ball water into down up around back front people "

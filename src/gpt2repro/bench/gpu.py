@@ -32,21 +32,21 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from gpt2repro.atomic import atomic_write
 from gpt2repro.bench import machine_name
 from gpt2repro.bench.eval import synthetic_items
+from gpt2repro.config.presets import get_preset
+from gpt2repro.config.settings import apply_overrides
 from gpt2repro.data.prepare import prepare
 from gpt2repro.data.tokenizer import EOT_TOKEN
+from gpt2repro.device import peak_flops
 from gpt2repro.errors import UserError
 from gpt2repro.eval.hellaswag import evaluate_hellaswag
-from gpt2repro.load import load_model
+from gpt2repro.files import atomic_write, folder_target
 from gpt2repro.model.attention import LocalMask, document_ids, flex_block_mask, local_attention
 from gpt2repro.model.gpt import GPT
-from gpt2repro.outdir import folder_target
-from gpt2repro.overrides import apply_overrides
-from gpt2repro.presets import get_preset
+from gpt2repro.model.load import load_model
 from gpt2repro.runlog import LOG_FILE, read_log
-from gpt2repro.train.metrics import mfu, peak_flops
+from gpt2repro.train.console import mfu
 from gpt2repro.train.trainer import train
 
 START, END = "<!-- bench gpu: start -->", "<!-- bench gpu: end -->"
@@ -104,9 +104,8 @@ def residual_dtype_check(device: torch.device) -> str:
     """The dtypes of the modern model's residual stream, x0, q and k under this device's own autocast."""
     if device.type != "cuda":
         return "residual stream dtype: not checked (no CUDA device)"
-    from gpt2repro.distributed import DistInfo
+    from gpt2repro.device import DistInfo, Runtime
     from gpt2repro.model import gpt as gpt_module
-    from gpt2repro.runtime import Runtime
     from gpt2repro.train.parallel import Parallel
 
     cfg = get_preset("gpt2-124m-modern")

@@ -11,10 +11,9 @@ from __future__ import annotations
 import argparse
 
 from gpt2repro.bench import print_table
+from gpt2repro.config.presets import get_preset
 from gpt2repro.errors import UserError
-from gpt2repro.presets import get_preset
-from gpt2repro.runtime import MICRO_BATCH_CANDIDATES
-from gpt2repro.train.memory import GiB, estimate
+from gpt2repro.train.memory import MICRO_BATCH_CANDIDATES, GiB, estimate
 
 CARDS_GIB = (80, 40, 24)
 HEADROOM_GIB = 2  # CUDA context and allocator slack, which the estimate leaves out

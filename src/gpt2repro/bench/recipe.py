@@ -33,14 +33,13 @@ from pathlib import Path
 
 from gpt2repro.bench import machine_name, print_table
 from gpt2repro.config import TrainConfig
+from gpt2repro.config.presets import MODERN_LEVERS, get_preset, shortened
+from gpt2repro.config.settings import apply_overrides, as_overrides, values_of
 from gpt2repro.data.prepare import prepare
 from gpt2repro.errors import UserError
-from gpt2repro.outdir import folder_target
-from gpt2repro.overrides import apply_overrides, as_overrides, values_of
-from gpt2repro.presets import MODERN_LEVERS, get_preset, shortened
+from gpt2repro.files import folder_target, record_written
 from gpt2repro.report.plot import plot_logs
 from gpt2repro.runlog import LOG_FILE, read_log
-from gpt2repro.train.rundir import record_written
 from gpt2repro.train.trainer import train
 
 

@@ -34,13 +34,19 @@ import torch
 from gpt2repro.bench import machine_name, print_table
 from gpt2repro.bench.nanogpt_baseline import BaselineGPT
 from gpt2repro.config import GPT2_VOCAB_SIZE, OptimConfig, RuntimeConfig
-from gpt2repro.device import autocast, fused_adamw_available, resolve_ce_chunk_rows, synchronize
+from gpt2repro.config.presets import get_preset
+from gpt2repro.config.settings import apply_overrides
+from gpt2repro.device import (
+    autocast,
+    fused_adamw_available,
+    peak_flops,
+    resolve_ce_chunk_rows,
+    setup_runtime,
+    synchronize,
+)
 from gpt2repro.errors import UserError
 from gpt2repro.model.gpt import GPT
-from gpt2repro.overrides import apply_overrides
-from gpt2repro.presets import get_preset
-from gpt2repro.runtime import setup_runtime
-from gpt2repro.train.metrics import mfu, peak_flops
+from gpt2repro.train.console import mfu
 from gpt2repro.train.optim import build_optimizers
 
 GPU_CHUNK_ROWS = 8192  # big enough to keep the matmuls efficient on a GPU

@@ -22,8 +22,7 @@ import numpy as np
 import torch
 
 from gpt2repro.data.shards import check_token_ids, list_shards, open_shard
-from gpt2repro.errors import UserError
-from gpt2repro.rank0 import print0
+from gpt2repro.errors import UserError, print0
 
 
 class TokenStream:

@@ -27,13 +27,12 @@ from pathlib import Path
 
 import numpy as np
 
-from gpt2repro.atomic import atomic_write
 from gpt2repro.data import tokenizer
 from gpt2repro.data.encode import encoder_name, tokenize_documents
 from gpt2repro.data.shards import SHARD_PATTERN, read_shard_length, shard_name, write_shard
 from gpt2repro.data.sources import open_source
 from gpt2repro.errors import UserError
-from gpt2repro.outdir import FolderLock, manifest_names, plain_name
+from gpt2repro.files import FolderLock, atomic_write, manifest_names, plain_name
 
 MANIFEST = "manifest.json"
 PROGRESS = "prepare_progress.json"

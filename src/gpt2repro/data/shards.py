@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from gpt2repro.atomic import atomic_open, writing
 from gpt2repro.config import GPT2_VOCAB_SIZE
 from gpt2repro.errors import UserError
+from gpt2repro.files import atomic_open, writing
 
 SHARD_PATTERN = re.compile(r"^(?P<prefix>.+)_(?P<split>train|val)_(?P<index>\d+)\.(?P<kind>npy|bin)$")
 SPLITS = ("train", "val")

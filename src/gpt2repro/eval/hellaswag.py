@@ -29,11 +29,11 @@ from typing import Any
 
 import torch
 
-from gpt2repro.atomic import atomic_open
 from gpt2repro.data.tokenizer import encode
-from gpt2repro.distributed import any_rank
+from gpt2repro.device import any_rank
 from gpt2repro.errors import UserError
 from gpt2repro.eval.multiple_choice import ITEMS_PER_CHUNK, Question, ending_logprobs, score
+from gpt2repro.files import atomic_open
 
 OFFICIAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 # Items (packed rows of a context and its four endings, ~150 tokens) per forward pass: in training

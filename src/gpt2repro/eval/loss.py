@@ -29,8 +29,7 @@ import torch
 
 from gpt2repro.data.loader import TokenStream, window_batches
 from gpt2repro.data.shards import list_shards
-from gpt2repro.device import autocast, resolve_ce_chunk_rows, to_device
-from gpt2repro.distributed import all_reduce_sum, rounds_on_every_rank
+from gpt2repro.device import all_reduce_sum, autocast, resolve_ce_chunk_rows, rounds_on_every_rank, to_device
 from gpt2repro.errors import UserError
 from gpt2repro.eval.bits_per_byte import bits_per_byte, count_bytes, token_bytes
 

@@ -36,8 +36,7 @@ import torch
 
 from gpt2repro.config import GPT2_VOCAB_SIZE
 from gpt2repro.data.tokenizer import EOT_TOKEN
-from gpt2repro.device import autocast, resolve_ce_chunk_rows, to_device
-from gpt2repro.distributed import all_reduce_sum, rounds_on_every_rank
+from gpt2repro.device import all_reduce_sum, autocast, resolve_ce_chunk_rows, rounds_on_every_rank, to_device
 from gpt2repro.errors import UserError
 
 # Questions are scored in chunks of this many: on a GPU, tokenizing and packing a chunk on the

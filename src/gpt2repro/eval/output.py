@@ -7,13 +7,12 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from gpt2repro.atomic import atomic_write, writing
 from gpt2repro.data.prepare import MANIFEST as SHARDS_MANIFEST
 from gpt2repro.data.prepare import PROGRESS as SHARDS_PROGRESS
 from gpt2repro.data.shards import SHARD_PATTERN
 from gpt2repro.errors import UserError
-from gpt2repro.model.io import WEIGHTS_FILE
-from gpt2repro.outdir import FILES_MANIFEST, LOCK_FILE, file_target, manifest_names
+from gpt2repro.files import FILES_MANIFEST, LOCK_FILE, atomic_write, file_target, manifest_names, writing
+from gpt2repro.model.checkpoint import WEIGHTS_FILE
 
 
 def kept_by_gpt2repro(path: Path) -> str | None:

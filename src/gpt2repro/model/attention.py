@@ -40,8 +40,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from gpt2repro.config import ModelConfig
 from gpt2repro.data.tokenizer import EOT_TOKEN
-from gpt2repro.errors import UserError
-from gpt2repro.rank0 import print0
+from gpt2repro.errors import UserError, print0
 
 QUERY_CHUNK = 1024  # local_attention's queries per SDPA call: scores are B·H·1024·reach floats
 

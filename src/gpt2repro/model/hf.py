@@ -21,8 +21,8 @@ from safetensors import SafetensorError
 from gpt2repro.config import GPT2_VOCAB_SIZE, ModelConfig
 from gpt2repro.data.tokenizer import EOT_TOKEN, bpe_files
 from gpt2repro.errors import UserError
+from gpt2repro.model.checkpoint import load_state_strict
 from gpt2repro.model.gpt import GPT
-from gpt2repro.model.io import load_state_strict
 
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 HF_ONLY_BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers of old checkpoints

@@ -29,11 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
-from gpt2repro.atomic import atomic_open, writing
 from gpt2repro.data.prepare import MANIFEST as SHARDS_MANIFEST
 from gpt2repro.data.sources import FINEWEB_EDU, FINEWEB_PREFIX
 from gpt2repro.errors import UserError
-from gpt2repro.outdir import file_target
+from gpt2repro.files import atomic_open, file_target, writing
 from gpt2repro.runlog import DEFAULT_TOKENS_PER_STEP, LOG_FILE, Streams, read_log, tokens_per_step
 
 PLOTTED_STREAMS = ("train", "val", "hella", "val_bpb")

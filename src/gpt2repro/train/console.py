@@ -6,10 +6,10 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from gpt2repro.checkpoints import list_checkpoints
 from gpt2repro.config import ModelConfig, TrainConfig
-from gpt2repro.presets import MODEL_PRESETS
-from gpt2repro.train.metrics import RunLog
+from gpt2repro.config.presets import MODEL_PRESETS
+from gpt2repro.model.checkpoint import list_checkpoints
+from gpt2repro.runlog import RunLog
 
 # `gpt2repro plot --sz` of each GPT-2 size: the summary's plot command draws that size's baselines.
 PLOT_SIZES = {"gpt2": "124M", "gpt2-medium": "350M", "gpt2-large": "774M", "gpt2-xl": "1558M"}
@@ -66,3 +66,9 @@ def summary_lines(cfg: TrainConfig, steps_done: int, run_log: RunLog, seconds: f
             f"final val loss {val_text} | HellaSwag acc_norm {hella_text}",
             f"checkpoint: {newest[0] if newest else 'none'}",
             f"plot: {plot}"]
+
+
+def mfu(tokens_per_second: float, flops_per_token: int, peak: float | None, world_size: int = 1) -> float | None:
+    if not peak:
+        return None
+    return tokens_per_second * flops_per_token / (peak * world_size)

@@ -10,7 +10,7 @@ import math
 import torch
 from torch.distributed.tensor import DTensor
 
-from gpt2repro.distributed import all_reduce_sum
+from gpt2repro.device import all_reduce_sum
 
 # The RMS of a GPT-2's weights is about 0.02 to 1 (its norms' gains near 1); a hundred times
 # that is no longer training. An absurd learning rate passes this within a few steps.

@@ -29,12 +29,17 @@ from dataclasses import astuple, dataclass
 import torch
 
 from gpt2repro.config import ModelConfig, TrainConfig
-from gpt2repro.device import free_memory_bytes
+from gpt2repro.device import Runtime, all_reduce_min, free_memory_bytes
 from gpt2repro.errors import UserError
 from gpt2repro.model.gpt import GPT
 from gpt2repro.train.optim import partition_parameters
 
 GiB = 2**30
+MICRO_BATCH_CANDIDATES = (128, 64, 32, 16, 8, 4, 2, 1)
+CPU_MICRO_BATCH = 8  # auto off the GPU: enough to keep the cores busy, small enough for any laptop
+# Micro-steps per optimizer step. GPT-2 1.5B on one GPU, one sequence at a time, takes 512; a
+# step of more would take hours, and is a typo rather than a plan.
+MAX_ACCUMULATION = 1 << 16
 ACTIVATION_BYTES_PER_BLOCK = 34  # × B·T·C, bf16, flash attention
 
 
@@ -111,3 +116,69 @@ def check_model_states_fit(cfg: TrainConfig, device, world_size: int = 1) -> Non
                         f"{device} (~{n:,} parameters × {per_parameter} bytes), more than the {free / GiB:,.1f} GiB "
                         "free; make it smaller (model.n_layer, model.n_embd, model.vocab_size, model.block_size)"
                         + (" or shard it with --parallel fsdp" if device.type == "cuda" else ""))
+
+
+# ---------------------------------------------------------------------------
+# the batch geometry: micro-batch and accumulation
+
+
+def grad_accum_steps(total_batch_tokens: int, micro_batch: int, seq_len: int, world_size: int) -> int:
+    per_micro_step = micro_batch * seq_len * world_size
+    if total_batch_tokens % per_micro_step:
+        raise UserError(
+            f"optim.total_batch_tokens={total_batch_tokens} is not divisible by micro_batch × seq_len × "
+            f"world_size = {micro_batch} × {seq_len} × {world_size} = {per_micro_step}; "
+            "change one of them (e.g. --micro-batch) so that it divides")
+    accum = total_batch_tokens // per_micro_step
+    if accum > MAX_ACCUMULATION:
+        raise UserError(
+            f"optim.total_batch_tokens={total_batch_tokens:,} over micro_batch × seq_len × world_size = "
+            f"{per_micro_step:,} is {accum:,} micro-steps per optimizer step, more than {MAX_ACCUMULATION:,}; "
+            "lower optim.total_batch_tokens (GPT-2's is 524288) or raise --micro-batch")
+    return accum
+
+
+def choose_micro_batch(micro_batch: int | str, total_batch_tokens: int, seq_len: int, vocab_size: int,
+                       model: torch.nn.Module, rt: Runtime, log=print, optimizer_bytes: int = 0) -> int:
+    """``micro_batch=auto``: the largest B (a power of two dividing the total batch) whose
+    forward + backward fits in GPU memory beside the optimizer state the first step will add
+    (``optimizer_bytes``), the same on every rank; off the GPU: 8 or less. The total batch stays
+    fixed: accumulation grows instead."""
+    if micro_batch != "auto":
+        return int(micro_batch)
+    T, W = seq_len, rt.dist.world_size
+    candidates = [b for b in MICRO_BATCH_CANDIDATES if total_batch_tokens % (b * T * W) == 0]
+    if not candidates:
+        raise UserError(f"optim.total_batch_tokens={total_batch_tokens} is not divisible by "
+                        f"seq_len × world_size = {T * W}; change total_batch_tokens or seq_len")
+    chosen = candidates[-1]
+    if rt.device.type != "cuda":
+        chosen = next((b for b in candidates if b <= CPU_MICRO_BATCH), chosen)
+    else:
+        for b in candidates:
+            if _fits(b, T, vocab_size, model, rt, optimizer_bytes):
+                chosen = b
+                break
+    chosen = all_reduce_min(chosen, rt.device)
+    log(f"micro_batch auto: {chosen}")
+    return chosen
+
+
+def _fits(batch: int, seq_len: int, vocab_size: int, model: torch.nn.Module, rt: Runtime,
+          optimizer_bytes: int = 0) -> bool:
+    """One real forward and backward of this size on the GPU, without an out-of-memory error, while
+    the optimizer state's bytes are held as they will be from the first step on."""
+    try:
+        optimizer_state = torch.empty(optimizer_bytes, dtype=torch.uint8, device=rt.device)
+        x = torch.randint(0, vocab_size, (batch, seq_len), device=rt.device)
+        with rt.autocast():
+            _, loss = model(x, x, ce_chunk_rows=rt.ce_chunk_rows, return_logits=False)
+        loss.backward()
+        del optimizer_state
+        return True
+    except torch.OutOfMemoryError:
+        return False
+    finally:
+        model.zero_grad(set_to_none=True)
+        if rt.device.type == "cuda":
+            torch.cuda.empty_cache()

@@ -31,10 +31,10 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gpt2repro.config import TrainConfig
+from gpt2repro.device import Runtime
 from gpt2repro.errors import UserError
+from gpt2repro.model.checkpoint import load_state_strict
 from gpt2repro.model.gpt import GPT
-from gpt2repro.model.io import load_state_strict
-from gpt2repro.runtime import Runtime
 from gpt2repro.train.optim import RankShardedMuon
 
 GATHERED_ON_RANK0 = StateDictOptions(full_state_dict=True, cpu_offload=True)

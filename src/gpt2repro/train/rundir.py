@@ -2,7 +2,7 @@
 nothing gpt2repro did not write is ever touched.
 
 ``claim`` runs before anything is built. Rank 0 alone looks at the folder: it takes the
-folder's lock (``outdir.FolderLock``, held for the whole run), and without ``--resume`` it
+folder's lock (``files.FolderLock``, held for the whole run), and without ``--resume`` it
 refuses a folder that already holds a run unless ``--overwrite`` asks to replace it, and a
 folder holding files gpt2repro did not write unless ``--overwrite`` says to train beside
 them (they are kept; one whose name a run writes is refused even then). Every rank gets rank
@@ -18,26 +18,24 @@ check has passed and it is about to write its first file: a refused start loses 
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
-from gpt2repro.atomic import atomic_write
-from gpt2repro.checkpoints import NAME, SAMPLES_FILE, TEMPORARY_PREFIXES, existing_run, recorded_names
+import torch
+
 from gpt2repro.config import TrainConfig
 from gpt2repro.data.prepare import MANIFEST as SHARDS_MANIFEST
 from gpt2repro.data.prepare import holds_shards
-from gpt2repro.distributed import any_rank
+from gpt2repro.device import any_rank
 from gpt2repro.errors import UserError, write_error
-from gpt2repro.outdir import FILES_MANIFEST as MANIFEST
-from gpt2repro.outdir import LOCK_FILE, FolderLock
+from gpt2repro.files import FILES_MANIFEST as MANIFEST
+from gpt2repro.files import LOCK_FILE, FolderLock, manifest_names, record_written
+from gpt2repro.model.checkpoint import NAME, TEMPORARY_PREFIXES, list_checkpoints
 from gpt2repro.runlog import LOG_FILE
 
-
-def record_written(run_dir: Path, names: Iterable[str]) -> None:
-    """Add ``names`` to the folder's manifest: from now on they are ours to replace."""
-    atomic_write(run_dir / MANIFEST, json.dumps(sorted(recorded_names(run_dir) | set(names))) + "\n")
+SAMPLES_FILE = "samples.txt"
 
 
 def _is_ours_by_name(path: Path) -> bool:
@@ -141,3 +139,54 @@ def check_new_run_folder(run_dir: Path, overwrite: bool, writes: Iterable[str]) 
         shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
         raise UserError(f"{run_dir}: holds files gpt2repro did not write ({shown}); choose another --out, or pass "
                         "--overwrite to train beside them (they are kept)")
+
+
+def recorded_names(run_dir: Path) -> set[str]:
+    """The names gpt2repro wrote into ``run_dir`` (its ownership record)."""
+    return manifest_names(run_dir) or set()
+
+
+def existing_run(run_dir: str | Path) -> list[str]:
+    """The names that mark ``run_dir`` as holding a run: its log (one a run wrote) and its checkpoints."""
+    run_dir = Path(run_dir)
+    found = [LOG_FILE] if (run_dir / LOG_FILE).is_file() and LOG_FILE in recorded_names(run_dir) else []
+    return found + [p.name for p in list_checkpoints(run_dir)]
+
+
+# ---------------------------------------------------------------------------
+# checkpoint writes that fail
+
+
+def why_a_write_failed(error: Exception, run_dir: Path, state: dict[str, Any]) -> str:
+    """A failed checkpoint write in words. A full disk reaches us as an OSError from Python, but as
+    safetensors' or torch's own errors from their writers ("unexpected pos 12096 vs 11988"): when
+    the disk has less room than the checkpoint needs, that is what it says."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    def tensor_bytes(value) -> int:
+        if isinstance(value, torch.Tensor):
+            return value.numel() * value.element_size()
+        if isinstance(value, dict):
+            return sum(map(tensor_bytes, value.values()))
+        return sum(map(tensor_bytes, value)) if isinstance(value, (list, tuple)) else 0
+
+    need, free = tensor_bytes(state), shutil.disk_usage(run_dir).free
+    if free < need:
+        return (f"no space left on the disk: {free / 2**20:,.0f} MiB free, the checkpoint needs about "
+                f"{need / 2**20:,.0f} MiB")
+    return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:300]}"
+
+
+def after_a_failed_write(out_dir: Path, error: str, failures: int, allowed: int, final: bool,
+                         log: Callable[[str], None]) -> None:
+    """A failed checkpoint write keeps the previous checkpoint, and the run goes on and tries again
+    at the next interval, unless it was the final checkpoint or the ``allowed``-th failure in a row:
+    then the run stops with one line naming what is intact and what to do."""
+    previous = list_checkpoints(out_dir)
+    kept = f"{previous[0].name} is intact" if previous else "there is no earlier checkpoint"
+    if final or failures >= allowed:
+        why = "the final checkpoint" if final else f"{failures} checkpoint writes in a row"
+        fix = "continue with --resume" if previous else "start over with --overwrite"
+        raise UserError(f"{out_dir}: {error}; {why} failed, so the run stops ({kept}): free disk space and {fix}")
+    log(f"WARNING: {error}; {kept}; training goes on and tries again at the next checkpoint "
+        f"({failures} of checkpoint.max_failures={allowed} failures in a row)")

@@ -1,10 +1,10 @@
 """The training loop: GPT-2 pretraining as build-nanogpt/llm.c run it.
 
-One entry point for one process and for ``torchrun`` (DDP, or FSDP2 with ``--parallel fsdp``). Each optimizer step
-accumulates gradients over ``total_batch_tokens / (B·T·world)`` micro-steps,
-clips the global norm to 1.0 and steps AdamW under a warmup + cosine schedule.
-Every so often it measures val loss, HellaSwag and writes samples; it saves
-checkpoints that resume to the same parameters an uninterrupted run reaches.
+One entry point for one process and for ``torchrun`` (DDP, or FSDP2 with ``--parallel fsdp``).
+Each optimizer step accumulates gradients over ``total_batch_tokens / (B·T·world)`` micro-steps,
+clips the global norm and steps the optimizers under the LR schedule. Every so often it measures
+val loss and HellaSwag and writes samples, and once more on the final weights; its checkpoints
+resume to the same parameters an uninterrupted run reaches.
 """
 
 from __future__ import annotations
@@ -18,30 +18,35 @@ from typing import Any, NamedTuple
 
 import torch
 
-from gpt2repro import checkpoints as layout
-from gpt2repro.atomic import atomic_write, writing
 from gpt2repro.config import TrainConfig
 from gpt2repro.data.loader import TokenLoader
 from gpt2repro.data.tokenizer import decode, encode
-from gpt2repro.device import synchronize, to_device
-from gpt2repro.distributed import all_reduce_mean, any_rank, max_over_ranks, shutdown_distributed
-from gpt2repro.errors import UserError
+from gpt2repro.device import (
+    Runtime,
+    all_reduce_mean,
+    any_rank,
+    max_over_ranks,
+    peak_flops,
+    setup_runtime,
+    shutdown_distributed,
+    synchronize,
+    to_device,
+)
+from gpt2repro.errors import UserError, print0
 from gpt2repro.eval.hellaswag import BATCH_SIZE as HELLASWAG_BATCH_SIZE
 from gpt2repro.eval.hellaswag import evaluate_hellaswag, load_items_on_every_rank
 from gpt2repro.eval.loss import count_windows, evaluate_loss, open_split
+from gpt2repro.files import atomic_write, record_written, writing
+from gpt2repro.model import checkpoint as layout
 from gpt2repro.model.attention import check_flex, window_blocks
+from gpt2repro.model.checkpoint import load_state_strict, read_weights
 from gpt2repro.model.generate import generate
 from gpt2repro.model.gpt import GPT
-from gpt2repro.model.io import load_state_strict, read_weights
-from gpt2repro.rank0 import print0
-from gpt2repro.runlog import LOG_FILE
-from gpt2repro.runtime import Runtime, choose_micro_batch, grad_accum_steps, setup_runtime
-from gpt2repro.train import checkpoint as ckpt
-from gpt2repro.train import rundir
-from gpt2repro.train.console import outputs_line, summary_lines, wandb_settings
+from gpt2repro.runlog import LOG_FILE, RunLog, check_loggers
+from gpt2repro.train import rundir, start
+from gpt2repro.train.console import mfu, outputs_line, summary_lines, wandb_settings
 from gpt2repro.train.health import what_went_wrong
-from gpt2repro.train.memory import check_model_states_fit
-from gpt2repro.train.metrics import RunLog, check_loggers, mfu, peak_flops
+from gpt2repro.train.memory import check_model_states_fit, choose_micro_batch, grad_accum_steps
 from gpt2repro.train.optim import (
     build_optimizers,
     learning_rate,
@@ -52,6 +57,8 @@ from gpt2repro.train.optim import (
 )
 from gpt2repro.train.parallel import Parallel
 from gpt2repro.train.signals import StopNow, StopRequest
+
+MAX_ROLLBACKS = 3  # in a row, with no step that trains in between: not one bad batch but the run itself
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, stop_at_step: int | None = None,
@@ -80,28 +87,45 @@ class StepResult(NamedTuple):
         return not math.isfinite(self.loss) or (not math.isfinite(self.grad_norm) and not self.fp16_overflow)
 
 
-def _due(step: int, every: int, last: bool) -> bool:
-    return every > 0 and (step % every == 0 or last)
-
-
 class Trainer:
-    """Owns the model, optimizer, data and run directory of one training run."""
+    """One training run: its model, optimizers, data and folder. Set up in the order that loses
+    nothing: every check first, the folder's earlier run replaced last."""
 
     def __init__(self, cfg: TrainConfig, rt: Runtime, resume: bool,
                  init_weights: dict[str, torch.Tensor] | None = None, folder: rundir.RunFolder | None = None):
-        self.cfg, self.rt = cfg, rt
+        self.cfg, self.rt, self.folder = cfg, rt, folder
         self.out_dir = Path(cfg.out_dir)
         self.is_main = rt.dist.is_main
         self.log = print0
+        self.step = 0
+        self.skip_steps: set[int] = set()  # steps whose batch a rollback decided to skip
+        self.rollbacks_in_a_row = 0  # since the last step that trained
+        self.checkpoint_failures = 0  # failed checkpoint writes in a row, the same count on every rank
+        self.window_tensors: dict[int, torch.Tensor] = {}
 
         check_flex(cfg.model, cfg.data.seq_len, rt.device)  # a block FlexAttention cannot tile: now, not at step 0
-        resume_from = ckpt.checkpoint_to_resume(self.out_dir, cfg, log=self.log) if resume else None
+        resume_from = start.checkpoint_to_resume(self.out_dir, cfg, log=self.log) if resume else None
         check_model_states_fit(cfg, rt.device, rt.dist.world_size)
-        torch.manual_seed(cfg.runtime.seed)
-        self.model = GPT(cfg.model).to(rt.device)  # the module itself: eval, sampling, checkpoints
+        self.build_model(init_weights)
+        self.build_data_and_optimizers()
+        if resume_from is not None:
+            self.step = self.restore(resume_from)
+            self.log(f"resuming from {resume_from} at step {self.step}")
+        self.load_evaluations()
+        self.loader.check_next_round()  # a token id past the vocabulary: the same answer on every rank
+        self.start_folder(resumed=resume_from is not None)
+        self.describe()
+
+    # --- set-up, in order ----------------------------------------------------------------------
+
+    def build_model(self, init_weights: dict[str, torch.Tensor] | None) -> None:
+        torch.manual_seed(self.cfg.runtime.seed)
+        self.model = GPT(self.cfg.model).to(self.rt.device)  # the module itself: eval, sampling, checkpoints
         if init_weights is not None:  # --init-from: its weights, a fresh optimizer, step 0
-            load_state_strict(self.model, init_weights, cfg.init_from)
-        self.num_params = self.model.num_params()
+            load_state_strict(self.model, init_weights, self.cfg.init_from)
+
+    def build_data_and_optimizers(self) -> None:
+        cfg, rt = self.cfg, self.rt
         self.micro_batch = choose_micro_batch(cfg.data.micro_batch, cfg.optim.total_batch_tokens, cfg.data.seq_len,
                                               cfg.model.vocab_size, self.model, rt, self.log,
                                               optimizer_bytes=optimizer_state_bytes(self.model, cfg.optim))
@@ -112,48 +136,60 @@ class Trainer:
         self.stop_poll_every = max(1, self.accum // 64) if rt.dist.enabled else 1
         self.loader = TokenLoader(cfg.data.path, "train", self.micro_batch, cfg.data.seq_len, rt.dist.rank,
                                   rt.dist.world_size, shuffle_shards=cfg.data.shuffle_shards, seed=cfg.data.seed)
-        # sharded (FSDP) or wrapped (DDP), compiled; built before the optimizers, which take
-        # FSDP's sharded parameters
+        # sharded (FSDP) or wrapped (DDP), compiled; before the optimizers, which take FSDP's shards
         self.parallel = Parallel(self.model, cfg, rt)
         self.optimizers = build_optimizers(self.model, cfg.optim, fused=rt.fused_adamw)
         self.scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.autocast_dtype == torch.float16)
-        self.step = 0
-        self.skip_steps: set[int] = set()  # steps whose batch a rollback decided to skip
-        self.rollbacks_in_a_row = 0  # since the last step that trained
-        self.window_tensors: dict[int, torch.Tensor] = {}
-        if resume_from is not None:
-            self.restore(resume_from)
-            self.log(f"resuming from {resume_from} at step {self.step}")
-        ev = cfg.eval  # loaded at start-up, so a missing file fails before hours of training
-        self.val_tokens = 0  # what each val measures: eval.val_tokens, or all a smaller val split holds
-        if ev.val_every > 0:
-            self.val_tokens = cfg.data.seq_len * self.val_windows(ev.val_tokens)
-        self.hellaswag_items = load_items_on_every_rank(ev.hellaswag_data or None, ev.hellaswag_limit or None,
-                                                        self.is_main, rt.device) if ev.hellaswag_every > 0 else None
 
-        self.run_log = None
-        self.loader.check_next_round()  # a token id past the vocabulary: the same answer on every rank
-        # Every check has passed: only now is an earlier run (--overwrite) replaced; rank 0's refusals
-        # reach the other ranks through one all-reduce each.
+    def load_evaluations(self) -> None:
+        """What the evaluations read, loaded now: a missing file fails before hours of training."""
+        ev = self.cfg.eval
+        self.val_tokens = self.cfg.data.seq_len * self.val_windows(ev.val_tokens) if ev.val_every > 0 else 0
+        self.hellaswag_items = None
+        if ev.hellaswag_every > 0:
+            self.hellaswag_items = load_items_on_every_rank(ev.hellaswag_data or None, ev.hellaswag_limit or None,
+                                                            self.is_main, self.rt.device)
+
+    def val_windows(self, val_tokens: int) -> int:
+        """The val windows each evaluation measures (all a smaller val split holds, with a word); a val
+        split shorter than one window, or a bad token id in it, is refused now."""
+        data, seq_len = self.cfg.data.path, self.cfg.data.seq_len
+        n_stream = len(open_split(data, "val"))
+        windows = count_windows(n_stream, seq_len, val_tokens, f"{data}: the val split", fewer_ok=True)
+        open_split(data, "val").check(0, windows * seq_len + 1)
+        if windows < val_tokens // seq_len:
+            self.log(f"data: warning: {data} has {n_stream:,} val tokens, fewer than eval.val_tokens="
+                     f"{val_tokens:,}; each val measures {windows * seq_len:,}")
+        return windows
+
+    def start_folder(self, resumed: bool) -> None:
+        """Every check has passed: only now is an earlier run (--overwrite) replaced. Rank 0's
+        refusals reach the other ranks through one all-reduce each."""
+        cfg = self.cfg
+        writes_now = [n for n in rundir.names_written(cfg) if n != rundir.SAMPLES_FILE]  # samples: when written
         for rank0_step in (lambda: check_loggers(cfg.runtime.tensorboard, cfg.runtime.wandb),
-                           lambda: folder.start([n for n in rundir.names_written(cfg) if n != layout.SAMPLES_FILE])):
+                           lambda: self.folder.start(writes_now)):
             failed = None
-            if self.is_main and folder is not None:
+            if self.is_main and self.folder is not None:
                 try:
                     rank0_step()
                 except UserError as e:
                     failed = e
-            if any_rank(failed is not None, rt.device):
+            if any_rank(failed is not None, self.rt.device):
                 raise failed or UserError(f"{self.out_dir}: refused on rank 0; see its error")
+        self.run_log = None
         if self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             layout.remove_temporaries(self.out_dir)
             atomic_write(self.out_dir / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
-            self.run_log = RunLog(self.out_dir / LOG_FILE, resume_step=self.step if resume_from else None,
+            self.run_log = RunLog(self.out_dir / LOG_FILE, resume_step=self.step if resumed else None,
                                   tensorboard_dir=self.out_dir / "tb" if cfg.runtime.tensorboard else None,
                                   wandb_run=wandb_settings(cfg) if cfg.runtime.wandb else None)
+
+    def describe(self) -> None:
+        cfg, rt = self.cfg, self.rt
         self.peak_flops = peak_flops(rt.device)
-        self.log(f"model: {self.num_params:,} parameters | device {rt.device} | dtype "
+        self.log(f"model: {self.model.num_params():,} parameters | device {rt.device} | dtype "
                  f"{rt.autocast_dtype or torch.float32} | compile {rt.compile} | fused AdamW {rt.fused_adamw} "
                  f"| chunked CE {rt.ce_chunk_rows or 'off'} | {cfg.runtime.parallel} | activation checkpointing "
                  f"{cfg.runtime.activation_checkpointing}")
@@ -166,11 +202,11 @@ class Trainer:
     def run(self, stop: StopRequest, stop_at_step: int | None = None) -> dict[str, Any]:
         """Train from ``self.step`` to ``optim.max_steps``; return the last step's metrics.
 
-        Every step: evaluate when due (before the step, so step 0 measures the untrained
-        model), take one optimizer step (or skip a batch that a rollback marked), apply the
-        non-finite policy to a bad step, log, checkpoint when due, and stop early, with a
-        checkpoint, on SIGTERM or ``--stop-at-step``.
-        """
+        Every step: evaluate when due (before the step, so step 0 measures the untrained model),
+        take one optimizer step (or skip a batch that a rollback marked), apply the non-finite
+        policy to a bad step, log, checkpoint when due. A stop signal or ``--stop-at-step`` ends
+        the loop at the next point where the weights are a whole step's (``stop_here``); the
+        final weights are evaluated once more."""
         max_steps = self.cfg.optim.max_steps
         metrics: dict[str, Any] = {"step_seconds": []}  # every step's time, for benchmarks
         recent: list[float] = []  # seconds of the last steps, for the ETA
@@ -181,50 +217,38 @@ class Trainer:
         self.log(outputs_line(self.cfg))
         while self.step < max_steps:
             step = self.step
-            last = step == max_steps - 1
             try:  # a signal stops evaluation at once: on one process where it lands, on several
                 with stop.interruptible(self.rt.dist.world_size == 1):  # ranks between batches
                     self.evaluate(step, metrics, stop)
-            except StopNow:  # the weights are this step's, untouched: keep them
-                if not (self.out_dir / layout.checkpoint_name(step)).exists():
-                    self.save(step, final=True)
-                metrics.update(stopped_early=True, stopped_by=stop.signal_name)
-                self.log(f"stopping at step {step}, during evaluation ({stop.signal_name}); continue with --resume")
+            except StopNow:  # the weights are this step's, untouched
+                self.stop_here(step, stop.signal_name, "during evaluation", metrics)
                 break
-
             t0 = time.perf_counter()
             if step in self.skip_steps:
                 self.skip_step(step)
             else:
                 result = self.train_step(step, stop)
-                if result is None:  # stopped between its micro-steps: the weights are still this step's
-                    if not (self.out_dir / layout.checkpoint_name(step)).exists():
-                        self.save(step, final=True)
-                    why = stop.signal_name or "a signal to another rank"
-                    metrics.update(stopped_early=True, stopped_by=why)
-                    self.log(f"stopping at step {step}, between its micro-steps ({why}); continue with --resume")
+                if result is None:  # abandoned between its micro-steps: the weights are still this step's
+                    self.stop_here(step, stop.signal_name or "a signal to another rank", "between its micro-steps",
+                                   metrics)
                     break
                 problem = what_went_wrong(step, result, self.model, self.cfg.runtime.log_every)
                 if problem:
-                    self.handle_bad_step(step, problem)  # stops, or rolls back to a checkpoint
+                    self.step = self.handle_bad_step(step, problem)  # raises, or a rollback's step
                     continue
                 self.rollbacks_in_a_row = 0
                 synchronize(self.rt.device)
                 metrics["step_seconds"].append(time.perf_counter() - t0)
                 recent = (recent + metrics["step_seconds"][-1:])[-20:]
-                self.record_step(step, result, recent, last, metrics)
-
+                self.record_step(step, result, recent, metrics)
             self.step = done = step + 1
-            stopping = any_rank(stop.requested, self.rt.device) or (stop_at_step is not None and done >= stop_at_step)
-            if self.checkpoint_due(done, stopping):
-                self.save(done, final=done == max_steps or stopping)
-            if stopping and done < max_steps:
-                metrics["stopped_early"] = True
-                why = stop.signal_name or ("--stop-at-step" if stop_at_step is not None and done >= stop_at_step
-                                           else "a signal to another rank")
-                metrics["stopped_by"] = why
-                self.log(f"stopping after step {step} ({why}); continue with --resume")
+            asked = any_rank(stop.requested, self.rt.device)
+            if done < max_steps and (asked or (stop_at_step is not None and done >= stop_at_step)):
+                why = stop.signal_name or ("a signal to another rank" if asked else "--stop-at-step")
+                self.stop_here(done, why, "between steps", metrics)
                 break
+            if done == max_steps or (self.cfg.checkpoint.every > 0 and done % self.cfg.checkpoint.every == 0):
+                self.save(done, final=done == max_steps)
         if self.step == max_steps:
             self.evaluate_final_model(metrics, stop)
         held = self.parallel.local_bytes(self.optimizers)
@@ -235,6 +259,14 @@ class Trainer:
             self.run_log.close()
         return metrics
 
+    def stop_here(self, step: int, why: str | None, where: str, metrics: dict[str, Any]) -> None:
+        """Every early stop ends here: the checkpoint of the step the weights are at (unless it is
+        there already), and one line."""
+        if not (self.out_dir / layout.checkpoint_name(step)).exists():
+            self.save(step, final=True)
+        metrics.update(stopped_early=True, stopped_by=why)
+        self.log(f"stopping at step {step}, {where} ({why}); continue with --resume")
+
     # --- one optimizer step ------------------------------------------------------------------
 
     def train_step(self, step: int, stop: StopRequest | None = None) -> StepResult | None:
@@ -244,11 +276,11 @@ class Trainer:
         its start, so that the step is redone whole on --resume."""
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)
-        start = self.loader.state_dict()
+        start_of_step = self.loader.state_dict()
         loss_sum = torch.zeros((), device=self.rt.device)
         for micro in range(self.accum):
-            if stop is not None and micro % self.stop_poll_every == 0 and micro and self.stop_agreed(stop):
-                self.loader.load_state_dict(start)
+            if stop is not None and micro and micro % self.stop_poll_every == 0 and self.stop_agreed(stop):
+                self.loader.load_state_dict(start_of_step)
                 for optimizer in self.optimizers:
                     optimizer.zero_grad(set_to_none=True)
                 return None
@@ -282,17 +314,6 @@ class Trainer:
         """Whether a stop was asked for, on any rank (one small all-reduce under torchrun)."""
         return any_rank(stop.requested, self.rt.device) if self.rt.dist.enabled else stop.requested
 
-    def val_windows(self, val_tokens: int) -> int:
-        """The val windows each evaluation measures; a val split shorter than one is refused now."""
-        data, seq_len = self.cfg.data.path, self.cfg.data.seq_len
-        n_stream = len(open_split(data, "val"))
-        windows = count_windows(n_stream, seq_len, val_tokens, f"{data}: the val split", fewer_ok=True)
-        open_split(data, "val").check(0, windows * seq_len + 1)  # its token ids, before anything is replaced
-        if windows < val_tokens // seq_len:
-            self.log(f"data: warning: {data} has {n_stream:,} val tokens, fewer than eval.val_tokens="
-                     f"{val_tokens:,}; each val measures {windows * seq_len:,}")
-        return windows
-
     def grad_norm(self) -> torch.Tensor:
         """The global gradient norm, after clipping it to optim.grad_clip; with clipping off
         (the record) it is measured and no gradient is touched."""
@@ -301,7 +322,7 @@ class Trainer:
             return torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip)
         return torch.nn.utils.get_total_norm([p.grad for p in params])
 
-    def window(self, step: int) -> torch.Tensor | int:
+    def window(self, step: int) -> torch.Tensor:
         """Sliding-window blocks at ``step``: the window grows with the fraction of training done. A
         0-d tensor on the device, one per window size, made once: a compiled model takes each new
         window as data (not a new graph), and no step copies it from the host."""
@@ -315,8 +336,7 @@ class Trainer:
             self.loader.next_batch()
         self.log(f"step {step:5d} | skipped: its batch gave non-finite values before a rollback")
 
-    def record_step(self, step: int, result: StepResult, recent: list[float], last: bool,
-                    metrics: dict[str, Any]) -> None:
+    def record_step(self, step: int, result: StepResult, recent: list[float], metrics: dict[str, Any]) -> None:
         dt = recent[-1]
         metrics.update(step=step, train=result.loss, lr=result.lr, grad_norm=result.grad_norm,
                        tokens_per_s=self.cfg.optim.total_batch_tokens / dt)
@@ -325,121 +345,115 @@ class Trainer:
         if result.fp16_overflow:
             self.log(f"step {step:5d} | fp16 gradient overflow: update skipped, loss scale now "
                      f"{self.scaler.get_scale():g}")
-        every = self.cfg.runtime.log_every
-        if every > 0 and (step % every == 0 or last):
-            eta_s = (self.cfg.optim.max_steps - step - 1) * sum(recent) / len(recent)
-            window = window_blocks(self.cfg.model, step / self.cfg.optim.max_steps)  # this step's, not the last
+        every, max_steps = self.cfg.runtime.log_every, self.cfg.optim.max_steps
+        if every > 0 and (step % every == 0 or step == max_steps - 1):
+            eta_s = (max_steps - step - 1) * sum(recent) / len(recent)
+            window = window_blocks(self.cfg.model, step / max_steps)  # this step's, not the last
             flops = self.model.flops_per_token(self.cfg.data.seq_len, window)
             utilization = mfu(metrics["tokens_per_s"], flops, self.peak_flops, self.rt.dist.world_size)
             mfu_text = f"{100 * utilization:.1f}%" if utilization is not None else "-"
-            self.log(f"step {step:5d}/{self.cfg.optim.max_steps} | loss {result.loss:.6f} | lr {result.lr:.4e} "
+            self.log(f"step {step:5d}/{max_steps} | loss {result.loss:.6f} | lr {result.lr:.4e} "
                      f"| norm {result.grad_norm:.4f} | {1000 * dt:.1f} ms | {metrics['tokens_per_s']:,.0f} tok/s "
                      f"| MFU {mfu_text} | eta {eta_s / 60:.1f} min")
 
-    # --- policies ------------------------------------------------------------------------------
+    # --- a step gone wrong ---------------------------------------------------------------------
 
-    def handle_bad_step(self, step: int, what: str) -> None:
-        """``runtime.on_nonfinite``: stop with the intact last checkpoint named, or roll back."""
+    def handle_bad_step(self, step: int, what: str) -> int:
+        """``runtime.on_nonfinite``: stop with the intact last checkpoint named, or roll back and
+        return the step to continue from."""
         if self.cfg.runtime.on_nonfinite == "rollback":
-            self.rollback(step, what)
-            return
+            return self.roll_back(step, what)
         newest = layout.latest_checkpoint(self.out_dir, log=self.log)
         rates = self.learning_rates()
         if newest is None:
             raise UserError(f"step {step}: {what}; stopped before any checkpoint: lower {rates} (or raise "
                             "optim.warmup_steps) and start again with --overwrite")
-        if ckpt.nonfinite_tensor(read_weights(newest)) is not None:
+        if start.nonfinite_tensor(read_weights(newest)) is not None:
             raise UserError(f"step {step}: {what}; stopped, and the last checkpoint ({newest}) holds non-finite "
                             f"weights already, so a rollback to it cannot help: lower {rates} and start again "
                             "with --overwrite")
         raise UserError(f"step {step}: {what}; stopped, the last checkpoint ({newest}) is intact: lower {rates}, "
                         "or continue with --resume runtime.on_nonfinite=rollback to skip this batch")
 
+    def roll_back(self, bad_step: int, what: str) -> int:
+        """Reload the newest checkpoint and mark the bad step's batch to be skipped (logged, never
+        silent); returns the checkpoint's step, where the run continues."""
+        path = layout.latest_checkpoint(self.out_dir, log=self.log)
+        if path is None:
+            raise UserError(f"step {bad_step}: {what}, and no checkpoint to roll back to; "
+                            "lower optim.max_lr or set checkpoint.every")
+        if self.rollbacks_in_a_row >= MAX_ROLLBACKS:
+            raise UserError(f"step {bad_step}: {what}; {MAX_ROLLBACKS} rollbacks in a row and no step after them "
+                            f"trains, which no skipped batch explains: lower {self.learning_rates()} and continue "
+                            "with --resume")
+        self.rollbacks_in_a_row += 1
+        skips = self.skip_steps | {bad_step}
+        step = self.restore(path)
+        self.skip_steps = skips
+        if self.run_log:
+            self.run_log.truncate(step)
+        self.log(f"step {bad_step}: {what}; rolled back to {path.name} (step {step}), "
+                 f"step {bad_step}'s batch will be skipped")
+        return step
+
     def learning_rates(self) -> str:
         """The settings that set this recipe's step sizes, for advice."""
         return "optim.max_lr" + (" (embeddings), optim.head_lr or optim.muon_lr"
                                  if self.cfg.optim.optimizer == "muon" else "")
 
-    MAX_ROLLBACKS = 3  # in a row, with no step that trains in between: not one bad batch but the run itself
-
-    def rollback(self, bad_step: int, what: str) -> None:
-        """Reload the newest checkpoint, replay up to the bad step, and skip that step's batch
-        (logged, never silent)."""
-        path = layout.latest_checkpoint(self.out_dir, log=self.log)
-        if path is None:
-            raise UserError(f"step {bad_step}: {what}, and no checkpoint to roll back to; "
-                            "lower optim.max_lr or set checkpoint.every")
-        if self.rollbacks_in_a_row >= self.MAX_ROLLBACKS:
-            raise UserError(f"step {bad_step}: {what}; {self.MAX_ROLLBACKS} rollbacks in a row and no step after them "
-                            f"trains, which no skipped batch explains: lower {self.learning_rates()} and continue "
-                            "with --resume")
-        self.rollbacks_in_a_row += 1
-        skips = self.skip_steps | {bad_step}
-        self.restore(path)
-        self.skip_steps = skips
-        if self.run_log:
-            self.run_log.truncate(self.step)
-        self.log(f"step {bad_step}: {what}; rolled back to {path.name} (step {self.step}), "
-                 f"step {bad_step}'s batch will be skipped")
-
-    def checkpoint_due(self, steps_done: int, stopping: bool) -> bool:
-        every = self.cfg.checkpoint.every
-        return steps_done == self.cfg.optim.max_steps or stopping or (every > 0 and steps_done % every == 0)
-
     # --- checkpoints ---------------------------------------------------------------------------
 
-    def restore(self, path: Path) -> None:
-        """Weights, optimizer, data position, RNG and step from a checkpoint, in place; weights that
-        are not all finite are refused (a run that diverged before it saved them)."""
+    def restore(self, path: Path) -> int:
+        """Weights, optimizer, data position, RNG and skipped batches from a checkpoint, in place;
+        returns its step. Weights that are not all finite are refused (a run that diverged before
+        it saved them)."""
         weights = read_weights(path)
-        broken = ckpt.nonfinite_tensor(weights)
+        broken = start.nonfinite_tensor(weights)
         if broken is not None:
             raise UserError(f"{path}: its weights hold NaN or infinite values ({broken}, ...): the run diverged "
                             "before this checkpoint; move it aside to continue from the one before, at a lower "
                             f"{self.learning_rates()}")
         self.parallel.load_model_state(weights, path)
-        state = ckpt.load_trainer_state(path)
+        state = layout.load_trainer_state(path)
         self.parallel.load_optimizer_state(self.optimizers, state["optimizer"])
         self.loader.load_state_dict(state["loader"])
-        ckpt.set_rng_state(state["rng"])
-        self.step = state["step"]
+        start.set_rng_state(state["rng"])
         self.skip_steps = set(state.get("skip_steps", []))
-
-    checkpoint_failures = 0  # failed checkpoint writes in a row, the same count on every rank
+        return state["step"]
 
     def save(self, step_done: int, final: bool = False) -> None:
-        """Rank 0 writes; a failed write is ``checkpoint.after_a_failed_write``'s to judge. Any
-        exception counts as a failed write: a full disk surfaces as an OSError from Python, but
-        as safetensors' or torch's own error types from their writers."""
+        """Rank 0 writes; a failed write is ``rundir.after_a_failed_write``'s to judge. Any exception
+        counts as a failed write: a full disk surfaces as an OSError from Python, but as safetensors'
+        or torch's own error types from their writers."""
         error = None
         weights = self.parallel.model_state()  # collectives: every rank takes part, rank 0 gets the tensors
         optimizer_state = self.parallel.optimizer_state(self.optimizers)
         if self.is_main:
-            state = {"step": step_done, "optimizer": optimizer_state,
-                     "loader": self.loader.state_dict(), "rng": ckpt.rng_state(), "skip_steps": sorted(self.skip_steps)}
+            state = {"step": step_done, "optimizer": optimizer_state, "loader": self.loader.state_dict(),
+                     "rng": start.rng_state(), "skip_steps": sorted(self.skip_steps)}
             try:
-                path = ckpt.save_checkpoint(self.out_dir, step_done, weights, self.cfg.model, state,
-                                            self.cfg.to_dict(), keep=self.cfg.checkpoint.keep)
+                path = layout.save_checkpoint(self.out_dir, step_done, weights, self.cfg.model, state,
+                                              self.cfg.to_dict(), keep=self.cfg.checkpoint.keep)
                 self.log(f"saved checkpoint {path}")
             except Exception as e:
-                why = ckpt.why_a_write_failed(e, self.out_dir, [weights, state])
+                why = rundir.why_a_write_failed(e, self.out_dir, [weights, state])
                 error = f"checkpoint at step {step_done} failed ({why})"
         if not any_rank(error is not None, self.rt.device):  # also the barrier: rank 0 has finished writing
             self.checkpoint_failures = 0
             return
         self.checkpoint_failures += 1
-        ckpt.after_a_failed_write(self.out_dir, error or f"checkpoint at step {step_done} failed on rank 0 (see its "
-                                  "error)", self.checkpoint_failures, self.cfg.checkpoint.max_failures, final, self.log)
+        rundir.after_a_failed_write(self.out_dir, error or f"checkpoint at step {step_done} failed on rank 0 (see "
+                                    "its error)", self.checkpoint_failures, self.cfg.checkpoint.max_failures, final,
+                                    self.log)
 
-    # --- periodic evaluation -------------------------------------------------------------------
+    # --- evaluation ----------------------------------------------------------------------------
 
     def evaluate_final_model(self, metrics: dict[str, Any], stop: StopRequest) -> None:
         """Val, HellaSwag and samples of the weights the final checkpoint holds: the numbers the
         run reports are the saved model's."""
-        step = self.cfg.optim.max_steps
         try:
             with stop.interruptible(self.rt.dist.world_size == 1):
-                self.evaluate(step, metrics, stop, final=True)
+                self.evaluate(self.cfg.optim.max_steps, metrics, stop, final=True)
         except StopNow:
             self.log(f"the final evaluation was stopped ({stop.signal_name}); training is complete and saved: "
                      f"measure it with gpt2repro eval loss --model {self.out_dir}")
@@ -447,11 +461,14 @@ class Trainer:
     def evaluate(self, step: int, metrics: dict[str, Any], stop: StopRequest, final: bool = False) -> None:
         """What is due at ``step``: val every eval.val_every steps and at the last step (build-nanogpt's
         points), HellaSwag and samples every so many steps; everything once more at the end (``final``)."""
-        cfg, rt = self.cfg, self.rt
-        last = step == cfg.optim.max_steps - 1
-        val = (final and cfg.eval.val_every > 0) or _due(step, cfg.eval.val_every, last)
-        hella = self.hellaswag_items is not None and (final or _due(step, cfg.eval.hellaswag_every, False))
-        samples = cfg.eval.sample_every > 0 and step > 0 and (final or step % cfg.eval.sample_every == 0)
+        cfg, rt, ev = self.cfg, self.rt, self.cfg.eval
+
+        def due(every: int, also: bool = False) -> bool:
+            return every > 0 and (final or also or step % every == 0)
+
+        val = due(ev.val_every, also=step == cfg.optim.max_steps - 1)
+        hella = self.hellaswag_items is not None and due(ev.hellaswag_every)
+        samples = step > 0 and due(ev.sample_every)
         if not (val or hella or samples):
             return
         # Several ranks: a stop signal on any of them stops every rank at the same batch.
@@ -489,8 +506,9 @@ class Trainer:
             samples = generate(model, encode(ev.sample_prompt), num_samples=ev.sample_count,
                                max_new_tokens=ev.sample_tokens, seed=self.cfg.runtime.seed)
         texts = [ev.sample_prompt + decode(s) for s in samples]
-        rundir.record_written(self.out_dir, [layout.SAMPLES_FILE])  # ours from its first line on
-        with writing(self.out_dir / layout.SAMPLES_FILE), open(self.out_dir / layout.SAMPLES_FILE, "a") as f:
+        path = self.out_dir / rundir.SAMPLES_FILE
+        record_written(self.out_dir, [rundir.SAMPLES_FILE])  # ours from its first line on
+        with writing(path), open(path, "a") as f:
             for i, text in enumerate(texts):
                 f.write(f"step {step} sample {i}: {text!r}\n")
         for i, text in enumerate(texts):

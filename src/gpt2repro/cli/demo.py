@@ -9,18 +9,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from gpt2repro.atomic import atomic_write
-from gpt2repro.checkpoints import RUN_DIRS, RUN_FILES, existing_run
+from gpt2repro.config.presets import get_preset, shortened
 from gpt2repro.data.prepare import prepare
 from gpt2repro.data.tokenizer import decode, encode
 from gpt2repro.errors import UserError
-from gpt2repro.load import load_model
+from gpt2repro.files import FolderLock, atomic_write, record_written
 from gpt2repro.model.generate import generate
-from gpt2repro.outdir import FolderLock
-from gpt2repro.presets import get_preset, shortened
+from gpt2repro.model.load import load_model
 from gpt2repro.report.plot import plot_logs
 from gpt2repro.runlog import LOG_FILE
-from gpt2repro.train.rundir import check_new_run_folder, record_written
+from gpt2repro.train.rundir import check_new_run_folder, existing_run, names_written
 from gpt2repro.train.trainer import train
 
 DEMO_PROMPTS = ("The function", "In Python, a class", "The result of")
@@ -45,7 +43,7 @@ def run_demo(out_dir: str | Path = "demo_out", max_steps: int | None = None, ove
             raise UserError(f"{out}: holds an earlier demo ({', '.join(found[:2])}); replace it with "
                             f"`gpt2repro demo --out {out} --overwrite`, or pass a new --out")
         if not resume:
-            check_new_run_folder(out, overwrite, writes=(*RUN_FILES, *RUN_DIRS, *DEMO_FILES))
+            check_new_run_folder(out, overwrite, writes=(*names_written(get_preset("demo")), *DEMO_FILES))
         return _run(out, max_steps, overwrite, resume)
 
 

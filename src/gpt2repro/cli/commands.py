@@ -7,20 +7,21 @@ stays instant.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shlex
 import sys
+from pathlib import Path
 
 from gpt2repro.config import MAX_SAMPLE_TOKENS
-from gpt2repro.errors import UserError
-from gpt2repro.rank0 import print0
+from gpt2repro.errors import UserError, print0
 
 
 def train_config(args: argparse.Namespace):
     """The preset, then the named flags, then KEY=VALUE overrides (last wins)."""
-    from gpt2repro.overrides import apply_overrides, override_keys
-    from gpt2repro.presets import get_preset
+    from gpt2repro.config.presets import get_preset
+    from gpt2repro.config.settings import apply_overrides, override_keys
 
     cfg = get_preset(args.preset)
     flags = {"data.path": ("--data", args.data), "out_dir": ("--out", args.out),
@@ -41,8 +42,8 @@ def train_config(args: argparse.Namespace):
 
 def settings_command(args: argparse.Namespace) -> list[str]:
     """Print every setting of ``--preset`` (with the overrides applied) as it declares itself."""
-    from gpt2repro.overrides import apply_overrides, describe
-    from gpt2repro.presets import get_preset
+    from gpt2repro.config.presets import get_preset
+    from gpt2repro.config.settings import apply_overrides, describe
 
     def shown(value) -> str:
         return str(value).lower() if isinstance(value, bool) else repr(value) if value == "" else str(value)
@@ -64,8 +65,8 @@ def settings_command(args: argparse.Namespace) -> list[str]:
 def chosen_model_settings(args: argparse.Namespace, cfg) -> dict[str, str]:
     """Model keys the command line chose, each with how: a ``model.*`` override, or a switch of a
     ``--preset`` named on the command line (its size is not a choice: --init-from's MODEL has one)."""
-    from gpt2repro.overrides import override_keys
-    from gpt2repro.presets import get_preset
+    from gpt2repro.config.presets import get_preset
+    from gpt2repro.config.settings import override_keys
 
     chosen = {}
     if any(a == "--preset" or a.startswith("--preset=") for a in getattr(args, "argv", None) or []):
@@ -85,8 +86,8 @@ def train_command(args: argparse.Namespace) -> int:
                         "--resume continues this run from its own checkpoint: pass one of them")
     import torch.distributed
 
-    from gpt2repro.checkpoints import list_checkpoints
-    from gpt2repro.load import load_init, resumed_config, start_from
+    from gpt2repro.model.checkpoint import list_checkpoints
+    from gpt2repro.train.start import load_init, resumed_config, start_from
     from gpt2repro.train.trainer import train
 
     init = load_init(cfg.init_from) if cfg.init_from else None
@@ -128,8 +129,8 @@ def sample_command(args: argparse.Namespace) -> list[str]:
     sample is printed token by token as it is generated."""
     from gpt2repro.data.tokenizer import StreamDecoder, decode, encode
     from gpt2repro.device import autocast, free_memory_bytes
-    from gpt2repro.load import load_for_inference
     from gpt2repro.model.generate import generate, sampling_bytes
+    from gpt2repro.model.load import load_for_inference
 
     total = args.num * args.max_new_tokens
     if total > MAX_SAMPLE_TOKENS:
@@ -169,10 +170,10 @@ def evaluate_hellaswag_command(args: argparse.Namespace) -> dict:
     from tqdm import tqdm
 
     from gpt2repro.data.tokenizer import encode
-    from gpt2repro.distributed import init_distributed, shutdown_distributed
+    from gpt2repro.device import init_distributed, shutdown_distributed
     from gpt2repro.eval.hellaswag import OFFICIAL_URL, SCORINGS, evaluate_hellaswag, load_items, summary_lines
     from gpt2repro.eval.output import check_output_file, write_json
-    from gpt2repro.load import load_for_inference
+    from gpt2repro.model.load import load_for_inference
 
     if args.json:
         check_output_file(args.json, inputs=[args.data, args.model])  # now, not after the evaluation
@@ -203,10 +204,10 @@ def evaluate_loss_command(args: argparse.Namespace) -> dict:
     """Loss and bits per byte of MODEL on a split of DIR, on one process or every rank under torchrun."""
     from tqdm import tqdm
 
-    from gpt2repro.distributed import init_distributed, shutdown_distributed
+    from gpt2repro.device import init_distributed, shutdown_distributed
     from gpt2repro.eval.loss import count_windows, evaluate_loss, open_split, summary_line, window_length
     from gpt2repro.eval.output import check_output_file, write_json
-    from gpt2repro.load import load_for_inference
+    from gpt2repro.model.load import load_for_inference
 
     if args.json:
         check_output_file(args.json, inputs=[args.data, args.model])  # now, not after the evaluation
@@ -254,9 +255,9 @@ def evaluate_harness_command(args: argparse.Namespace) -> dict | None:
     require_lm_eval()
     manager = task_manager(names, include_path)  # an unknown task, before the model loads
 
-    from gpt2repro.distributed import init_distributed, shutdown_distributed
+    from gpt2repro.device import init_distributed, shutdown_distributed
     from gpt2repro.eval.harness_lm import GPTLM
-    from gpt2repro.load import load_for_inference
+    from gpt2repro.model.load import load_for_inference
 
     net = load_for_inference(args.model, args.device, args.dtype, int(os.environ.get("LOCAL_RANK", "0")))
     info = init_distributed(net.device.type)
@@ -283,8 +284,8 @@ def interrupted_hint(args: argparse.Namespace) -> str:
         return f"; continue it with: gpt2repro demo --out {shlex.quote(str(args.out))}{steps} --resume"
     if args.command != "train":
         return ""
-    from gpt2repro.checkpoints import list_checkpoints
-    from gpt2repro.presets import get_preset
+    from gpt2repro.config.presets import get_preset
+    from gpt2repro.model.checkpoint import list_checkpoints
 
     try:
         out = args.out or get_preset(args.preset).out_dir
@@ -304,3 +305,68 @@ def resume_command(argv: list[str] | None) -> str:
     launcher = "torchrun <the same torchrun options> -m gpt2repro" if os.environ.get("WORLD_SIZE", "1") != "1" \
         else "gpt2repro"
     return f"{launcher} {shlex.join(args)}"
+
+
+def export_command(args: argparse.Namespace) -> Path:
+    """``gpt2repro export``: MODEL as a Hugging Face GPT-2 directory ``--out``.
+
+    Never into a folder of ours (a checkpoint, a run, shards: the export would replace files
+    that resuming, sampling or training read) nor inside a checkpoint (``checkpoint.keep``
+    deletes old checkpoints, and the export with them); into any other non-empty folder only
+    with ``--overwrite``. A failed write leaves no half-written new folder behind."""
+    import shutil
+
+    from safetensors import SafetensorError
+
+    from gpt2repro.files import folder_target, writing
+    from gpt2repro.model.checkpoint import META_FILE
+    from gpt2repro.model.hf import export_hf
+    from gpt2repro.model.load import load_model
+
+    out = folder_target(args.out, "--out")
+    if out.is_dir() and (what := describe_ours(out)) is not None:
+        raise UserError(f"--out {out}: is {what}; export into a new folder, e.g. {out}-hf")
+    for parent in out.parents:
+        if (parent / META_FILE).is_file():
+            raise UserError(f"--out {out}: is inside the checkpoint {parent}, which checkpoint.keep may delete; "
+                            f"export next to it instead, e.g. {parent}-hf")
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        raise UserError(f"--out {out}: is not empty; pass --overwrite to write the export into it (files of "
+                        "the same names are replaced), or choose a new folder")
+    model = load_model(args.model)
+    created = not out.exists()
+    try:
+        with writing(out):
+            export_hf(model, out)
+            for weights in out.glob("*.safetensors"):  # created 0600 by safetensors: give them the umask's mode
+                shutil.copymode(out / "config.json", weights)
+    except BaseException as e:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        if isinstance(e, SafetensorError):  # safetensors' writer reports a full disk as its own error type
+            raise UserError(f"{out}: cannot write the export ({str(e).splitlines()[0]}); free disk space or "
+                            "choose a writable folder") from e
+        raise
+    print(f"wrote a Hugging Face GPT-2 directory: {out}")
+    return out
+
+
+def describe_ours(folder: Path) -> str | None:
+    """What a gpt2repro command keeps in ``folder`` (a checkpoint, a run, shards), or None."""
+    from gpt2repro.data.prepare import holds_shards
+    from gpt2repro.files import LOCK_FILE
+    from gpt2repro.model.checkpoint import META_FILE, read_config
+    from gpt2repro.train.rundir import existing_run
+
+    if (folder / META_FILE).is_file():
+        return "a gpt2repro checkpoint"
+    with contextlib.suppress(UserError):  # an unreadable config.json is not ours to protect
+        if read_config(folder) is not None:
+            return "a gpt2repro model directory"
+    if existing_run(folder):
+        return "a gpt2repro training run"
+    if holds_shards(folder):
+        return "a folder of token shards"
+    if (folder / LOCK_FILE).exists():
+        return "a folder that a gpt2repro command is writing right now"
+    return None

@@ -12,18 +12,18 @@ import contextlib
 import os
 import sys
 
-from gpt2repro.commands import (
+from gpt2repro.cli.commands import (
     evaluate_harness_command,
     evaluate_hellaswag_command,
     evaluate_loss_command,
+    export_command,
     interrupted_hint,
     sample_command,
     settings_command,
     train_command,
 )
-from gpt2repro.errors import UserError, tell_the_launcher
-from gpt2repro.flags import build_parser
-from gpt2repro.rank0 import is_rank0, print0
+from gpt2repro.cli.parser import build_parser
+from gpt2repro.errors import UserError, is_rank0, print0, tell_the_launcher
 
 
 def run(args: argparse.Namespace) -> int:
@@ -50,16 +50,13 @@ def run(args: argparse.Namespace) -> int:
     elif args.command == "sample":
         sample_command(args)
     elif args.command == "export":
-        from gpt2repro.load import export_model
-
-        out = export_model(args.model, args.out, overwrite=args.overwrite)
-        print(f"wrote a Hugging Face GPT-2 directory: {out}")
+        export_command(args)
     elif args.command == "bench":
         from gpt2repro import bench
 
         bench.run(args)
     elif args.command == "demo":
-        from gpt2repro.demo import run_demo
+        from gpt2repro.cli.demo import run_demo
 
         run_demo(out_dir=args.out, max_steps=args.max_steps, overwrite=args.overwrite, resume=args.resume)
     return 0

@@ -21,8 +21,8 @@ from gpt2repro.config import (
     OptimConfig,
     TrainConfig,
 )
+from gpt2repro.config.settings import set_values
 from gpt2repro.errors import UserError
-from gpt2repro.overrides import set_values
 
 MODEL_PRESETS: dict[str, ModelConfig] = {
     "gpt2": ModelConfig(n_layer=12, n_head=12, n_embd=768),  # 124M

@@ -1,16 +1,18 @@
-"""Where commands write: the right kind of path, names that stay inside, one writer per folder.
+"""How gpt2repro writes files and folders: whole or not at all, where it may, one writer at a time,
+and only over what it wrote.
 
-- ``folder_target`` / ``file_target``: an ``--out`` that must be a folder is refused when a
-  file is there, one that must be a file when a folder is there, and either when a file sits
-  where one of its parent folders should be; checked before any work, so hours of training
-  or evaluation never end in "not a directory".
-- ``plain_name``: a user-given name that becomes part of a file name (a shard ``--prefix``)
-  cannot climb out of the output folder.
-- ``FolderLock``: one gpt2repro writer per folder (prepare, train, demo). It is
-  ``fcntl.flock`` on ``FOLDER/.gpt2repro.lock``, so the kernel drops it when the holder
-  exits, however it exits (SIGKILL, OOM killer, a crashed node's NFS lease): a dead run
-  never leaves its folder locked, and there is nothing to delete by hand. The file is
-  removed when the lock is let go, so a finished or refused command leaves no trace.
+- ``atomic_open`` / ``atomic_write``: the bytes go to a hidden temporary file beside the target,
+  which is fsynced and renamed over it; a crash, a full disk or Ctrl-C leaves the previous file,
+  or none, never half of one. The file gets the mode any ``open`` would give it. A failed write is
+  one ``UserError`` line naming the path (``writing`` does that for files other libraries write).
+- ``folder_target`` / ``file_target``: an ``--out`` of the wrong kind (a file where a folder goes,
+  a file under a file, a dangling link) is refused before any work; ``plain_name`` keeps a
+  user-given name from climbing out of its folder.
+- ``FolderLock``: one gpt2repro writer per folder, ``fcntl.flock`` on ``FOLDER/.gpt2repro.lock``:
+  the kernel drops it when the holder exits however it exits, so a dead run never leaves its
+  folder locked; the file is removed when the lock is let go.
+- The ownership record ``FOLDER/.gpt2repro_files.json``: the names gpt2repro wrote into a folder
+  (a run, the demo). What it lists is ours to replace; nothing else ever is.
 """
 
 from __future__ import annotations
@@ -19,9 +21,69 @@ import contextlib
 import fcntl
 import json
 import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import IO
 
 from gpt2repro.errors import UserError, write_error
+
+
+def temporary_name(path: Path) -> Path:
+    """Where ``atomic_open`` writes before the rename: ``.<name>.<pid>.tmp`` beside ``path``."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
+    """Open ``path`` for writing (``"wb"`` or ``"w"``); it appears only when the block ends cleanly."""
+    if mode not in ("wb", "w"):
+        raise ValueError(f"atomic_open writes whole files: mode 'w' or 'wb', not {mode!r}")
+    path = Path(path)
+    tmp = temporary_name(path)
+    try:
+        try:
+            f = open(tmp, mode, **({"encoding": "utf-8"} if mode == "w" else {}))
+        except OSError as e:
+            raise write_error(path, e) from e
+        try:
+            yield f
+        except BaseException:
+            with contextlib.suppress(OSError):  # a failed flush on close must not hide why the block failed
+                f.close()
+            raise
+        try:
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+            os.replace(tmp, path)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                f.close()
+            raise write_error(path, e) from e
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _remove(tmp: Path) -> None:
+    with contextlib.suppress(OSError):
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write(path: str | Path, data: str | bytes) -> None:
+    """Replace ``path``'s content with ``data`` in one step."""
+    with writing(path), atomic_open(path, "w" if isinstance(data, str) else "wb") as f:
+        f.write(data)
+
+
+@contextlib.contextmanager
+def writing(path: str | Path) -> Iterator[None]:
+    """An OSError in the block is one line naming ``path``: for a block that only writes ``path``."""
+    try:
+        yield
+    except OSError as e:
+        raise write_error(path, e) from e
+
 
 LOCK_FILE = ".gpt2repro.lock"
 FILES_MANIFEST = ".gpt2repro_files.json"  # the names gpt2repro wrote into a folder (a run, the demo)
@@ -82,10 +144,16 @@ def file_target(path: str | Path, flag: str = "--out") -> Path:
 def manifest_names(folder: Path) -> set[str] | None:
     """The names ``folder``'s ``FILES_MANIFEST`` lists, or None without a readable one."""
     try:
-        names = json.loads((folder / FILES_MANIFEST).read_text())
+        names = json.loads((Path(folder) / FILES_MANIFEST).read_text())
     except (OSError, ValueError):
         return None
     return set(names) if isinstance(names, list) and all(isinstance(n, str) for n in names) else None
+
+
+def record_written(folder: Path, names: Iterable[str]) -> None:
+    """Add ``names`` to the folder's ownership record: from now on they are ours to replace."""
+    atomic_write(Path(folder) / FILES_MANIFEST, json.dumps(sorted((manifest_names(folder) or set()) | set(names)))
+                 + "\n")
 
 
 def plain_name(name: str, flag: str) -> str:

@@ -12,10 +12,9 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
-from gpt2repro.errors import UserError
-from gpt2repro.settings import (
+from gpt2repro.config.settings import (
     AT_LEAST_0,
     AT_LEAST_1,
     AUTO,
@@ -29,6 +28,7 @@ from gpt2repro.settings import (
     fits,
     setting,
 )
+from gpt2repro.errors import UserError
 
 GPT2_VOCAB_SIZE = 50257  # OpenAI's BPE: 50,000 merges + 256 bytes + <|endoftext|>
 PADDED_VOCAB_SIZE = 50304  # next multiple of 128: friendlier matmul shapes, same model
@@ -125,7 +125,7 @@ SIZE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "real_vo
 class DataConfig:
     path: str = setting("data/edu_fineweb10B", "folder of token shards (gpt2repro prepare --out)")
     seq_len: int = setting(1024, "T: tokens per sequence", allowed=AT_LEAST_1, unit="tokens")
-    micro_batch: Union[int, AUTO] = setting(64, "B: sequences per rank per micro-step; auto: the largest that fits",
+    micro_batch: int | AUTO = setting(64, "B: sequences per rank per micro-step; auto: the largest that fits",
                                             allowed=AT_LEAST_1, unit="sequences")
     shuffle_shards: bool = setting(False, "permute the train shards' order every epoch (the same on all ranks)")
     seed: int = setting(1337, "seed of the shard shuffle", allowed=SEED)
@@ -194,10 +194,10 @@ class RuntimeConfig:
     device: str = setting("auto", "auto, cpu, cuda, cuda:N or mps")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = setting("auto", "autocast dtype; auto: bfloat16 "
                                                                                "where supported")
-    compile: Union[bool, AUTO] = setting("auto", "torch.compile the training model; auto: on CUDA")
-    fused_adamw: Union[bool, AUTO] = setting("auto", "the fused AdamW kernel; auto: where the device has it")
+    compile: bool | AUTO = setting("auto", "torch.compile the training model; auto: on CUDA")
+    fused_adamw: bool | AUTO = setting("auto", "the fused AdamW kernel; auto: where the device has it")
     # auto: 128 on the CPU (measured 1.37x faster step for the demo model), off on GPUs
-    ce_chunk_rows: Union[int, AUTO] = setting("auto", "LM head + loss fused in chunks of this many rows; 0: off "
+    ce_chunk_rows: int | AUTO = setting("auto", "LM head + loss fused in chunks of this many rows; 0: off "
                                                       "(plain logits + cross-entropy)", allowed=AT_LEAST_0)
     parallel: Literal["ddp", "fsdp"] = setting("ddp", "ddp (a whole replica per rank) or fsdp (FSDP2: weights, "
                                                       "gradients and optimizer state sharded)")

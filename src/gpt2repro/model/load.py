@@ -1,0 +1,83 @@
+"""A MODEL argument made into a model: one of our checkpoints or run folders, a Hugging Face
+GPT-2 directory, or a hub name such as ``gpt2``. What eval, sample, export, bench and the demo
+take with ``--model``. Weights that are not all finite are refused: nothing useful comes of them."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from gpt2repro.device import pick_autocast_dtype, pick_device
+from gpt2repro.errors import UserError
+from gpt2repro.model.checkpoint import (
+    META_FILE,
+    MODEL_FILES,
+    latest_checkpoint,
+    load_model_dir,
+    read_config,
+    verify_checkpoint,
+)
+from gpt2repro.model.gpt import GPT
+from gpt2repro.model.hf import from_pretrained
+
+
+def load_model(spec: str, device: str | torch.device = "cpu") -> GPT:
+    """MODEL as our GPT on ``device``; weights that are not all finite are refused in one line."""
+    model = _load_model(spec, device)
+    broken = next((name for name, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+    if broken is not None:
+        raise UserError(f"{spec}: its weights hold NaN or infinite values ({broken}, ...): the run diverged before "
+                        "it was saved; use an earlier checkpoint")
+    return model
+
+
+def _load_model(spec: str, device: str | torch.device) -> GPT:
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if read_config(path) is not None:  # one checkpoint, or an exported model of ours
+            if (path / META_FILE).exists():
+                verify_checkpoint(path, only=MODEL_FILES)
+            return load_model_dir(path, device)
+        newest = latest_checkpoint(path, only=MODEL_FILES)  # a run directory
+        if newest is not None:
+            return load_model_dir(newest, device)
+        if (path / "config.json").is_file():
+            return from_pretrained(str(path)).to(device)
+        raise UserError(f"{path}: neither a gpt2repro checkpoint or run directory (with a complete "
+                        "ckpt_*) nor a Hugging Face GPT-2 directory (config.json + weights)")
+    if path.exists():
+        raise UserError(f"{path}: is a file; pass the checkpoint directory that holds it")
+    if path.is_symlink():  # not a hub name: a link here that leads nowhere, or in a loop
+        raise UserError(f"{path}: a symbolic link to {path.readlink()}, which does not exist (or loops); "
+                        "pass the checkpoint, run or Hugging Face directory itself")
+    if not looks_like_hub_name(spec):
+        raise UserError(f"{spec}: no such directory; pass a checkpoint, run or Hugging Face directory "
+                        "(or a hub name such as gpt2 or org/name)")
+    return from_pretrained(spec).to(device)
+
+
+HUB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
+
+
+def looks_like_hub_name(spec: str) -> bool:
+    """``gpt2`` or ``org/name``, and not a path into a folder that is here (``runs/x`` when
+    ``runs/`` exists): only such names are worth a network round trip."""
+    if not HUB_NAME.match(spec) or "--" in spec or ".." in spec or spec.endswith((".", "-")):
+        return False
+    return "/" not in spec or not Path(spec.split("/")[0]).exists()
+
+
+class Inference(NamedTuple):
+    model: GPT
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+
+
+def load_for_inference(spec: str, device: str = "auto", dtype: str = "auto", local_rank: int = 0) -> Inference:
+    """The model on the chosen device, in eval mode, with the autocast dtype to run it under."""
+    dev = pick_device(device, local_rank)
+    autocast_dtype = pick_autocast_dtype(dtype, dev)
+    return Inference(load_model(spec, dev).eval(), dev, autocast_dtype)
