@@ -72,7 +72,7 @@ def test_token_counts_take_scientific_notation():
                               "--max-tokens", "1.5e6"])
     assert (args.shard_tokens, args.val_tokens, args.max_tokens) == (100_000, 2_000, 1_500_000)
     assert parser.parse_args(["plot", "--log", "l", "--tokens-per-step", "5.24288e5"]).tokens_per_step == 524_288
-    assert parser.parse_args(["train", "--max-steps", "1e3"]).max_steps == 1000
+    assert parser.parse_args(["train", "--max-steps", "1e3"]).settings["optim.max_steps"] == ("--max-steps", 1000)
 
 
 def test_overrides_may_come_before_between_and_after_flags_and_the_last_wins():

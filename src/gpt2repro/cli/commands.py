@@ -14,30 +14,9 @@ import shlex
 import sys
 from pathlib import Path
 
+from gpt2repro.cli.parser import train_config
 from gpt2repro.config import MAX_SAMPLE_TOKENS
 from gpt2repro.errors import UserError, print0
-
-
-def train_config(args: argparse.Namespace):
-    """The preset, then the named flags, then KEY=VALUE overrides (last wins)."""
-    from gpt2repro.config.presets import get_preset
-    from gpt2repro.config.settings import apply_overrides, override_keys
-
-    cfg = get_preset(args.preset)
-    flags = {"data.path": ("--data", args.data), "out_dir": ("--out", args.out),
-             "optim.max_steps": ("--max-steps", args.max_steps),
-             "data.micro_batch": ("--micro-batch", args.micro_batch),
-             "runtime.compile": ("--compile" if args.compile else "--no-compile", args.compile),
-             "runtime.parallel": ("--parallel", args.parallel), "init_from": ("--init-from", args.init_from),
-             "runtime.device": ("--device", None if args.device == "auto" else args.device),
-             "runtime.dtype": ("--dtype", None if args.dtype == "auto" else args.dtype)}
-    given = {key: flag for key, (flag, value) in flags.items() if value is not None}
-    overrides = [item for item in args.overrides if "=" in item]  # others are refused below, as they are
-    for item, key in zip(overrides, override_keys(cfg, overrides)):
-        if key in given:
-            raise UserError(f"{given[key]} and {item.strip()} both set {key}; pass one of them")
-    named = [f"{key}={value}" for key, (_, value) in flags.items() if value is not None]
-    return apply_overrides(cfg, named + list(args.overrides)).validate()
 
 
 def settings_command(args: argparse.Namespace) -> list[str]:
@@ -288,7 +267,7 @@ def interrupted_hint(args: argparse.Namespace) -> str:
     from gpt2repro.model.checkpoint import list_checkpoints
 
     try:
-        out = args.out or get_preset(args.preset).out_dir
+        out = args.settings["out_dir"][1] if "out_dir" in args.settings else get_preset(args.preset).out_dir
     except UserError:
         return ""
     newest = list_checkpoints(out)

@@ -5,12 +5,16 @@ types that check a value where it enters). What a flag does is in ``commands`` a
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import textwrap
+import typing
+from typing import Literal
 
-from gpt2repro.config import DataConfig, RuntimeConfig
-from gpt2repro.config.presets import PRESET_ALIASES, RECIPE_PAIRS, TRAIN_PRESETS
-from gpt2repro.config.settings import choices, declared, flag_help, parse_int
+from gpt2repro.config import RuntimeConfig, TrainConfig
+from gpt2repro.config.presets import PRESET_ALIASES, RECIPE_PAIRS, TRAIN_PRESETS, get_preset
+from gpt2repro.config.settings import choices, declared, flags, parse_int, parse_overrides, parse_value, set_values
+from gpt2repro.errors import UserError
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -86,9 +90,9 @@ PLOT_SIZES = ("124M", "350M", "774M", "1558M")
 
 
 def _add_device_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", help=flag_help(RuntimeConfig, "device"))
-    p.add_argument("--dtype", default="auto", choices=choices(declared(RuntimeConfig, "dtype")[0]),
-                   help=flag_help(RuntimeConfig, "dtype"))
+    for name in ("device", "dtype"):
+        annotation, f = declared(RuntimeConfig, name)
+        p.add_argument(f"--{name}", default="auto", choices=choices(annotation) or None, help=f.metadata["help"])
 
 
 def _add_model_flag(p: argparse.ArgumentParser) -> None:
@@ -137,28 +141,63 @@ def _train(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="gpt2-124m-10b", metavar="NAME",
                    help=f"training preset: {', '.join(TRAIN_PRESETS)}; or a size alias: "
                         f"{', '.join(f'{a} = {p}' for a, p in PRESET_ALIASES.items())}")
-    p.add_argument("--data", default=None, help="directory of token shards (default: the preset's data.path)")
-    p.add_argument("--out", default=None, help="run directory: log, checkpoints, samples (default: the preset's)")
-    p.add_argument("--max-steps", type=count(1), default=None,
-                   help="length of the LR schedule, in optimizer steps (default: the preset's)")
+    for flag, key, annotation, f in flags(TrainConfig):  # declared beside their settings (config/)
+        add_setting_flag(p, flag, key, annotation, f)
     p.add_argument("--stop-at-step", type=count(1), default=None,
                    help="checkpoint and exit after this step, without changing the schedule")
-    p.add_argument("--micro-batch", default=None, help=flag_help(DataConfig, "micro_batch"))
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
-    p.add_argument("--init-from", default=None, metavar="MODEL",
-                   help="start from MODEL's weights (our checkpoint or run, a Hugging Face GPT-2 folder, a hub name "
-                        "such as gpt2) with a fresh optimizer and schedule: fine-tuning, continued pretraining")
     p.add_argument("--overwrite", action="store_true",
                    help="start over: delete the run already in --out (checkpoints, log, samples, config) first")
-    p.add_argument("--parallel", default=None, choices=choices(declared(RuntimeConfig, "parallel")[0]),
-                   help=flag_help(RuntimeConfig, "parallel"))
-    p.add_argument("--compile", dest="compile", action="store_true", default=None,
-                   help="torch.compile the training model (default: on CUDA only)")
-    p.add_argument("--no-compile", dest="compile", action="store_false", default=None, help="never torch.compile")
-    _add_device_flags(p)
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="config overrides, e.g. optim.max_lr=3e-4 or eval.val_every=100; every key, its range and "
                         "its meaning: gpt2repro settings")
+    p.set_defaults(settings={})
+
+
+class SetSetting(argparse.Action):
+    """A flag declared by a setting: its typed value goes into ``args.settings[key]``, with the flag
+    that gave it (for the line that refuses the same setting given twice)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        value = self.const if self.nargs == 0 else values
+        namespace.settings = {**namespace.settings, self.dest: (option_string, value)}
+
+
+def add_setting_flag(p: argparse.ArgumentParser, flag: str, key: str, annotation, f) -> None:
+    """``flag`` for the setting ``key``: parsed as the setting parses its values (a bool setting
+    also gets ``--no-...``), with the setting's help and the preset's value as its default."""
+    help_text, allowed = f.metadata["help"], f.metadata["range"]
+    if True in choices(annotation):  # a switch: --flag and --no-flag
+        p.add_argument(flag, dest=key, action=SetSetting, nargs=0, const=True, default=argparse.SUPPRESS,
+                       help=f"{help_text} (default: the preset's)")
+        p.add_argument(f"--no-{flag[2:]}", dest=key, action=SetSetting, nargs=0, const=False,
+                       default=argparse.SUPPRESS, help=f"the opposite of {flag}")
+        return
+    if annotation is int and allowed is not None:
+        kind = count(int(allowed.low), None if allowed.high == math.inf else int(allowed.high))
+    else:
+        def kind(text: str):
+            try:
+                return parse_value(text, annotation, key, allowed)
+            except UserError as e:
+                raise argparse.ArgumentTypeError(str(e)) from None
+    literal = typing.get_origin(annotation) is Literal
+    p.add_argument(flag, dest=key, action=SetSetting, type=kind, default=argparse.SUPPRESS,
+                   choices=choices(annotation) if literal else None,
+                   metavar=None if literal else key.rsplit(".", 1)[-1].upper(),
+                   help=f"{help_text} (the preset's by default; setting {key})")
+
+
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    """The preset, then the flags, then KEY=VALUE overrides; one setting given both ways is refused."""
+    cfg = get_preset(args.preset)
+    overrides = [item for item in args.overrides if "=" in item]
+    typed = parse_overrides(cfg, list(args.overrides))  # other items are refused here, as they are
+    for item, (key, _) in zip(overrides, typed):
+        if key in args.settings:
+            raise UserError(f"{args.settings[key][0]} and {item.strip()} both set {key}; pass one of them")
+    values = {key: value for key, (_, value) in args.settings.items()}
+    return set_values(cfg, values | dict(typed)).validate()
 
 
 def _settings(sub, common: argparse.ArgumentParser) -> None:

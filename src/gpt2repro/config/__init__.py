@@ -123,10 +123,10 @@ SIZE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "real_vo
 
 @dataclass
 class DataConfig:
-    path: str = setting("data/edu_fineweb10B", "folder of token shards (gpt2repro prepare --out)")
+    path: str = setting("data/edu_fineweb10B", "folder of token shards (gpt2repro prepare --out)", flag="--data")
     seq_len: int = setting(1024, "T: tokens per sequence", allowed=AT_LEAST_1, unit="tokens")
     micro_batch: int | AUTO = setting(64, "B: sequences per rank per micro-step; auto: the largest that fits",
-                                            allowed=AT_LEAST_1, unit="sequences")
+                                      allowed=AT_LEAST_1, unit="sequences", flag="--micro-batch")
     shuffle_shards: bool = setting(False, "permute the train shards' order every epoch (the same on all ranks)")
     seed: int = setting(1337, "seed of the shard shuffle", allowed=SEED)
 
@@ -136,7 +136,7 @@ class OptimConfig:
     total_batch_tokens: int = setting(524_288, "tokens per optimizer step over all ranks (2**19, as in GPT-3)",
                                       allowed=Range(1, 2**30, "[]"), unit="tokens")
     max_steps: int = setting(19_073, "length of the run and its LR schedule (19,073 ≈ 10B tokens)",
-                             allowed=AT_LEAST_1, unit="steps")
+                             allowed=AT_LEAST_1, unit="steps", flag="--max-steps")
     warmup_steps: int = setting(715, "linear warmup from 0 to max_lr", allowed=AT_LEAST_0, unit="steps")
     max_lr: float = setting(6e-4, "peak LR (muon: the embeddings' Adam LR)", allowed=LEARNING_RATE)
     min_lr: float = setting(6e-5, "LR at the end of the decay (10% of max_lr)", allowed=LEARNING_RATE)
@@ -191,16 +191,16 @@ class CheckpointConfig:
 
 @dataclass
 class RuntimeConfig:
-    device: str = setting("auto", "auto, cpu, cuda, cuda:N or mps")
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = setting("auto", "autocast dtype; auto: bfloat16 "
-                                                                               "where supported")
-    compile: bool | AUTO = setting("auto", "torch.compile the training model; auto: on CUDA")
+    device: str = setting("auto", "auto, cpu, cuda, cuda:N or mps", flag="--device")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = setting(
+        "auto", "autocast dtype; auto: bfloat16 where supported", flag="--dtype")
+    compile: bool | AUTO = setting("auto", "torch.compile the training model; auto: on CUDA", flag="--compile")
     fused_adamw: bool | AUTO = setting("auto", "the fused AdamW kernel; auto: where the device has it")
     # auto: 128 on the CPU (measured 1.37x faster step for the demo model), off on GPUs
     ce_chunk_rows: int | AUTO = setting("auto", "LM head + loss fused in chunks of this many rows; 0: off "
                                                       "(plain logits + cross-entropy)", allowed=AT_LEAST_0)
     parallel: Literal["ddp", "fsdp"] = setting("ddp", "ddp (a whole replica per rank) or fsdp (FSDP2: weights, "
-                                                      "gradients and optimizer state sharded)")
+                                                      "gradients and optimizer state sharded)", flag="--parallel")
     activation_checkpointing: bool = setting(False, "recompute each block's activations in the backward pass")
     ddp_bucket_mb: int = setting(25, "DDP gradient bucket: all-reduces overlap the backward pass",
                                  allowed=AT_LEAST_1, unit="MB")
@@ -226,8 +226,10 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
-    out_dir: str = setting("runs/gpt2-124m", "the run folder: log, checkpoints, samples (--out)")
-    init_from: str = setting("", "the MODEL the run started from (--init-from); empty: from scratch")
+    out_dir: str = setting("runs/gpt2-124m", "the run folder: log, checkpoints, samples", flag="--out")
+    init_from: str = setting("", "start from MODEL's weights (our checkpoint or run, a Hugging Face GPT-2 folder, a "
+                                 "hub name such as gpt2) with a fresh optimizer and schedule; empty: from scratch",
+                             flag="--init-from")
     init_sha256: str = setting("", "sha256 of the weights it started from, as loaded")
 
     def validate(self) -> TrainConfig:

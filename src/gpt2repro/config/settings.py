@@ -50,9 +50,10 @@ LEARNING_RATE = Range(0, 10)
 AUTO = Literal["auto"]  # a setting that the machine picks unless the user does
 
 
-def setting(default: Any, help: str, *, allowed: Range | None = None, unit: str = "") -> Any:
-    """A config field that declares itself (choices come from its ``Literal`` type)."""
-    return dataclasses.field(default=default, metadata={"help": help, "range": allowed, "unit": unit})
+def setting(default: Any, help: str, *, allowed: Range | None = None, unit: str = "", flag: str = "") -> Any:
+    """A config field that declares itself (choices come from its ``Literal`` type); ``flag``: the
+    ``train`` flag that sets it too (``gpt2repro.cli.parser`` builds it from this declaration)."""
+    return dataclasses.field(default=default, metadata={"help": help, "range": allowed, "unit": unit, "flag": flag})
 
 
 def _options(annotation: Any) -> tuple[Any, ...]:
@@ -146,12 +147,16 @@ def declared(cls: type, name: str) -> tuple[Any, dataclasses.Field]:
     return typing.get_type_hints(cls)[name], {f.name: f for f in dataclasses.fields(cls)}[name]
 
 
-def flag_help(cls: type, name: str) -> str:
-    """A flag's help from the setting it sets: its help, and its range if it has one (choices
-    are the flag's own ``choices``, which argparse shows)."""
-    annotation, f = declared(cls, name)
-    allowed = f.metadata["range"]
-    return f"{f.metadata['help']} ({allowed_text(annotation, allowed)})" if allowed else f.metadata["help"]
+def flags(cls: type, prefix: str = "") -> list[tuple[str, str, Any, dataclasses.Field]]:
+    """(flag, dotted key, type, field) of every setting of the tree ``cls`` that declares a flag."""
+    found = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            found += flags(hints[f.name], f"{prefix}{f.name}.")
+        elif f.metadata.get("flag"):
+            found.append((f.metadata["flag"], prefix + f.name, hints[f.name], f))
+    return found
 
 
 def parse_int(text: str) -> int:
@@ -276,8 +281,9 @@ def describe(cfg: Any) -> list[Setting]:
     for key in config_keys(cfg):
         node, leaf, annotation, allowed = _field(cfg, key)
         field = declared(type(node), leaf)[1]
+        flag = f" (train {field.metadata['flag']})" if field.metadata["flag"] else ""
         described.append(Setting(key, getattr(node, leaf), allowed_text(annotation, allowed),
-                                 field.metadata["unit"], field.metadata["help"]))
+                                 field.metadata["unit"], field.metadata["help"] + flag))
     return described
 
 
