@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from gpt2repro.config.presets import MODEL_PRESETS
-from gpt2repro.device import PEAK_BF16_FLOPS, DistInfo, Runtime, peak_flops, rounds_on_every_rank
+from gpt2repro.device import DistInfo, Runtime, peak_flops, rounds_on_every_rank
 from gpt2repro.errors import print0
 from gpt2repro.model import checkpoint as layout
 from gpt2repro.model.generate import generate
@@ -35,7 +35,6 @@ def test_a_gpus_name_gives_its_peak_flops(monkeypatch, name, peak):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     assert peak_flops(torch.device("cuda", 0)) == peak
     assert peak_flops(torch.device("cpu")) is None
-    assert peak is None or peak in PEAK_BF16_FLOPS.values()
 
 
 def test_auto_micro_batch_on_a_gpu_takes_the_largest_that_fits(monkeypatch):

@@ -24,8 +24,7 @@ import torch.distributed as dist
 from gpt2repro.errors import UserError
 
 DEVICE_KEY = "runtime.device"  # what train --device sets
-DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
-          "fp16": torch.float16, "float32": None, "fp32": None}
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": None}
 
 
 def pick_device(name: str = "auto", local_rank: int = 0, flag: str = "--device") -> torch.device:
@@ -53,28 +52,21 @@ def pick_device(name: str = "auto", local_rank: int = 0, flag: str = "--device")
 
 
 def pick_autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for plain float32."""
-    if name in (None, "", "auto"):
-        if device.type == "cuda":  # emulated bf16 (V100, T4) is slower than fp16 with a GradScaler
-            return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
-        return None
-    if name not in DTYPES:
-        raise UserError(f"dtype {name!r}: choose auto, bfloat16, float16 or float32")
-    return DTYPES[name]
+    """The autocast dtype, or None for plain float32 (names: the config's and the flags' choices)."""
+    if name != "auto":
+        return DTYPES[name]
+    if device.type == "cuda":  # emulated bf16 (V100, T4) is slower than fp16 with a GradScaler
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    return None
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Host-to-GPU copies go through pinned memory without blocking, so they overlap with
-    the GPU's work and cost no host synchronisation."""
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
+    """Host-to-GPU copies through pinned memory, without blocking: no host synchronisation."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
 
 
 def enable_tf32(device: torch.device) -> None:
@@ -84,23 +76,15 @@ def enable_tf32(device: torch.device) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
-def resolve_flag(value, device: torch.device, auto_on: tuple[str, ...] = ("cuda",)) -> bool:
-    """A config switch that is True, False or "auto" (on for the given device types)."""
-    if isinstance(value, bool):
-        return value
-    if value in ("auto", None, ""):
-        return device.type in auto_on
-    raise UserError(f"expected true, false or auto, got {value!r}")
+def resolve_flag(value: bool | str, device: torch.device, auto_on: tuple[str, ...] = ("cuda",)) -> bool:
+    """A config switch that is true, false or auto (on for the given device types)."""
+    return value if isinstance(value, bool) else device.type in auto_on
 
 
-def resolve_ce_chunk_rows(value, device: torch.device) -> int:
+def resolve_ce_chunk_rows(value: int | str, device: torch.device) -> int:
     """Rows per chunk of the fused LM head + loss (0: off). On the CPU small chunks keep the
     logits in cache and skip the full-size softmax gradient; on GPUs it is opt-in."""
-    if value in ("auto", None, ""):
-        return 128 if device.type == "cpu" else 0
-    if isinstance(value, int) and value >= 0:
-        return value
-    raise UserError(f"runtime.ce_chunk_rows={value!r}: use auto, 0 (off) or a number of rows")
+    return (128 if device.type == "cpu" else 0) if value == "auto" else value
 
 
 def fused_adamw_available(device: torch.device) -> bool:
@@ -135,24 +119,10 @@ def free_memory_bytes(device: torch.device) -> int | None:
         return None
 
 
-# Dense (no sparsity) peak tensor-core FLOP/s in bf16/fp16, from the vendors' datasheets.
-PEAK_BF16_FLOPS = {
-    "B200": 2250e12,
-    "H200": 989e12,
-    "GH200": 989e12,
-    "H100 NVL": 835e12,
-    "H100 PCIe": 756e12,
-    "H100": 989e12,  # SXM
-    "H800": 989e12,
-    "A100": 312e12,
-    "A800": 312e12,
-    "L40S": 362e12,
-    "L4": 121e12,
-    "RTX 4090": 165e12,
-    "RTX 3090": 71e12,
-    "V100": 125e12,
-    "T4": 65e12,
-}
+# Dense (no sparsity) peak tensor-core FLOP/s in bf16/fp16, from the vendors' datasheets ("H100" is the SXM).
+PEAK_BF16_FLOPS = {"B200": 2250e12, "H200": 989e12, "GH200": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12,
+                   "H100": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12, "L4": 121e12,
+                   "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12}
 
 
 def peak_flops(device: torch.device) -> float | None:

@@ -144,35 +144,44 @@ def sample_command(args: argparse.Namespace) -> list[str]:
     return texts
 
 
-def evaluate_hellaswag_command(args: argparse.Namespace) -> dict:
-    """HellaSwag on one process, or on every rank under torchrun (items spread over ranks)."""
+@contextlib.contextmanager
+def on_every_rank(args: argparse.Namespace, total_of=None, desc: str = ""):
+    """MODEL loaded for inference on this rank's device, the process group joined under torchrun, and
+    a progress bar over ``total_of(info)`` of rank 0's work when a person watches a terminal; yields
+    (model, device info, rank info, bar). The group is left however the evaluation ends."""
     from tqdm import tqdm
 
-    from gpt2repro.data.tokenizer import encode
     from gpt2repro.device import init_distributed, shutdown_distributed
+    from gpt2repro.model.load import load_for_inference
+
+    net = load_for_inference(args.model, args.device, args.dtype, int(os.environ.get("LOCAL_RANK", "0")))
+    info = init_distributed(net.device.type)
+    bar = tqdm(total=total_of(info, net) if total_of else None, desc=desc, unit="item",
+               disable=total_of is None or info.rank != 0 or not sys.stderr.isatty())
+    try:
+        yield net, info, bar
+    finally:
+        bar.close()
+        shutdown_distributed()
+
+
+def evaluate_hellaswag_command(args: argparse.Namespace) -> dict:
+    """HellaSwag on one process, or on every rank under torchrun (items spread over ranks)."""
+    from gpt2repro.data.tokenizer import encode
     from gpt2repro.eval.hellaswag import OFFICIAL_URL, SCORINGS, evaluate_hellaswag, load_items, summary_lines
     from gpt2repro.eval.output import check_output_file, write_json
-    from gpt2repro.model.load import load_for_inference
 
     if args.json:
         check_output_file(args.json, inputs=[args.data, args.model])  # now, not after the evaluation
     items = load_items(args.data, args.limit)
-    net = load_for_inference(args.model, args.device, args.dtype, int(os.environ.get("LOCAL_RANK", "0")))
     encode("")  # build the BPE tables now, so the first scoring's items/s does not include them
-    info = init_distributed(net.device.type)
-    # Rank 0's share of the items, once per scoring; a bar only for a person watching a terminal.
-    bar = tqdm(total=len(SCORINGS) * len(items[::info.world_size]), desc="hellaswag", unit="item",
-               disable=info.rank != 0 or not sys.stderr.isatty())
-    try:
+    with on_every_rank(args, lambda info, _: len(SCORINGS) * len(items[::info.world_size]), "hellaswag") as (
+            net, info, bar):
         results = evaluate_hellaswag(net.model, items, batch_size=args.batch_size, device=net.device,
                                      autocast_dtype=net.autocast_dtype, rank=info.rank, world_size=info.world_size,
                                      progress=bar.update)
-    finally:
-        bar.close()
-        shutdown_distributed()
     if info.is_main:
-        for line in summary_lines(results):
-            print(line)
+        print("\n".join(summary_lines(results)))
         if args.json:
             write_json(args.json, {"model": args.model, "data": str(args.data) if args.data else OFFICIAL_URL,
                                    **results})
@@ -181,12 +190,8 @@ def evaluate_hellaswag_command(args: argparse.Namespace) -> dict:
 
 def evaluate_loss_command(args: argparse.Namespace) -> dict:
     """Loss and bits per byte of MODEL on a split of DIR, on one process or every rank under torchrun."""
-    from tqdm import tqdm
-
-    from gpt2repro.device import init_distributed, shutdown_distributed
     from gpt2repro.eval.loss import count_windows, evaluate_loss, open_split, summary_line, window_length
     from gpt2repro.eval.output import check_output_file, write_json
-    from gpt2repro.model.load import load_for_inference
 
     if args.json:
         check_output_file(args.json, inputs=[args.data, args.model])  # now, not after the evaluation
@@ -194,19 +199,15 @@ def evaluate_loss_command(args: argparse.Namespace) -> dict:
     n_stream = len(open_split(args.data, args.split))  # a missing folder or split, before the model loads
     if args.seq_len:
         count_windows(n_stream, args.seq_len, args.tokens, where)
-    net = load_for_inference(args.model, args.device, args.dtype, int(os.environ.get("LOCAL_RANK", "0")))
-    seq_len = window_length(args.seq_len, net.model.config.block_size)
-    windows = count_windows(n_stream, seq_len, args.tokens, where)
-    info = init_distributed(net.device.type)
-    bar = tqdm(total=len(range(info.rank, windows, info.world_size)), desc="eval loss", unit="window",
-               disable=info.rank != 0 or not sys.stderr.isatty())
-    try:
-        result = evaluate_loss(net.model, args.data, split=args.split, seq_len=seq_len, n_tokens=args.tokens,
+
+    def windows_of_rank0(info, net) -> int:
+        windows = count_windows(n_stream, window_length(args.seq_len, net.model.config.block_size), args.tokens, where)
+        return len(range(info.rank, windows, info.world_size))
+
+    with on_every_rank(args, windows_of_rank0, "eval loss") as (net, info, bar):
+        result = evaluate_loss(net.model, args.data, split=args.split, seq_len=args.seq_len, n_tokens=args.tokens,
                                batch_size=args.batch_size, device=net.device, autocast_dtype=net.autocast_dtype,
                                rank=info.rank, world_size=info.world_size, progress=bar.update)
-    finally:
-        bar.close()
-        shutdown_distributed()
     if info.is_main:
         print(summary_line(result))
         if args.json:
@@ -216,42 +217,26 @@ def evaluate_loss_command(args: argparse.Namespace) -> dict:
 
 def evaluate_harness_command(args: argparse.Namespace) -> dict | None:
     """lm-evaluation-harness tasks on MODEL through lm-eval's own API; the results on rank 0."""
-    from gpt2repro.eval.harness import (
-        check_include_path,
-        evaluate_tasks,
-        json_text,
-        parse_tasks,
-        require_lm_eval,
-        table_lines,
-        task_manager,
-    )
+    from gpt2repro.eval import harness
     from gpt2repro.eval.output import check_output_file, write_json_text
 
     if args.json:
         check_output_file(args.json, inputs=[args.include_path, args.model])  # now, not after the evaluation
-    names = parse_tasks(args.tasks)
-    include_path = check_include_path(args.include_path)
-    require_lm_eval()
-    manager = task_manager(names, include_path)  # an unknown task, before the model loads
-
-    from gpt2repro.device import init_distributed, shutdown_distributed
+    names = harness.parse_tasks(args.tasks)
+    include_path = harness.check_include_path(args.include_path)
+    harness.require_lm_eval()
+    manager = harness.task_manager(names, include_path)  # an unknown task, before the model loads
     from gpt2repro.eval.harness_lm import GPTLM
-    from gpt2repro.model.load import load_for_inference
 
-    net = load_for_inference(args.model, args.device, args.dtype, int(os.environ.get("LOCAL_RANK", "0")))
-    info = init_distributed(net.device.type)
-    lm = GPTLM(net.model, device=net.device, autocast_dtype=net.autocast_dtype, batch_size=args.batch_size,
-               rank=info.rank, world_size=info.world_size, name=args.model)
-    try:
-        results = evaluate_tasks(lm, names, manager, limit=args.limit, num_fewshot=args.num_fewshot,
-                                 progress_bars=info.rank == 0 and sys.stderr.isatty())
-    finally:
-        shutdown_distributed()
+    with on_every_rank(args) as (net, info, _):
+        lm = GPTLM(net.model, device=net.device, autocast_dtype=net.autocast_dtype, batch_size=args.batch_size,
+                   rank=info.rank, world_size=info.world_size, name=args.model)
+        results = harness.evaluate_tasks(lm, names, manager, limit=args.limit, num_fewshot=args.num_fewshot,
+                                         progress_bars=info.rank == 0 and sys.stderr.isatty())
     if info.is_main and results is not None:
-        for line in table_lines(results):
-            print(line)
+        print("\n".join(harness.table_lines(results)))
         if args.json:
-            write_json_text(args.json, json_text(results, args.model))
+            write_json_text(args.json, harness.json_text(results, args.model))
     return results
 
 

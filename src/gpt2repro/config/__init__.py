@@ -1,10 +1,7 @@
-"""One config tree for the whole pipeline, and the checks that tie its settings together.
+"""One config tree (``TrainConfig``) for a training run, and the checks that tie its settings together.
 
-A training run is described by a single ``TrainConfig``. Every setting declares itself where
-it is defined (``settings.setting``: default, help, range or choices, unit); presets
-(``presets.py``) build a tree and ``key=value`` overrides (``overrides.py``) edit it. The
-config is saved with every checkpoint, so a resumed run can check that it is continuing the
-same experiment.
+Each setting declares itself (``settings.setting``); ``presets.py`` builds trees and ``key=value`` overrides
+(``settings.apply_overrides``) edit them. The tree is saved with every checkpoint, so a resume can check it.
 """
 
 from __future__ import annotations
@@ -14,28 +11,20 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from gpt2repro.config.settings import (
-    AT_LEAST_0,
-    AT_LEAST_1,
-    AUTO,
-    FRACTION,
-    LEARNING_RATE,
-    POSITIVE,
-    SEED,
-    Range,
-    allowed_text,
-    check_declared,
-    fits,
-    setting,
-)
+from gpt2repro.config.settings import Range, allowed_text, check_declared, fits, setting
 from gpt2repro.errors import UserError
 
 GPT2_VOCAB_SIZE = 50257  # OpenAI's BPE: 50,000 merges + 256 bytes + <|endoftext|>
 PADDED_VOCAB_SIZE = 50304  # next multiple of 128: friendlier matmul shapes, same model
 MAX_SAMPLE_TOKENS = 1_000_000  # new tokens one sampling call may make: minutes on a CPU, not hours
+SIZE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "real_vocab_size")
 
-
-AT_LEAST_GPT2_VOCAB = Range(GPT2_VOCAB_SIZE)
+AT_LEAST_0, AT_LEAST_1, POSITIVE = Range(0), Range(1), Range(0, brackets="()")
+FRACTION = Range(0, 1)  # betas and momenta: 1 would never forget
+SEED = Range(0, 2**32)  # numpy's, torch's and Python's generators all take these
+# No recipe here goes above 0.6; an LR of 10 or more only ever turns the weights into inf or noise.
+LEARNING_RATE = Range(0, 10)
+AUTO = Literal["auto"]  # a setting that the machine picks unless the user does
 
 
 @dataclass
@@ -45,7 +34,7 @@ class ModelConfig:
     n_embd: int = setting(768, "width of the residual stream", allowed=AT_LEAST_1)
     block_size: int = setting(1024, "longest context the model takes", allowed=AT_LEAST_1, unit="tokens")
     vocab_size: int = setting(PADDED_VOCAB_SIZE, "embedding rows: GPT-2's 50,257 padded to a multiple of 128",
-                              allowed=AT_LEAST_GPT2_VOCAB)
+                              allowed=Range(GPT2_VOCAB_SIZE))
     # Architecture switches of the modern recipe; the defaults are GPT-2's own.
     pos_emb: Literal["learned", "rope", "rope-half"] = setting(
         "learned", "positions: learned (GPT-2), rope (rotary on queries and keys), rope-half (the record's: "
@@ -74,8 +63,7 @@ class ModelConfig:
     unet: bool = setting(False, "layer n_layer//2 + i adds the output of layer n_layer//2 - 1 - i, weighted")
     skip_mid_attention: bool = setting(False, "layer n_layer//2 + 1 (the 8th of 12) has no attention, only its MLP")
     doc_mask: bool = setting(False, "attention stays inside a document (documents start at <|endoftext|>)")
-    # Sliding-window attention in whole blocks: a query in block i sees blocks i-n+1 .. i, where n
-    # grows linearly from window_start's blocks at step 0 to window_end's at the last step.
+    # Sliding window in whole blocks: a query in block i sees blocks i-n+1 .. i, n growing linearly over the run.
     window_block: int = setting(128, "sliding window: block size", allowed=AT_LEAST_1, unit="tokens")
     window_start: int = setting(0, "sliding window at step 0 (0: no window)", allowed=AT_LEAST_0, unit="tokens")
     window_end: int = setting(0, "sliding window at the last step (0: no window)", allowed=AT_LEAST_0, unit="tokens")
@@ -84,10 +72,10 @@ class ModelConfig:
         check_declared(self, "model.")
         if self.n_embd % self.n_head:
             raise UserError(f"model: n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
-        head_size = self.n_embd // self.n_head
-        if self.pos_emb != "learned" and head_size % (4 if self.pos_emb == "rope-half" else 2):
-            raise UserError(f"model.pos_emb={self.pos_emb} needs a head size divisible by "
-                            f"{4 if self.pos_emb == 'rope-half' else 2}, not n_embd/n_head = {head_size}")
+        head_size, step = self.n_embd // self.n_head, 4 if self.pos_emb == "rope-half" else 2
+        if self.pos_emb != "learned" and head_size % step:
+            raise UserError(f"model.pos_emb={self.pos_emb} needs a head size divisible by {step}, "
+                            f"not n_embd/n_head = {head_size}")
         if 2 * self.value_embeds > self.n_layer:
             raise UserError(f"model.value_embeds={self.value_embeds}: the first and the last k layers use them, "
                             f"so 2k must not exceed model.n_layer={self.n_layer}; use at most {self.n_layer // 2}")
@@ -106,8 +94,7 @@ class ModelConfig:
                             f"{self.vocab_size}; use 0 (every row) or at most {self.vocab_size}")
 
     def switches(self) -> dict[str, Any]:
-        """The settings other than the size (layers, heads, width, block, vocabulary) that differ
-        from GPT-2's: what a preset says about a model's architecture and training."""
+        """The settings, other than the size (``SIZE_KEYS``), that differ from GPT-2's."""
         default = ModelConfig()
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                 if f.name not in SIZE_KEYS and getattr(self, f.name) != getattr(default, f.name)}
@@ -116,9 +103,6 @@ class ModelConfig:
         """The switches, as ``key=value``, that make this model something other than GPT-2."""
         return [f"model.{key}={value}" for key, value in self.switches().items()
                 if key not in ("rope_base", "zero_init", "init", "window_block")]  # same weights as GPT-2's
-
-
-SIZE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "real_vocab_size")
 
 
 @dataclass
@@ -147,22 +131,18 @@ class OptimConfig:
     grad_clip: float = setting(1.0, "clip the global gradient norm to this; 0: no clipping", allowed=AT_LEAST_0)
     schedule: Literal["cosine", "wsd"] = setting("cosine", "cosine (warmup, cosine to min_lr) or wsd (warmup, "
                                                            "stable, linear decay)")
-    decay_frac: float = setting(0.2, "wsd: the last fraction of the steps decays to min_lr",
-                                allowed=Range(0, 1, "(]"))
-    # The modern recipe's optimizer: Muon for the hidden matrices, Adam for the rest.
+    decay_frac: float = setting(0.2, "wsd: the last fraction of the steps decays to min_lr", allowed=Range(0, 1, "(]"))
     optimizer: Literal["adamw", "muon"] = setting("adamw", "adamw (every parameter) or muon (hidden matrices; "
                                                            "Adam for the rest)")
     head_lr: float = setting(0.008, "muon: Adam peak LR of an untied LM head", allowed=LEARNING_RATE)
-    scalar_lr: float = setting(0.04, "muon: Adam peak LR of biases, gains and mixing weights",
-                               allowed=LEARNING_RATE)
+    scalar_lr: float = setting(0.04, "muon: Adam peak LR of biases, gains and mixing weights", allowed=LEARNING_RATE)
     muon_lr: float = setting(0.05, "muon: peak LR of the hidden matrices", allowed=LEARNING_RATE)
     muon_momentum: float = setting(0.95, "muon: momentum after its warmup", allowed=FRACTION)
     muon_momentum_warmup_steps: int = setting(0, "muon: momentum rises linearly from muon_momentum_start over "
                                                  "these steps", allowed=AT_LEAST_0, unit="steps")
     muon_momentum_start: float = setting(0.85, "muon: momentum at step 0 of its warmup", allowed=FRACTION)
     muon_weight_decay: float = setting(0.0, "muon: decoupled weight decay", allowed=AT_LEAST_0)
-    muon_adjust_lr: Literal["original", "match_rms_adamw"] = setting(
-        "original", "torch.optim.Muon's adjust_lr_fn")
+    muon_adjust_lr: Literal["original", "match_rms_adamw"] = setting("original", "torch.optim.Muon's adjust_lr_fn")
 
 
 @dataclass
@@ -174,8 +154,7 @@ class EvalConfig:
                                    unit="steps")
     hellaswag_data: str = setting("", "HellaSwag val jsonl; empty: download the official file once to the cache")
     hellaswag_limit: int = setting(0, "the first N items; 0: all 10,042", allowed=AT_LEAST_0, unit="items")
-    sample_every: int = setting(250, "samples every N steps and at the last; 0: off", allowed=AT_LEAST_0,
-                                unit="steps")
+    sample_every: int = setting(250, "samples every N steps and at the last; 0: off", allowed=AT_LEAST_0, unit="steps")
     sample_prompt: str = setting("Hello, I'm a language model,", "the samples' prompt")
     sample_count: int = setting(4, "samples each time", allowed=AT_LEAST_0)
     sample_tokens: int = setting(32, "new tokens per sample", allowed=AT_LEAST_0, unit="tokens")
@@ -234,9 +213,10 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         """One line per inconsistent setting, before anything is built or read."""
-        for prefix, node in (("", self), *((f"{f.name}.", getattr(self, f.name)) for f in dataclasses.fields(self)
-                                             if dataclasses.is_dataclass(getattr(self, f.name)))):
-            check_declared(node, prefix)
+        check_declared(self, "")
+        for f in dataclasses.fields(self):
+            if dataclasses.is_dataclass(section := getattr(self, f.name)):
+                check_declared(section, f"{f.name}.")
         for key, path, example in (("out_dir", self.out_dir, "--out runs/my-run"),
                                    ("data.path", self.data.path, "--data data/fineweb-edu")):
             if not str(path).strip():  # "" is the current folder to every file call
@@ -272,31 +252,15 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        return _from_dict(cls, d)
-
-
-def _from_dict(cls: type, d: Any, prefix: str = "") -> Any:
-    """A config section from its JSON form; keys it does not know are ignored (newer files),
-    a value of the wrong type is one UserError naming the dotted key."""
-    if not isinstance(d, dict):
-        got = "nothing" if d is None else f"{d!r:.60}"
-        raise UserError(f"{prefix.rstrip('.') or cls.__name__}: expected a JSON object, got {got}")
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in d:
-            continue
-        value = d[f.name]
-        if dataclasses.is_dataclass(hints[f.name]):
-            value = _from_dict(hints[f.name], value, f"{prefix}{f.name}.")
-        elif not fits(value, hints[f.name]):
-            expected = allowed_text(hints[f.name], f.metadata.get("range"))
-            raise UserError(f"{prefix}{f.name}={value!r:.60}: expected {expected}")
-        kwargs[f.name] = value
-    return cls(**kwargs)
-
 
 def model_config_from_dict(d: Any) -> ModelConfig:
-    return _from_dict(ModelConfig, d, "model.")
+    """A ``ModelConfig`` from its JSON form; unknown keys (newer files) are ignored, a mistyped value refused."""
+    if not isinstance(d, dict):
+        got = "nothing" if d is None else f"{d!r:.60}"
+        raise UserError(f"model: expected a JSON object, got {got}")
+    hints, known = typing.get_type_hints(ModelConfig), [f for f in dataclasses.fields(ModelConfig) if f.name in d]
+    for f in known:
+        if not fits(d[f.name], hints[f.name]):
+            expected = allowed_text(hints[f.name], f.metadata["range"])
+            raise UserError(f"model.{f.name}={d[f.name]!r:.60}: expected {expected}")
+    return ModelConfig(**{f.name: d[f.name] for f in known})

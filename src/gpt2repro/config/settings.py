@@ -1,6 +1,5 @@
-"""How a config setting declares itself: its default, its help, its unit, and the values it may
-take (a ``Range`` for numbers, a ``Literal`` type for choices). Validation, override parsing,
-``gpt2repro settings`` and docs/settings.md all read that one declaration."""
+"""How a setting declares itself (default, help, unit, a ``Range`` or ``Literal`` choices), and how
+``key=value`` overrides are parsed and set. Validation, the CLI and docs/settings.md read that declaration."""
 
 from __future__ import annotations
 
@@ -9,6 +8,7 @@ import dataclasses
 import decimal
 import difflib
 import math
+import operator
 import types
 import typing
 from dataclasses import dataclass
@@ -19,8 +19,7 @@ from gpt2repro.errors import UserError
 
 @dataclass(frozen=True)
 class Range:
-    """The values a numeric setting may take, written in interval notation in error messages:
-    ``[0, 1)`` includes 0 and excludes 1. NaN and values of other types are never inside."""
+    """A numeric setting's values in interval notation (``[0, 1)``); NaN and non-numbers are never inside."""
 
     low: float
     high: float = math.inf
@@ -34,32 +33,19 @@ class Range:
         return above and below
 
     def __str__(self) -> str:
-        def show(x: float) -> str:
-            if isinstance(x, int) and x >= 2**16 and x & (x - 1) == 0:
-                return f"2**{x.bit_length() - 1}"
-            return f"{x:g}"
+        def show(x: float) -> str:  # a large power of two as 2**n
+            return f"2**{x.bit_length() - 1}" if isinstance(x, int) and x >= 2**16 and x & (x - 1) == 0 else f"{x:g}"
 
         return f"{self.brackets[0]}{show(self.low)}, {show(self.high)}{self.brackets[1]}"
 
 
-AT_LEAST_0, AT_LEAST_1, POSITIVE = Range(0), Range(1), Range(0, brackets="()")
-FRACTION = Range(0, 1)  # betas and momenta: 1 would never forget
-SEED = Range(0, 2**32)  # numpy's, torch's and Python's generators all take these
-# No recipe here goes above 0.6; an LR of 10 or more only ever turns the weights into inf or noise.
-LEARNING_RATE = Range(0, 10)
-AUTO = Literal["auto"]  # a setting that the machine picks unless the user does
-
-
 def setting(default: Any, help: str, *, allowed: Range | None = None, unit: str = "", flag: str = "") -> Any:
-    """A config field that declares itself (choices come from its ``Literal`` type); ``flag``: the
-    ``train`` flag that sets it too (``gpt2repro.cli.parser`` builds it from this declaration)."""
+    """A config field that declares itself (choices: its ``Literal`` type); ``flag``: a ``train`` flag that sets it."""
     return dataclasses.field(default=default, metadata={"help": help, "range": allowed, "unit": unit, "flag": flag})
 
 
 def _options(annotation: Any) -> tuple[Any, ...]:
-    if typing.get_origin(annotation) in (Union, types.UnionType):
-        return typing.get_args(annotation)
-    return (annotation,)
+    return typing.get_args(annotation) if typing.get_origin(annotation) in (Union, types.UnionType) else (annotation,)
 
 
 def choices(annotation: Any) -> tuple[Any, ...]:
@@ -96,8 +82,7 @@ def fits(value: Any, annotation: Any) -> bool:
             if any(value == c and type(value) is type(c) for c in typing.get_args(option)):
                 return True
         elif option in (int, float):
-            if isinstance(value, (int, float)) and not isinstance(value, bool) \
-                    and (option is float or isinstance(value, int)):
+            if isinstance(value, (int, option)) and not isinstance(value, bool):
                 return True
         elif isinstance(option, type) and isinstance(value, option):
             return True
@@ -110,19 +95,18 @@ def check_declared(node: Any, prefix: str) -> None:
     for f in dataclasses.fields(node):
         if "help" not in f.metadata:
             continue  # a section of the tree, checked on its own
-        value, annotation, allowed = getattr(node, f.name), hints[f.name], f.metadata["range"]
-        key, example = f"{prefix}{f.name}", f"e.g. {prefix}{f.name}={_show(f.default)}"
+        value, annotation, allowed, key = getattr(node, f.name), hints[f.name], f.metadata["range"], prefix + f.name
         if not fits(value, annotation):
             verb = "choose" if choices(annotation) else "expected"
             raise UserError(f"{key}={value!r}: {verb} {allowed_text(annotation, allowed)}")
         numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
         if numeric and allowed is not None and value not in allowed:
-            other = [_show(c) for c in choices(annotation)]
-            raise UserError(f"{key}={value!r}: must be {' or '.join(other + [''])}in {allowed}, {example}")
+            other = "".join(f"{_show(c)} or " for c in choices(annotation))
+            raise UserError(f"{key}={value!r}: must be {other}in {allowed}, e.g. {key}={_show(f.default)}")
 
 
 def parse_value(text: str, annotation: Any, key: str, allowed: Range | None = None) -> Any:
-    """A command-line value as the setting's type; choices are checked here, ranges by validation."""
+    """A command-line value as the setting's type; ranges are left to validation."""
     for option in _options(annotation):
         if typing.get_origin(option) is Literal and text in typing.get_args(option):
             return text
@@ -142,30 +126,11 @@ def parse_value(text: str, annotation: Any, key: str, allowed: Range | None = No
     raise UserError(f"{key}={text!r}: {verb} {allowed_text(annotation, allowed)}")
 
 
-def declared(cls: type, name: str) -> tuple[Any, dataclasses.Field]:
-    """A setting's type and its field (``.metadata``: help, range, unit)."""
-    return typing.get_type_hints(cls)[name], {f.name: f for f in dataclasses.fields(cls)}[name]
-
-
-def flags(cls: type, prefix: str = "") -> list[tuple[str, str, Any, dataclasses.Field]]:
-    """(flag, dotted key, type, field) of every setting of the tree ``cls`` that declares a flag."""
-    found = []
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(hints[f.name]):
-            found += flags(hints[f.name], f"{prefix}{f.name}.")
-        elif f.metadata.get("flag"):
-            found.append((f.metadata["flag"], prefix + f.name, hints[f.name], f))
-    return found
-
-
 def parse_int(text: str) -> int:
     """An integer written as ``100000``, ``100_000`` or ``1e5``; ValueError unless it is exactly one."""
     text = text.strip().replace("_", "")
-    try:
+    with contextlib.suppress(ValueError):
         return int(text)
-    except ValueError:
-        pass
     try:
         number = decimal.Decimal(text)
     except decimal.InvalidOperation:
@@ -176,19 +141,32 @@ def parse_int(text: str) -> int:
 
 
 # ---------------------------------------------------------------------------
-# KEY=VALUE overrides: ``section.key=value``, or ``key=value`` when the key's name is unique
+# The tree's settings, and KEY=VALUE overrides (``key=value`` alone when the key's name is unique)
+
+
+def declared(cls: type, name: str) -> tuple[Any, dataclasses.Field]:
+    """A setting's type and its field (``.metadata``: help, range, unit, flag)."""
+    return typing.get_type_hints(cls)[name], {f.name: f for f in dataclasses.fields(cls)}[name]
+
+
+def _settings(cls: type, prefix: str = "") -> typing.Iterator[tuple[str, Any, dataclasses.Field]]:
+    """(dotted key, type, field) of every setting of the tree ``cls``, in declaration order."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from _settings(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            yield prefix + f.name, hints[f.name], f
+
+
+def flags(cls: type, prefix: str = "") -> list[tuple[str, str, Any, dataclasses.Field]]:
+    """(flag, dotted key, type, field) of every setting of the tree ``cls`` that declares a flag."""
+    return [(f.metadata["flag"], key, hint, f) for key, hint, f in _settings(cls, prefix) if f.metadata.get("flag")]
 
 
 def config_keys(cfg: Any, prefix: str = "") -> list[str]:
     """Every settable dotted key of the tree, e.g. 'optim.max_lr'."""
-    keys = []
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if dataclasses.is_dataclass(value):
-            keys += config_keys(value, prefix + f.name + ".")
-        else:
-            keys.append(prefix + f.name)
-    return keys
+    return [key for key, _, _ in _settings(type(cfg), prefix)]
 
 
 def _resolve_key(key: str, keys: list[str]) -> str:
@@ -210,45 +188,35 @@ def override_keys(cfg: Any, overrides: list[str]) -> list[str]:
     return [_resolve_key(item.split("=", 1)[0].strip(), keys) for item in overrides if "=" in item]
 
 
-def _field(cfg: Any, dotted: str) -> tuple[Any, str, Any, Range | None]:
-    """The node that holds ``dotted``, the field's name, its type and its declared range."""
-    *parents, leaf = dotted.split(".")
-    node = cfg
-    for name in parents:
-        node = getattr(node, name)
-    annotation, field = declared(type(node), leaf)
-    return node, leaf, annotation, field.metadata.get("range")
-
-
 def set_values(cfg: Any, values: dict[str, Any]) -> Any:
-    """Set typed values (``{"model.qk_norm": True}``) in order; a section's own checks
-    (``__post_init__``) run once all are set, so settings that depend on each other (n_embd and
-    n_head, window_start and window_end) may come in any order."""
-    keys = config_keys(cfg)
+    """Set typed values (``{"model.qk_norm": True}``) in order; each section's ``__post_init__`` checks run
+    after all are set, so settings that depend on each other (n_embd and n_head) may come in any order."""
+    hints = {key: hint for key, hint, _ in _settings(type(cfg))}
     changed = []
     for raw_key, value in values.items():
-        dotted = _resolve_key(raw_key.strip(), keys)
-        node, leaf, annotation, _ = _field(cfg, dotted)
-        if not fits(value, annotation):
-            raise UserError(f"{dotted}={value!r}: expected {allowed_text(annotation, None)}")
+        dotted = _resolve_key(raw_key.strip(), list(hints))
+        if not fits(value, hints[dotted]):
+            raise UserError(f"{dotted}={value!r}: expected {allowed_text(hints[dotted], None)}")
+        parent, _, leaf = dotted.rpartition(".")
+        node = operator.attrgetter(parent)(cfg) if parent else cfg
         setattr(node, leaf, value)
-        if node not in changed:
+        if hasattr(node, "__post_init__") and node not in changed:
             changed.append(node)
     for node in changed:
-        if hasattr(node, "__post_init__"):
-            node.__post_init__()
+        node.__post_init__()
     return cfg
 
 
 def parse_overrides(cfg: Any, overrides: list[str]) -> list[tuple[str, Any]]:
     """``key=value`` texts as (dotted key, typed value) pairs, in order."""
-    keys, parsed = config_keys(cfg), []
+    found = {key: (hint, f.metadata["range"]) for key, hint, f in _settings(type(cfg))}
+    parsed = []
     for item in overrides:
         if "=" not in item:
             raise UserError(f"override {item!r} is not key=value (e.g. optim.max_lr=3e-4)")
         raw_key, text = item.split("=", 1)
-        dotted = _resolve_key(raw_key.strip(), keys)
-        _, _, annotation, allowed = _field(cfg, dotted)
+        dotted = _resolve_key(raw_key.strip(), list(found))
+        annotation, allowed = found[dotted]
         parsed.append((dotted, parse_value(text.strip(), annotation, dotted, allowed)))
     return parsed
 
@@ -259,12 +227,7 @@ def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
 
 
 def values_of(cfg: Any, keys: typing.Iterable[str]) -> dict[str, Any]:
-    """The typed values of the dotted ``keys`` in ``cfg``."""
-    values = {}
-    for key in keys:
-        node, leaf, _, _ = _field(cfg, key)
-        values[key] = getattr(node, leaf)
-    return values
+    return {key: operator.attrgetter(key)(cfg) for key in keys}
 
 
 class Setting(typing.NamedTuple):
@@ -277,16 +240,11 @@ class Setting(typing.NamedTuple):
 
 def describe(cfg: Any) -> list[Setting]:
     """Every setting of the tree as it declares itself, with its value in ``cfg``."""
-    described = []
-    for key in config_keys(cfg):
-        node, leaf, annotation, allowed = _field(cfg, key)
-        field = declared(type(node), leaf)[1]
-        flag = f" (train {field.metadata['flag']})" if field.metadata["flag"] else ""
-        described.append(Setting(key, getattr(node, leaf), allowed_text(annotation, allowed),
-                                 field.metadata["unit"], field.metadata["help"] + flag))
-    return described
+    return [Setting(key, operator.attrgetter(key)(cfg), allowed_text(hint, f.metadata["range"]), f.metadata["unit"],
+                    f.metadata["help"] + (f" (train {f.metadata['flag']})" if f.metadata["flag"] else ""))
+            for key, hint, f in _settings(type(cfg))]
 
 
 def as_overrides(values: dict[str, Any]) -> list[str]:
     """Typed values as the ``key=value`` texts that set them from a command line."""
-    return [f"{key}={str(value).lower() if isinstance(value, bool) else value}" for key, value in values.items()]
+    return [f"{key}={_show(value)}" for key, value in values.items()]

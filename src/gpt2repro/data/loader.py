@@ -1,16 +1,7 @@
-"""The training and validation loaders: shards as one token stream, split across ranks.
-
-A split's shards, in index order (or permuted each epoch with a seed, the same on
-every rank), form one stream. Window k is stream tokens [k·B·T, (k+1)·B·T + 1):
-x is the first B·T, y the same shifted by one, and a window may span shards.
-Rank r's i-th ``next_batch`` is window i·W + r, so one process with 2A
-micro-steps reads exactly the windows that two ranks with A micro-steps each
-read in the same optimizer step. An epoch ends when the next round of W windows
-would pass the end of the stream: the remainder (< W·B·T tokens) is dropped and
-the next epoch starts again at window 0.
-
-Shards are memory-mapped, so memory does not grow with the data set.
-"""
+"""The loaders: a split's memory-mapped shards (in index order, or a seeded order per epoch) as
+one token stream. Window k is tokens [k·B·T, (k+1)·B·T + 1); rank r's i-th batch is window i·W + r,
+so one process with 2A micro-steps reads what two ranks with A each read. An epoch drops the
+last partial round of W windows."""
 
 from __future__ import annotations
 
@@ -38,13 +29,8 @@ class TokenStream:
     def __len__(self) -> int:
         return self.starts[-1]
 
-    def reordered(self, order: list[int]) -> TokenStream:
-        """The same opened shards in another order."""
-        return TokenStream([self.paths[i] for i in order], [self.shards[i] for i in order])
-
     def check(self, start: int, length: int) -> None:
-        """Check the token ids of every shard that tokens [start, start + length) come from, ahead of
-        reading them (a full scan once per file and process)."""
+        """Check the token ids of the shards that tokens [start, start + length) come from."""
         shard = bisect.bisect_right(self.starts, start) - 1
         while shard < len(self.shards) and self.starts[shard] < start + length:
             if not self.checked[shard]:
@@ -77,34 +63,27 @@ class TokenLoader:
             raise UserError(f"data: micro_batch={micro_batch} and seq_len={seq_len} must be at least 1")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
-        self.data_dir, self.split = Path(data_dir), split
+        self.data_dir, self.split, self.shuffle_shards, self.seed = Path(data_dir), split, shuffle_shards, seed
         self.B, self.T, self.rank, self.world_size = micro_batch, seq_len, rank, world_size
-        self.shuffle_shards, self.seed = shuffle_shards, seed
-        self.paths = list_shards(self.data_dir, split)
-        self.window = self.B * self.T
+        self.paths, self.window = list_shards(self.data_dir, split), micro_batch * seq_len
         self.by_index = TokenStream(self.paths)  # each epoch reads these in self.order
         # Whole rounds of W windows per epoch; the +1 is the last window's final target.
         self.steps_per_epoch = (len(self.by_index) - 1) // self.window // world_size
         if self.steps_per_epoch == 0:
-            raise UserError(f"{self.data_dir}: the {split} split has {len(self.by_index):,} tokens, fewer "
-                            f"than one round of world_size x micro_batch x seq_len + 1 = "
-                            f"{world_size * self.window + 1:,}; prepare more data or lower "
-                            "micro_batch / seq_len")
+            raise UserError(f"{self.data_dir}: the {split} split has {len(self.by_index):,} tokens, fewer than one "
+                            f"round of world_size x micro_batch x seq_len + 1 = {world_size * self.window + 1:,}; "
+                            "prepare more data or lower micro_batch / seq_len")
         self.epoch, self.step = 0, 0
         self._start_epoch()
 
     def _start_epoch(self) -> None:
-        if self.shuffle_shards:
-            # Seeded by (seed, epoch) alone: every rank computes the same order, and a resumed run too.
-            order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.paths))
-            self.order = [int(i) for i in order]
-        else:
-            self.order = list(range(len(self.paths)))
-        self.stream = self.by_index.reordered(self.order)
+        self.order = list(range(len(self.paths)))
+        if self.shuffle_shards:  # seeded by (seed, epoch) alone: the same on every rank and on resume
+            self.order = [int(i) for i in np.random.default_rng([self.seed, self.epoch]).permutation(len(self.order))]
+        self.stream = TokenStream([self.paths[i] for i in self.order], [self.by_index.shards[i] for i in self.order])
 
     def check_next_round(self) -> None:
-        """The token ids of the shards that the next batch of every rank reads, checked now: every rank
-        gets the same answer, and a bad id is one line before any work."""
+        """Check the shards of every rank's next batch: all ranks agree, and a bad id fails before any work."""
         self.stream.check(self.step * self.world_size * self.window, self.world_size * self.window + 1)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,22 +91,19 @@ class TokenLoader:
         tokens = torch.from_numpy(self.stream.read(k * self.window, self.window + 1))
         self.step += 1
         if self.step == self.steps_per_epoch:
-            self.epoch += 1
-            self.step = 0
+            self.epoch, self.step = self.epoch + 1, 0
             self._start_epoch()
             print0(f"data: {self.split} epoch {self.epoch - 1} done; starting epoch {self.epoch}"
                    + (" with a new shard order" if self.shuffle_shards else ""), flush=True)
         return tokens[:-1].view(self.B, self.T), tokens[1:].view(self.B, self.T)
 
     def state_dict(self) -> dict:
-        return {"split": self.split, "epoch": self.epoch, "step": self.step,
-                "micro_batch": self.B, "seq_len": self.T, "world_size": self.world_size,
-                "shuffle_shards": self.shuffle_shards, "seed": self.seed,
-                "shards": [p.name for p in self.paths]}
+        return {"split": self.split, "epoch": self.epoch, "step": self.step, "micro_batch": self.B,
+                "seq_len": self.T, "world_size": self.world_size, "shuffle_shards": self.shuffle_shards,
+                "seed": self.seed, "shards": [p.name for p in self.paths]}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue where ``state`` stopped; the micro-batch or world size may differ
-        as long as the tokens consumed so far fill whole rounds of the new shape."""
+        """Continue where ``state`` stopped; micro-batch and world size may change if whole rounds were read."""
         where = f"{self.data_dir}: cannot resume the {self.split} loader"
         if state.get("shards") != [p.name for p in self.paths]:
             raise UserError(f"{where}: its shards differ from the checkpoint's; "
@@ -147,11 +123,9 @@ class TokenLoader:
 
 def window_batches(data_dir, split: str, seq_len: int, n_windows: int, batch_size: int, rank: int = 0,
                    world_size: int = 1) -> Iterator[np.ndarray]:
-    """This rank's share of the split's first ``n_windows`` windows, as (B, T + 1) int64 rows.
-
-    Window j is stream tokens [j·T, (j+1)·T + 1): T inputs and their T targets, the last target
-    being the first token of the next window. It goes to rank j % W, so the union over ranks is
-    the same whatever W and the batch size; ranks may get different numbers of batches."""
+    """This rank's share of the first ``n_windows`` windows, as (B, T + 1) int64 rows: window j (tokens
+    [j·T, (j+1)·T + 1)) goes to rank j % W, so the union is the same whatever W and B; ranks may get
+    different numbers of batches."""
     stream = TokenStream(list_shards(data_dir, split))
     available = (len(stream) - 1) // seq_len
     if n_windows > available:

@@ -1,13 +1,7 @@
-"""Token shards on disk: ``<prefix>_<split>_<NNNNNN>.npy``, 1-D uint16; written, found, checked.
+"""Token shards on disk: ``<prefix>_<split>_<NNNNNN>.npy`` (build-nanogpt's names), 1-D uint16.
 
-The names are build-nanogpt's, so its FineWeb-edu shards work here unchanged.
-llm.c's and modded-nanogpt's ``.bin`` shards (same names, suffix ``.bin``: a
-header of 256 little-endian int32, then the uint16 tokens) are read too, so their
-published pre-tokenized FineWeb needs no re-tokenizing; ``prepare`` writes ``.npy``
-only. A folder holds one kind: a split that mixed them would interleave two
-corpora by index without a word.
-A shard is opened memory-mapped; the first time a process opens it, every
-token is checked to be a GPT-2 id (< GPT2_VOCAB_SIZE) in one vectorised pass.
+llm.c's and modded-nanogpt's ``.bin`` shards (256 int32 of header, then uint16 tokens) are read
+too, but a folder holds one kind: a split mixing them would interleave two corpora by index.
 """
 
 from __future__ import annotations
@@ -22,7 +16,6 @@ from gpt2repro.errors import UserError
 from gpt2repro.files import atomic_open, writing
 
 SHARD_PATTERN = re.compile(r"^(?P<prefix>.+)_(?P<split>train|val)_(?P<index>\d+)\.(?P<kind>npy|bin)$")
-SPLITS = ("train", "val")
 BIN_MAGIC, BIN_VERSION = 20240520, 1  # llm.c's header for GPT-2 (uint16) token shards
 BIN_HEADER_BYTES = 256 * 4
 OTHER_BIN_MAGICS = {20240801: "llm.c's LLaMA-3 token shard (uint32 tokens), not a GPT-2 one",
@@ -35,20 +28,16 @@ def shard_name(prefix: str, split: str, index: int) -> str:
 
 
 def write_shard(path: Path, tokens: np.ndarray) -> None:
-    """Save ``tokens`` (uint16) as ``path``; a crash mid-write leaves no partial shard."""
+    """Save ``tokens`` as ``path``; a crash mid-write leaves no partial shard."""
     with writing(path), atomic_open(path) as f:  # numpy reports a full disk as a short write, no errno
         np.save(f, tokens)
 
 
 def list_shards(data_dir, split: str) -> list[Path]:
-    """The ``split`` shards in ``data_dir``, in index order; an error when there are none, or when
-    the folder mixes .npy and .bin shards (two corpora, most likely, that index order would interleave)."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
+    """The ``split`` shards in ``data_dir``, in index order; an error when none, or when .npy and .bin mix."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
-        raise UserError(f"{data_dir}: no such data directory; create it with "
-                        f"`gpt2repro prepare --out {data_dir}`")
+        raise UserError(f"{data_dir}: no such data directory; create it with `gpt2repro prepare --out {data_dir}`")
     shards, kinds = [], {}
     for path in data_dir.iterdir():
         match = SHARD_PATTERN.match(path.name)
@@ -66,12 +55,18 @@ def list_shards(data_dir, split: str) -> list[Path]:
 
 
 def open_shard(path, check_tokens: bool = True) -> np.ndarray:
-    """The shard's tokens, memory-mapped and checked (dtype, shape, size, token ids)."""
+    """The shard's tokens, memory-mapped and checked (dtype, shape, size and, once a process, ids)."""
     path = Path(path)
     tokens = _open_bin(path) if path.suffix == ".bin" else _open_npy(path)
     if check_tokens:
         check_token_ids(path, tokens)
     return tokens
+
+
+def _fix(path: Path) -> str:
+    """What to do about a bad shard: ours are remade by prepare, llm.c's by their own script."""
+    return ("re-download it, or re-run the script that wrote it" if path.suffix == ".bin"
+            else "delete it and run `gpt2repro prepare` again")
 
 
 def _open_npy(path: Path) -> np.ndarray:
@@ -93,11 +88,7 @@ def _open_npy(path: Path) -> np.ndarray:
 
 
 def _open_bin(path: Path) -> np.ndarray:
-    """An llm.c ``.bin`` shard's tokens, memory-mapped once its header and size agree.
-
-    The header alone says how many tokens follow, so a file cut short by a failed
-    download, or one with bytes appended, is caught here rather than read as tokens.
-    """
+    """The tokens, once header and file size agree: a cut-short download is not read as tokens."""
     fix = _fix(path)
     try:
         size = path.stat().st_size
@@ -127,13 +118,6 @@ def _open_bin(path: Path) -> np.ndarray:
     return np.memmap(path, dtype="<u2", mode="r", offset=BIN_HEADER_BYTES, shape=(n,))
 
 
-def _fix(path: Path) -> str:
-    """What to do about a bad shard: ours are remade by prepare, llm.c's by their own script."""
-    if Path(path).suffix == ".bin":
-        return "re-download it, or re-run the script that wrote it"
-    return "delete it and run `gpt2repro prepare` again"
-
-
 def check_token_ids(path, tokens: np.ndarray) -> None:
     """Every id < GPT2_VOCAB_SIZE; scanned once per shard file per process."""
     stat = Path(path).stat()
@@ -144,7 +128,7 @@ def check_token_ids(path, tokens: np.ndarray) -> None:
     if largest >= GPT2_VOCAB_SIZE:
         position = int(np.argmax(tokens >= GPT2_VOCAB_SIZE))
         raise UserError(f"{path}: token id {largest} at position {position} is not a GPT-2 token "
-                        f"(ids are < {GPT2_VOCAB_SIZE}); the shard is corrupt, {_fix(path)}")
+                        f"(ids are < {GPT2_VOCAB_SIZE}); the shard is corrupt, {_fix(Path(path))}")
     _checked.add(key)
 
 

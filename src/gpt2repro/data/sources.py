@@ -1,14 +1,8 @@
 """Where documents come from: FineWeb-edu or FineWeb, local files, or the built-in demo corpus.
 
-``open_source(spec)`` turns the ``--source`` value into a ``Source`` whose
-``documents(skip)`` yields one string per document, always in the same order,
-so that an interrupted ``prepare`` can skip what it already wrote.
-
-Local corpora: a file, a directory (searched recursively) or a glob of
-- ``.txt``: the whole file is one document (UTF-8);
-- ``.jsonl``: one JSON object per line with a ``text`` string;
-- ``.parquet``: a ``text`` column.
-Files are read in sorted path order. Empty documents are skipped: they carry no text.
+Documents come in a fixed order, so an interrupted ``prepare`` can skip what it already wrote.
+Local corpora: a file, directory or glob of ``.txt`` (a document per file), ``.jsonl`` (a
+``text`` string per line) or ``.parquet`` (a ``text`` column); empty documents are skipped.
 """
 
 from __future__ import annotations
@@ -26,8 +20,7 @@ from gpt2repro.errors import UserError
 FINEWEB_EDU = "HuggingFaceFW/fineweb-edu"
 FINEWEB = "HuggingFaceFW/fineweb"  # modded-nanogpt's and llm.c's corpus
 FINEWEB_PREFIX = "edufineweb"  # build-nanogpt's shard names, so shards interchange
-# --source name -> (Hugging Face repo, default shard prefix); the prefixes are the names
-# build-nanogpt and llm.c give these corpora's shards.
+# --source name -> (Hugging Face repo, the shard prefix build-nanogpt / llm.c use)
 HUB_SOURCES = {"fineweb-edu": (FINEWEB_EDU, FINEWEB_PREFIX), "fineweb": (FINEWEB, "fineweb")}
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 
@@ -54,15 +47,8 @@ def open_source(spec: str, *, name: str = "sample-10BT", streaming: bool = False
                   lambda skip: itertools.islice(local_documents(files), skip, None))
 
 
-# ---------------------------------------------------------------------------
-# FineWeb-edu and FineWeb through Hugging Face datasets
-
-
 def load_fineweb(repo: str, name: str, streaming: bool):
-    """The dataset object; the one place that touches the hub (tests replace it).
-
-    ``datasets`` reads the repository's parquet files; it never runs a dataset script.
-    """
+    """The one place that touches the hub (tests replace it); no dataset script runs."""
     import datasets
 
     try:
@@ -82,51 +68,42 @@ def fineweb_documents(repo: str, name: str, streaming: bool, skip: int = 0) -> I
         yield from batch["text"]
 
 
-# ---------------------------------------------------------------------------
-# local files
-
-
 def local_files(spec: str) -> list[Path]:
-    """The corpus files that ``spec`` (a file, a directory or a glob) names, sorted."""
     path = Path(spec)
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix in SUFFIXES and p.is_file())
-        if not files:
-            raise UserError(f"{spec}: empty corpus: no .txt, .jsonl or .parquet files in this "
-                            "directory; point --source at your corpus files")
-        return files
     if path.is_file():
         if path.suffix not in SUFFIXES:
             raise UserError(f"{spec}: unsupported file type {path.suffix!r}; "
                             "use .txt, .jsonl or .parquet (or --source fineweb-edu / fineweb / demo)")
         return [path]
-    if glob.has_magic(spec):
-        files = sorted(Path(p) for p in glob.glob(spec, recursive=True)
-                       if Path(p).suffix in SUFFIXES and Path(p).is_file())
-        if not files:
-            raise UserError(f"{spec}: empty corpus: the pattern matches no .txt, .jsonl "
-                            "or .parquet files; check the pattern")
-        return files
-    raise UserError(f"--source {spec}: no such file or directory; give fineweb-edu, fineweb, demo, "
-                    "or a .txt/.jsonl/.parquet file, directory or glob")
+    if path.is_dir():
+        found = path.rglob("*")
+        empty = "no .txt, .jsonl or .parquet files in this directory; point --source at your corpus files"
+    elif glob.has_magic(spec):
+        found = map(Path, glob.glob(spec, recursive=True))
+        empty = "the pattern matches no .txt, .jsonl or .parquet files; check the pattern"
+    else:
+        raise UserError(f"--source {spec}: no such file or directory; give fineweb-edu, fineweb, demo, "
+                        "or a .txt/.jsonl/.parquet file, directory or glob")
+    files = sorted(p for p in found if p.suffix in SUFFIXES and p.is_file())
+    if not files:
+        raise UserError(f"{spec}: empty corpus: {empty}")
+    return files
 
 
 def local_documents(files: list[Path]) -> Iterator[str]:
-    readers = {".txt": _txt_documents, ".jsonl": _jsonl_documents, ".parquet": _parquet_documents}
     for path in files:
-        for text in readers[path.suffix](path):
-            if text:
-                yield text
-
-
-def _txt_documents(path: Path) -> Iterator[str]:
-    try:
-        yield path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text (byte {e.start}); convert it to UTF-8") from None
+        if path.suffix == ".txt":
+            try:
+                texts = [path.read_text(encoding="utf-8")]
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path}: not UTF-8 text (byte {e.start}); convert it to UTF-8") from None
+        else:
+            texts = _jsonl_documents(path) if path.suffix == ".jsonl" else _parquet_documents(path)
+        yield from filter(None, texts)  # an empty document carries no text
 
 
 def _jsonl_documents(path: Path) -> Iterator[str]:
+    rule = "each line must be one JSON object with a \"text\" string"
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
@@ -134,12 +111,10 @@ def _jsonl_documents(path: Path) -> Iterator[str]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{number}: not valid JSON ({e.msg}); "
-                                "each line must be one JSON object with a \"text\" string") from None
+                raise UserError(f"{path}:{number}: not valid JSON ({e.msg}); {rule}") from None
             text = record.get("text") if isinstance(record, dict) else None
             if not isinstance(text, str):
-                raise UserError(f"{path}:{number}: no \"text\" string in this line; "
-                                "each line must be one JSON object with a \"text\" string")
+                raise UserError(f"{path}:{number}: no \"text\" string in this line; {rule}")
             yield text
 
 
@@ -162,11 +137,9 @@ def _parquet_documents(path: Path) -> Iterator[str]:
             or getattr(pyarrow.types, "is_string_view", lambda _: False)(kind)):
         raise UserError(f"{path}: the \"text\" column holds {kind}, not strings; "
                         "store each document's text as a string in the \"text\" column")
-    row = 0
-    for batch in parquet.iter_batches(batch_size=1024, columns=["text"]):
-        for text in batch.column(0).to_pylist():
-            if text is None:  # as a jsonl line without a "text" string is: one line, not a silent gap
-                raise UserError(f"{path}: row {row}: the \"text\" value is null; give every row a string "
-                                "(an empty one is skipped), or drop the row")
-            row += 1
-            yield text
+    batches = parquet.iter_batches(batch_size=1024, columns=["text"])
+    for row, text in enumerate(itertools.chain.from_iterable(b.column(0).to_pylist() for b in batches)):
+        if text is None:  # as a jsonl line without a "text" string is: one line, not a silent gap
+            raise UserError(f"{path}: row {row}: the \"text\" value is null; give every row a string "
+                            "(an empty one is skipped), or drop the row")
+        yield text

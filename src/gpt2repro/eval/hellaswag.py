@@ -1,16 +1,11 @@
 """HellaSwag: which of four endings does the model find most likely?
 
-Each item is a context and four endings, one of them right (``label``). The items come
-from the official val file (downloaded once) or any jsonl file of the same layout. A
-scoring turns an item into a multiple-choice question (``eval.multiple_choice``: packed
-rows, one host sync per scoring): its prompt, its ``acc_norm`` divisor and its label are
-defined together, in one function per scoring. Two scorings, both reported by default:
-
-``completion``
-    build-nanogpt's; ``acc_norm``, the mean log-likelihood per token, is the headline
-    number, the one the trainer logs.
-``harness``
-    lm-evaluation-harness's ``hellaswag`` task; ``acc_norm`` divides by characters.
+Items (a context, four endings, the right one's ``label``) come from the official val file,
+downloaded once, or any jsonl file of that layout. A scoring turns an item into a
+``multiple_choice.Question``: prompt, ``acc_norm`` divisor and label defined together. Two,
+both reported by default: ``completion`` (build-nanogpt's; its ``acc_norm``, per-token mean
+log-likelihood, is the headline number the trainer logs) and ``harness`` (lm-eval's
+``hellaswag`` task; ``acc_norm`` divides by characters).
 """
 
 from __future__ import annotations
@@ -36,24 +31,17 @@ from gpt2repro.eval.multiple_choice import ITEMS_PER_CHUNK, Question, ending_log
 from gpt2repro.files import atomic_open
 
 OFFICIAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
-# Items (packed rows of a context and its four endings, ~150 tokens) per forward pass: in training
-# too, whatever the micro-batch (the record's is one 65,536-token row: 10,042 forwards a time).
+# Items (packed rows of ~150 tokens) per forward pass, in training too, whatever the micro-batch
+# (the record's is one 65,536-token row: 10,042 forwards a time).
 BATCH_SIZE = 32
 N_ENDINGS = 4
 ITEM_LAYOUT = "each line is a JSON object with ctx (text), endings (4 texts) and label (0-3)"
 
 
-# ---------------------------------------------------------------------------
-# data
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("GPT2REPRO_CACHE") or Path.home() / ".cache" / "gpt2repro")
-
-
 def download_official() -> Path:
     """The official val file, downloaded once; a partial download never looks complete."""
-    path = cache_dir() / "hellaswag" / "hellaswag_val.jsonl"
+    cache = Path(os.environ.get("GPT2REPRO_CACHE") or Path.home() / ".cache" / "gpt2repro")
+    path = cache / "hellaswag" / "hellaswag_val.jsonl"
     if path.is_file():
         return path
     try:
@@ -93,13 +81,9 @@ def _check_item(line: str, where: str) -> dict:
 
 
 def load_items(path: str | Path | None = None, limit: int | None = None) -> list[dict]:
-    """HellaSwag items from a jsonl file (default: the official val file, downloaded once).
-
-    Every item is checked: ``ctx`` a string, ``endings`` 4 strings, ``label`` 0-3.
-    ``activity_label`` (and ``ctx_a``/``ctx_b``) are optional: without them the harness
-    query is the cleaned ``ctx`` alone, which is no longer the harness's exact prompt.
-    ``limit`` keeps the first N items (None or 0: all).
-    """
+    """Checked items from a jsonl file (default: the official one); ``limit``: the first N (None, 0: all).
+    ``activity_label``, ``ctx_a``/``ctx_b`` are optional: without them the harness query is the
+    cleaned ``ctx`` alone, no longer the harness's exact prompt."""
     path = Path(path) if path else download_official()
     try:
         text = path.read_text(encoding="utf-8")
@@ -119,8 +103,8 @@ def load_items(path: str | Path | None = None, limit: int | None = None) -> list
 
 
 def load_items_on_every_rank(path: str | None, limit: int | None, is_main: bool, device) -> list[dict]:
-    """``load_items`` for a training run: rank 0 downloads (once) and checks first; if it fails,
-    every rank raises, so that none waits forever; then the other ranks read the cached file."""
+    """``load_items`` in training: rank 0 downloads and checks first; if it fails every rank raises,
+    so none waits forever; then the others read the cached file."""
     items, error = None, None
     if is_main:
         try:
@@ -132,10 +116,6 @@ def load_items_on_every_rank(path: str | None, limit: int | None, is_main: bool,
     return items if is_main else load_items(path, limit)
 
 
-# ---------------------------------------------------------------------------
-# the two scorings: an item's prompt, divisor and label
-
-
 @functools.lru_cache(maxsize=1 << 17)
 def _encode(text: str) -> tuple[int, ...]:
     # The trainer evaluates the same items every few hundred steps: tokenize them once.
@@ -143,15 +123,14 @@ def _encode(text: str) -> tuple[int, ...]:
 
 
 def tokenize_completion(item: dict) -> Question:
-    """build-nanogpt's: context = ``ctx``, each ending encoded as ``" " + ending``;
-    ``acc_norm`` divides by the ending's token count (mean log-likelihood per token)."""
+    """build-nanogpt's: context ``ctx``, endings ``" " + ending``; acc_norm divides by the ending's tokens."""
     endings = tuple(_encode(" " + e) for e in item["endings"])
     return Question(_encode(item["ctx"]), endings, tuple(len(e) for e in endings), item["label"])
 
 
 def harness_clean(text: str) -> str:
-    """lm-eval's HellaSwag text cleanup. The brackets are WikiHow markup left in the data:
-    a " [title]" becomes a sentence break, any other "[...]" marker is dropped."""
+    """lm-eval's cleanup of the data's leftover WikiHow markup: " [title]" ends a sentence, other
+    "[...]" are dropped."""
     text = text.strip().replace(" [title]", ". ")
     text = re.sub(r"\[.*?\]", "", text)
     return text.replace("  ", " ")
@@ -167,11 +146,9 @@ def harness_query(item: dict) -> str:
 
 
 def tokenize_harness(item: dict) -> Question:
-    """lm-eval's ``hellaswag`` task: query = cleaned ``activity_label + ": " + ctx``,
-    continuation = ``" " + cleaned ending``; ``acc_norm`` divides by the cleaned ending's
-    characters. The tokens are the harness's context/continuation split: encode the whole
-    string and the context, and the continuation is whatever the whole has beyond the
-    context's tokens."""
+    """lm-eval's ``hellaswag``: query cleaned ``activity_label + ": " + ctx``, continuation
+    ``" " + cleaned ending``, acc_norm over its characters. Tokens split as lm-eval does: the
+    continuation is what ``encode(whole)`` has beyond ``encode(context)``."""
     query = harness_query(item)
     choices = [harness_clean(e) for e in item["endings"]]
     context = query.rstrip()
@@ -195,18 +172,13 @@ SCORINGS = {s.name: s for s in (
 )}
 
 
-# ---------------------------------------------------------------------------
-# evaluation
-
-
 def evaluate_scorings(model, items: list[dict], ending_scorer: Callable[[list[Question]], torch.Tensor], *,
                       scorings: tuple[str, ...] = tuple(SCORINGS), device="cpu", rank: int = 0,
                       world_size: int = 1, items_per_chunk: int = ITEMS_PER_CHUNK,
                       progress: Callable[[int], Any] | None = None,
                       poll: Callable[[], None] | None = None) -> dict:
-    """The named scorings on ``items`` with any ending scorer (``evaluate_hellaswag`` plugs in
-    the packed rows; the bench and the tests build-nanogpt's loop): ``{"completion": {"acc",
-    "acc_norm", "n", "items_per_s"}, ..., "n", "items_per_s"}``, the last two over all of them."""
+    """The named scorings with any ending scorer (the bench and tests plug in build-nanogpt's loop):
+    ``{"completion": score(...), ..., "n", "items_per_s"}``, the last two over all of them."""
     unknown = [s for s in scorings if s not in SCORINGS]
     if unknown or not scorings:
         raise ValueError(f"hellaswag scorings {list(scorings)}: choose one or more of {list(SCORINGS)}")
@@ -224,15 +196,8 @@ def evaluate_hellaswag(model, items: list[dict], *, scorings: tuple[str, ...] = 
                        rank: int = 0, world_size: int = 1, items_per_chunk: int = ITEMS_PER_CHUNK,
                        progress: Callable[[int], Any] | None = None,
                        poll: Callable[[], None] | None = None) -> dict:
-    """The asked-for scorings on ``items``, packed and batched: ``{"completion": {"acc",
-    "acc_norm", "n", "items_per_s"}, "harness": {...}, "n", "items_per_s"}``.
-
-    ``model`` is our GPT (raw, not compiled or DDP-wrapped) on ``device``; it is put in eval
-    mode and restored after. Under a process group, rank r scores items r, r + world_size, ...
-    and the counts are summed across ranks, so every rank returns the global result.
-    ``progress(n)``: n more of this rank's items scored, once per chunk and scoring; ``poll()``
-    before each chunk every rank has (``multiple_choice.score``).
-    """
+    """``evaluate_scorings`` with packed rows; ``model``: our raw GPT (not compiled or DDP-wrapped).
+    Ranks, ``progress`` and ``poll`` as in ``multiple_choice.score``."""
     def ending_scorer(questions):
         return ending_logprobs(model, questions, batch_size=batch_size, device=device,
                                autocast_dtype=autocast_dtype)

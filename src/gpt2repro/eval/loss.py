@@ -1,21 +1,17 @@
-"""Validation loss: one definition for training's ``val``, ``eval loss`` and the benchmarks.
+"""Validation loss: the one definition for training's ``val``, ``eval loss`` and the benchmarks.
 
-- **Windows.** The split's shards, in index order, are one token stream
-  (``data.loader.TokenStream``). Window j is stream tokens [j·T, (j+1)·T + 1): T inputs and
-  their T targets; windows do not overlap, so every target is predicted once, from the tokens
-  of its own window only. The first N // T windows are measured (N: ``eval.val_tokens`` in
-  training, ``--tokens`` in ``eval loss``; T: ``data.seq_len``, ``--seq-len``).
-- **Loss.** The model's own training loss, ``model(x, y)``: the mean cross-entropy over the
-  rows of its head that its loss uses. For a model trained here from scratch that is all
-  50,304 rows, as build-nanogpt and modded-nanogpt measure val; for OpenAI's GPT-2, and a run
-  started from it (``model.real_vocab_size``), the 50,257 real ones. A modern model masks
-  documents and applies its sliding window (the schedule's at a training step, the final one
-  otherwise) inside each window.
-- **Ranks.** Rank r takes windows r, r + W, ...; every rank sums loss, targets and bytes
-  locally and one all-reduce adds them up: any world size and batch size give the same number
-  (up to float summation order).
-- **Bits per byte** divides the summed loss by the UTF-8 bytes of the targets
-  (``eval.bits_per_byte``).
+- **Windows.** The split's shards, in index order, are one token stream; window j is stream
+  tokens [j·T, (j+1)·T + 1): T inputs and their T targets. Windows do not overlap, so every
+  target is predicted once, from its own window only. The first N // T windows are measured
+  (N: ``eval.val_tokens`` or ``--tokens``; T: ``data.seq_len`` or ``--seq-len``).
+- **Loss.** The model's own training loss, ``model(x, y)``: mean cross-entropy over the head
+  rows its loss uses: all 50,304 for a model trained here from scratch (as build-nanogpt and
+  modded-nanogpt measure val), the 50,257 real ones for OpenAI's GPT-2 and runs started from it
+  (``model.real_vocab_size``). A modern model masks documents and applies its sliding window
+  (the schedule's at a training step, else the final one) inside each window.
+- **Ranks.** Rank r takes windows r, r + W, ...; loss, targets and bytes are summed locally
+  and all-reduced once, so any world and batch size give the same number (up to float order).
+- **Bits per byte**: the summed loss over the targets' UTF-8 bytes (``eval.bits_per_byte``).
 """
 
 from __future__ import annotations
@@ -37,8 +33,7 @@ DEFAULT_SEQ_LEN = 1024  # GPT-2's context, the windows build-nanogpt's val loss 
 
 
 def window_length(seq_len: int | None, block_size: int) -> int:
-    """``--seq-len`` for a model of ``block_size`` positions: by default GPT-2's 1,024 tokens, or
-    the whole block when shorter; a one-line error when asked for more than the block."""
+    """``--seq-len`` for a model of ``block_size`` positions: by default 1,024, or the block if shorter."""
     seq_len = seq_len or min(block_size, DEFAULT_SEQ_LEN)
     if seq_len > block_size:
         raise UserError(f"--seq-len {seq_len}: longer than the model's block_size {block_size:,}; "
@@ -47,9 +42,8 @@ def window_length(seq_len: int | None, block_size: int) -> int:
 
 
 def count_windows(n_stream: int, seq_len: int, n_tokens: int | None, where: str, fewer_ok: bool = False) -> int:
-    """How many windows of ``seq_len`` (+1) tokens to measure: ``n_tokens // seq_len``, or all that
-    fit in a stream of ``n_stream`` tokens; a one-line error when that is none, or (unless
-    ``fewer_ok``: training measures what its val split holds) more than fit."""
+    """Windows to measure: ``n_tokens // seq_len``, or all that fit in ``n_stream`` tokens. None, or
+    more than fit (unless ``fewer_ok``: training measures what its val split holds), is an error."""
     available = (n_stream - 1) // seq_len if n_stream > 0 else 0
     if available == 0:
         raise UserError(f"{where}: {n_stream:,} tokens, fewer than one window of seq_len + 1 = {seq_len + 1:,}; "
@@ -68,7 +62,6 @@ def count_windows(n_stream: int, seq_len: int, n_tokens: int | None, where: str,
 
 
 def open_split(data_dir: str | Path, split: str) -> TokenStream:
-    """The split's shards as one stream; a one-line error for a missing folder or split."""
     return TokenStream(list_shards(data_dir, split))
 
 
@@ -78,12 +71,9 @@ def evaluate_loss(model, data_dir: str | Path, *, split: str = "val", seq_len: i
                   autocast_dtype: torch.dtype | None = None, rank: int = 0, world_size: int = 1,
                   ce_chunk_rows: int | None = None, window: int | None = None,
                   progress: Callable[[int], Any] | None = None, poll: Callable[[], None] | None = None) -> dict:
-    """``{"split", "tokens", "windows", "seq_len", "loss", "bpb", "tokens_per_s"}`` of ``model``
-    (our GPT, or its compiled form, on ``device``) over the first ``n_tokens // seq_len`` windows
-    of ``split`` (default: all of them), as the module docstring defines them. ``window``: the
-    sliding window's blocks (default: the model's final one). ``progress(n)``: n more of this
-    rank's windows measured; ``poll()`` runs before each batch that every rank has (it may hold a
-    collective, and raise to stop the evaluation)."""
+    """``{"split", "tokens", "windows", "seq_len", "loss", "bpb", "tokens_per_s"}`` as defined above.
+    ``window``: the sliding window's blocks (default: the final one). ``progress(n)``: n more of this
+    rank's windows; ``poll()`` runs before each batch every rank has (may hold a collective, or raise)."""
     seq_len = window_length(seq_len, model.config.block_size)
     windows = count_windows(len(open_split(data_dir, split)), seq_len, n_tokens, f"{data_dir}: the {split} split")
     device = torch.device(device)

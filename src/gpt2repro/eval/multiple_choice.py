@@ -1,33 +1,18 @@
 """Multiple-choice scoring: which of a question's endings does the model find most likely?
 
-A question is context tokens, the tokens of N endings, the index of the right one
-(``label``) and, per ending, the divisor of its ``acc_norm`` score (``norm``: its token
-count, its character count, ...; the benchmark decides). An ending's score is the
-log-likelihood of its tokens given the context, over the real 50,257-token vocabulary,
-in float32. ``acc`` picks the ending with the highest summed log-likelihood, ``acc_norm``
-the highest sum / norm; ties go to the lower ending index.
-
-Speed comes from doing less work, not just from batching (on a CPU the work is
-compute-bound and batching alone gains little). One question is packed into ONE row,
-``context + ending0 + ending1 + ...``: each ending's positions restart right after the
-context and an attention mask lets an ending see the context and its own earlier tokens
-only, so the context is computed once instead of once per ending. The last token of each
-ending is left out of the row (nothing is predicted from it), and the LM head runs only
-at the positions that predict ending tokens. Questions go in chunks; within a chunk rows
-are sorted by length and padded per batch. Everything stays on the device until the
-final counts: no host synchronisation per question, batch or chunk, so on a GPU the host
-prepares the next chunk while the device computes.
-
-A question too long for the model (context + longest ending > block_size + 1 tokens)
-keeps the end of its context, the tokens nearest the endings, as lm-eval does; an ending
-longer than block_size tokens is scored on its first block_size tokens.
+An ending's score is its tokens' log-likelihood given the context (real 50,257-token vocabulary,
+float32); ``acc`` takes the highest, ``acc_norm`` the highest score / ``norm`` (tokens,
+characters: the benchmark decides). Speed comes from less work, not batching (a CPU is
+compute-bound): a question is ONE packed row, ``context + ending0 + ending1 + ...``, each ending
+restarting its positions after the context and masked to see only the context and itself, and
+the LM head runs only where ending tokens are predicted. Nothing reaches the host before the
+final counts, so on a GPU the host packs the next chunk while the device computes.
 """
 
 from __future__ import annotations
 
-import functools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,8 +24,7 @@ from gpt2repro.data.tokenizer import EOT_TOKEN
 from gpt2repro.device import all_reduce_sum, autocast, resolve_ce_chunk_rows, rounds_on_every_rank, to_device
 from gpt2repro.errors import UserError
 
-# Questions are scored in chunks of this many: on a GPU, tokenizing and packing a chunk on the
-# host overlaps the device's work on the one before; within a chunk rows are sorted by length.
+# Questions per chunk: on a GPU the host packs a chunk while the device scores the one before.
 ITEMS_PER_CHUNK = 1024
 
 
@@ -53,31 +37,24 @@ class Question:
 
 
 def fit_to_block(q: Question, block_size: int) -> Question:
-    """Shorten a question so that its context and longest ending fit the model: the
-    ending's last token is only a target, so context + ending may be block_size + 1 long.
-    ``norm`` is the benchmark's and stays as it is."""
+    """``q`` cut to fit, as lm-eval cuts: the context keeps its end, an ending its first block_size
+    tokens. An ending's last token is only a target: context + ending may be block_size + 1 long."""
     endings = tuple(e[:block_size] for e in q.endings)
     if any(len(e) == 0 for e in endings):
         raise UserError("multiple choice: an ending encodes to no tokens; every ending needs some text")
     keep = min(len(q.context), block_size + 1 - max(map(len, endings)))
-    context = q.context[len(q.context) - keep:]
-    if not context:  # an empty context: condition on <|endoftext|>, as lm-eval does
-        context = (EOT_TOKEN,)
+    context = q.context[len(q.context) - keep:] or (EOT_TOKEN,)  # empty: condition on <|endoftext|>, as lm-eval
     if context == q.context and endings == q.endings:
         return q
     return Question(context, endings, q.norm, q.label)
 
 
 def endings_per_question(questions: Sequence[Question]) -> int:
-    """The one number of endings all questions share: scores come back as an (n, N) tensor."""
+    """The one number of endings all questions share (scores are an (n, N) tensor)."""
     counts = {len(q.endings) for q in questions}
     if len(counts) > 1:
         raise ValueError(f"questions with different numbers of endings: {sorted(counts)}")
     return counts.pop() if counts else 0
-
-
-# ---------------------------------------------------------------------------
-# packed rows: one question, all its endings, one row
 
 
 @dataclass
@@ -95,23 +72,37 @@ def pack(q: Question) -> PackedRow:
     tokens, pos, segment = list(q.context), list(range(n_ctx)), [0] * n_ctx
     predictor, target, ending = [], [], []
     for j, e in enumerate(q.endings):
-        start = len(tokens)  # where this ending's tokens go in the row
-        # the first ending token is predicted by the last context token, each later one by
-        # the ending token before it
+        start = len(tokens)
+        # the last context token predicts the ending's first token, each ending token the next
         predictor += [n_ctx - 1, *range(start, start + len(e) - 1)]
         target += e
         ending += [j] * len(e)
         tokens += e[:-1]
         pos += range(n_ctx, n_ctx + len(e) - 1)
         segment += [j + 1] * (len(e) - 1)
-    as_array = functools.partial(np.array, dtype=np.int64)
-    return PackedRow(*map(as_array, (tokens, pos, segment, predictor, target, ending)))
+    return PackedRow(*(np.array(a, dtype=np.int64) for a in (tokens, pos, segment, predictor, target, ending)))
+
+
+def packed_batches(rows: list[PackedRow], batch_size: int, device: torch.device,
+                   n_slots: int = 1) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Rows longest first, right-padded (segment -1), on ``device``: ``(tokens, pos, segment,
+    predictor, target, slot)``, predictor indexing the flattened batch, slot = row · n_slots + ending."""
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i].tokens))
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        T = len(rows[batch[0]].tokens)
+        grid = np.zeros((3, len(batch), T), dtype=np.int64)  # tokens, pos, segment
+        grid[2] = -1
+        for b, i in enumerate(batch):
+            grid[:, b, :len(rows[i].tokens)] = rows[i].tokens, rows[i].pos, rows[i].segment
+        flat = zip(*((b * T + rows[i].predictor, rows[i].target, i * n_slots + rows[i].ending)
+                     for b, i in enumerate(batch)))
+        yield tuple(to_device(torch.from_numpy(a), device) for a in (*grid, *map(np.concatenate, flat)))
 
 
 def packed_attention_mask(segment: torch.Tensor) -> torch.Tensor:
-    """(B, 1, T, T) bool, True = attend. A query sees earlier-or-same keys that are context
-    or its own ending; padding (segment -1) is seen by nobody. Every query sees itself, so
-    no row is fully masked (that would turn the attention output into NaN on some versions)."""
+    """(B, 1, T, T) bool, True = attend: earlier-or-same keys that are context or the query's own
+    ending, never padding (-1). Every query sees itself: a fully masked row is NaN on some versions."""
     T = segment.size(1)
     index = torch.arange(T, device=segment.device)
     causal = index[None, :, None] >= index[None, None, :]
@@ -121,8 +112,8 @@ def packed_attention_mask(segment: torch.Tensor) -> torch.Tensor:
 
 
 def token_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, chunk_rows: int = 0) -> torch.Tensor:
-    """log p(target) from hidden states (N, C), over the real 50,257-token vocabulary, float32.
-    ``chunk_rows`` > 0 runs the head in row chunks (on a CPU: logits that stay in cache)."""
+    """log p(target) from hidden states (N, C), real vocabulary, float32. ``chunk_rows`` > 0 runs
+    the head in row chunks (on a CPU: logits that stay in cache)."""
     step = chunk_rows or hidden.size(0) or 1
     out = []
     for start in range(0, hidden.size(0), step):
@@ -134,45 +125,23 @@ def token_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, chunk_row
 
 def ending_logprobs(model, questions: list[Question], *, batch_size: int = 32, device="cpu",
                     autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Summed log-likelihood of every ending, (n, N) on ``device``: packed, batched rows."""
+    """Summed log-likelihood of every ending, (n, N) on ``device``."""
     device = torch.device(device)
     n_endings = endings_per_question(questions)
     head_chunk_rows = resolve_ce_chunk_rows("auto", device)
+    sums = torch.zeros(len(questions) * n_endings, dtype=torch.float32, device=device)
     rows = [pack(q) for q in questions]
-    sums = torch.zeros(len(rows) * n_endings, dtype=torch.float32, device=device)
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i].tokens))
-    for start in range(0, len(order), batch_size):
-        batch = order[start:start + batch_size]
-        T = max(len(rows[i].tokens) for i in batch)
-        tokens = np.zeros((len(batch), T), dtype=np.int64)
-        pos = np.zeros((len(batch), T), dtype=np.int64)
-        segment = np.full((len(batch), T), -1, dtype=np.int64)
-        predictor, target, slot = [], [], []
-        for b, i in enumerate(batch):
-            row = rows[i]
-            n = len(row.tokens)
-            tokens[b, :n], pos[b, :n], segment[b, :n] = row.tokens, row.pos, row.segment
-            predictor.append(b * T + row.predictor)
-            target.append(row.target)
-            slot.append(i * n_endings + row.ending)
-        tokens, pos, segment, predictor, target, slot = (
-            to_device(torch.from_numpy(a), device)
-            for a in (tokens, pos, segment, *map(np.concatenate, (predictor, target, slot))))
+    for tokens, pos, segment, predictor, target, slot in packed_batches(rows, batch_size, device, n_endings):
         with autocast(device, autocast_dtype):
             hidden = model.hidden(tokens, pos=pos, attn_mask=packed_attention_mask(segment))
             logprobs = token_logprobs(model, hidden.flatten(0, 1)[predictor], target, head_chunk_rows)
         sums.index_add_(0, slot, logprobs)
-    return sums.view(len(rows), n_endings)
-
-
-# ---------------------------------------------------------------------------
-# accuracy
+    return sums.view(len(questions), n_endings)
 
 
 def correct_counts(logprobs: torch.Tensor, questions: list[Question]) -> torch.Tensor:
-    """[acc hits, acc_norm hits, questions] as a long tensor on the logprobs' device, computed
-    without waiting for the device. Ties go to the lower ending index, as argmin/argmax do
-    in both reference codes (build-nanogpt's and lm-eval's)."""
+    """[acc hits, acc_norm hits, questions], long, on the logprobs' device, without a host sync.
+    Ties go to the lower ending index, as in build-nanogpt and lm-eval."""
     device = logprobs.device
     norm = to_device(torch.tensor([q.norm for q in questions], dtype=torch.float32), device)
     labels = to_device(torch.tensor([q.label for q in questions], dtype=torch.long), device)
@@ -185,17 +154,9 @@ def score(model, items: Sequence[Any], to_question: Callable[[Any], Question],
           ending_scorer: Callable[[list[Question]], torch.Tensor], *, device="cpu", rank: int = 0,
           world_size: int = 1, items_per_chunk: int = ITEMS_PER_CHUNK,
           progress: Callable[[int], Any] | None = None, poll: Callable[[], None] | None = None) -> dict:
-    """``{"acc", "acc_norm", "n", "items_per_s"}`` of one scoring: every item made a question
-    by ``to_question`` and fitted to the model's block, its endings' summed log-likelihoods
-    from ``ending_scorer`` ((n, N) on ``device``; ``ending_logprobs`` or a reference).
-
-    ``model`` is put in eval mode under ``no_grad`` and restored after. Under a process group,
-    rank r scores items r, r + world_size, ... and the counts are summed across ranks, so
-    every rank returns the global result. ``progress(n)`` is told of each chunk of n of this
-    rank's items as it is handed to the device (on a GPU the device may still be working on it).
-    ``poll()`` runs before each chunk that every rank has (it may hold a collective, and raise
-    to stop the scoring).
-    """
+    """``{"acc", "acc_norm", "n", "items_per_s"}`` over all ranks (rank r takes items r, r + W, ...).
+    ``progress(n)``: n more of this rank's items handed to the device; ``poll()`` runs before each
+    chunk every rank has (it may hold a collective, and raise to stop)."""
     device = torch.device(device)
     was_training = model.training
     model.eval()
@@ -204,7 +165,6 @@ def score(model, items: Sequence[Any], to_question: Callable[[Any], Question],
         with torch.no_grad():
             start = time.perf_counter()
             counts = torch.zeros(3, dtype=torch.long, device=device)
-            # The device runs one chunk while the host tokenizes and packs the next.
             rounds = rounds_on_every_rank(len(items), world_size, items_per_chunk)
             for i, first in enumerate(range(0, len(mine), items_per_chunk)):
                 if poll is not None and i < rounds:

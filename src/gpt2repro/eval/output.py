@@ -16,9 +16,8 @@ from gpt2repro.model.checkpoint import WEIGHTS_FILE
 
 
 def kept_by_gpt2repro(path: Path) -> str | None:
-    """What ``path`` belongs to when a gpt2repro command wrote it and reads it back (a run's
-    files, a shard folder, a model or checkpoint folder), or None. A result file must never
-    replace one of these: the run, the shards or the checkpoint would stop working."""
+    """What ``path`` belongs to if gpt2repro reads it back (a run, shards, a model folder), else None:
+    a result file replacing it would break that."""
     folder = path.parent
     if path.name in (LOCK_FILE, FILES_MANIFEST):
         return f"gpt2repro's own record of {folder}"
@@ -33,10 +32,8 @@ def kept_by_gpt2repro(path: Path) -> str | None:
 
 
 def check_output_file(path: str | Path, flag: str = "--json", inputs: Iterable[str | Path | None] = ()) -> Path:
-    """``path`` as a file this process can write, checked before work that may take hours:
-    not a folder, not under a file, not one of gpt2repro's own files, not one of the command's
-    own ``inputs`` (a file, or a file inside a folder of them), and its nearest existing folder
-    writable."""
+    """``path`` checked before hours of work: a writable file, not gpt2repro's own, not one of
+    ``inputs`` (or inside an input folder)."""
     path = file_target(path, flag)
     owner = kept_by_gpt2repro(path)
     if owner:
@@ -54,7 +51,7 @@ def check_output_file(path: str | Path, flag: str = "--json", inputs: Iterable[s
 
 
 def write_json_text(path: str | Path, text: str) -> None:
-    """``text`` as the file ``path`` (its folders made), all or nothing."""
+    """All or nothing, its folders made."""
     path = Path(path)
     with writing(path.parent):
         path.parent.mkdir(parents=True, exist_ok=True)

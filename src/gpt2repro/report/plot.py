@@ -1,24 +1,12 @@
-"""Training curves from ``log.txt``: loss on the left, HellaSwag on the right, and val bits
-per byte in a third panel when a log has them.
+"""Training curves from ``log.txt`` (``<step> <stream> <value>`` lines; build-nanogpt's logs too):
+loss, plus HellaSwag and val bits per byte panels when some log has them. Unparsable lines are
+counted and reported; a log with nothing to draw is an error.
 
-A log has one ``<step> <stream> <value>`` line per measurement, e.g. ``250 val 3.4127``;
-the streams drawn are ``train``, ``val``, ``hella`` and ``val_bpb``. build-nanogpt writes
-the same format (without ``val_bpb``), so its logs plot too, in two panels. Lines that do
-not parse are counted and reported, not fatal; a log with nothing to draw at all is an error.
-
-With ``x="tokens"`` the x axis is tokens seen, ``(step + 1) · tokens per step``, so runs
-with different batch sizes overlay honestly. A run's tokens per step come from the
-``config.json`` that training writes beside its log (``optim.total_batch_tokens``);
-a log without one (build-nanogpt's) uses ``tokens_per_step``, 524,288 by default.
-
-The horizontal lines are OpenAI's checkpoints, drawn only where they apply: GPT-2's val loss
-on FineWeb-edu (known for 124M only) when the run's val split is FineWeb-edu (the shard
-manifest that its ``config.json`` points at says which corpus it is, and build-nanogpt's
-``edufineweb_*`` shards are FineWeb-edu), and the HellaSwag acc_norm of GPT-2 and GPT-3 of the
-same size beside HellaSwag points. A panel appears only for what the logs hold: HellaSwag
-when some log has HellaSwag points, bits per byte when some log has ``val_bpb``. No
-checkpoint's val bits per byte is known here (``GPT2_VAL_BPB`` is empty until ``eval loss
---model gpt2`` has measured one), so that panel has no baseline line.
+``x="tokens"`` puts tokens trained on on the x axis, so runs of different batch sizes overlay
+honestly (tokens per step from the run's ``config.json``, else ``default_tokens_per_step``).
+Baselines are drawn only where they apply: GPT-2's val loss (known for 124M) when every run's
+val split is FineWeb-edu, and GPT-2's and GPT-3's HellaSwag acc_norm. No checkpoint's val bpb is
+known yet (``GPT2_VAL_BPB``), so that panel has no baseline.
 """
 
 from __future__ import annotations
@@ -37,15 +25,24 @@ from gpt2repro.runlog import DEFAULT_TOKENS_PER_STEP, LOG_FILE, Streams, read_lo
 
 PLOTTED_STREAMS = ("train", "val", "hella", "val_bpb")
 GPT2_VAL_LOSS = {"124M": 3.2924}
-GPT2_VAL_BPB: dict[str, float] = {}  # none measured: a baseline is drawn only where a value is known
+GPT2_VAL_BPB: dict[str, float] = {}  # none measured yet
 HELLASWAG_BASELINES = {  # size: (GPT-2, GPT-3) acc_norm
     "124M": (0.294463, 0.337),
     "350M": (0.375224, 0.436),
     "774M": (0.431986, 0.510),
     "1558M": (0.488946, 0.547),
 }
-
-X_AXES = ("step", "tokens")
+# What each stream's values can be; anything else is a broken log line, reported and not drawn.
+VALID = {"train": (0.0, math.inf), "val": (0.0, math.inf), "val_bpb": (0.0, math.inf), "hella": (0.0, 1.0)}
+CURVES = (  # stream, panel, best value, its name in the summary, legend
+    ("train", "loss", "min", "train loss", "train loss"),
+    ("val", "loss", "min", "val loss", "val loss"),
+    ("hella", "hella", "max", "HellaSwag", "HellaSwag acc_norm"),
+    ("val_bpb", "bpb", "min", "val bpb", "val bits per byte"),
+)
+AXES = {"loss": {"ylabel": "loss", "title": "Loss", "yscale": "log"},
+        "hella": {"ylabel": "accuracy", "title": "HellaSwag eval"},
+        "bpb": {"ylabel": "bits per byte", "title": "Val bits per byte"}}
 
 
 def smooth(values: np.ndarray, window: int) -> np.ndarray:
@@ -57,14 +54,10 @@ def smooth(values: np.ndarray, window: int) -> np.ndarray:
 
 
 def _names(logs: list[str]) -> list[str]:
-    """A short label per log: the run directory for ``.../RUN/log.txt``, else the file name."""
+    """A short label per log: RUN for ``.../RUN/log.txt``, else the file name; full paths if not unique."""
     names = [Path(p).parent.name if Path(p).name == LOG_FILE and Path(p).parent.name else Path(p).name
              for p in logs]
     return names if len(set(names)) == len(names) else [str(p) for p in logs]
-
-
-# What each stream's values can be; anything else is a broken log line, reported and not drawn.
-VALID = {"train": (0.0, math.inf), "val": (0.0, math.inf), "val_bpb": (0.0, math.inf), "hella": (0.0, 1.0)}
 
 
 def _valid(stream: str, value: float) -> bool:
@@ -73,8 +66,7 @@ def _valid(stream: str, value: float) -> bool:
 
 
 def out_of_range(streams: Streams) -> list[str]:
-    """``'hella 1.5 (step 10)'`` for each value its stream cannot take (non-finite, a negative
-    loss, an accuracy outside [0, 1])."""
+    """``'hella 1.5 (step 10)'`` for each value outside its stream's ``VALID`` range, or non-finite."""
     return [f"{stream} {value:g} (step {step})" for stream in PLOTTED_STREAMS
             for step, value in streams.get(stream, []) if not _valid(stream, value)]
 
@@ -84,8 +76,8 @@ def _drawable(stream: str, points: list[tuple[int, float]]) -> list[tuple[int, f
 
 
 def val_is_fineweb_edu(log: str | Path) -> bool:
-    """Whether the run that wrote ``log`` measured val on FineWeb-edu: its ``config.json`` names its
-    shard folder, whose manifest names the corpus (or whose shards carry build-nanogpt's names)."""
+    """Whether the run that wrote ``log`` measured val on FineWeb-edu (``config.json`` names its shard
+    folder, whose manifest names the corpus, or whose shards carry build-nanogpt's names)."""
     try:
         data = Path(json.loads(Path(log).with_name("config.json").read_text())["data"]["path"])
     except (OSError, ValueError, KeyError, TypeError):
@@ -97,7 +89,7 @@ def val_is_fineweb_edu(log: str | Path) -> bool:
 
 
 def check_out(out: str | Path) -> Path:
-    """``--out`` as a file whose suffix names a format matplotlib writes, checked before any drawing."""
+    """``--out`` with a suffix matplotlib writes, checked before any drawing."""
     from matplotlib.backend_bases import FigureCanvasBase
 
     path = file_target(out)
@@ -112,18 +104,14 @@ def check_out(out: str | Path) -> Path:
 
 def plot_logs(logs: list[str], size: str = "124M", out: str = "plot.png", show: bool = False,
               x: str = "step", default_tokens_per_step: int = DEFAULT_TOKENS_PER_STEP):
-    """Draw every log into one two-panel figure, save it as ``out``, print the key numbers;
-    returns the matplotlib Figure. ``x``: ``step`` or ``tokens`` on the horizontal axes."""
+    """Draw every log into one figure, save it as ``out``, print the key numbers; returns the Figure.
+    ``size`` (a ``HELLASWAG_BASELINES`` key) and ``x`` (step or tokens) are the command line's choices."""
     import matplotlib
 
     if not show:
         matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
 
-    if size not in HELLASWAG_BASELINES:
-        raise UserError(f"--sz {size}: choose one of {', '.join(HELLASWAG_BASELINES)}")
-    if x not in X_AXES:
-        raise UserError(f"--x {x}: choose one of {', '.join(X_AXES)}")
     out_path = check_out(out)
     if any(Path(p).resolve() == out_path.resolve() for p in logs):
         raise UserError(f"--out {out}: is also a --log file, which the plot would replace; pass e.g. --out plot.png")
@@ -132,13 +120,10 @@ def plot_logs(logs: list[str], size: str = "124M", out: str = "plot.png", show: 
         if not any(streams.get(s) for s in PLOTTED_STREAMS):
             raise UserError(f"{path}: no lines like '<step> train|val|hella|val_bpb <value>' "
                             f"({malformed} malformed); pass the log.txt of a training run")
-
     for path, (streams, _) in zip(logs, parsed):
-        bad = out_of_range(streams)
-        if bad:
-            more = ", ..." if len(bad) > 5 else ""
+        if bad := out_of_range(streams):
             print(f"warning: {path}: {len(bad)} value(s) outside their stream's range, not drawn: "
-                  f"{', '.join(bad[:5])}{more}")
+                  f"{', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}")
 
     def holds(stream: str) -> bool:
         return any(_drawable(stream, streams.get(stream, [])) for streams, _ in parsed)
@@ -149,58 +134,47 @@ def plot_logs(logs: list[str], size: str = "124M", out: str = "plot.png", show: 
     for name, path, (streams, malformed) in zip(_names(logs), logs, parsed):
         label = f"{name} " if len(logs) > 1 else ""
         summary = []
-        per_step = 1  # x = step
+        per_step = 1
         if x == "tokens":
             per_step, source = tokens_per_step(path, default_tokens_per_step)
             print(f"{path}: {per_step:,} tokens per step (from {source})")
-        for stream, panel, best, what in (("train", "loss", "min", "train loss"), ("val", "loss", "min", "val loss"),
-                                          ("hella", "hella", "max", "HellaSwag"), ("val_bpb", "bpb", "min", "val bpb")):
+        for stream, panel, best, what, legend in CURVES:
             points = _drawable(stream, streams.get(stream, []))
             if not points:
                 continue
             ax = ax_of[panel]
             steps, values = map(np.array, zip(*points))
-            # tokens trained on before the value was measured: s steps' worth at step s (the val
-            # and HellaSwag of step s run before it; step s's train loss is on its own batch)
+            # tokens trained on before the value: s steps' worth at step s (step s's val and
+            # HellaSwag run before it; its train loss is on its own batch)
             xs = steps * per_step
             if stream == "train":  # noisy: a faint raw curve under its trailing mean
                 raw = ax.plot(xs, values, alpha=0.25, linewidth=0.8)[0]
                 window = max(1, min(100, len(values) // 20))
-                ax.plot(xs, smooth(values, window), color=raw.get_color(),
-                        label=f"{label}train loss (mean of {window})")
+                ax.plot(xs, smooth(values, window), color=raw.get_color(), label=f"{label}{legend} (mean of {window})")
             else:
-                title = {"hella": "HellaSwag acc_norm", "val_bpb": "val bits per byte"}.get(stream, what)
-                ax.plot(xs, values, label=f"{label}{title}")
+                ax.plot(xs, values, label=f"{label}{legend}")
             i = int(values.argmin() if best == "min" else values.argmax())
             summary.append(f"{best} {what} {values[i]:.4f} (step {steps[i]})")
         print(f"{path}: {', '.join(summary)}")
         if malformed:
             print(f"{path}: skipped {malformed} malformed line{'s' * (malformed != 1)}")
 
-    xlabel = "step" if x == "step" else "tokens"
-    loss_ax = ax_of["loss"]
     if size in GPT2_VAL_LOSS and holds("val"):
         if all(val_is_fineweb_edu(p) for p, (streams, _) in zip(logs, parsed) if streams.get("val")):
-            loss_ax.axhline(GPT2_VAL_LOSS[size], color="r", linestyle="--",
-                            label=f"OpenAI GPT-2 ({size}) checkpoint val loss (FineWeb-edu)")
+            ax_of["loss"].axhline(GPT2_VAL_LOSS[size], color="r", linestyle="--",
+                                  label=f"OpenAI GPT-2 ({size}) checkpoint val loss (FineWeb-edu)")
         else:
             print(f"no GPT-2 val loss line: {GPT2_VAL_LOSS[size]} is measured on FineWeb-edu's val, and not every "
                   "run here measured val on it (its config.json and shard manifest say which corpus it used)")
-    loss_ax.set_yscale("log")
-    loss_ax.set(xlabel=xlabel, ylabel="loss", title="Loss")
-    loss_ax.legend()
     if "hella" in ax_of:
-        gpt2, gpt3 = HELLASWAG_BASELINES[size]
-        ax_of["hella"].axhline(gpt2, color="r", linestyle="--", label=f"OpenAI GPT-2 ({size}) checkpoint")
-        ax_of["hella"].axhline(gpt3, color="g", linestyle="--", label=f"OpenAI GPT-3 ({size}) checkpoint")
-        ax_of["hella"].set(xlabel=xlabel, ylabel="accuracy", title="HellaSwag eval")
-        ax_of["hella"].legend()
-    if "bpb" in ax_of:
-        if size in GPT2_VAL_BPB:
-            ax_of["bpb"].axhline(GPT2_VAL_BPB[size], color="r", linestyle="--",
-                                 label=f"OpenAI GPT-2 ({size}) checkpoint val bpb")
-        ax_of["bpb"].set(xlabel=xlabel, ylabel="bits per byte", title="Val bits per byte")
-        ax_of["bpb"].legend()
+        for value, color, model in zip(HELLASWAG_BASELINES[size], "rg", ("GPT-2", "GPT-3")):
+            ax_of["hella"].axhline(value, color=color, linestyle="--", label=f"OpenAI {model} ({size}) checkpoint")
+    if "bpb" in ax_of and size in GPT2_VAL_BPB:
+        ax_of["bpb"].axhline(GPT2_VAL_BPB[size], color="r", linestyle="--",
+                             label=f"OpenAI GPT-2 ({size}) checkpoint val bpb")
+    for panel, ax in ax_of.items():
+        ax.set(xlabel=x, **AXES[panel])
+        ax.legend()
     fig.tight_layout()
 
     with writing(out_path.parent):

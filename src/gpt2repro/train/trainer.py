@@ -1,10 +1,8 @@
-"""The training loop: GPT-2 pretraining as build-nanogpt/llm.c run it.
+"""The training loop, as build-nanogpt and llm.c run it: one process or ``torchrun`` (DDP, or FSDP2).
 
-One entry point for one process and for ``torchrun`` (DDP, or FSDP2 with ``--parallel fsdp``).
-Each optimizer step accumulates gradients over ``total_batch_tokens / (B·T·world)`` micro-steps,
-clips the global norm and steps the optimizers under the LR schedule. Every so often it measures
-val loss and HellaSwag and writes samples, and once more on the final weights; its checkpoints
-resume to the same parameters an uninterrupted run reaches.
+A step accumulates gradients over ``total_batch_tokens / (B·T·world)`` micro-steps, clips and
+steps the optimizers under the LR schedule. Val loss, HellaSwag and samples come every so often
+and once more on the final weights; checkpoints resume to the uninterrupted run's parameters.
 """
 
 from __future__ import annotations
@@ -200,13 +198,10 @@ class Trainer:
     # --- the run -------------------------------------------------------------------------------
 
     def run(self, stop: StopRequest, stop_at_step: int | None = None) -> dict[str, Any]:
-        """Train from ``self.step`` to ``optim.max_steps``; return the last step's metrics.
-
-        Every step: evaluate when due (before the step, so step 0 measures the untrained model),
-        take one optimizer step (or skip a batch that a rollback marked), apply the non-finite
-        policy to a bad step, log, checkpoint when due. A stop signal or ``--stop-at-step`` ends
-        the loop at the next point where the weights are a whole step's (``stop_here``); the
-        final weights are evaluated once more."""
+        """Train from ``self.step`` to ``optim.max_steps``; return the last step's metrics. Each step:
+        evaluate when due (before it: step 0 measures the untrained model), one optimizer step (or a
+        batch a rollback skips), the non-finite policy, the log, a checkpoint when due. A stop signal
+        or ``--stop-at-step`` ends it where the weights are a whole step's (``stop_here``)."""
         max_steps = self.cfg.optim.max_steps
         metrics: dict[str, Any] = {"step_seconds": []}  # every step's time, for benchmarks
         recent: list[float] = []  # seconds of the last steps, for the ETA
@@ -270,10 +265,9 @@ class Trainer:
     # --- one optimizer step ------------------------------------------------------------------
 
     def train_step(self, step: int, stop: StopRequest | None = None) -> StepResult | None:
-        """Accumulate gradients over the micro-steps, clip, step the optimizers (AdamW, and Muon
-        in the modern recipe). Nothing is stepped when the loss or the gradient norm is non-finite.
-        A stop signal between micro-steps abandons the step (None): the data position goes back to
-        its start, so that the step is redone whole on --resume."""
+        """Accumulate gradients over the micro-steps, clip, step the optimizers; nothing is stepped
+        on a non-finite loss or norm. A stop signal between micro-steps abandons the step (None),
+        its data position rewound, so that --resume redoes it whole."""
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)
         start_of_step = self.loader.state_dict()
@@ -323,9 +317,8 @@ class Trainer:
         return torch.nn.utils.get_total_norm([p.grad for p in params])
 
     def window(self, step: int) -> torch.Tensor:
-        """Sliding-window blocks at ``step``: the window grows with the fraction of training done. A
-        0-d tensor on the device, one per window size, made once: a compiled model takes each new
-        window as data (not a new graph), and no step copies it from the host."""
+        """Sliding-window blocks at ``step``, growing over the run: a 0-d device tensor made once per
+        size, which a compiled model takes as data (no new graph), and no step copies from the host."""
         blocks = window_blocks(self.cfg.model, step / self.cfg.optim.max_steps)
         if blocks not in self.window_tensors:
             self.window_tensors[blocks] = torch.tensor(blocks, device=self.rt.device)
