@@ -7,7 +7,14 @@ the measured rows with the command and machine that produced them.
 from __future__ import annotations
 
 import argparse
+import importlib
 import platform
+from pathlib import Path
+
+
+def run(args: argparse.Namespace) -> None:
+    """``bench WHAT`` runs ``bench_WHAT`` of the module ``gpt2repro.bench.WHAT``."""
+    getattr(importlib.import_module(f"gpt2repro.bench.{args.what}"), f"bench_{args.what}")(args)
 
 
 def machine_name(device: str = "cpu") -> str:
@@ -35,17 +42,21 @@ def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
         print("| " + " | ".join(str(x).ljust(w) for x, w in zip(row, widths)) + " |")
 
 
-def run(args: argparse.Namespace) -> None:
-    if args.what == "memory":
-        from gpt2repro.bench.memory import bench_memory as bench
-    elif args.what == "recipe":
-        from gpt2repro.bench.recipe import bench_recipe as bench
-    elif args.what == "train":
-        from gpt2repro.bench.train import bench_train as bench
-    elif args.what == "gpu":
-        from gpt2repro.bench.gpu import bench_gpu as bench
-    elif args.what == "eval":
-        from gpt2repro.bench.eval import bench_eval as bench
-    else:
-        from gpt2repro.bench.tokenize import bench_tokenize as bench
-    bench(args)
+def percent(fraction: float | None) -> str:
+    return "-" if fraction is None else f"{100 * fraction:.1f}%"
+
+
+def data_folder(data: str | None, out: Path) -> Path:
+    """``--data``, or else the built-in corpus, prepared into OUT/data."""
+    if data:
+        return Path(data)
+    from gpt2repro.data.prepare import prepare
+
+    prepare(source="demo", out_dir=out / "data")
+    return out / "data"
+
+
+def quiet_overrides(data, out, *overrides: str) -> list[str]:
+    """A run of ``data`` into ``out`` with no evals, samples, checkpoints or log lines, then ``overrides``."""
+    return [f"data.path={data}", f"out_dir={out}", "eval.val_every=0", "eval.hellaswag_every=0",
+            "eval.sample_every=0", "checkpoint.every=0", "checkpoint.keep=0", "runtime.log_every=0", *overrides]

@@ -1,23 +1,9 @@
-"""``gpt2repro bench gpu``: the 10-minute check of the GPU paths, for the day a GPU is at hand.
+"""``gpt2repro bench gpu``: the 10-minute check, on a GPU, of what the CPU tests cannot run.
 
-Before any training it checks what the CPU tests cannot run:
-
-- FlexAttention forward and backward on the device against SDPA with the equal dense mask,
-  and over the record's whole window schedule (1 to 14 blocks), counting Dynamo's graphs
-  (one expected; a graph per window would end in unfused flex past the recompile limit);
-- the dtype of the modern model's residual stream, x0, q and k under CUDA's own autocast
-  (the record keeps them in bf16).
-
-Then, for each preset (default: the faithful 124M and ``gpt2-124m-modern``, the record), it
-trains the preset as it is, on the built-in corpus (no network needed) or ``--data``, for
-``--steps`` steps of the full run's schedule, and reports the median tokens/s and MFU over the
-steps after the first few (compilation), and every step's loss; the faithful 124M once more
-under ``--parallel fsdp`` on this one GPU (FSDP2's code path, a group of one); and HellaSwag
-items/s on the modern model it trained (synthetic items: no network). The results table, with
-the card's name and the date, is printed and written to ``OUT/gpu_check.md``; ``--docs FILE``
-also puts it into FILE between the markers ``<!-- bench gpu: start -->`` and
-``<!-- bench gpu: end -->`` (``docs/benchmarks.md`` has them), replacing only what stands
-between them.
+FlexAttention against SDPA and over the record's window schedule, and the modern model's dtypes under
+CUDA autocast; then each preset trains ``--steps`` steps (the faithful 124M once more under FSDP2, a
+group of one): median tokens/s, MFU, every step's loss, and HellaSwag items/s of the modern model. The
+report goes to ``OUT/gpu_check.md`` and, with ``--docs FILE``, between FILE's ``bench gpu`` markers.
 """
 
 from __future__ import annotations
@@ -32,21 +18,22 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from gpt2repro.bench import machine_name
+from gpt2repro.bench import data_folder, machine_name, percent, quiet_overrides
 from gpt2repro.bench.eval import synthetic_items
 from gpt2repro.config.presets import get_preset
 from gpt2repro.config.settings import apply_overrides
-from gpt2repro.data.prepare import prepare
 from gpt2repro.data.tokenizer import EOT_TOKEN
-from gpt2repro.device import peak_flops
+from gpt2repro.device import DistInfo, Runtime, peak_flops
 from gpt2repro.errors import UserError
 from gpt2repro.eval.hellaswag import evaluate_hellaswag
 from gpt2repro.files import atomic_write, folder_target
-from gpt2repro.model.attention import LocalMask, document_ids, flex_block_mask, local_attention
+from gpt2repro.model import gpt as gpt_module
+from gpt2repro.model.attention import LocalMask, compiled_flex_attention, document_ids, flex_block_mask, local_attention
 from gpt2repro.model.gpt import GPT
 from gpt2repro.model.load import load_model
 from gpt2repro.runlog import LOG_FILE, read_log
 from gpt2repro.train.console import mfu
+from gpt2repro.train.parallel import Parallel
 from gpt2repro.train.trainer import train
 
 START, END = "<!-- bench gpu: start -->", "<!-- bench gpu: end -->"
@@ -58,8 +45,6 @@ def flex_check(device: torch.device) -> str:
     """FlexAttention forward and backward against chunked SDPA, on random documents and a window."""
     if device.type != "cuda":
         return "FlexAttention: not run (no CUDA device)"
-    from gpt2repro.model.attention import compiled_flex_attention
-
     g = torch.Generator(device=device).manual_seed(0)
     B, H, T, D = 1, 6, 8192, 128
     tokens = torch.randint(0, EOT_TOKEN, (B, T), device=device, generator=g)
@@ -77,12 +62,13 @@ def flex_check(device: torch.device) -> str:
 
 
 def flex_schedule_check(device: torch.device) -> str:
-    """FlexAttention forward and backward over the record's 14 window sizes: Dynamo's graphs counted."""
+    """FlexAttention forward and backward over the record's 14 window sizes, counting Dynamo's graphs: one
+    expected (a graph per window would end in unfused flex past the recompile limit)."""
     if device.type != "cuda":
         return "FlexAttention over the window schedule: not run (no CUDA device)"
     from torch._dynamo.utils import counters
 
-    from gpt2repro.model.attention import compiled_flex_attention, window_blocks
+    from gpt2repro.model.attention import window_blocks
 
     record = get_preset("gpt2-124m-modern")
     schedule = sorted({window_blocks(record.model, s / record.optim.max_steps) for s in range(record.optim.max_steps)})
@@ -101,13 +87,9 @@ def flex_schedule_check(device: torch.device) -> str:
 
 
 def residual_dtype_check(device: torch.device) -> str:
-    """The dtypes of the modern model's residual stream, x0, q and k under this device's own autocast."""
+    """The dtypes of the modern model's residual stream, x0, q and k under CUDA's own autocast."""
     if device.type != "cuda":
         return "residual stream dtype: not checked (no CUDA device)"
-    from gpt2repro.device import DistInfo, Runtime
-    from gpt2repro.model import gpt as gpt_module
-    from gpt2repro.train.parallel import Parallel
-
     cfg = get_preset("gpt2-124m-modern")
     rt = Runtime(DistInfo(), device, torch.bfloat16, False, False, 0)
     model = GPT(cfg.model).to(device)
@@ -148,37 +130,32 @@ def hellaswag_check(run_dir: Path, device: torch.device) -> str:
 
 
 def run_preset(name: str, data: Path, out: Path, steps: int, *overrides: str) -> dict:
-    cfg = apply_overrides(get_preset(name), [
-        f"data.path={data}", f"out_dir={out}", "eval.val_every=0", "eval.hellaswag_every=0", "eval.sample_every=0",
-        "checkpoint.every=0", "checkpoint.keep=0", "runtime.log_every=0", *overrides])
+    """Train preset ``name`` quietly for ``steps`` steps: its median tokens/s, MFU and every step's loss."""
+    cfg = apply_overrides(get_preset(name), quiet_overrides(data, out, *overrides))
     with contextlib.redirect_stdout(io.StringIO()):
         metrics = train(cfg, stop_at_step=steps)
     timed = metrics["step_seconds"][UNTIMED_STEPS:] or metrics["step_seconds"]
     tokens_per_s = cfg.optim.total_batch_tokens / statistics.median(timed)
     with torch.device("meta"):
         flops = GPT(cfg.model).flops_per_token(cfg.data.seq_len)
-    losses = [value for _, value in read_log(out / LOG_FILE)[0].get("train", [])]
-    label = name + "".join(f" {o}" for o in overrides)
-    return {"preset": label, "tokens_per_s": tokens_per_s, "mfu": mfu(tokens_per_s, flops, peak_flops(torch.device(
-        "cuda" if torch.cuda.is_available() else "cpu"))), "losses": losses, "cfg": cfg}
+    peak = peak_flops(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    return {"preset": " ".join([name, *overrides]), "tokens_per_s": tokens_per_s, "mfu": mfu(tokens_per_s, flops, peak),
+            "losses": [value for _, value in read_log(out / LOG_FILE)[0].get("train", [])], "cfg": cfg}
 
 
 def report(results: list[dict], checks: list[str], device: str) -> str:
-    card = machine_name(device)
-    lines = [f"Measured {datetime.date.today().isoformat()} on one {card} with `gpt2repro bench gpu`, "
+    lines = [f"Measured {datetime.date.today().isoformat()} on one {machine_name(device)} with `gpt2repro bench gpu`, "
              f"torch {torch.__version__}.", "", *(f"- {check}" for check in checks), "",
              "| preset | tokens/step | tokens/s (median) | MFU | loss at step 0 → last |", "|---|---|---|---|---|"]
-    for r in results:
-        mfu_text = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
-        lines.append(f"| `{r['preset']}` | {r['cfg'].optim.total_batch_tokens:,} | {r['tokens_per_s']:,.0f} | "
-                     f"{mfu_text} | {r['losses'][0]:.3f} → {r['losses'][-1]:.3f} |")
+    lines += [f"| `{r['preset']}` | {r['cfg'].optim.total_batch_tokens:,} | {r['tokens_per_s']:,.0f} | "
+              f"{percent(r['mfu'])} | {r['losses'][0]:.3f} → {r['losses'][-1]:.3f} |" for r in results]
     for r in results:
         lines += ["", f"`{r['preset']}` loss per step: " + ", ".join(f"{v:.3f}" for v in r["losses"])]
     return "\n".join(lines) + "\n"
 
 
-def marked_text(path: Path) -> str:
-    """``path``'s text, refused unless it holds START and, after it, END."""
+def around_markers(path: Path) -> tuple[str, str]:
+    """``path``'s text before START and after END, refused unless it holds each once, START first."""
     try:
         current = path.read_text()
     except OSError as e:
@@ -186,14 +163,8 @@ def marked_text(path: Path) -> str:
     if current.count(START) != 1 or current.count(END) != 1 or current.index(START) > current.index(END):
         raise UserError(f"--docs {path}: needs one line {START} and, after it, one line {END}; add them where "
                         "the results should go")
-    return current
-
-
-def write_between_markers(path: Path, text: str) -> None:
-    """Replace what stands between START and END in ``path``, nothing else."""
-    before, rest = marked_text(path).split(START)
-    after = rest.split(END)[1]
-    atomic_write(path, f"{before}{START}\n{text}{END}{after}")
+    before, rest = current.split(START)
+    return before, rest.split(END)[1]
 
 
 def bench_gpu(args: argparse.Namespace) -> list[dict]:
@@ -206,31 +177,31 @@ def bench_gpu(args: argparse.Namespace) -> list[dict]:
     if out.exists():
         raise UserError(f"--out {out}: already exists; pass a new folder")
     if args.docs:
-        marked_text(Path(args.docs))  # before the runs, not after them
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+        around_markers(Path(args.docs))  # before the runs, not after them
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     checks = []
     for check in (flex_check, flex_schedule_check, residual_dtype_check):
-        checks.append(check(torch.device(device)))
+        checks.append(check(device))
         print(checks[-1], flush=True)
-    data = Path(args.data) if args.data else out / "data"
-    if not args.data:
-        prepare(source="demo", out_dir=data)
+    data = data_folder(args.data, out)
+    presets = args.presets.split(",")
     results = []
-    for name in args.presets.split(","):
+    for name in presets:
         print(f"training {name} for {args.steps} steps ...", flush=True)
         results.append(run_preset(name, data, out / name, args.steps))
         if get_preset(name).optim.optimizer == "muon":
-            checks.append(hellaswag_check(out / name, torch.device(device)))
+            checks.append(hellaswag_check(out / name, device))
             print(checks[-1], flush=True)
-    first = args.presets.split(",")[0]
+    first = presets[0]
     if get_preset(first).optim.optimizer == "adamw":  # FSDP2's path on this one GPU, a group of one
-        steps = FSDP_STEPS if device == "cuda" else args.steps
+        steps = FSDP_STEPS if device.type == "cuda" else args.steps
         print(f"training {first} under --parallel fsdp for {steps} steps ...", flush=True)
         results.append(run_preset(first, data, out / f"{first}-fsdp", steps, "runtime.parallel=fsdp"))
-    text = report(results, checks, device)
+    text = report(results, checks, str(device))
     print(text, end="")
     atomic_write(out / "gpu_check.md", text)
     if args.docs:
-        write_between_markers(Path(args.docs), text)
+        before, after = around_markers(Path(args.docs))  # read again: only what stands between them changes
+        atomic_write(Path(args.docs), f"{before}{START}\n{text}{END}{after}")
         print(f"written into {args.docs}")
     return results

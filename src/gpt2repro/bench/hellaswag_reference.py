@@ -1,7 +1,6 @@
-"""build-nanogpt's plain way of scoring HellaSwag, the baseline of ``bench eval`` and the
-tests: one item at a time, one full row ``context + ending`` per ending, logits at every
-position. It must give the packed rows' accuracies (``eval.multiple_choice``), so it
-plugs into the same scoring loop and only replaces the ending scorer.
+"""build-nanogpt's plain HellaSwag scoring, the baseline of ``bench eval`` and the tests: one item at a
+time, a full row ``context + ending`` per ending, logits everywhere. It plugs into the packed path's
+scoring loop and replaces only the ending scorer, so both must give the same accuracies.
 """
 
 from __future__ import annotations
@@ -17,8 +16,7 @@ from gpt2repro.eval.multiple_choice import Question, endings_per_question
 
 def ending_logprobs_reference(model, questions: list[Question], *, device="cpu",
                               autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Summed log-likelihood of every ending, (n, N) on ``device``: the ending tokens'
-    cross-entropy summed, row by row."""
+    """Summed log-likelihood of every ending, (n, N) on ``device``, row by row."""
     device = torch.device(device)
     n_endings = endings_per_question(questions)
     sums = torch.zeros(len(questions), n_endings)

@@ -1,10 +1,7 @@
-"""A straightforward GPT-2 in the style of the original nanoGPT tutorial code.
-
-The baseline for ``gpt2repro bench train``: explicit attention (scores, causal
-mask, softmax, weighted sum) instead of ``scaled_dot_product_attention``, the full
-logits tensor and ``F.cross_entropy`` on it. Parameter names match
-``gpt2repro.model.gpt.GPT``, so both load the same weights and must give the same
-loss on the same tokens.
+"""A straightforward GPT-2 in the style of the original nanoGPT tutorial code, the baseline of ``bench
+train``: explicit attention (scores, causal mask, softmax) instead of SDPA, full logits and
+``F.cross_entropy`` on them. Its parameter names are ``gpt2repro.model.gpt.GPT``'s, so both load the
+same weights and must give the same loss on the same tokens.
 """
 
 import math
@@ -25,15 +22,11 @@ class SelfAttention(nn.Module):
 
     def forward(self, x):
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+                   for t in self.c_attn(x).split(self.n_embd, dim=2))
         att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
-        att = att.masked_fill(self.mask[:, :, :T, :T] == 0, float("-inf"))
-        att = F.softmax(att, dim=-1)
-        y = (att @ v).transpose(1, 2).contiguous().view(B, T, C)
-        return self.c_proj(y)
+        att = F.softmax(att.masked_fill(self.mask[:, :, :T, :T] == 0, float("-inf")), dim=-1)
+        return self.c_proj((att @ v).transpose(1, 2).contiguous().view(B, T, C))
 
 
 class FeedForward(nn.Module):
@@ -57,8 +50,7 @@ class Layer(nn.Module):
 
     def forward(self, x):
         x = x + self.attn(self.ln_1(x))
-        x = x + self.mlp(self.ln_2(x))
-        return x
+        return x + self.mlp(self.ln_2(x))
 
 
 class BaselineGPT(nn.Module):
@@ -75,14 +67,10 @@ class BaselineGPT(nn.Module):
         self.transformer.wte.weight = self.lm_head.weight
 
     def forward(self, idx, targets=None):
-        B, T = idx.size()
-        pos = torch.arange(0, T, dtype=torch.long, device=idx.device)
+        pos = torch.arange(0, idx.size(1), dtype=torch.long, device=idx.device)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)
         for block in self.transformer.h:
             x = block(x)
-        x = self.transformer.ln_f(x)
-        logits = self.lm_head(x)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+        logits = self.lm_head(self.transformer.ln_f(x))
+        loss = None if targets is None else F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
         return logits, loss

@@ -1,26 +1,12 @@
 """``gpt2repro bench recipe``: quality per token, the faithful recipe against the modern one.
 
-Both train on the same data with the same batch (``--pair demo``: the ``demo`` and
-``demo-modern`` presets, same shape, same tokens per step; ``--pair demo-long``: the same at a
-1,024-token context, where documents and a sliding window have room to act) for each seed. The question: what
-fraction of the faithful run's tokens does the modern recipe need to reach the
-faithful run's final val loss? Two answers are printed:
-
-- **budget**: the modern recipe also trains with a smaller budget of tokens, each a
-  complete run with its own schedule (``--fractions``, default 0.5). The answer is the
-  smallest budget whose final val loss is at or below the faithful final val loss.
-  This is how a user would run it: a shorter run decays its learning rate sooner.
-- **curve**: read off the full-length modern run's val curve, interpolated between
-  evaluations, where it first reaches that loss. Its warmup-stable-decay schedule only
-  decays at the end, so this reading is an upper bound.
-
-``--ablation`` adds one run per lever and direction: each lever of
-``MODERN_LEVERS`` added alone to the faithful recipe, and removed alone from the
-modern one (its keys set back to the faithful defaults), with the final val loss
-and the time per step.
-
-Every run is a real ``train`` into ``OUT/<run>/`` (log, config, final checkpoint),
-so any of them can be plotted or sampled afterwards.
+For each seed, ``--pair``'s faithful preset and its ``-modern`` twin (same shape, data and batch) train
+in full. What fraction of the faithful run's tokens does the modern recipe need to reach the faithful
+final val loss? **budget**: the smallest of ``--fractions`` whose complete, shorter modern run (its
+own schedule, as a user would run it) gets there. **curve**: where the full modern run's val curve,
+interpolated, first gets there; an upper bound, as its schedule decays only at the end.
+``--ablation`` adds each lever of ``MODERN_LEVERS`` alone to the faithful recipe and removes it alone
+from the modern one. Every run is a real ``train`` into ``OUT/<run>/``, to plot or sample afterwards.
 """
 
 from __future__ import annotations
@@ -31,11 +17,10 @@ import statistics
 import time
 from pathlib import Path
 
-from gpt2repro.bench import machine_name, print_table
+from gpt2repro.bench import data_folder, machine_name, print_table, quiet_overrides
 from gpt2repro.config import TrainConfig
 from gpt2repro.config.presets import MODERN_LEVERS, get_preset, shortened
 from gpt2repro.config.settings import apply_overrides, as_overrides, values_of
-from gpt2repro.data.prepare import prepare
 from gpt2repro.errors import UserError
 from gpt2repro.files import folder_target, record_written
 from gpt2repro.report.plot import plot_logs
@@ -44,13 +29,12 @@ from gpt2repro.train.trainer import train
 
 
 def run_one(preset: str, overrides: list[str], out: Path, data: Path, steps: int, val_every: int, seed: int) -> dict:
-    """Train one configuration quietly; returns its val curve, final val loss and seconds per step."""
+    """Train one configuration quietly: its val curve, final val loss and ms per step."""
     if out.exists():
         raise UserError(f"{out}: already exists; pass a new --out for this benchmark")
-    cfg = apply_overrides(shortened(get_preset(preset), steps), [
-        f"data.path={data}", f"out_dir={out}", f"eval.val_every={val_every}",
-        "eval.sample_every=0", "eval.hellaswag_every=0", "checkpoint.every=0", "checkpoint.keep=1",
-        f"runtime.log_every={steps}", f"runtime.seed={seed}", *overrides])
+    cfg = apply_overrides(shortened(get_preset(preset), steps), quiet_overrides(
+        data, out, f"eval.val_every={val_every}", "checkpoint.keep=1", f"runtime.log_every={steps}",
+        f"runtime.seed={seed}", *overrides))
     out.mkdir(parents=True)
     record_written(out, ["console.txt"])  # the run's own folder: its console copy is ours
     start = time.perf_counter()
@@ -78,17 +62,14 @@ def bench_recipe(args: argparse.Namespace) -> dict:
     out = folder_target(args.out, "--out")
     if out.exists() and any(out.iterdir()):  # a run folder, or another benchmark's runs
         raise UserError(f"--out {out}: already exists and is not empty; pass a new --out for this benchmark")
-    data = Path(args.data) if args.data else out / "data"
     seeds = [int(s) for s in args.seeds.split(",")]
     fractions = sorted(float(f) for f in args.fractions.split(",")) if args.fractions else []
     steps, every = args.max_steps, args.val_every
-    if steps < 2 or every < 1 or any(not 0 < f < 1 for f in fractions):
+    if any(not 0 < f < 1 for f in fractions):  # the parser has checked --max-steps and --val-every
         raise UserError("--max-steps must be at least 2, --val-every at least 1 and --fractions between 0 and 1")
     names = {"faithful": args.pair, "modern": f"{args.pair}-modern"}
-    if not args.data:
-        prepare(source="demo", out_dir=data)
-
-    common = list(getattr(args, "overrides", []))  # every run's, e.g. eval.val_tokens for a quick try
+    data = data_folder(args.data, out)
+    common = args.overrides  # every run's, e.g. eval.val_tokens for a quick try
     runs: dict[tuple[str, int], dict] = {}
     for seed in seeds:
         for recipe, preset in names.items():
@@ -110,8 +91,8 @@ def bench_recipe(args: argparse.Namespace) -> dict:
         curve = needed / total if needed is not None else float("inf")
         budget_needed.append(budget)
         curve_needed.append(curve)
-        short_finals = [f"{runs[f'modern@{f}', seed]['final']:.4f}" for f in fractions]
-        rows.append([str(seed), f"{target:.4f}", f"{modern['final']:.4f}", *short_finals, f"{budget:g}",
+        rows.append([str(seed), f"{target:.4f}", f"{modern['final']:.4f}",
+                     *(f"{runs[f'modern@{f}', seed]['final']:.4f}" for f in fractions), f"{budget:g}",
                      f"{curve:.3f}", f"{faithful['step_ms']:.0f}", f"{modern['step_ms']:.0f}"])
     print_table(f"bench recipe: {names['faithful']} vs {names['modern']}, {steps} steps × "
                 f"{runs['faithful', seeds[0]]['tokens_per_step']} tokens, val every {every} steps, {machine_name()}",

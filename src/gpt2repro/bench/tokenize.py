@@ -1,11 +1,8 @@
-"""``gpt2repro bench tokenize``: prepare's tokenization path against the per-document Pool loop.
+"""``gpt2repro bench tokenize``: prepare's tokenization path against build-nanogpt's ``fineweb.py`` loop
+(a ``Pool.imap`` of ``[<|endoftext|>] + encode_ordinary(text)`` per document, chunksize 16).
 
-The reference is the way build-nanogpt's ``fineweb.py`` tokenizes: a
-``multiprocessing.Pool(workers).imap(one_document, docs, chunksize=16)`` where
-each call returns ``[<|endoftext|>] + encode_ordinary(text)`` as a uint16 array.
-Both run in this process on the same documents (read into memory first, not
-timed) with the same worker count; each is timed five times, alternating, and
-the median is reported. Both must produce the same tokens.
+Both tokenize the same in-memory documents with the same workers, five times, alternating; the table
+gives the medians. Both must produce the same tokens.
 """
 
 from __future__ import annotations
@@ -27,13 +24,12 @@ ROUNDS = 5
 
 
 def _reference_one_document(document: dict) -> np.ndarray:
-    tokens = [tokenizer.EOT_TOKEN]
-    tokens.extend(tokenizer.gpt2_encoding().encode_ordinary(document["text"]))
-    return np.array(tokens, dtype=np.uint16)
+    return np.array([tokenizer.EOT_TOKEN, *tokenizer.gpt2_encoding().encode_ordinary(document["text"])],
+                    dtype=np.uint16)
 
 
 def _count_and_hash(arrays) -> tuple[int, str]:
-    """(tokens, sha256 of the token stream) of a sequence of uint16 arrays."""
+    """(tokens, sha256 of the token stream)."""
     digest, count = hashlib.sha256(), 0
     for tokens in arrays:
         digest.update(tokens.tobytes())
@@ -42,10 +38,8 @@ def _count_and_hash(arrays) -> tuple[int, str]:
 
 
 def reference_tokenize(texts: list[str], workers: int) -> tuple[int, str]:
-    """build-nanogpt's loop."""
     with multiprocessing.get_context().Pool(workers) as pool:
-        docs = ({"text": t} for t in texts)
-        return _count_and_hash(pool.imap(_reference_one_document, docs, chunksize=16))
+        return _count_and_hash(pool.imap(_reference_one_document, ({"text": t} for t in texts), chunksize=16))
 
 
 def prepare_tokenize(texts: list[str], workers: int) -> tuple[int, str]:
@@ -54,7 +48,6 @@ def prepare_tokenize(texts: list[str], workers: int) -> tuple[int, str]:
 
 
 def bench_tokenize(args) -> None:
-    workers = max(1, args.workers)
     texts = list(itertools.islice(open_source(args.source).documents(0), args.max_docs))
     tokenizer.gpt2_encoding(), fast_encoding()  # built once here; forked workers inherit them
     methods = {"Pool per document (build-nanogpt)": reference_tokenize,
@@ -64,16 +57,15 @@ def bench_tokenize(args) -> None:
     for _ in range(ROUNDS):
         for name, run in methods.items():
             start = time.perf_counter()
-            results[name] = run(texts, workers)
+            results[name] = run(texts, args.workers)
             seconds[name].append(time.perf_counter() - start)
-    (ref_tokens, ref_hash), (tokens, digest) = results.values()
-    if (tokens, digest) != (ref_tokens, ref_hash):
+    (tokens, reference), ours = results.values()
+    if ours != (tokens, reference):
         raise RuntimeError("prepare's tokens differ from the reference loop's; this is a bug")
     median = {name: statistics.median(times) for name, times in seconds.items()}
-    reference_rate = ref_tokens / median[next(iter(methods))]
-    rows = [[name, f"{tokens:,}", f"{median[name]:.3f}", f"{tokens / median[name] / 1e6:.2f}",
-             f"{tokens / median[name] / reference_rate:.2f}x"] for name in methods]
-    chars = sum(map(len, texts))
-    print_table(f"Tokenization: {args.source}, {len(texts):,} documents, {chars:,} characters, "
-                f"{workers} workers, {machine_name()} (median of {ROUNDS}; identical tokens)",
+    reference_s = next(iter(median.values()))
+    rows = [[name, f"{tokens:,}", f"{s:.3f}", f"{tokens / s / 1e6:.2f}", f"{reference_s / s:.2f}x"]
+            for name, s in median.items()]
+    print_table(f"Tokenization: {args.source}, {len(texts):,} documents, {sum(map(len, texts)):,} characters, "
+                f"{args.workers} workers, {machine_name()} (median of {ROUNDS}; identical tokens)",
                 ["method", "tokens", "seconds", "M tokens/s", "vs reference"], rows)

@@ -1,31 +1,7 @@
-"""Which keys a query sees, and the attention kernels that honour it.
+"""Which keys a query sees and the kernels that honour it; rotary tables and the KV cache.
 
-GPT-2 attends causally over one row of at most block_size tokens. The record recipe
-(modded-nanogpt, 2025-01-04) trains on one long row of many documents, so it adds:
-
-- **document masking**: a query sees keys of its own document only. A document starts
-  at each <|endoftext|>, which the shards put before every document;
-- **a sliding window** of whole blocks: a query in block i (of ``block`` tokens) sees
-  blocks i-n+1 .. i, causally inside its own block.
-
-``attention_for`` picks, once per forward pass, the kernel that computes it:
-
-- plain causal SDPA (flash attention on GPUs) when there are no documents or window;
-- ``Masked``: SDPA with the caller's explicit mask (multiple-choice packing), the window
-  applied by position;
-- ``Flex``: FlexAttention on CUDA, when the block is a multiple of its kernels' tile
-  (``FLEX_TILE``) and the row a whole number of blocks. The mask becomes lists of visible
-  key blocks per query block, built once per forward pass; blocks never visible are never
-  computed. The window is a tensor in its mask function, so a growing window is new data
-  for a compiled kernel, not a new graph;
-- ``Local``: chunked SDPA everywhere else (the CPU, which has no FlexAttention backward;
-  rows of other lengths; queries after a KV cache): SDPA over chunks of queries with a dense
-  boolean mask covering only the keys the chunk can see, so memory grows with chunk × reach,
-  not T². Its masks are built once per forward pass, for every layer. On CUDA it says once
-  that it stands in for FlexAttention.
-
-Rotary position tables and the KV cache live here too: both are attention mechanics
-the model file only calls.
+The record (modded-nanogpt, 2025-01-04) adds document masking (a document starts at each <|endoftext|>)
+and a sliding window of whole blocks (a query in block i sees blocks i-n+1 .. i) to causal attention.
 """
 
 from __future__ import annotations
@@ -45,24 +21,16 @@ from gpt2repro.errors import UserError, print0
 QUERY_CHUNK = 1024  # local_attention's queries per SDPA call: scores are B·H·1024·reach floats
 
 
-# ---------------------------------------------------------------------------
-# rotary positions
-
-
 def rotary_tables(head_size: int, length: int, base: float, variant: str = "rope") -> tuple[torch.Tensor, ...]:
-    """cos and sin of position × frequency, (length, head_size / 2).
-
-    ``rope`` (Su et al., 2021): frequencies base^(-2i/d). ``rope-half`` (modded-nanogpt):
-    head_size/4 frequencies from 1 down to 1/1024, and the other half of the pairs not rotated
-    at all (frequency 0), turning the other way round (negative angles), as that code does."""
+    """cos and sin of position × frequency, (length, head_size / 2). ``rope``: frequencies base^(-2i/d);
+    ``rope-half`` (modded-nanogpt's): head_size/4 of them from 1 down to 1/1024, negated, then zeros."""
     positions = torch.arange(length, dtype=torch.float32)
     if variant == "rope-half":
         quarter = head_size // 4
-        # on the positions' device, named: once transformers has loaded a model while torch.linspace
-        # was patched, a `with torch.device(...)` block no longer reaches linspace in this process
+        # device named: once transformers has loaded a model while torch.linspace was patched,
+        # a `with torch.device(...)` block no longer reaches linspace in this process
         steps = torch.linspace(0, 1, steps=quarter, dtype=torch.float32, device=positions.device)
-        freq = -((1 / 1024) ** steps)
-        freq = torch.cat([freq, freq.new_zeros(quarter)])
+        freq = torch.cat([-((1 / 1024) ** steps), steps.new_zeros(quarter)])
     else:
         freq = 1.0 / base ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)
     angles = torch.outer(positions, freq)
@@ -70,19 +38,13 @@ def rotary_tables(head_size: int, length: int, base: float, variant: str = "rope
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate each (x_i, x_{i + d/2}) pair of (B, H, T, d) by its position's angles, (B or 1, 1, T, d/2),
-    in float32. A query–key dot product then depends only on the distance between their positions."""
+    """Rotate each (x_i, x_{i + d/2}) pair of (B, H, T, d) by its position's angles, in float32."""
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).type_as(x)
 
 
-# ---------------------------------------------------------------------------
-# the KV cache
-
-
 class KVCache:
-    """Preallocated keys and values for every layer, filled left to right; with document
-    masking, also each position's document id."""
+    """Preallocated keys and values of every layer, filled left to right, and each position's document."""
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device, dtype):
         shape = (batch_size, cfg.n_head, max_len, cfg.n_embd // cfg.n_head)
@@ -93,14 +55,13 @@ class KVCache:
         self.max_len = max_len
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Put this pass's keys/values after the stored ones; return all of them for ``layer``."""
         end = self.length + k.size(2)
         self.keys[layer][:, :, self.length:end] = k
         self.values[layer][:, :, self.length:end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
     def store_docs(self, idx: torch.Tensor) -> torch.Tensor:
-        """Document ids of the new tokens, continuing the stored ones; all of them, (B, length + T)."""
+        """Append the new tokens' document ids; return all of them, (B, length + T)."""
         end = self.length + idx.size(1)
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions; {self.length} + {idx.size(1)} do not fit")
@@ -109,14 +70,9 @@ class KVCache:
         return self.docs[:, :end]
 
     def advance(self, n_tokens: int) -> None:
-        """A forward pass over ``n_tokens`` new positions is complete in every layer."""
         if self.length + n_tokens > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions; {self.length} + {n_tokens} do not fit")
         self.length += n_tokens
-
-
-# ---------------------------------------------------------------------------
-# masks
 
 
 def document_ids(idx: torch.Tensor) -> torch.Tensor:
@@ -125,11 +81,9 @@ def document_ids(idx: torch.Tensor) -> torch.Tensor:
 
 
 def window_blocks(cfg: ModelConfig, progress: float = 1.0) -> int:
-    """Blocks in the sliding window at ``progress`` (step / max_steps) of training; 0: no window.
-    Linear in tokens from window_start to window_end, rounded down to whole blocks."""
-    if cfg.window_end == 0:
-        return 0
-    return int(((1 - progress) * cfg.window_start + progress * cfg.window_end) // cfg.window_block)
+    """Blocks in the sliding window at ``progress`` (step / max_steps) of training; 0: no window."""
+    tokens = (1 - progress) * cfg.window_start + progress * cfg.window_end
+    return int(tokens // cfg.window_block) if cfg.window_end else 0
 
 
 def in_window(q_pos: torch.Tensor, k_pos: torch.Tensor, blocks: int | torch.Tensor, block: int) -> torch.Tensor:
@@ -139,43 +93,36 @@ def in_window(q_pos: torch.Tensor, k_pos: torch.Tensor, blocks: int | torch.Tens
 
 @dataclass
 class LocalMask:
-    """Causal attention of queries at positions start.. over keys 0.., with optional document
-    ids (B, keys) and a window of ``blocks`` blocks (0: none). Each chunk's mask is built once
-    and reused by every layer of the forward pass."""
+    """Queries at positions start.. over keys 0..: causal, documents (B, keys) and ``blocks`` (0: no window)."""
 
     start: int
     docs: torch.Tensor | None
     blocks: int
     block: int
-    chunks: dict = field(default_factory=dict)
+    chunks: dict = field(default_factory=dict)  # built once per forward pass, for every layer
 
     def chunk(self, q_from: int, q_to: int, device) -> tuple[int, torch.Tensor]:
         """The first key any query in [q_from, q_to) sees, and their (B or 1, 1, queries, keys) mask."""
-        if (q_from, q_to) not in self.chunks:
-            self.chunks[q_from, q_to] = self._build(q_from, q_to, device)
-        return self.chunks[q_from, q_to]
-
-    def _build(self, q_from: int, q_to: int, device) -> tuple[int, torch.Tensor]:
-        first_query = self.start + q_from
+        if (q_from, q_to) in self.chunks:
+            return self.chunks[q_from, q_to]
+        first_query, end = self.start + q_from, self.start + q_to
         first = max(0, (first_query // self.block - self.blocks + 1) * self.block) if self.blocks else 0
         if self.docs is not None:  # documents are contiguous: the earliest start among the rows
             doc_of_first_query = self.docs[:, first_query:first_query + 1].contiguous()
             first = max(first, int(torch.searchsorted(self.docs.contiguous(), doc_of_first_query).min()))
-        q_pos = torch.arange(first_query, self.start + q_to, device=device)
-        k_pos = torch.arange(first, self.start + q_to, device=device)
+        q_pos = torch.arange(first_query, end, device=device)
+        k_pos = torch.arange(first, end, device=device)
         allowed = k_pos[None, :] <= q_pos[:, None]
         if self.blocks:
             allowed = allowed & in_window(q_pos[:, None], k_pos[None, :], self.blocks, self.block)
         allowed = allowed[None]
         if self.docs is not None:
-            q_docs = self.docs[:, first_query:self.start + q_to]
-            allowed = allowed & (q_docs[:, :, None] == self.docs[:, None, first:self.start + q_to])
-        return first, allowed[:, None]
+            allowed = allowed & (self.docs[:, first_query:end, None] == self.docs[:, None, first:end])
+        self.chunks[q_from, q_to] = first, allowed[:, None]
+        return self.chunks[q_from, q_to]
 
 
 def local_attention(q, k, v, mask: LocalMask) -> torch.Tensor:
-    """SDPA of (B, H, Tq, d) queries over (B, H, Tk, d) keys, QUERY_CHUNK queries at a time, each
-    chunk over the keys it can reach only."""
     outputs = []
     for q_from in range(0, q.size(2), QUERY_CHUNK):
         q_to = min(q.size(2), q_from + QUERY_CHUNK)
@@ -186,23 +133,14 @@ def local_attention(q, k, v, mask: LocalMask) -> torch.Tensor:
     return torch.cat(outputs, dim=2)
 
 
-# ---------------------------------------------------------------------------
-# FlexAttention (CUDA)
-
 # FlexAttention's CUDA kernels tile queries and keys in blocks of 64 or 128 (by head size and
 # card); a mask block must be a whole number of tiles, or the kernels do not compile.
 FLEX_TILE = 128
 FLEX_DEVICE_TYPES = ("cuda",)  # where FlexAttention trains (the CPU has no backward for it)
 
 
-def flex_fits(block: int, length: int) -> bool:
-    """Whether FlexAttention's kernels can run blocks of ``block`` tokens over rows of ``length``."""
-    return block % FLEX_TILE == 0 and length % block == 0
-
-
 def check_flex(cfg: ModelConfig, seq_len: int, device: torch.device) -> None:
-    """A run that trains documents or a window with FlexAttention needs blocks its kernels tile, and
-    rows of whole blocks: refused at start-up with one line, not a compile error at the first step."""
+    """Refuse at start-up, in one line, blocks FlexAttention cannot tile or rows not of whole blocks."""
     if device.type not in FLEX_DEVICE_TYPES or not (cfg.doc_mask or cfg.window_end):
         return
     if cfg.window_block % FLEX_TILE:
@@ -217,26 +155,17 @@ def check_flex(cfg: ModelConfig, seq_len: int, device: torch.device) -> None:
 
 @functools.cache
 def compiled_flex_attention():
-    """FlexAttention compiled once per process: uncompiled it materialises every score. Its mask
-    function reads the window from a tensor, so the window's growth never recompiles it."""
+    """FlexAttention compiled once per process: uncompiled it materialises every score."""
     return torch.compile(flex_attention, dynamic=False)
 
 
-def flex_block_mask(docs: torch.Tensor | None, blocks: int | torch.Tensor, block: int, batch: int, length: int,
-                    device):
-    """FlexAttention's BlockMask for causal attention with documents and a window of ``blocks``
-    blocks (0: none).
-
-    Per query block, the key blocks it sees at all (causal, in the window, sharing a document)
-    and, among them, those it sees entirely (strictly earlier and the same single document in
-    both): only the partial ones run the token-level mask. ``blocks`` may be a 0-d tensor: then
-    no Python number depends on it, and a compiled model takes a new window as new data."""
+def flex_block_mask(docs: torch.Tensor | None, blocks: int | torch.Tensor, block: int, batch: int, length: int, device):
+    """Per query block, the key blocks it sees at all and those it sees entirely (no token-level mask).
+    ``blocks`` may be a 0-d tensor: no Python number depends on it, so a compiled kernel takes a new window."""
     n = length // block
+    q_blk, kv_blk = torch.arange(n, device=device)[:, None], torch.arange(n, device=device)[None, :]
     window = torch.as_tensor(blocks, device=device)
-    q_blk = torch.arange(n, device=device)[:, None]
-    kv_blk = torch.arange(n, device=device)[None, :]
-    # no window is a window of every block: one rule, and no branch on the window's value
-    window = torch.where(window > 0, window, n)
+    window = torch.where(window > 0, window, n)  # no window is one of every block: one rule, no branch
     near = (q_blk - kv_blk < window)[None]
     some, full = (q_blk >= kv_blk)[None] & near, (q_blk > kv_blk)[None] & near
     if docs is not None:
@@ -257,13 +186,8 @@ def flex_block_mask(docs: torch.Tensor | None, blocks: int | torch.Tensor, block
     return BlockMask.from_kv_blocks(*as_lists(some & ~full), *as_lists(full), BLOCK_SIZE=block, mask_mod=visible)
 
 
-# ---------------------------------------------------------------------------
-# one function picks the kernel
-
-
 def causal(q, k, v) -> torch.Tensor:
-    """Plain causal attention (flash / efficient SDPA); after a KV cache, new queries see every
-    key up to their own position."""
+    """Causal SDPA; after a KV cache, new queries see every key up to their own position."""
     if k.size(2) == q.size(2):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     mask = torch.ones(q.size(2), k.size(2), dtype=torch.bool, device=q.device).tril(k.size(2) - q.size(2))
@@ -271,11 +195,9 @@ def causal(q, k, v) -> torch.Tensor:
 
 
 def attention_for(idx: torch.Tensor, pos: torch.Tensor, attn_mask: torch.Tensor | None, kv_cache: KVCache | None,
-                  window: int | torch.Tensor, cfg: ModelConfig
-                  ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
-    """How this forward pass's queries see keys, decided once for every layer: ``(q, k, v) -> y``.
-    ``window``: the sliding window's blocks, an int or a 0-d tensor (0: none); whether there is
-    a window at all is the model's (``window_end``), so a tensor window never becomes a branch."""
+                  window: int | torch.Tensor, cfg: ModelConfig) -> Callable[..., torch.Tensor]:
+    """This forward pass's ``(q, k, v) -> y`` for every layer. ``window``: blocks, an int or a 0-d tensor;
+    whether there is one at all is the config's (``window_end``), so a tensor never becomes a branch."""
     windowed = cfg.window_end > 0
     if attn_mask is not None:  # the caller's mask (multiple-choice packing); the window by position
         if windowed:
@@ -290,11 +212,10 @@ def attention_for(idx: torch.Tensor, pos: torch.Tensor, attn_mask: torch.Tensor 
     docs = document_ids(idx) if cfg.doc_mask else None
     B, T = idx.shape
     if idx.device.type in FLEX_DEVICE_TYPES:
-        if flex_fits(cfg.window_block, T):
-            block_mask = flex_block_mask(docs, window, cfg.window_block, B, T, idx.device)
+        if cfg.window_block % FLEX_TILE == 0 and T % cfg.window_block == 0:
             # inside a compiled model, the model's compilation fuses it
             flex = flex_attention if torch.compiler.is_compiling() else compiled_flex_attention()
-            return functools.partial(flex, block_mask=block_mask)
+            return functools.partial(flex, block_mask=flex_block_mask(docs, window, cfg.window_block, B, T, idx.device))
         _say_once_flex_does_not_fit(cfg.window_block, T)
     return functools.partial(local_attention, mask=LocalMask(0, docs, int(window), cfg.window_block))
 

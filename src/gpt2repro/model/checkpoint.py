@@ -1,16 +1,7 @@
 """Our models and checkpoints on disk: the layout, written whole, read back verified.
 
-- A model directory: ``model.safetensors`` (a tied embedding/head tensor stored once, under
-  ``transformer.wte.weight``; safetensors never executes code on load) and ``config.json``
-  (the whole ``ModelConfig``, so a model of either recipe loads with no flags).
-- A checkpoint, ``OUT/ckpt_<step>`` (step = optimizer steps completed, 6 digits at least): a
-  model directory, ``trainer_state.pt`` (optimizer, loader and RNG state: tensors and
-  primitives only, read with ``torch.load(weights_only=True)``), and ``meta.json``, written
-  last: the byte size and sha256 of each file. A checkpoint is complete when its meta.json says so.
-- ``OUT/.tmp_ckpt_<step>_<pid>``: a checkpoint being written, renamed into place when whole, so
-  a crash mid-write leaves the previous checkpoint the newest; ``OUT/.old_ckpt_<step>_<pid>``:
-  one moved aside while one of the same step replaces it (a re-save after a rollback), put back
-  when a crash came before its replacement did.
+A model directory holds ``model.safetensors`` and ``config.json`` (the whole ``ModelConfig``). A checkpoint
+``OUT/ckpt_<step>`` adds ``trainer_state.pt`` and ``meta.json``, written last: each file's size and sha256.
 """
 
 from __future__ import annotations
@@ -45,17 +36,12 @@ NAME = re.compile(r"^ckpt_(\d{6,})$")
 TEMPORARY_PREFIXES = (".tmp_ckpt_", ".old_ckpt_")  # checkpoints being written or swapped
 
 
-# ---------------------------------------------------------------------------
-# model directories
-
-
 def save_model(model: GPT, directory: Path, extra: dict[str, Any] | None = None) -> None:
     save_weights(model.state_dict(), model.config, directory, extra)
 
 
 def save_weights(weights: dict[str, torch.Tensor], model_config: ModelConfig, directory: Path,
                  extra: dict[str, Any] | None = None) -> None:
-    """A model directory from full weights and the config that built them."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tied = model_config.tie_embeddings
@@ -63,8 +49,7 @@ def save_weights(weights: dict[str, torch.Tensor], model_config: ModelConfig, di
     save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": FORMAT})
     config = {"format": FORMAT, "model": dataclasses.asdict(model_config), **(extra or {})}
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-    # safetensors creates its file 0600 whatever the umask; a team's checkpoints should be as
-    # readable as its other files, so the weights take the mode open() gave config.json
+    # safetensors creates its file 0600 whatever the umask: the weights take config.json's mode
     shutil.copymode(directory / CONFIG_FILE, directory / WEIGHTS_FILE)
 
 
@@ -101,7 +86,6 @@ def load_weights(model: GPT, directory: Path) -> None:
 
 
 def read_weights(directory: Path) -> dict[str, torch.Tensor]:
-    """The full weights of a model directory, on the CPU."""
     weights = Path(directory) / WEIGHTS_FILE
     try:
         return load_file(str(weights))
@@ -122,20 +106,8 @@ def load_state_strict(model: GPT, state: dict[str, torch.Tensor], source: Path |
                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
-# ---------------------------------------------------------------------------
-# checkpoints
-
-
 def checkpoint_name(step: int) -> str:
     return f"ckpt_{step:06d}"
-
-
-def temporary_path(run_dir: Path, step: int, pid: int) -> Path:
-    return Path(run_dir) / f".tmp_{checkpoint_name(step)}_{pid}"
-
-
-def moved_aside_path(run_dir: Path, step: int, pid: int) -> Path:
-    return Path(run_dir) / f".old_{checkpoint_name(step)}_{pid}"
 
 
 def sha256(path: Path) -> str:
@@ -156,16 +128,14 @@ def write_meta(folder: Path, step: int) -> None:
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """Checkpoint directories, newest first. Temporary ones never match."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
+    if not Path(run_dir).is_dir():
         return []
-    found = [p for p in run_dir.iterdir() if p.is_dir() and NAME.match(p.name)]
+    found = [p for p in Path(run_dir).iterdir() if p.is_dir() and NAME.match(p.name)]
     return sorted(found, key=lambda p: int(NAME.match(p.name).group(1)), reverse=True)
 
 
 def remove_temporaries(run_dir: Path) -> None:
-    """Half-written checkpoints left by a crash are deleted; a checkpoint moved aside goes back
-    into place when nothing replaced it."""
+    """Delete half-written checkpoints; put one moved aside back when nothing replaced it."""
     for p in Path(run_dir).glob(f"{TEMPORARY_PREFIXES[0]}*"):
         shutil.rmtree(p, ignore_errors=True)
     for p in Path(run_dir).glob(f"{TEMPORARY_PREFIXES[1]}*"):
@@ -177,13 +147,9 @@ def remove_temporaries(run_dir: Path) -> None:
 
 
 def verify_checkpoint(path: Path, only: tuple[str, ...] | None = None) -> None:
-    """Raise UserError unless every file (or those named in ``only``) matches the size and sha256 in
-    meta.json. Loading a model for inference checks its weights and config alone: an optimizer
-    state of twice the weights' size is not read to sample from them."""
-    meta_path = Path(path) / META_FILE
+    """UserError unless every file (or those in ``only``) matches its size and sha256 in meta.json."""
     try:
-        meta = json.loads(meta_path.read_text())
-        files = meta["files"]
+        files = json.loads((Path(path) / META_FILE).read_text())["files"]
     except (OSError, ValueError, KeyError, TypeError):
         raise UserError(f"{path}: checkpoint is incomplete or corrupt ({META_FILE} missing or unreadable)") from None
     for name, expected in files.items():
@@ -221,11 +187,10 @@ def _fsync(path: Path) -> None:
 
 def save_checkpoint(run_dir: Path, step: int, weights: dict[str, torch.Tensor], model_config: ModelConfig,
                     state: dict[str, Any], config: dict[str, Any], keep: int = 0) -> Path:
-    """Write ``ckpt_<step>`` atomically: full ``weights``, the trainer ``state`` and the run
-    ``config``; then keep only the newest ``keep`` (0 keeps all)."""
+    """Write ``ckpt_<step>`` atomically, then keep only the newest ``keep`` (0 keeps all)."""
     run_dir = Path(run_dir)
     final = run_dir / checkpoint_name(step)
-    tmp = temporary_path(run_dir, step, os.getpid())
+    tmp = run_dir / f".tmp_{final.name}_{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         save_weights(weights, model_config, tmp, extra={"step": step, "train": config})
@@ -234,7 +199,7 @@ def save_checkpoint(run_dir: Path, step: int, weights: dict[str, torch.Tensor], 
         for path in tmp.iterdir():
             _fsync(path)
         if final.exists():  # re-saving the same step (e.g. after a rollback): swap, then delete
-            old = moved_aside_path(run_dir, step, os.getpid())
+            old = run_dir / f".old_{final.name}_{os.getpid()}"
             final.rename(old)
             try:
                 tmp.rename(final)
@@ -255,7 +220,7 @@ def save_checkpoint(run_dir: Path, step: int, weights: dict[str, torch.Tensor], 
 
 
 def load_trainer_state(path: Path) -> dict[str, Any]:
-    """Optimizer, loader and RNG state. Never unpickles code: weights_only=True."""
+    """Optimizer, loader and RNG state; never unpickles code."""
     state_path = Path(path) / STATE_FILE
     try:
         state = torch.load(state_path, map_location="cpu", weights_only=True)

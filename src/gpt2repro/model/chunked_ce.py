@@ -1,15 +1,6 @@
-"""LM head + cross-entropy in row chunks, so the full logits are never materialised.
-
-For GPT-2 124M at micro-batch 64 × 1024 the float32 logits alone are
-64·1024·50,304·4 bytes = 13 GB, and their gradient as much again. Here each chunk
-of rows computes its logits, its loss and, right away, the gradients with respect
-to the hidden states and the head weight; only those gradients (N × C and V × C)
-are kept for the backward pass, which just scales them.
-
-Numerically it is ``F.cross_entropy(h @ W.T, targets, ignore_index=-1)`` (mean over
-the non-ignored targets) in value and gradient, up to float summation order; with
-``softcap`` > 0 the logits are ``softcap · tanh(h @ W.T / softcap)`` first.
-"""
+"""LM head + cross-entropy in row chunks, so the full logits (13 GB for 124M at 64 × 1024) never exist.
+Each chunk computes its loss and, at once, its gradients; backward just scales them. Equal to
+``F.cross_entropy(h @ W.T, targets, ignore_index=-1)`` in value and gradient, up to summation order."""
 
 from __future__ import annotations
 
@@ -20,9 +11,8 @@ IGNORE_INDEX = -1
 
 
 def _tanh_over_cap_(logits: torch.Tensor, softcap: float) -> torch.Tensor:
-    """tanh(logits / softcap), overwriting ``logits``. Written as 2·sigmoid(2z) − 1, the same
-    function: on CPUs PyTorch's sigmoid kernel is about 7x faster than its tanh, and a
-    50,304-wide head makes this the costliest elementwise op of a small model's step."""
+    """tanh(logits / softcap) in place, as 2·sigmoid(2z) − 1: on CPUs PyTorch's sigmoid is about 7x
+    faster than its tanh, and over a 50,304-wide head this is a small model's costliest elementwise op."""
     return torch.sigmoid(logits.mul_(2 / softcap), out=logits).mul_(2).sub_(1)
 
 
@@ -31,16 +21,13 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, chunk_rows: int, compute_dtype, softcap: float):
         n_valid = (targets != IGNORE_INDEX).sum().clamp(min=1)
         softmax_dtype = torch.promote_types(compute_dtype, torch.float32)  # float32, or float64 in tests
-        h = hidden.to(compute_dtype)
-        w = weight.to(compute_dtype)
+        h, w = hidden.to(compute_dtype), weight.to(compute_dtype)
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros(weight.shape, dtype=softmax_dtype, device=weight.device)
         loss = torch.zeros((), dtype=softmax_dtype, device=hidden.device)
         for start in range(0, h.size(0), chunk_rows):
             rows = slice(start, start + chunk_rows)
-            t = targets[rows]
-            valid = t != IGNORE_INDEX
-            safe_t = t.clamp(min=0)[:, None]
+            valid, safe_t = targets[rows] != IGNORE_INDEX, targets[rows].clamp(min=0)[:, None]
             logits = (h[rows] @ w.t()).to(softmax_dtype)
             if softcap > 0:
                 capped = _tanh_over_cap_(logits, softcap)
@@ -70,11 +57,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                           chunk_rows: int = 4096, softcap: float = 0.0) -> torch.Tensor:
-    """Mean CE of ``hidden @ weight.T`` against ``targets`` (-1 ignored), chunk by chunk.
-
-    Under autocast the matmuls run in the autocast dtype and the softmax in float32,
-    as they would for ``F.cross_entropy(lm_head(hidden).float(), targets)``.
-    """
+    """Mean CE of ``hidden @ weight.T`` against ``targets`` (-1 ignored); autocast: its matmuls, float32 softmax."""
     device_type = hidden.device.type
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
     hidden, targets = hidden.flatten(0, -2), targets.flatten()

@@ -1,22 +1,9 @@
-"""GPT-2, the whole model in one file, with the modern recipes' switches.
+"""GPT-2 (Radford et al., 2019), the whole model in one readable file, as nanoGPT's model.py.
 
-Decoder-only transformer as in Radford et al. (2019): learned token and
-position embeddings, pre-LayerNorm blocks of causal self-attention and a 4x
-GELU(tanh) MLP, a final LayerNorm, and an LM head that shares its weight with
-the token embedding. Parameter names follow OpenAI's checkpoint (``c_attn``,
-``c_fc``, ...) so that weights map one-to-one onto Hugging Face's GPT2LMHeadModel.
-
-The ``ModelConfig`` switches swap in what later recipes use (all off by default,
-which is GPT-2 exactly): rotary position embeddings, RMS-normalised queries and
-keys, a ReLU² MLP, parameter-free RMS norms, no biases, an untied head,
-zero-initialised output projections and tanh soft-capped logits; and the levers of
-modded-nanogpt's record of 2025-01-04: separate q/k/v matrices, a normalised
-embedding x0 mixed into every block, value embeddings, U-net skips, a block without
-attention, document masking and a growing sliding window (``attention.py``).
-
-Beyond plain training, ``hidden`` accepts explicit positions and an attention
-mask (to score several continuations of one shared context in a single row) and
-a ``KVCache`` (to sample one token at a time without recomputing the prefix).
+Learned positions, pre-LayerNorm blocks (causal attention, a 4x GELU MLP), an LM head tied to the token
+embedding; parameter names are OpenAI's, so weights map one-to-one onto Hugging Face's. ``ModelConfig``'s
+switches (off by default) add later recipes' changes and the levers of modded-nanogpt's record of
+2025-01-04: rotary, QK-norm, ReLU², RMS norms, split q/k/v, x0 mixing, value embeddings, U-net, windows.
 """
 
 from __future__ import annotations
@@ -38,9 +25,9 @@ def residual_init_std(cfg: ModelConfig) -> float:
 
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
-    """Parameter-free RMS norm in ``x``'s own dtype, as modded-nanogpt computes it. Autocast is off
-    around it: CUDA's autocast runs rms_norm in float32 (the CPU's does not), which would make the
-    residual stream float32 on a GPU where the record keeps it in bfloat16."""
+    """Parameter-free RMS norm in ``x``'s own dtype, as modded-nanogpt computes it."""
+    # autocast off: CUDA's runs rms_norm in float32 (the CPU's does not), which would make the
+    # residual stream float32 on a GPU where the record keeps it in bfloat16
     with torch.autocast(x.device.type, enabled=False):
         return F.rms_norm(x, (x.size(-1),))
 
@@ -54,26 +41,12 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
     return RMSNorm() if cfg.norm == "rmsnorm" else nn.LayerNorm(cfg.n_embd)
 
 
-def value_embedding_table(cfg: ModelConfig, layer: int) -> int | None:
-    """Which value embedding ``layer`` mixes in: tables 0..k-1 in the first k layers and again in
-    the last k (0 1 2 ... 0 1 2 for the record's k=3 of 12 layers); None elsewhere."""
-    k = cfg.value_embeds
-    if layer < k:
-        return layer
-    if layer >= cfg.n_layer - k:
-        return layer - (cfg.n_layer - k)
-    return None
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        self.n_head = cfg.n_head
-        self.layer = layer
-        self.qk_norm = cfg.qk_norm
-        split = cfg.split_qkv
-        self.c_attn = None if split else nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
-        self.c_q, self.c_k, self.c_v = (nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias) if split else None
+        self.n_head, self.layer, self.qk_norm = cfg.n_head, layer, cfg.qk_norm
+        self.c_attn = None if cfg.split_qkv else nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
+        self.c_q, self.c_k, self.c_v = (nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias) if cfg.split_qkv else None
                                         for _ in range(3))
         # v = λ0·v + λ1·value embedding (λ0·v alone in layers without one), from an even mix
         self.register_parameter("lambdas", nn.Parameter(torch.tensor([0.5, 0.5])) if cfg.value_embeds else None)
@@ -81,10 +54,7 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, attend, kv_cache: KVCache | None = None, rotary=None, ve=None):
         B, T, C = x.shape
-        if self.c_attn is not None:
-            q, k, v = self.c_attn(x).split(C, dim=2)
-        else:
-            q, k, v = self.c_q(x), self.c_k(x), self.c_v(x)
+        q, k, v = self.c_attn(x).split(C, dim=2) if self.c_attn is not None else (self.c_q(x), self.c_k(x), self.c_v(x))
         if self.lambdas is not None:
             v = self.lambdas[0] * v + self.lambdas[1] * ve if ve is not None else self.lambdas[0] * v
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
@@ -107,8 +77,7 @@ class MLP(nn.Module):
 
     def forward(self, x):
         x = self.c_fc(x)
-        x = F.relu(x).square() if self.relu2 else F.gelu(x, approximate="tanh")
-        return self.c_proj(x)
+        return self.c_proj(F.relu(x).square() if self.relu2 else F.gelu(x, approximate="tanh"))
 
 
 class Block(nn.Module):
@@ -143,15 +112,14 @@ class GPT(nn.Module):
             h=nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer)),
             ln_f=make_norm(cfg),
         ))
-        self.value_embed_of_layer = [value_embedding_table(cfg, i) for i in range(cfg.n_layer)]
-        self.embed_norm = cfg.embed_norm
+        # value embedding tables 0..k-1 in the first k layers and again in the last k (0 1 2 ... 0 1 2)
+        k, last = cfg.value_embeds, cfg.n_layer - cfg.value_embeds
+        self.value_embed_of_layer = [i if i < k else i - last if i >= last else None for i in range(cfg.n_layer)]
         # decoder layer n_layer//2 + i adds skip_weights[i] · the output of its mirror layer, from 1
         self.register_parameter("skip_weights", nn.Parameter(torch.ones(cfg.n_layer // 2)) if cfg.unet else None)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        self.tie_embeddings = cfg.tie_embeddings
-        if self.tie_embeddings:
+        if cfg.tie_embeddings:
             self.transformer.wte.weight = self.lm_head.weight  # weight tying: one tensor
-        self.logit_softcap = cfg.logit_softcap
         self.real_vocab = cfg.real_vocab_size or None  # padding rows of an imported vocabulary stay out of the loss
         # derived from the config, not learned: not in the state dict
         cos, sin = (None, None) if learned_pos else rotary_tables(cfg.n_embd // cfg.n_head, cfg.block_size,
@@ -161,16 +129,14 @@ class GPT(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """GPT-2 init: N(0, 0.02), zero biases; residual projections scaled by 1/sqrt(2·n_layer)
-        because each block adds two of them to the residual stream. ``init=pytorch``: nn.Linear's
-        and nn.Embedding's own initialisations instead, as modded-nanogpt keeps them. With
-        ``zero_init`` the projections (and an untied head) start at zero: every block starts as
-        the identity. The mixing weights keep the values they are created with."""
+        """GPT-2 init: N(0, 0.02), zero biases, residual projections scaled by 1/sqrt(2·n_layer) (each
+        block adds two). ``init=pytorch``: the layers' own inits, as modded-nanogpt keeps them.
+        ``zero_init``: projections (and an untied head) start at zero, every block the identity."""
         residual_std = residual_init_std(self.config)
         zero, gpt2 = self.config.zero_init, self.config.init == "gpt2"
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear):
-                if zero and (name.endswith("c_proj") or (name == "lm_head" and not self.tie_embeddings)):
+                if zero and (name.endswith("c_proj") or (name == "lm_head" and not self.config.tie_embeddings)):
                     nn.init.zeros_(module.weight)
                 elif gpt2:
                     nn.init.normal_(module.weight, mean=0.0, std=residual_std if name.endswith("c_proj") else 0.02)
@@ -186,18 +152,15 @@ class GPT(nn.Module):
 
     def hidden(self, idx, pos=None, attn_mask=None, kv_cache: KVCache | None = None,
                window: int | torch.Tensor | None = None):
-        """Final-norm hidden states, (B, T, n_embd). ``pos``: (T,) or (B, T) positions.
-        ``window``: sliding-window blocks, an int or a 0-d tensor (default: the trained model's,
-        window_end's); a compiled model takes a tensor without a new graph per window."""
+        """Final-norm hidden states (B, T, n_embd). ``pos`` ((T,) or (B, T)) and ``attn_mask`` score several
+        continuations of one context in a row; ``window``: sliding-window blocks, an int or a 0-d tensor."""
         cfg = self.config
         B, T = idx.shape
         start = kv_cache.length if kv_cache is not None else 0
         if pos is None:
             if start + T > cfg.block_size:
-                raise UserError(
-                    f"sequence of {start + T} tokens is longer than the model's block_size "
-                    f"{cfg.block_size}; use at most {cfg.block_size} tokens"
-                )
+                raise UserError(f"sequence of {start + T} tokens is longer than the model's block_size "
+                                f"{cfg.block_size}; use at most {cfg.block_size} tokens")
             pos = torch.arange(start, start + T, device=idx.device)
         attend = attention_for(idx, pos, attn_mask, kv_cache, window_blocks(cfg) if window is None else window, cfg)
         x = self.transformer.wte(idx)
@@ -207,12 +170,11 @@ class GPT(nn.Module):
         else:  # (T, d/2) -> (1, 1, T, d/2); (B, T, d/2) -> (B, 1, T, d/2)
             rotary = tuple(table[pos].unsqueeze(-3) if pos.dim() == 2 else table[pos][None, None]
                            for table in (self.rope_cos, self.rope_sin))
-        if self.embed_norm:
+        if cfg.embed_norm:
             x = rms_norm(x)
         x0 = x
         ve = [table(idx) for table in self.transformer.ve] if self.transformer.ve is not None else []
-        unet, encoder_outputs = self.skip_weights is not None, []
-        half = cfg.n_layer // 2
+        unet, encoder_outputs, half = self.skip_weights is not None, [], cfg.n_layer // 2
         for i, (block, table) in enumerate(zip(self.transformer.h, self.value_embed_of_layer)):
             if unet and i >= half and encoder_outputs:  # U-net: the mirror layer's output
                 x = x + self.skip_weights[i - half] * encoder_outputs.pop()
@@ -227,22 +189,17 @@ class GPT(nn.Module):
         """The LM head over the first ``vocab_size`` tokens (default all), soft-capped if configured."""
         weight = self.lm_head.weight if vocab_size is None else self.lm_head.weight[:vocab_size]
         logits = F.linear(hidden, weight)
-        cap = self.logit_softcap
+        cap = self.config.logit_softcap
         return cap * torch.tanh(logits / cap) if cap > 0 else logits
 
     def forward(self, idx, targets=None, ce_chunk_rows: int = 0, window: int | torch.Tensor | None = None,
                 return_logits: bool = True):
-        """Logits (B, T, vocab) and, given targets, the mean cross-entropy (targets -1 are ignored).
-
-        ``ce_chunk_rows`` > 0 with targets computes the head and the loss in chunks of that many
-        rows (``chunked_ce.py``): the logits are never built and None is returned in their place;
-        so does ``return_logits=False`` (training: logits kept for the caller would live through
-        the backward pass, 6.6 GB at the record's shape). ``window``: sliding-window blocks, the
-        training schedule's (default: window_end's)."""
+        """Logits (B, T, vocab) and, given targets, the mean cross-entropy (-1 ignored). With targets,
+        ``ce_chunk_rows`` > 0 or ``return_logits=False`` give None logits: kept, they would outlive backward."""
         h = self.hidden(idx, window=window)
         if targets is not None and ce_chunk_rows > 0:
             return None, chunked_cross_entropy(h, self.lm_head.weight[:self.real_vocab], targets, ce_chunk_rows,
-                                               softcap=self.logit_softcap)
+                                               softcap=self.config.logit_softcap)
         logits = self.logits(h)
         if targets is None:
             return logits, None
@@ -250,25 +207,17 @@ class GPT(nn.Module):
         return (logits if return_logits else None), loss
 
     def num_params(self, non_embedding: bool = False) -> int:
-        """Parameters counted once (the tied embedding/head is one tensor). ``non_embedding``
-        drops the position embedding (and an untied input embedding, and value embeddings), as
-        nanoGPT's FLOPs count does: they are lookups, not matmuls."""
+        """Parameters counted once; ``non_embedding`` drops the lookup tables, as nanoGPT's FLOPs count does."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
-            if self.transformer.wpe is not None:
-                n -= self.transformer.wpe.weight.numel()
-            if not self.tie_embeddings:
-                n -= self.transformer.wte.weight.numel()
-            if self.transformer.ve is not None:
-                n -= sum(p.numel() for p in self.transformer.ve.parameters())
+            t = self.transformer
+            lookups = (t.wpe, None if self.config.tie_embeddings else t.wte, t.ve)
+            n -= sum(p.numel() for m in lookups if m is not None for p in m.parameters())
         return n
 
     def flops_per_token(self, seq_len: int, window: int | None = None) -> int:
-        """Training FLOPs per token, nanoGPT/PaLM convention: 6·N + 12·L·H·Q·T
-        (N without position embeddings; forward + backward, attention scores counted
-        without the causal discount). 855 MFLOP for GPT-2 124M at T=1024. L counts the
-        layers with attention; with a sliding window T is at most its width in tokens,
-        ``window`` blocks (default: the final window)."""
+        """Training FLOPs per token, nanoGPT/PaLM's 6·N + 12·L·H·Q·T (855 MFLOP for 124M at T=1024):
+        L counts layers with attention; T is at most the window's width (default: the final window)."""
         c = self.config
         layers = sum(block.attn is not None for block in self.transformer.h)
         blocks = window_blocks(c) if window is None else window
@@ -276,9 +225,6 @@ class GPT(nn.Module):
         return 6 * self.num_params(non_embedding=True) + 12 * layers * c.n_embd * reach
 
     def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
-        weight = self.lm_head.weight
-        dtype = torch.get_autocast_dtype(weight.device.type) if torch.is_autocast_enabled(
-            weight.device.type) else weight.dtype
+        weight, device_type = self.lm_head.weight, self.lm_head.weight.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
         return KVCache(self.config, batch_size, max_len or self.config.block_size, weight.device, dtype)
-
-

@@ -1,11 +1,5 @@
 """Hugging Face interop: OpenAI's GPT-2 into our model, and our model out as a GPT2LMHeadModel.
-
-OpenAI's checkpoint stores the four projection matrices as ``Conv1D`` weights,
-(in, out) rather than ``nn.Linear``'s (out, in): they are transposed both ways.
-Its vocabulary is the real 50,257 tokens. Imported models keep exactly that size
-(no padding rows that would change the softmax); exported models are cut back
-to it from our padded 50,304.
-"""
+Imported models keep its 50,257-token vocabulary (padding rows would change the softmax)."""
 
 from __future__ import annotations
 
@@ -24,34 +18,25 @@ from gpt2repro.errors import UserError
 from gpt2repro.model.checkpoint import load_state_strict
 from gpt2repro.model.gpt import GPT
 
-CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+CONV1D_WEIGHTS = (  # OpenAI's (in, out) Conv1D weights: transposed both ways
+    "attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 HF_ONLY_BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers of old checkpoints
 
 
 def from_hf_model(hf_model) -> GPT:
-    """Our GPT with the weights of a ``transformers`` GPT2LMHeadModel."""
     c = hf_model.config
     if c.vocab_size < GPT2_VOCAB_SIZE:
         raise UserError(f"{getattr(c, 'name_or_path', '') or 'this model'}: its vocabulary has {c.vocab_size:,} "
                         f"tokens; gpt2repro reads GPT-2 token ids, so a model needs GPT-2's {GPT2_VOCAB_SIZE:,}")
-    cfg = ModelConfig(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, block_size=c.n_positions,
-                      vocab_size=c.vocab_size, tie_embeddings=bool(getattr(c, "tie_word_embeddings", True)))
-    model = GPT(cfg)
-    state = {}
-    for key, value in hf_model.state_dict().items():
-        if key.endswith(HF_ONLY_BUFFERS):
-            continue
-        state[key] = value.t() if key.endswith(CONV1D_WEIGHTS) else value
+    model = GPT(ModelConfig(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, block_size=c.n_positions,
+                            vocab_size=c.vocab_size, tie_embeddings=bool(getattr(c, "tie_word_embeddings", True))))
+    state = {key: value.t() if key.endswith(CONV1D_WEIGHTS) else value
+             for key, value in hf_model.state_dict().items() if not key.endswith(HF_ONLY_BUFFERS)}
     load_state_strict(model, state, getattr(c, "name_or_path", "Hugging Face model"))
     return model
 
 
-HUB_TIMEOUT_S = 10  # the one request that decides whether the hub is reachable
-
-
 def quiet_transformers() -> None:
-    """transformers' and the hub's progress bars and warnings stay out of our commands' output:
-    it is either the model, or one line saying why not."""
     from huggingface_hub.utils import disable_progress_bars
     from huggingface_hub.utils import logging as hub_logging
     from transformers.utils import logging as transformers_logging
@@ -63,15 +48,10 @@ def quiet_transformers() -> None:
 
 
 def from_pretrained(name_or_path: str) -> GPT:
-    """OpenAI's GPT-2 (``gpt2``, ``gpt2-medium``, ...) or a local Hugging Face GPT-2 directory.
-
-    A hub name is read from the local cache when it is there, with no network at all;
-    otherwise one short request asks the hub for it, so that no network or no such model
-    is one line within seconds, not a minute of retries per file."""
+    """OpenAI's GPT-2 (``gpt2``, ...) or a Hugging Face GPT-2 directory; a hub name from the cache if there."""
     from transformers import GPT2LMHeadModel
 
     quiet_transformers()
-    local = Path(name_or_path).is_dir()
 
     def load(**options):
         with warnings.catch_warnings():  # e.g. torch.load's note on an old pickle protocol
@@ -79,7 +59,7 @@ def from_pretrained(name_or_path: str) -> GPT:
             return GPT2LMHeadModel.from_pretrained(name_or_path, torch_dtype=torch.float32, **options)
 
     try:
-        if local:
+        if Path(name_or_path).is_dir():
             hf_model = load()
         else:
             try:
@@ -115,7 +95,7 @@ def _check_hub(name: str) -> None:
         raise UserError(f"{where}, and not in the Hugging Face cache while HF_HUB_OFFLINE is set; "
                         "pass a local directory, or unset HF_HUB_OFFLINE to download it")
     try:
-        model_info(name, timeout=HUB_TIMEOUT_S)
+        model_info(name, timeout=10)  # seconds: this one request decides whether the hub is reachable
     except GatedRepoError:
         raise UserError(f"{name}: a gated model on the Hugging Face hub; accept its terms on the hub "
                         "and log in (hf auth login)") from None
@@ -128,48 +108,35 @@ def _check_hub(name: str) -> None:
                         "pass a local directory, or check the network") from None
 
 
-def hf_config(cfg: ModelConfig):
-    from transformers import GPT2Config
-
-    return GPT2Config(
-        vocab_size=GPT2_VOCAB_SIZE, n_positions=cfg.block_size, n_embd=cfg.n_embd,
-        n_layer=cfg.n_layer, n_head=cfg.n_head, activation_function="gelu_new",
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=1e-5,
-        bos_token_id=EOT_TOKEN, eos_token_id=EOT_TOKEN, tie_word_embeddings=cfg.tie_embeddings,
-        architectures=["GPT2LMHeadModel"],
-    )
-
-
 def to_hf_model(model: GPT):
     """A ``transformers`` GPT2LMHeadModel with our weights, vocabulary cut to 50,257."""
-    from transformers import GPT2LMHeadModel
+    from transformers import GPT2Config, GPT2LMHeadModel
 
-    # An untied head is still GPT-2 to transformers; the other switches are not, and a GPT-2
-    # config would load such weights without complaint and compute something else.
-    refused = [s for s in model.config.non_gpt2_switches() if not s.startswith("model.tie_embeddings=")]
+    # an untied head is still GPT-2; with other switches a GPT-2 config would silently compute something else
+    cfg = model.config
+    refused = [s for s in cfg.non_gpt2_switches() if not s.startswith("model.tie_embeddings=")]
     if refused:
         raise UserError(f"this model is not GPT-2's architecture ({', '.join(refused)}); transformers' "
                         "GPT2LMHeadModel cannot run it, so there is no Hugging Face export: use "
                         "gpt2repro eval/sample with the checkpoint itself")
-    if model.config.vocab_size < GPT2_VOCAB_SIZE:
-        raise UserError(f"model vocab_size {model.config.vocab_size} is smaller than GPT-2's {GPT2_VOCAB_SIZE}")
-    hf_model = GPT2LMHeadModel(hf_config(model.config))
-    state = {}
-    for key, value in model.state_dict().items():
-        value = value.detach().float().cpu()
-        if key in ("transformer.wte.weight", "lm_head.weight"):
-            value = value[:GPT2_VOCAB_SIZE]
-        state[key] = value.t().contiguous() if key.endswith(CONV1D_WEIGHTS) else value
+    hf_model = GPT2LMHeadModel(GPT2Config(
+        vocab_size=GPT2_VOCAB_SIZE, n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
+        n_head=cfg.n_head, activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        layer_norm_epsilon=1e-5, bos_token_id=EOT_TOKEN, eos_token_id=EOT_TOKEN,
+        tie_word_embeddings=cfg.tie_embeddings, architectures=["GPT2LMHeadModel"]))
+    state = {key: value.detach().float().cpu() for key, value in model.state_dict().items()}
+    for key in ("transformer.wte.weight", "lm_head.weight"):
+        state[key] = state[key][:GPT2_VOCAB_SIZE]
+    state = {key: value.t().contiguous() if key.endswith(CONV1D_WEIGHTS) else value for key, value in state.items()}
     missing, unexpected = hf_model.load_state_dict(state, strict=False)
     assert not unexpected and all(k.endswith(HF_ONLY_BUFFERS) for k in missing), (missing, unexpected)
-    if model.config.tie_embeddings:
+    if cfg.tie_embeddings:
         hf_model.tie_weights()
     return hf_model.eval()
 
 
 def export_hf(model: GPT, out_dir: Path) -> Path:
-    """Write a directory that ``AutoModelForCausalLM``/``AutoTokenizer`` and lm-eval's ``hf`` model load:
-    config.json, model.safetensors and the GPT-2 tokenizer files."""
+    """A directory that ``AutoModelForCausalLM``/``AutoTokenizer`` and lm-eval's ``hf`` model load."""
     from transformers import GPT2TokenizerFast
 
     quiet_transformers()
@@ -177,7 +144,7 @@ def export_hf(model: GPT, out_dir: Path) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     hf_model.save_pretrained(out_dir, safe_serialization=True)
-    # OpenAI's two files under the names transformers looks for, in every version.
+    # OpenAI's two files under the names transformers looks for, in every version
     encoder_json, vocab_bpe = bpe_files()
     shutil.copyfile(encoder_json, out_dir / "vocab.json")
     shutil.copyfile(vocab_bpe, out_dir / "merges.txt")

@@ -1,6 +1,4 @@
-"""A MODEL argument made into a model: one of our checkpoints or run folders, a Hugging Face
-GPT-2 directory, or a hub name such as ``gpt2``. What eval, sample, export, bench and the demo
-take with ``--model``. Weights that are not all finite are refused: nothing useful comes of them."""
+"""``--model`` made into a model: our checkpoint or run folder, a Hugging Face GPT-2 directory, or a hub name."""
 
 from __future__ import annotations
 
@@ -12,16 +10,11 @@ import torch
 
 from gpt2repro.device import pick_autocast_dtype, pick_device
 from gpt2repro.errors import UserError
-from gpt2repro.model.checkpoint import (
-    META_FILE,
-    MODEL_FILES,
-    latest_checkpoint,
-    load_model_dir,
-    read_config,
-    verify_checkpoint,
-)
+from gpt2repro.model import checkpoint as layout
 from gpt2repro.model.gpt import GPT
 from gpt2repro.model.hf import from_pretrained
+
+HUB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
 
 
 def load_model(spec: str, device: str | torch.device = "cpu") -> GPT:
@@ -37,13 +30,13 @@ def load_model(spec: str, device: str | torch.device = "cpu") -> GPT:
 def _load_model(spec: str, device: str | torch.device) -> GPT:
     path = Path(spec).expanduser()
     if path.is_dir():
-        if read_config(path) is not None:  # one checkpoint, or an exported model of ours
-            if (path / META_FILE).exists():
-                verify_checkpoint(path, only=MODEL_FILES)
-            return load_model_dir(path, device)
-        newest = latest_checkpoint(path, only=MODEL_FILES)  # a run directory
+        if layout.read_config(path) is not None:  # one checkpoint, or an exported model of ours
+            if (path / layout.META_FILE).exists():
+                layout.verify_checkpoint(path, only=layout.MODEL_FILES)
+            return layout.load_model_dir(path, device)
+        newest = layout.latest_checkpoint(path, only=layout.MODEL_FILES)  # a run directory
         if newest is not None:
-            return load_model_dir(newest, device)
+            return layout.load_model_dir(newest, device)
         if (path / "config.json").is_file():
             return from_pretrained(str(path)).to(device)
         raise UserError(f"{path}: neither a gpt2repro checkpoint or run directory (with a complete "
@@ -59,12 +52,8 @@ def _load_model(spec: str, device: str | torch.device) -> GPT:
     return from_pretrained(spec).to(device)
 
 
-HUB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
-
-
 def looks_like_hub_name(spec: str) -> bool:
-    """``gpt2`` or ``org/name``, and not a path into a folder that is here (``runs/x`` when
-    ``runs/`` exists): only such names are worth a network round trip."""
+    """``gpt2`` or ``org/name``, not a path into a folder that is here: worth a network round trip."""
     if not HUB_NAME.match(spec) or "--" in spec or ".." in spec or spec.endswith((".", "-")):
         return False
     return "/" not in spec or not Path(spec.split("/")[0]).exists()
@@ -77,7 +66,6 @@ class Inference(NamedTuple):
 
 
 def load_for_inference(spec: str, device: str = "auto", dtype: str = "auto", local_rank: int = 0) -> Inference:
-    """The model on the chosen device, in eval mode, with the autocast dtype to run it under."""
     dev = pick_device(device, local_rank)
     autocast_dtype = pick_autocast_dtype(dtype, dev)
     return Inference(load_model(spec, dev).eval(), dev, autocast_dtype)
