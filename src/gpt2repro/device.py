@@ -1,13 +1,8 @@
-"""Where this process computes, in what precision, and beside which ranks: one place for every command.
+"""Where this process computes, in what precision, and beside which ranks.
 
-``auto`` means: CUDA if present (bf16 autocast, or fp16 with a GradScaler on GPUs without
-bf16; TF32 matmuls; torch.compile; fused AdamW), else Apple MPS, else the CPU in float32.
-Every choice can be forced by a flag. ``setup_runtime`` turns the config's ``runtime``
-section into this process's ``Runtime``.
-
-The same code runs as one process and under ``torchrun`` (RANK, LOCAL_RANK, WORLD_SIZE): NCCL
-on CUDA, gloo on the CPU, multi-node through torchrun's rendezvous; the collectives are small
-helpers here.
+``auto``: CUDA (bf16 autocast, or fp16 with a GradScaler where bf16 is missing; TF32; torch.compile;
+fused AdamW), else Apple MPS, else the CPU in float32; flags force each choice. The same code runs
+alone and under ``torchrun`` (NCCL on CUDA, gloo on the CPU); ``setup_runtime`` builds the ``Runtime``.
 """
 
 from __future__ import annotations
@@ -28,16 +23,13 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": None}
 
 
 def pick_device(name: str = "auto", local_rank: int = 0, flag: str = "--device") -> torch.device:
-    """The torch device ``name`` asks for; ``flag`` is what the user set it with (``--device``,
-    or a config key such as ``runtime.device``), for the error line."""
+    """The torch device ``name`` asks for; ``flag`` (``--device`` or a config key) names it in errors."""
     said = f"{flag} {name}" if flag.startswith("-") else f"{flag}={name}"
     use_cpu = f"{flag} cpu" if flag.startswith("-") else f"{flag}=cpu"
     if name in (None, "", "auto"):
         if torch.cuda.is_available():
             return torch.device("cuda", local_rank)
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
     if name == "cuda":
         name = f"cuda:{local_rank}"
     try:
@@ -52,7 +44,7 @@ def pick_device(name: str = "auto", local_rank: int = 0, flag: str = "--device")
 
 
 def pick_autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for plain float32 (names: the config's and the flags' choices)."""
+    """The autocast dtype, or None for plain float32."""
     if name != "auto":
         return DTYPES[name]
     if device.type == "cuda":  # emulated bf16 (V100, T4) is slower than fp16 with a GradScaler
@@ -65,25 +57,18 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Host-to-GPU copies through pinned memory, without blocking: no host synchronisation."""
+    """Host-to-GPU copies through pinned memory, without blocking the host."""
     return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
 
 
-def enable_tf32(device: torch.device) -> None:
-    """TF32 for the float32 matmuls that remain under bf16 autocast (Ampere and newer)."""
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-
-
 def resolve_flag(value: bool | str, device: torch.device, auto_on: tuple[str, ...] = ("cuda",)) -> bool:
-    """A config switch that is true, false or auto (on for the given device types)."""
+    """A config switch that is true, false or auto (on for the device types ``auto_on``)."""
     return value if isinstance(value, bool) else device.type in auto_on
 
 
 def resolve_ce_chunk_rows(value: int | str, device: torch.device) -> int:
-    """Rows per chunk of the fused LM head + loss (0: off). On the CPU small chunks keep the
-    logits in cache and skip the full-size softmax gradient; on GPUs it is opt-in."""
+    """Rows per chunk of the fused LM head + loss (0: off). auto: 128 on the CPU, where small chunks
+    keep the logits in cache; off on GPUs."""
     return (128 if device.type == "cpu" else 0) if value == "auto" else value
 
 
@@ -99,20 +84,16 @@ def synchronize(device: torch.device) -> None:
 
 
 def free_memory_bytes(device: torch.device) -> int | None:
-    """Memory a new allocation on ``device`` can still get: the GPU's free memory, or the
-    host's available memory (Linux's MemAvailable, which counts reclaimable caches); None
-    when unknown."""
+    """What a new allocation can still get: the GPU's free memory, or the host's MemAvailable
+    (which counts reclaimable caches); None when unknown."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     if device.type != "cpu":
         return None
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
+    with contextlib.suppress(OSError, ValueError, IndexError), open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
     try:
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
@@ -136,10 +117,7 @@ def peak_flops(device: torch.device) -> float | None:
     return None
 
 
-# ---------------------------------------------------------------------------
-# ranks
-
-
+# --- ranks
 @dataclass(frozen=True)
 class DistInfo:
     rank: int = 0
@@ -156,8 +134,7 @@ class DistInfo:
 
 
 def init_distributed(device_type: str, alone: bool = False) -> DistInfo:
-    """Join the process group when launched by torchrun; a no-op for one process, unless ``alone``
-    asks for a group of one (FSDP runs in one)."""
+    """Join torchrun's process group; alone, a no-op unless ``alone`` asks for a group of one (FSDP)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         if alone and not dist.is_initialized():
@@ -181,7 +158,7 @@ def shutdown_distributed() -> None:
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """In-place sum across ranks (identity for one process)."""
+    """In-place sum across ranks."""
     if dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
@@ -215,15 +192,12 @@ def any_rank(flag: bool, device) -> bool:
 
 
 def rounds_on_every_rank(n_items: int, world_size: int, per_round: int) -> int:
-    """How many rounds of ``per_round`` items every rank gets when items r, r + W, ... go to
-    rank r: the last rank's count. Collectives inside a loop are safe in those rounds only."""
+    """Rounds of ``per_round`` items that every rank gets when items r, r + W, ... go to rank r (the
+    last rank's count): collectives inside a loop are safe in those rounds only."""
     return math.ceil(len(range(world_size - 1, n_items, world_size)) / per_round)
 
 
-# ---------------------------------------------------------------------------
-# this process
-
-
+# --- this process
 @dataclass
 class Runtime:
     """This process's device, precision and place among the ranks."""
@@ -233,22 +207,23 @@ class Runtime:
     autocast_dtype: torch.dtype | None
     compile: bool
     fused_adamw: bool
-    ce_chunk_rows: int  # > 0: the LM head and loss run in row chunks (model.forward's ce_chunk_rows)
+    ce_chunk_rows: int  # > 0: the LM head and loss run in row chunks
 
     def autocast(self):
         return autocast(self.device, self.autocast_dtype)
 
 
 def setup_runtime(cfg) -> Runtime:
-    """This process's runtime from the config's ``runtime`` section (a ``RuntimeConfig``)."""
+    """This process's runtime from the config's ``runtime`` section."""
     probe = pick_device(cfg.device, flag=DEVICE_KEY)  # the device type decides the backend
-    # FSDP needs a process group even on one process (no sharding then: its code path, checked on one GPU)
-    dist = init_distributed(probe.type, alone=cfg.parallel == "fsdp")
+    dist = init_distributed(probe.type, alone=cfg.parallel == "fsdp")  # FSDP needs a group even alone
     device = pick_device(cfg.device, dist.local_rank, DEVICE_KEY)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    enable_tf32(device)
-    # Fused AdamW: one kernel for all parameters (CUDA), a vectorised loop on the CPU.
+        # TF32 for the float32 matmuls that remain under bf16 autocast (Ampere and newer)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    # fused AdamW: one kernel for all parameters on CUDA, a vectorised loop on the CPU
     fused = resolve_flag(cfg.fused_adamw, device, auto_on=("cuda", "cpu")) and fused_adamw_available(device)
     return Runtime(dist, device, pick_autocast_dtype(cfg.dtype, device), resolve_flag(cfg.compile, device),
                    fused, resolve_ce_chunk_rows(cfg.ce_chunk_rows, device))

@@ -1,7 +1,6 @@
-"""A run's log, ``OUT/log.txt``: one ``<step> <stream> <value>`` line per record (streams
-train, val, val_bpb, hella), the format of build-nanogpt's log. Training writes it (``RunLog``,
-which mirrors it to TensorBoard and Weights & Biases when asked), ``plot`` and the run summary
-read it, and a run's ``config.json`` beside it says how many tokens a step is."""
+"""A run's log, ``OUT/log.txt``: one ``<step> <stream> <value>`` line per record (streams train, val,
+val_bpb, hella), build-nanogpt's format. ``RunLog`` writes it (mirrored to TensorBoard and W&B when
+asked); ``plot`` and the run summary read it, with the run's ``config.json`` for tokens per step."""
 
 from __future__ import annotations
 
@@ -19,33 +18,14 @@ LOG_FILE = "log.txt"
 LINE = re.compile(rb"^(\d+) (\w+) (\S+)$")
 DEFAULT_TOKENS_PER_STEP = 524_288  # build-nanogpt's 2**19
 MAX_LOG_BYTES = 256 << 20  # far above any run's log; a larger file is something else
+_NEEDS_TENSORBOARD = "runtime.tensorboard=true needs TensorBoard: pip install 'gpt2repro[tensorboard]'"
+_NEEDS_WANDB = "runtime.wandb=true needs Weights & Biases: pip install 'gpt2repro[wandb]', or drop runtime.wandb"
 
 Streams = dict[str, list[tuple[int, float]]]
 
 
-def format_line(step: int, stream: str, value: float) -> str:
-    return f"{step} {stream} {value:.6f}\n"
-
-
-def append(path: Path, step: int, stream: str, value: float) -> None:
-    with writing(path), open(path, "a") as f:
-        f.write(format_line(step, stream, value))
-
-
-def truncate(path: Path, step: int) -> None:
-    """Drop the records of ``step`` and later (a resumed run is about to recompute them). Lines are
-    kept as bytes: a stray byte that is not UTF-8 stays as it was."""
-    if not path.exists():
-        return
-    with writing(path):
-        lines = path.read_bytes().splitlines(keepends=True)
-    kept = [ln for ln in lines if not (m := LINE.match(ln.strip())) or int(m.group(1)) < step]
-    atomic_write(path, b"".join(kept))
-
-
 def parse_text(text: str) -> tuple[Streams, int]:
-    """``{stream: [(step, value), ...]}`` in file order, and the number of malformed lines.
-    Blank lines are neither."""
+    """``{stream: [(step, value), ...]}`` in file order, and the number of malformed (not blank) lines."""
     streams: Streams = {}
     malformed = 0
     for line in text.splitlines():
@@ -53,13 +33,12 @@ def parse_text(text: str) -> tuple[Streams, int]:
         if not fields:
             continue
         try:
-            step, stream, value = int(fields[0]), fields[1], float(fields[2])
-            if len(fields) != 3:
-                raise ValueError
-        except (ValueError, IndexError):
+            step, stream, value = fields
+            record = int(step), float(value)
+        except ValueError:
             malformed += 1
             continue
-        streams.setdefault(stream, []).append((step, value))
+        streams.setdefault(stream, []).append(record)
     return streams, malformed
 
 
@@ -100,12 +79,23 @@ def tokens_per_step(log: str | Path, default: int = DEFAULT_TOKENS_PER_STEP) -> 
     return tokens, str(config)
 
 
-class RunLog:
-    """``OUT/log.txt`` (``runlog``'s format), mirrored to TensorBoard and W&B when asked.
+def check_loggers(tensorboard: bool, wandb: bool) -> None:
+    """The loggers a run asks for are installed: said before the run replaces anything."""
+    if tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise UserError(_NEEDS_TENSORBOARD)
+    if wandb and importlib.util.find_spec("wandb") is None:
+        raise UserError(_NEEDS_WANDB)
+    if wandb and os.environ.get("WANDB_MODE", "").lower() not in ("offline", "disabled", "dryrun"):
+        import wandb as wb
 
-    On resume (and rollback), lines from steps at or after the restored step are dropped
-    first, so a run killed after its last checkpoint leaves no duplicate or orphaned points.
-    """
+        if not wb.login(verify=False, prompt=False):  # credentials present; no prompt, no network
+            raise UserError("runtime.wandb=true: not logged in to Weights & Biases; run `wandb login` (or set "
+                            "WANDB_API_KEY), or set WANDB_MODE=offline to log locally")
+
+
+class RunLog:
+    """``OUT/log.txt``, mirrored to TensorBoard and W&B when asked. A resumed run first drops the
+    lines of the restored step and later, so a run killed after its last checkpoint leaves no duplicates."""
 
     def __init__(self, path: Path, resume_step: int | None = None, tensorboard_dir: Path | None = None,
                  wandb_run: dict | None = None):
@@ -115,30 +105,44 @@ class RunLog:
             if resume_step is None:
                 path.write_text("")
         if resume_step is not None:
-            truncate(path, resume_step)
-        self.tb = None
+            self.truncate(resume_step)
+        self.tb = self.wandb = None
         if tensorboard_dir is not None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise UserError("runtime.tensorboard=true needs TensorBoard: "
-                                "pip install 'gpt2repro[tensorboard]'") from None
-
+                raise UserError(_NEEDS_TENSORBOARD) from None
             self.tb = SummaryWriter(str(tensorboard_dir))
-        self.wandb = None
         if wandb_run is not None:  # wandb.init's keyword arguments: project, name, config, dir
-            self.wandb = _start_wandb(wandb_run)
+            try:
+                import wandb
+            except ImportError:
+                raise UserError(_NEEDS_WANDB) from None
+            try:
+                self.wandb = wandb.init(**wandb_run)
+            except Exception as e:  # wandb's own errors (no API key, no network) have no common base class
+                reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                raise UserError(f"runtime.wandb=true: could not start a Weights & Biases run ({reason[:200]}); "
+                                "run `wandb login`, or set WANDB_MODE=offline to log locally") from None
 
     def truncate(self, step: int) -> None:
-        """Drop the records of ``step`` and later (they are about to be recomputed)."""
-        truncate(self.path, step)
+        """Drop the records of ``step`` and later (they are about to be recomputed), byte for byte:
+        a stray byte that is not UTF-8 stays as it was."""
+        if not self.path.exists():
+            return
+        with writing(self.path):
+            lines = self.path.read_bytes().splitlines(keepends=True)
+        kept = [ln for ln in lines if not (m := LINE.match(ln.strip())) or int(m.group(1)) < step]
+        atomic_write(self.path, b"".join(kept))
 
     def write(self, step: int, stream: str, value: float) -> None:
-        append(self.path, step, stream, value)
-        if self.tb is not None and math.isfinite(value):
-            self.tb.add_scalar(stream, value, step)
-        if self.wandb is not None and math.isfinite(value):
-            self.wandb.log({stream: value}, step=step)
+        with writing(self.path), open(self.path, "a") as f:
+            f.write(f"{step} {stream} {value:.6f}\n")
+        if math.isfinite(value):  # TensorBoard and W&B cannot chart nan or inf; log.txt keeps them
+            if self.tb is not None:
+                self.tb.add_scalar(stream, value, step)
+            if self.wandb is not None:
+                self.wandb.log({stream: value}, step=step)
 
     def records(self, stream: str) -> list[tuple[int, float]]:
         """``(step, value)`` of every ``stream`` line in the file, resumed runs' earlier lines included."""
@@ -149,32 +153,3 @@ class RunLog:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
-
-
-def check_loggers(tensorboard: bool, wandb: bool) -> None:
-    """The loggers a run asks for are installed: said before the run replaces anything."""
-    if tensorboard and importlib.util.find_spec("tensorboard") is None:
-        raise UserError("runtime.tensorboard=true needs TensorBoard: pip install 'gpt2repro[tensorboard]'")
-    if wandb and importlib.util.find_spec("wandb") is None:
-        raise UserError("runtime.wandb=true needs Weights & Biases: pip install 'gpt2repro[wandb]', "
-                        "or drop runtime.wandb")
-    if wandb and os.environ.get("WANDB_MODE", "").lower() not in ("offline", "disabled", "dryrun"):
-        import wandb as wb
-
-        if not wb.login(verify=False, prompt=False):  # credentials present; no prompt, no network
-            raise UserError("runtime.wandb=true: not logged in to Weights & Biases; run `wandb login` (or set "
-                            "WANDB_API_KEY), or set WANDB_MODE=offline to log locally")
-
-
-def _start_wandb(settings: dict):
-    try:
-        import wandb
-    except ImportError:
-        raise UserError("runtime.wandb=true needs Weights & Biases: pip install 'gpt2repro[wandb]', "
-                        "or drop runtime.wandb") from None
-    try:
-        return wandb.init(**settings)
-    except Exception as e:  # wandb's own errors (no API key, no network) have no common base class
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UserError(f"runtime.wandb=true: could not start a Weights & Biases run ({reason[:200]}); "
-                        "run `wandb login`, or set WANDB_MODE=offline to log locally") from None
