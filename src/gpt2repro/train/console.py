@@ -48,8 +48,7 @@ def outputs_line(cfg: TrainConfig) -> str:
 
 
 def summary_lines(cfg: TrainConfig, steps_done: int, run_log: RunLog, seconds: float) -> list[str]:
-    """The run's outcome: the numbers a run is judged by, where its checkpoint is, and the
-    command that plots it."""
+    """The run's outcome: the numbers it is judged by, its checkpoint, and the command that plots it."""
     out, max_steps = Path(cfg.out_dir), cfg.optim.max_steps
     val, hella = run_log.records("val"), run_log.records("hella")
     val_text = f"{val[-1][1]:.4f} (step {val[-1][0]})" if val else "not measured (eval.val_every)"
@@ -69,6 +68,4 @@ def summary_lines(cfg: TrainConfig, steps_done: int, run_log: RunLog, seconds: f
 
 
 def mfu(tokens_per_second: float, flops_per_token: int, peak: float | None, world_size: int = 1) -> float | None:
-    if not peak:
-        return None
-    return tokens_per_second * flops_per_token / (peak * world_size)
+    return tokens_per_second * flops_per_token / (peak * world_size) if peak else None

@@ -1,24 +1,9 @@
-"""Per-rank training memory, estimated from the shapes alone: what fits on which card.
+"""Per-rank training memory from the shapes alone, and the batch geometry (micro-batch, accumulation).
 
-The estimate counts, per rank:
-
-- **model states**: float32 weights (4 bytes per parameter), float32 gradients (4),
-  and the optimizer's state (AdamW: two float32 moments, 8; Muon: one momentum, 4).
-  DDP keeps all of it on every rank; FSDP (full sharding) keeps 1/world_size of it,
-  plus the gathered bf16 copies FSDP needs while it computes: the root's parameters
-  (embeddings, head, final norm) and two blocks at a time (the one computing and the
-  one prefetched).
-- **activations** kept for the backward pass of one micro-batch, bf16, with flash
-  attention (no T² scores kept): 34·B·T·C bytes per block, the count of Korthikanti
-  et al. (2022, "Reducing Activation Recomputation in Large Transformer Models")
-  without its attention-score term. With activation checkpointing a block keeps
-  only its input (2·B·T·C) and one block's activations exist at a time, during its
-  recomputation. The LM head and loss add B·T·V·6 bytes (bf16 logits and their
-  float32 softmax), or nothing worth counting with the chunked loss.
-
-What it leaves out: the CUDA context and allocator slack (~1–3 GB), temporary
-buffers of the collectives, and torch.compile's own fusions, which usually lower
-the activation term. It is a planning number; ``bench train`` on the card measures.
+The estimate counts float32 weights, gradients and optimizer state (1/world_size of them under FSDP,
+plus its gathered bf16 copies) and one micro-batch's bf16 activations (Korthikanti et al. 2022, flash
+attention). It leaves out the CUDA context, allocator slack (~1–3 GB), collectives' buffers and
+torch.compile's fusions: a planning number; ``bench train`` measures.
 """
 
 from __future__ import annotations
@@ -37,10 +22,9 @@ from gpt2repro.train.optim import partition_parameters
 GiB = 2**30
 MICRO_BATCH_CANDIDATES = (128, 64, 32, 16, 8, 4, 2, 1)
 CPU_MICRO_BATCH = 8  # auto off the GPU: enough to keep the cores busy, small enough for any laptop
-# Micro-steps per optimizer step. GPT-2 1.5B on one GPU, one sequence at a time, takes 512; a
-# step of more would take hours, and is a typo rather than a plan.
+# Micro-steps a step: GPT-2 1.5B on one GPU at B=1 takes 512; far more is a typo, not a plan.
 MAX_ACCUMULATION = 1 << 16
-ACTIVATION_BYTES_PER_BLOCK = 34  # × B·T·C, bf16, flash attention
+ACTIVATION_BYTES_PER_BLOCK = 34  # × B·T·C, bf16, flash attention (no T² scores kept)
 
 
 @dataclass(frozen=True)
@@ -56,14 +40,9 @@ class MemoryEstimate:
         return self.params + self.grads + self.optimizer + self.gathered + self.activations
 
 
-def parameter_counts(cfg: ModelConfig) -> tuple[int, int, int]:
-    """(all parameters, parameters of one block, hidden matrices: Muon's share), counted on the meta
-    device: no memory used."""
-    return _parameter_counts(astuple(cfg))
-
-
 @functools.cache  # bench memory asks for each shape hundreds of times; building 1.5B even on meta is not free
 def _parameter_counts(fields: tuple) -> tuple[int, int, int]:
+    """(all parameters, one block's, the hidden matrices': Muon's share) of ``astuple(ModelConfig)``."""
     with torch.device("meta"):
         model = GPT(ModelConfig(*fields))
     hidden = sum(p.numel() for _, p in partition_parameters(model)["hidden"])
@@ -73,18 +52,16 @@ def _parameter_counts(fields: tuple) -> tuple[int, int, int]:
 def estimate(cfg: ModelConfig, micro_batch: int, seq_len: int, world_size: int = 1, parallel: str = "ddp",
              activation_checkpointing: bool = False, chunked_loss: bool = False,
              optimizer: str = "adamw") -> MemoryEstimate:
-    n, per_block, hidden = parameter_counts(cfg)
+    n, per_block, hidden = _parameter_counts(astuple(cfg))
     shard = world_size if parallel == "fsdp" else 1
-    gathered = 0.0
-    if parallel == "fsdp" and world_size > 1:
-        root = n - cfg.n_layer * per_block
-        gathered = 2 * (root + 2 * per_block)
+    root = n - cfg.n_layer * per_block  # bf16 copies FSDP gathers: the root, and a block computing and one prefetched
+    gathered = 2 * (root + 2 * per_block) if parallel == "fsdp" and world_size > 1 else 0.0
     btc = micro_batch * seq_len * cfg.n_embd
-    if activation_checkpointing:
+    if activation_checkpointing:  # every block's input, and one block's activations while it recomputes
         activations = cfg.n_layer * 2 * btc + ACTIVATION_BYTES_PER_BLOCK * btc
     else:
         activations = cfg.n_layer * ACTIVATION_BYTES_PER_BLOCK * btc
-    if not chunked_loss:
+    if not chunked_loss:  # bf16 logits and their float32 softmax
         activations += 6 * micro_batch * seq_len * cfg.vocab_size
     # AdamW: two float32 moments a parameter; Muon: one momentum for the hidden matrices, Adam the rest
     optimizer_bytes = 8 * n if optimizer == "adamw" else 8 * (n - hidden) + 4 * hidden
@@ -93,9 +70,8 @@ def estimate(cfg: ModelConfig, micro_batch: int, seq_len: int, world_size: int =
 
 
 def approx_parameters(cfg: ModelConfig) -> int:
-    """Parameters from the shape alone, so that any size is counted at once (an absurd one would
-    take minutes to build even on the meta device): 12·C² + 13·C per block (biases and gains
-    included, a few more than a model without them has), plus the embedding tables."""
+    """From the shape alone, so any size counts at once (an absurd one takes minutes to build even on
+    meta): 12·C² + 13·C a block (biases and gains included), plus the embedding tables."""
     c = cfg.n_embd
     tables = 1 + (not cfg.tie_embeddings) + cfg.value_embeds
     positions = cfg.block_size * c if cfg.pos_emb == "learned" else 0
@@ -103,8 +79,7 @@ def approx_parameters(cfg: ModelConfig) -> int:
 
 
 def check_model_states_fit(cfg: TrainConfig, device, world_size: int = 1) -> None:
-    """One line, before anything is built, when the weights, gradients and optimizer state
-    (and rotary tables) of this rank cannot fit the memory free on its device."""
+    """Refuse, before anything is built, model states (and rotary tables) larger than the device's free memory."""
     n = approx_parameters(cfg.model)
     per_parameter = 16  # float32 weights and gradients, and AdamW's two moments: the most any recipe holds
     need = per_parameter * n / (world_size if cfg.runtime.parallel == "fsdp" else 1)
@@ -118,32 +93,25 @@ def check_model_states_fit(cfg: TrainConfig, device, world_size: int = 1) -> Non
                         + (" or shard it with --parallel fsdp" if device.type == "cuda" else ""))
 
 
-# ---------------------------------------------------------------------------
-# the batch geometry: micro-batch and accumulation
-
-
 def grad_accum_steps(total_batch_tokens: int, micro_batch: int, seq_len: int, world_size: int) -> int:
     per_micro_step = micro_batch * seq_len * world_size
     if total_batch_tokens % per_micro_step:
-        raise UserError(
-            f"optim.total_batch_tokens={total_batch_tokens} is not divisible by micro_batch × seq_len × "
-            f"world_size = {micro_batch} × {seq_len} × {world_size} = {per_micro_step}; "
-            "change one of them (e.g. --micro-batch) so that it divides")
+        raise UserError(f"optim.total_batch_tokens={total_batch_tokens} is not divisible by micro_batch × seq_len × "
+                        f"world_size = {micro_batch} × {seq_len} × {world_size} = {per_micro_step}; "
+                        "change one of them (e.g. --micro-batch) so that it divides")
     accum = total_batch_tokens // per_micro_step
     if accum > MAX_ACCUMULATION:
-        raise UserError(
-            f"optim.total_batch_tokens={total_batch_tokens:,} over micro_batch × seq_len × world_size = "
-            f"{per_micro_step:,} is {accum:,} micro-steps per optimizer step, more than {MAX_ACCUMULATION:,}; "
-            "lower optim.total_batch_tokens (GPT-2's is 524288) or raise --micro-batch")
+        raise UserError(f"optim.total_batch_tokens={total_batch_tokens:,} over micro_batch × seq_len × world_size = "
+                        f"{per_micro_step:,} is {accum:,} micro-steps per optimizer step, more than "
+                        f"{MAX_ACCUMULATION:,}; lower optim.total_batch_tokens (GPT-2's is 524288) or raise "
+                        "--micro-batch")
     return accum
 
 
 def choose_micro_batch(micro_batch: int | str, total_batch_tokens: int, seq_len: int, vocab_size: int,
                        model: torch.nn.Module, rt: Runtime, log=print, optimizer_bytes: int = 0) -> int:
-    """``micro_batch=auto``: the largest B (a power of two dividing the total batch) whose
-    forward + backward fits in GPU memory beside the optimizer state the first step will add
-    (``optimizer_bytes``), the same on every rank; off the GPU: 8 or less. The total batch stays
-    fixed: accumulation grows instead."""
+    """``auto``: the largest power of two dividing the total batch whose forward + backward fits beside
+    ``optimizer_bytes`` (the first step's state), the same on every rank; off the GPU 8 or less."""
     if micro_batch != "auto":
         return int(micro_batch)
     T, W = seq_len, rt.dist.world_size
@@ -151,14 +119,10 @@ def choose_micro_batch(micro_batch: int | str, total_batch_tokens: int, seq_len:
     if not candidates:
         raise UserError(f"optim.total_batch_tokens={total_batch_tokens} is not divisible by "
                         f"seq_len × world_size = {T * W}; change total_batch_tokens or seq_len")
-    chosen = candidates[-1]
     if rt.device.type != "cuda":
-        chosen = next((b for b in candidates if b <= CPU_MICRO_BATCH), chosen)
+        chosen = next((b for b in candidates if b <= CPU_MICRO_BATCH), candidates[-1])
     else:
-        for b in candidates:
-            if _fits(b, T, vocab_size, model, rt, optimizer_bytes):
-                chosen = b
-                break
+        chosen = next((b for b in candidates if _fits(b, T, vocab_size, model, rt, optimizer_bytes)), candidates[-1])
     chosen = all_reduce_min(chosen, rt.device)
     log(f"micro_batch auto: {chosen}")
     return chosen
@@ -166,8 +130,7 @@ def choose_micro_batch(micro_batch: int | str, total_batch_tokens: int, seq_len:
 
 def _fits(batch: int, seq_len: int, vocab_size: int, model: torch.nn.Module, rt: Runtime,
           optimizer_bytes: int = 0) -> bool:
-    """One real forward and backward of this size on the GPU, without an out-of-memory error, while
-    the optimizer state's bytes are held as they will be from the first step on."""
+    """Whether a real forward and backward of this size fits beside ``optimizer_bytes`` of optimizer state."""
     try:
         optimizer_state = torch.empty(optimizer_bytes, dtype=torch.uint8, device=rt.device)
         x = torch.randint(0, vocab_size, (batch, seq_len), device=rt.device)

@@ -1,18 +1,6 @@
-"""The optimizers and the learning-rate schedules of both recipes.
-
-Faithful (``optim.optimizer=adamw``): one AdamW with GPT-2/3's settings. Weight
-decay applies to matrices and embeddings (parameters with >= 2 dims) and not to
-biases or LayerNorm gains: decaying those only pulls the model towards zero offsets
-and unit-free scales for no regularisation benefit.
-
-Modern (``optim.optimizer=muon``): PyTorch's ``torch.optim.Muon`` for the hidden
-matrices (attention and MLP weights inside the blocks), whose updates it
-orthogonalises, and AdamW for what Muon is not meant for: the embeddings, the
-untied head and every 1-D parameter, each group with its own peak LR.
-
-Every param group keeps ``lr_scale``, its peak LR over ``optim.max_lr``; the
-schedule sets ``lr = lr_scale · schedule(step)``, so all groups warm up and decay
-together.
+"""The optimizers and learning-rate schedules of both recipes: AdamW as GPT-2/3 (no weight decay on
+biases and gains: it regularises nothing there), or Muon for the hidden matrices and AdamW for the
+rest. Each param group keeps ``lr_scale`` (its peak LR over max_lr): all warm up and decay together.
 """
 
 from __future__ import annotations
@@ -27,27 +15,19 @@ from gpt2repro.errors import UserError
 
 
 def partition_parameters(model: torch.nn.Module) -> dict[str, list[tuple[str, torch.nn.Parameter]]]:
-    """Every trainable parameter in exactly one of: ``hidden`` (2-D weights inside the blocks),
-    ``embed`` (token and position embeddings, and a tied head), ``head`` (an untied head) and
-    ``scalar`` (biases and norm gains)."""
+    """Every trainable parameter in one of ``hidden`` (2-D, inside the blocks), ``embed`` (embeddings,
+    a tied head), ``head`` (an untied head) and ``scalar`` (biases and norm gains)."""
     groups: dict[str, list] = {"hidden": [], "embed": [], "head": [], "scalar": []}
     for name, p in model.named_parameters():  # a tied tensor is listed once, as transformer.wte
-        if not p.requires_grad:
-            continue
-        if p.dim() < 2:
-            groups["scalar"].append((name, p))
-        elif name.startswith("transformer.h."):
-            groups["hidden"].append((name, p))
-        elif name == "lm_head.weight":
-            groups["head"].append((name, p))
-        else:
-            groups["embed"].append((name, p))
+        if p.requires_grad:
+            part = ("scalar" if p.dim() < 2 else "hidden" if name.startswith("transformer.h.")
+                    else "head" if name == "lm_head.weight" else "embed")
+            groups[part].append((name, p))
     return groups
 
 
 def optimizer_state_bytes(model: torch.nn.Module, cfg: OptimConfig) -> int:
-    """The bytes of state the optimizers hold once they have stepped: AdamW's two moments for its
-    parameters, Muon's one momentum for the hidden matrices (float32, as the parameters)."""
+    """Bytes of optimizer state once stepped: AdamW's two moments, Muon's one momentum (hidden matrices)."""
     parts = partition_parameters(model)
     muon = {id(p) for _, p in parts["hidden"]} if cfg.optimizer == "muon" else set()
     return sum((1 if id(p) in muon else 2) * p.numel() * p.element_size()
@@ -57,7 +37,11 @@ def optimizer_state_bytes(model: torch.nn.Module, cfg: OptimConfig) -> int:
 def build_optimizers(model: torch.nn.Module, cfg: OptimConfig, fused: bool) -> list[torch.optim.Optimizer]:
     """[AdamW] for the faithful recipe, [AdamW, Muon] for the modern one."""
     if cfg.optimizer == "adamw":
-        return [build_adamw(model, cfg, fused)]
+        params = [p for p in model.parameters() if p.requires_grad]  # the tied tensor appears once
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        return [torch.optim.AdamW(groups, lr=cfg.max_lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                                  fused=fused or None)]
     if cfg.optimizer != "muon":
         raise UserError(f"optim.optimizer={cfg.optimizer!r}: choose adamw or muon")
     parts = partition_parameters(model)
@@ -81,12 +65,9 @@ def build_optimizers(model: torch.nn.Module, cfg: OptimConfig, fused: bool) -> l
 
 
 class RankShardedMuon(torch.optim.Muon):
-    """torch.optim.Muon with its work split over the ranks, as the record splits it: every rank holds
-    the same (all-reduced) gradients, so rank r alone updates matrices r, r + W, ... (momentum,
-    Newton–Schulz, step) and then sends each to the others; each rank orthogonalises 1/W of them.
-    Its state stays torch.optim.Muon's, keyed by parameter: ``gather_state`` brings every matrix's
-    momentum from its rank to all of them before a checkpoint reads it, so a checkpoint holds the
-    whole state and resumes under any number of ranks."""
+    """torch.optim.Muon split over the ranks as the record does: with the gradients all-reduced, rank r alone
+    updates matrices r, r + W, ... (momentum, Newton–Schulz, step) and broadcasts them. ``gather_state``
+    brings each momentum to every rank before a checkpoint, so it resumes under any number of ranks."""
 
     def owner(self, index: int) -> int:
         return index % dist.get_world_size()
@@ -123,21 +104,9 @@ class RankShardedMuon(torch.optim.Muon):
             work.wait()
 
 
-def build_adamw(model: torch.nn.Module, cfg: OptimConfig, fused: bool) -> torch.optim.AdamW:
-    params = [p for p in model.parameters() if p.requires_grad]  # the tied tensor appears once
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=cfg.max_lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                             fused=fused or None)
-
-
 def learning_rate(step: int, cfg: OptimConfig) -> float:
-    """The peak-``max_lr`` schedule at ``step``: linear warmup over ``warmup_steps`` (step 0
-    gets max_lr/warmup), then ``cosine`` decay from max_lr to min_lr at ``max_steps``, or
-    ``wsd`` (warmup-stable-decay): max_lr until the last ``decay_frac`` of the steps, then a
-    linear decay that would reach min_lr at ``max_steps``. min_lr after ``max_steps``."""
+    """Linear warmup (step 0 gets max_lr/warmup), then ``cosine`` decay to min_lr at ``max_steps``, or
+    ``wsd``: max_lr until the last ``decay_frac`` of the steps, then linear towards min_lr."""
     if step < cfg.warmup_steps:
         return cfg.max_lr * (step + 1) / cfg.warmup_steps
     if step >= cfg.max_steps:
@@ -152,8 +121,7 @@ def learning_rate(step: int, cfg: OptimConfig) -> float:
 
 
 def muon_momentum(step: int, cfg: OptimConfig) -> float:
-    """Muon's momentum at ``step``: linear from muon_momentum_start to muon_momentum over the
-    first muon_momentum_warmup_steps steps (modded-nanogpt's 0.85 -> 0.95 over 300)."""
+    """Linear from muon_momentum_start to muon_momentum over the warmup (modded-nanogpt: 0.85 -> 0.95 in 300)."""
     if cfg.muon_momentum_warmup_steps == 0:
         return cfg.muon_momentum
     done = min(step / cfg.muon_momentum_warmup_steps, 1)

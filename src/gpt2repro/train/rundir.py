@@ -1,18 +1,7 @@
-"""A training run's folder: one run at a time, a new run never lands on an old one, and
-nothing gpt2repro did not write is ever touched.
-
-``claim`` runs before anything is built. Rank 0 alone looks at the folder: it takes the
-folder's lock (``files.FolderLock``, held for the whole run), and without ``--resume`` it
-refuses a folder that already holds a run unless ``--overwrite`` asks to replace it, and a
-folder holding files gpt2repro did not write unless ``--overwrite`` says to train beside
-them (they are kept; one whose name a run writes is refused even then). Every rank gets rank
-0's answer through one all-reduce, so no rank waits forever in a collective for a rank that
-has stopped.
-
-What is ours is recorded, not guessed: ``MANIFEST`` lists the names a run (or the demo)
-wrote into the folder; checkpoints and their temporaries are ours by their names. The
-earlier run is deleted by ``RunFolder.start``, which the trainer calls once every start-up
-check has passed and it is about to write its first file: a refused start loses nothing.
+"""A training run's folder: one run at a time, never over an old one, and nothing gpt2repro did
+not write (``MANIFEST`` records what it did) is touched. In ``claim`` rank 0 locks and checks the
+folder and one all-reduce tells every rank, so none waits forever. An earlier run is deleted only by
+``RunFolder.start``, after every start-up check and before the first write: a refused start loses nothing.
 """
 
 from __future__ import annotations
@@ -44,24 +33,21 @@ def _is_ours_by_name(path: Path) -> bool:
 
 
 def foreign_names(run_dir: Path) -> list[str]:
-    """What sits in ``run_dir`` that gpt2repro did not write (a prepared shard folder inside,
-    such as the demo's ``data``, counts as ours)."""
+    """What in ``run_dir`` gpt2repro did not write (a prepared shard folder, as the demo's, counts as ours)."""
     if not run_dir.is_dir():
         return []
-    ours = recorded_names(run_dir)
+    ours = manifest_names(run_dir) or set()
     return sorted(p.name for p in run_dir.iterdir()
                   if not (_is_ours_by_name(p) or p.name in ours or (p / SHARDS_MANIFEST).is_file()))
 
 
 def remove_run(run_dir: Path) -> list[str]:
-    """Delete what runs wrote into ``run_dir`` (checkpoints, temporaries, the manifest's names)
-    and nothing else; returns the names removed."""
-    ours = recorded_names(run_dir)
+    """Delete what runs wrote into ``run_dir`` and nothing else; returns the names removed."""
+    ours = manifest_names(run_dir) or set()
     removed = []
     for path in sorted(run_dir.iterdir()):
-        if path.name in (LOCK_FILE, MANIFEST) or (path / SHARDS_MANIFEST).is_file():
-            continue
-        if not (_is_ours_by_name(path) or path.name in ours):
+        kept = path.name in (LOCK_FILE, MANIFEST) or (path / SHARDS_MANIFEST).is_file()
+        if kept or not (_is_ours_by_name(path) or path.name in ours):
             continue
         try:
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
@@ -72,8 +58,7 @@ def remove_run(run_dir: Path) -> list[str]:
 
 
 class RunFolder:
-    """The claimed folder; ``start`` clears an earlier run (with --overwrite) and records what
-    this run writes. Rank 0 calls it, right before the run's first write."""
+    """The claimed folder; rank 0 calls ``start`` right before the run's first write."""
 
     def __init__(self, path: Path, overwrite: bool, log: Callable[[str], None]):
         self.path, self.overwrite, self.log = path, overwrite, log
@@ -81,10 +66,8 @@ class RunFolder:
     def start(self, names: Iterable[str]) -> None:
         """Clear an earlier run (with --overwrite), then record ``names``, which the run writes now."""
         self.path.mkdir(parents=True, exist_ok=True)
-        if self.overwrite:
-            removed = remove_run(self.path)
-            if removed:
-                self.log(f"--overwrite: removed the earlier run from {self.path} ({', '.join(removed)})")
+        if self.overwrite and (removed := remove_run(self.path)):
+            self.log(f"--overwrite: removed the earlier run from {self.path} ({', '.join(removed)})")
         record_written(self.path, names)
 
 
@@ -116,8 +99,8 @@ def claim(run_dir: str | Path, *, resume: bool, overwrite: bool, is_main: bool, 
 
 
 def check_new_run_folder(run_dir: Path, overwrite: bool, writes: Iterable[str]) -> None:
-    """Refuse a folder holding a run (unless ``overwrite``) or files gpt2repro did not write
-    (unless ``overwrite``, and never one named as a file the run ``writes``)."""
+    """Refuse a folder holding a run or files gpt2repro did not write (unless ``overwrite``, and never
+    one named as a file the run ``writes``)."""
     if holds_shards(run_dir):
         raise UserError(f"{run_dir}: is a folder of token shards; a run writes into a folder of its own (the "
                         f"shards are its --data), e.g. --out {run_dir.parent / 'runs' / 'my-run'}")
@@ -141,34 +124,24 @@ def check_new_run_folder(run_dir: Path, overwrite: bool, writes: Iterable[str]) 
                         "--overwrite to train beside them (they are kept)")
 
 
-def recorded_names(run_dir: Path) -> set[str]:
-    """The names gpt2repro wrote into ``run_dir`` (its ownership record)."""
-    return manifest_names(run_dir) or set()
-
-
 def existing_run(run_dir: str | Path) -> list[str]:
     """The names that mark ``run_dir`` as holding a run: its log (one a run wrote) and its checkpoints."""
     run_dir = Path(run_dir)
-    found = [LOG_FILE] if (run_dir / LOG_FILE).is_file() and LOG_FILE in recorded_names(run_dir) else []
+    found = [LOG_FILE] if (run_dir / LOG_FILE).is_file() and LOG_FILE in (manifest_names(run_dir) or ()) else []
     return found + [p.name for p in list_checkpoints(run_dir)]
 
 
-# ---------------------------------------------------------------------------
-# checkpoint writes that fail
-
-
 def why_a_write_failed(error: Exception, run_dir: Path, state: dict[str, Any]) -> str:
-    """A failed checkpoint write in words. A full disk reaches us as an OSError from Python, but as
-    safetensors' or torch's own errors from their writers ("unexpected pos 12096 vs 11988"): when
-    the disk has less room than the checkpoint needs, that is what it says."""
+    """A failed checkpoint write in words. A full disk may come as safetensors' or torch's own error
+    ("unexpected pos 12096 vs 11988"), not an OSError: less room than the checkpoint needs says so."""
     if isinstance(error, OSError) and error.strerror:
         return error.strerror
+
     def tensor_bytes(value) -> int:
         if isinstance(value, torch.Tensor):
             return value.numel() * value.element_size()
-        if isinstance(value, dict):
-            return sum(map(tensor_bytes, value.values()))
-        return sum(map(tensor_bytes, value)) if isinstance(value, (list, tuple)) else 0
+        values = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
+        return sum(map(tensor_bytes, values))
 
     need, free = tensor_bytes(state), shutil.disk_usage(run_dir).free
     if free < need:
@@ -179,9 +152,8 @@ def why_a_write_failed(error: Exception, run_dir: Path, state: dict[str, Any]) -
 
 def after_a_failed_write(out_dir: Path, error: str, failures: int, allowed: int, final: bool,
                          log: Callable[[str], None]) -> None:
-    """A failed checkpoint write keeps the previous checkpoint, and the run goes on and tries again
-    at the next interval, unless it was the final checkpoint or the ``allowed``-th failure in a row:
-    then the run stops with one line naming what is intact and what to do."""
+    """Warn and go on (the previous checkpoint is kept), unless it was the final checkpoint or the
+    ``allowed``-th failure in a row: then stop with one line naming what is intact and what to do."""
     previous = list_checkpoints(out_dir)
     kept = f"{previous[0].name} is intact" if previous else "there is no earlier checkpoint"
     if final or failures >= allowed:

@@ -14,22 +14,16 @@ class StopNow(KeyboardInterrupt):
 
 
 class StopRequest:
-    """SIGTERM (what schedulers send before preemption), Ctrl-C (SIGINT) and a closed terminal
-    (SIGHUP) ask for a checkpoint after the current step, or between its micro-steps. A second
-    one of any of them stops at once (``StopNow``), keeping the last checkpoint; so does the first
-    inside ``interruptible()``: work that changes no training state (evaluation, sampling), after
-    which the trainer can checkpoint the step it is at. Under a process group the ranks must stop
-    together: they agree between micro-steps and between evaluation batches (``agree``).
-
-    A signal within ``ECHO_S`` of the first counts as the first again: under torchrun every rank
-    gets the terminal's Ctrl-C (or the scheduler's SIGTERM) and, milliseconds later, the same
-    signal passed on by torchrun itself."""
+    """SIGTERM (a scheduler's preemption), SIGINT and SIGHUP ask for a checkpoint after the current step.
+    A second stops at once (``StopNow``); so does the first inside ``interruptible()`` (work that changes
+    no training state). A signal within ``ECHO_S`` of the first is the first again: under torchrun each
+    rank gets the terminal's Ctrl-C and, milliseconds later, torchrun's copy of it."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
     ECHO_S = 1.0
 
     def __init__(self):
-        self.signal_name: str | None = None  # the first stop signal received (or agreed on, see below)
+        self.signal_name: str | None = None  # the first stop signal received (or agreed on)
         self.first_at: float | None = None
         self._interruptible = False
         self._previous: dict[int, Any] = {}
@@ -55,9 +49,8 @@ class StopRequest:
             raise StopNow(name)
 
     def agree(self, max_over_ranks: Callable[[int], int]) -> None:
-        """Under a process group, where work in step on every rank can stop at once (evaluation,
-        between batches): raise ``StopNow`` on every rank if any rank received a stop signal.
-        ``max_over_ranks`` is the collective that tells them; every rank must call this together."""
+        """Raise ``StopNow`` on every rank if any received a stop signal (every rank calls this together,
+        where all can stop at once: between evaluation batches); ``max_over_ranks`` is the collective."""
         received = max_over_ranks(int(signal.Signals[self.signal_name]) if self.signal_name else 0)
         if received:
             self.signal_name = self.signal_name or signal.Signals(received).name

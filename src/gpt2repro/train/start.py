@@ -26,10 +26,6 @@ from gpt2repro.train.rundir import existing_run
 RESUME_MUST_MATCH = ("model", "data.seq_len", "optim.total_batch_tokens", "optim.optimizer")
 
 
-# ---------------------------------------------------------------------------
-# --resume
-
-
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out = {}
     for k, v in d.items():
@@ -37,19 +33,9 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def check_resume_config(saved: dict[str, Any], now: dict[str, Any], where: Path) -> None:
-    """Refuse to continue a run under a different model, sequence length or total batch."""
-    saved_flat, now_flat = _flatten(saved), _flatten(now)
-    differs = [k for k in now_flat if k.startswith(RESUME_MUST_MATCH) and saved_flat.get(k) != now_flat[k]]
-    if differs:
-        detail = ", ".join(f"{k}: {saved_flat.get(k)!r} -> {now_flat[k]!r}" for k in differs[:4])
-        raise UserError(f"{where}: --resume with a different config ({detail}); "
-                        "resume with the original settings or start a new --out")
-
-
 def checkpoint_to_resume(run_dir: Path, cfg: TrainConfig, log: Callable[[str], None] = print) -> Path:
-    """The newest complete checkpoint of ``run_dir``, checked to continue ``cfg``'s experiment
-    (a run started with --init-from: ``load.resumed_config`` has given ``cfg`` its model)."""
+    """The newest complete checkpoint of ``run_dir``, checked to continue ``cfg``'s experiment (same
+    ``RESUME_MUST_MATCH``; a run started with --init-from has its model from ``resumed_config``)."""
     path = latest_checkpoint(run_dir, log=log)
     damaged = list_checkpoints(run_dir)
     if path is None and damaged:
@@ -69,17 +55,20 @@ def checkpoint_to_resume(run_dir: Path, cfg: TrainConfig, log: Callable[[str], N
         raise UserError(f"{path / 'config.json'}: not a training checkpoint's config (a JSON object with a "
                         "'train' object and a 'step' number); move this checkpoint aside to resume from the "
                         "one before, or drop --resume")
-    check_resume_config(saved["train"], cfg.to_dict(), path)
-    max_steps = cfg.optim.max_steps
-    if saved["step"] >= max_steps:
-        raise UserError(f"optim.max_steps={max_steps} (--max-steps): {path.name} has already done "
+    saved_flat, now_flat = _flatten(saved["train"]), _flatten(cfg.to_dict())
+    differs = [k for k in now_flat if k.startswith(RESUME_MUST_MATCH) and saved_flat.get(k) != now_flat[k]]
+    if differs:
+        detail = ", ".join(f"{k}: {saved_flat.get(k)!r} -> {now_flat[k]!r}" for k in differs[:4])
+        raise UserError(f"{path}: --resume with a different config ({detail}); "
+                        "resume with the original settings or start a new --out")
+    if saved["step"] >= cfg.optim.max_steps:
+        raise UserError(f"optim.max_steps={cfg.optim.max_steps} (--max-steps): {path.name} has already done "
                         f"{saved['step']} steps, so --resume has nothing to train; pass --max-steps above "
                         f"{saved['step']} to train on, or a new --out for a new run")
     return path
 
 
 def nonfinite_tensor(weights: dict[str, torch.Tensor]) -> str | None:
-    """The name of the first tensor holding NaN or an infinity, or None."""
     return next((name for name, tensor in weights.items() if not torch.isfinite(tensor).all()), None)
 
 
@@ -99,10 +88,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def resumed_config(cfg: TrainConfig) -> TrainConfig:
-    """``cfg`` for ``--resume``: a run started with --init-from took its model's shape from that
-    model, not from the preset, so ``cfg`` adopts it (and the source) from the run's newest
-    checkpoint whose config reads. Its files are not hashed here: the trainer verifies the one it
-    resumes from, and refuses a config that differs from this one."""
+    """``cfg`` for ``--resume``: a run started with --init-from took its shape from that model, so ``cfg``
+    adopts it (and the source) from the newest checkpoint whose config reads; the trainer verifies it."""
     for checkpoint in list_checkpoints(Path(cfg.out_dir)):
         try:
             started = json.loads((checkpoint / "config.json").read_text())["train"]
@@ -115,25 +102,19 @@ def resumed_config(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
-# ---------------------------------------------------------------------------
-# --init-from
-
-
 WINDOW_KEYS = ("window_block", "window_start", "window_end")  # valid only together
 
 
 class InitWeights(NamedTuple):
     """What ``train --init-from MODEL`` starts from: the model's shape and its weights."""
-
     config: ModelConfig
     weights: dict[str, torch.Tensor]
     sha256: str  # of the weights as loaded, before any padding
 
 
 def load_init(spec: str) -> InitWeights:
-    """MODEL's weights on the CPU for a new training run. A model with GPT-2's 50,257 tokens
-    (OpenAI's, through transformers) gets zero rows up to the 50,304 from-scratch runs have, and
-    ``real_vocab_size`` keeps those rows out of the loss, so it trains exactly as it computes."""
+    """MODEL's weights on the CPU. GPT-2's 50,257 tokens get zero rows up to our padded 50,304, which
+    ``real_vocab_size`` keeps out of the loss, so it trains exactly as it computes."""
     model = load_model(spec)
     cfg = model.config
     if not GPT2_VOCAB_SIZE <= cfg.vocab_size <= PADDED_VOCAB_SIZE:
@@ -152,8 +133,7 @@ def load_init(spec: str) -> InitWeights:
 
 
 def weights_mismatch(config: ModelConfig, weights: dict[str, torch.Tensor]) -> str | None:
-    """How ``weights`` fail to fit a model built from ``config`` (a missing, extra or
-    differently shaped tensor), or None. Built on the meta device: no memory, no time."""
+    """How ``weights`` fail to fit a model of ``config`` (a missing, extra or misshapen tensor), or None."""
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in GPT(config).state_dict().items()}
     for name in sorted(expected.keys() | weights.keys()):
@@ -167,11 +147,8 @@ def weights_mismatch(config: ModelConfig, weights: dict[str, torch.Tensor]) -> s
 
 
 def start_from(cfg: TrainConfig, init: InitWeights, chosen: dict[str, str] | None = None, log=print) -> TrainConfig:
-    """``cfg`` with MODEL's config (it wins over the preset's shape) and where the run started from.
-
-    ``chosen`` maps model keys the user set (an override, or a switch of a preset named on the
-    command line) to how they were set; those are applied on top of MODEL's config when MODEL's
-    weights still fit (e.g. ``logit_softcap``), and refused in one line when they do not."""
+    """``cfg`` with MODEL's config (it wins over the preset's shape). ``chosen`` maps model keys the user
+    set to how they were set: applied on top where MODEL's weights still fit, else refused in one line."""
     settings = {key: getattr(cfg.model, key) for key in chosen or {}}
     changed = {key: how for key, how in (chosen or {}).items() if settings[key] != getattr(init.config, key)}
 
@@ -197,13 +174,11 @@ def start_from(cfg: TrainConfig, init: InitWeights, chosen: dict[str, str] | Non
                         f"({next(iter(conflicts.values()))}); the layers and their shapes come from MODEL, so drop "
                         f"{'that setting' if len(named) == 1 else 'those settings'}")
     model = dataclasses.replace(init.config, **settings)
-    changed = list(changed.values())
     if dataclasses.replace(cfg.model, vocab_size=init.config.vocab_size) != model:
         log(f"--init-from {cfg.init_from}: the model shape is MODEL's ({model.n_layer} layers, "
             f"{model.n_head} heads, {model.n_embd} wide, block {model.block_size}), not the preset's; "
             "config.json records it")
     if changed:
-        log(f"--init-from {cfg.init_from}: MODEL's config, with {', '.join(changed)}")
-    cfg.model = model
-    cfg.init_sha256 = init.sha256
+        log(f"--init-from {cfg.init_from}: MODEL's config, with {', '.join(changed.values())}")
+    cfg.model, cfg.init_sha256 = model, init.sha256
     return cfg.validate()
