@@ -1,8 +1,5 @@
-"""What the commands with more than one step do: train, sample and the evaluations.
-
-Heavy imports (torch, datasets, lm-eval) happen inside each function so that ``--help``
-stays instant.
-"""
+"""The commands of more than one step: settings, train, sample, the evaluations, export.
+Heavy imports (torch, datasets, lm-eval) stay inside each function, so that ``--help`` is instant."""
 
 from __future__ import annotations
 
@@ -20,7 +17,7 @@ from gpt2repro.errors import UserError, print0
 
 
 def settings_command(args: argparse.Namespace) -> list[str]:
-    """Print every setting of ``--preset`` (with the overrides applied) as it declares itself."""
+    """Print every setting of ``--preset``, overrides applied, as it declares itself."""
     from gpt2repro.config.presets import get_preset
     from gpt2repro.config.settings import apply_overrides, describe
 
@@ -42,8 +39,8 @@ def settings_command(args: argparse.Namespace) -> list[str]:
 
 
 def chosen_model_settings(args: argparse.Namespace, cfg) -> dict[str, str]:
-    """Model keys the command line chose, each with how: a ``model.*`` override, or a switch of a
-    ``--preset`` named on the command line (its size is not a choice: --init-from's MODEL has one)."""
+    """Model keys the command line chose, each with how: a ``model.*`` override, or a switch of a ``--preset``
+    named on it (not its size: --init-from's MODEL has one)."""
     from gpt2repro.config.presets import get_preset
     from gpt2repro.config.settings import override_keys
 
@@ -53,7 +50,8 @@ def chosen_model_settings(args: argparse.Namespace, cfg) -> dict[str, str]:
             chosen[key] = f"--preset {args.preset}'s model.{key}={value}"
     for dotted in override_keys(cfg, list(args.overrides)):
         if dotted.startswith("model."):
-            chosen[dotted[len("model."):]] = f"{dotted}={getattr(cfg.model, dotted[len('model.'):])}"
+            key = dotted.removeprefix("model.")
+            chosen[key] = f"{dotted}={getattr(cfg.model, key)}"
     return chosen
 
 
@@ -65,7 +63,6 @@ def train_command(args: argparse.Namespace) -> int:
                         "--resume continues this run from its own checkpoint: pass one of them")
     import torch.distributed
 
-    from gpt2repro.model.checkpoint import list_checkpoints
     from gpt2repro.train.start import load_init, resumed_config, start_from
     from gpt2repro.train.trainer import train
 
@@ -78,15 +75,13 @@ def train_command(args: argparse.Namespace) -> int:
         metrics = train(cfg, resume=args.resume, stop_at_step=args.stop_at_step, overwrite=args.overwrite,
                         init_weights=init.weights if init else None)
     except (RuntimeError, torch.distributed.DistError) as e:
-        if not lost_a_rank(e):
-            raise
-        newest = list_checkpoints(cfg.out_dir)
+        marks = ("Connection closed by peer", "Connection reset by peer", "NCCL", "[gloo")
+        if not isinstance(e, torch.distributed.DistError) and not any(mark in str(e) for mark in marks):
+            raise  # not a collective failed by another rank gone (killed, crashed, its node lost)
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         reason = re.sub(r"^\[[^\]]*\]\s*", "", first).split(". ")[0]  # gloo's source line off
-        what = (f"the last checkpoint, {newest[0]}, is intact: continue with: {resume_command(args.argv)} (it "
-                "resumes exactly)" if newest else "it stopped before its first checkpoint: start it again with "
-                "--overwrite")
-        raise UserError(f"another rank of this run stopped ({reason[:160]}); {what}") from e
+        raise UserError(f"another rank of this run stopped ({reason[:160]}); "
+                        f"{how_to_go_on(cfg.out_dir, args.argv, ' (it resumes exactly)')}") from e
     if metrics.get("stopped_early"):
         print0(f"continue with: {resume_command(getattr(args, 'argv', None))}")
         if metrics.get("stopped_by") == "SIGINT":
@@ -94,18 +89,8 @@ def train_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def lost_a_rank(error: Exception) -> bool:
-    """Whether a collective failed because another rank is gone (killed, crashed, its node lost)."""
-    import torch.distributed
-
-    text = str(error)
-    return isinstance(error, torch.distributed.DistError) or any(
-        mark in text for mark in ("Connection closed by peer", "Connection reset by peer", "NCCL", "[gloo"))
-
-
 def sample_command(args: argparse.Namespace) -> list[str]:
-    """Print ``--num`` continuations of ``--prompt``, as ``sample i: TEXT`` lines; a single
-    sample is printed token by token as it is generated."""
+    """Print ``--num`` continuations of ``--prompt`` as ``sample i: TEXT`` lines; one alone streams as generated."""
     from gpt2repro.data.tokenizer import StreamDecoder, decode, encode
     from gpt2repro.device import autocast, free_memory_bytes
     from gpt2repro.model.generate import generate, sampling_bytes
@@ -146,9 +131,8 @@ def sample_command(args: argparse.Namespace) -> list[str]:
 
 @contextlib.contextmanager
 def on_every_rank(args: argparse.Namespace, total_of=None, desc: str = ""):
-    """MODEL loaded for inference on this rank's device, the process group joined under torchrun, and
-    a progress bar over ``total_of(info)`` of rank 0's work when a person watches a terminal; yields
-    (model, device info, rank info, bar). The group is left however the evaluation ends."""
+    """Yields (MODEL loaded on this rank's device, rank info, a bar over ``total_of(info, net)`` of rank 0's
+    work when a person watches); joins the process group under torchrun, and leaves it however this ends."""
     from tqdm import tqdm
 
     from gpt2repro.device import init_distributed, shutdown_distributed
@@ -241,24 +225,28 @@ def evaluate_harness_command(args: argparse.Namespace) -> dict | None:
 
 
 def interrupted_hint(args: argparse.Namespace) -> str:
-    """What to do after a command was stopped at once (a second signal): for a run, whether its
-    last checkpoint is there to continue from."""
+    """What to do after a command was stopped at once (a second signal): how a run or a demo goes on."""
     if args.command == "demo":
         steps = f" --max-steps {args.max_steps}" if args.max_steps else ""
         return f"; continue it with: gpt2repro demo --out {shlex.quote(str(args.out))}{steps} --resume"
     if args.command != "train":
         return ""
     from gpt2repro.config.presets import get_preset
-    from gpt2repro.model.checkpoint import list_checkpoints
 
     try:
         out = args.settings["out_dir"][1] if "out_dir" in args.settings else get_preset(args.preset).out_dir
     except UserError:
         return ""
-    newest = list_checkpoints(out)
-    if newest:
-        return f"; the last checkpoint, {newest[0]}, is intact: continue with: {resume_command(args.argv)}"
-    return "; it stopped before its first checkpoint: start it again with --overwrite"
+    return "; " + how_to_go_on(out, args.argv)
+
+
+def how_to_go_on(out_dir: str, argv: list[str] | None, note: str = "") -> str:
+    """How a stopped run goes on: from its newest checkpoint, or with none, from the start."""
+    from gpt2repro.model.checkpoint import list_checkpoints
+
+    if newest := list_checkpoints(out_dir):
+        return f"the last checkpoint, {newest[0]}, is intact: continue with: {resume_command(argv)}{note}"
+    return "it stopped before its first checkpoint: start it again with --overwrite"
 
 
 def resume_command(argv: list[str] | None) -> str:
@@ -272,12 +260,8 @@ def resume_command(argv: list[str] | None) -> str:
 
 
 def export_command(args: argparse.Namespace) -> Path:
-    """``gpt2repro export``: MODEL as a Hugging Face GPT-2 directory ``--out``.
-
-    Never into a folder of ours (a checkpoint, a run, shards: the export would replace files
-    that resuming, sampling or training read) nor inside a checkpoint (``checkpoint.keep``
-    deletes old checkpoints, and the export with them); into any other non-empty folder only
-    with ``--overwrite``. A failed write leaves no half-written new folder behind."""
+    """MODEL as a Hugging Face GPT-2 directory ``--out``: never into a folder of ours (files that runs read would
+    be replaced) nor inside a checkpoint (checkpoint.keep deletes it); a failed write leaves no new folder."""
     import shutil
 
     from safetensors import SafetensorError

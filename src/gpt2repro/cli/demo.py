@@ -1,8 +1,5 @@
-"""``gpt2repro demo``: the whole pipeline in a few minutes on a CPU, with no network.
-
-prepare (the built-in corpus) -> train (the demo preset) -> plot -> sample, all
-into one folder.
-"""
+"""``gpt2repro demo``: the whole pipeline in a few minutes on a CPU, with no network: prepare (the
+built-in corpus) -> train (the demo preset) -> plot -> sample, all into one folder."""
 
 from __future__ import annotations
 
@@ -27,17 +24,12 @@ DEMO_FILES = ("plot.png", "final_samples.txt")  # what the demo writes besides t
 
 def run_demo(out_dir: str | Path = "demo_out", max_steps: int | None = None, overwrite: bool = False,
              resume: bool = False) -> Path:
-    """The demo into ``out_dir``. A folder with an earlier demo (or any training run) in it is
-    refused unless ``overwrite``: then the earlier run, plot and samples are replaced and the
-    prepared corpus in ``OUT/data`` is kept (prepare finds it finished), or ``resume``: a demo
-    stopped before it finished goes on from its checkpoint, then plots and samples. Files the
-    demo did not write are refused, or with ``overwrite`` kept; one named as a demo output, never."""
+    """The demo into ``out_dir``; an earlier one there is refused, or replaced (``overwrite``: its prepared
+    corpus is kept), or continued (``resume``). Files it did not write are refused, or with ``overwrite`` kept."""
     out = Path(out_dir)
     if resume and overwrite:
         raise UserError("--resume continues the demo in --out and --overwrite replaces it; choose one")
-    # Held for the whole demo (train takes it again, a no-op in this process): a second demo
-    # started meanwhile is refused at once, not halfway through.
-    with FolderLock(out):
+    with FolderLock(out):  # for the whole demo: a second one is refused at once, not halfway through
         found = existing_run(out)
         if found and not (overwrite or resume):
             raise UserError(f"{out}: holds an earlier demo ({', '.join(found[:2])}); replace it with "
@@ -70,10 +62,8 @@ def _run(out: Path, max_steps: int | None, overwrite: bool, resume: bool) -> Pat
 
     print("[4/4] sampling from the final checkpoint")
     model = load_model(str(out))
-    lines = []
-    for prompt in DEMO_PROMPTS:
-        for tokens in generate(model, encode(prompt), num_samples=2, max_new_tokens=40, seed=0):
-            lines.append(f"{prompt}{decode(tokens)}")
+    lines = [f"{prompt}{decode(tokens)}" for prompt in DEMO_PROMPTS
+             for tokens in generate(model, encode(prompt), num_samples=2, max_new_tokens=40, seed=0)]
     atomic_write(out / "final_samples.txt", "\n\n".join(lines) + "\n")
     print("\n\n".join(lines))
 

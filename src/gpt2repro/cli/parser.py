@@ -1,6 +1,5 @@
-"""The command line's grammar: one ``argparse`` parser per command, its flags and their help, with
-the pieces it is built from (a help formatter, a parser whose errors are one line, argument
-types that check a value where it enters). What a flag does is in ``commands`` and below."""
+"""The command line's grammar: one ``argparse`` parser per command with its flags and their help, and
+argument types that check a value where it enters. What a flag does is in ``commands`` and below."""
 
 from __future__ import annotations
 
@@ -18,8 +17,7 @@ from gpt2repro.errors import UserError
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Every flag's default in --help, except the empty ones (None, an unset switch), where the
-    help line says what happens instead."""
+    """Every flag's default in --help, but an empty one (None, an unset switch): its help says what then."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         if action.default in (None, False):
@@ -72,8 +70,7 @@ def number(low: float = 0.0):
 
 
 def count_list(low: int = 1, high: int | None = None):
-    """An argparse type: a comma list of whole numbers in [``low``, ``high``], e.g. 1,2,3; checked,
-    and kept as written (the command splits it)."""
+    """An argparse type: a comma list of whole numbers in [``low``, ``high``], kept as written."""
     one = count(low, high)
 
     def parse(text: str) -> str:
@@ -86,29 +83,20 @@ def count_list(low: int = 1, high: int | None = None):
     return parse
 
 
-PLOT_SIZES = ("124M", "350M", "774M", "1558M")
-
-
 def _add_device_flags(p: argparse.ArgumentParser) -> None:
     for name in ("device", "dtype"):
         annotation, f = declared(RuntimeConfig, name)
         p.add_argument(f"--{name}", default="auto", choices=choices(annotation) or None, help=f.metadata["help"])
 
 
-def _add_model_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="our checkpoint/run dir, a Hugging Face dir, or a hub name")
-
-
-def _add_output_and_device_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--json", default=None, help="also write the results to this file")
-    _add_device_flags(p)
+def _add_model_flag(p: argparse.ArgumentParser,
+                    help: str = "our checkpoint/run dir, a Hugging Face dir, or a hub name") -> None:
+    p.add_argument("--model", required=True, help=help)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(
-        prog="gpt2repro",
-        description="Pretrain GPT-2 from scratch and show it matches OpenAI's checkpoint.",
-    )
+    parser = Parser(prog="gpt2repro",
+                    description="Pretrain GPT-2 from scratch and show it matches OpenAI's checkpoint.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     # --debug is accepted after the subcommand too; SUPPRESS keeps a leading --debug intact.
     common = argparse.ArgumentParser(add_help=False)
@@ -155,8 +143,7 @@ def _train(sub, common: argparse.ArgumentParser) -> None:
 
 
 class SetSetting(argparse.Action):
-    """A flag declared by a setting: its typed value goes into ``args.settings[key]``, with the flag
-    that gave it (for the line that refuses the same setting given twice)."""
+    """A setting's flag: ``args.settings[key]`` gets its typed value and the flag (to refuse a setting set twice)."""
 
     def __call__(self, parser, namespace, values, option_string=None):
         value = self.const if self.nargs == 0 else values
@@ -164,8 +151,8 @@ class SetSetting(argparse.Action):
 
 
 def add_setting_flag(p: argparse.ArgumentParser, flag: str, key: str, annotation, f) -> None:
-    """``flag`` for the setting ``key``: parsed as the setting parses its values (a bool setting
-    also gets ``--no-...``), with the setting's help and the preset's value as its default."""
+    """``flag`` for the setting ``key``, parsed as the setting parses its values (a switch also gets
+    ``--no-...``), with the setting's help; the preset's value is its default."""
     help_text, allowed = f.metadata["help"], f.metadata["range"]
     if True in choices(annotation):  # a switch: --flag and --no-flag
         p.add_argument(flag, dest=key, action=SetSetting, nargs=0, const=True, default=argparse.SUPPRESS,
@@ -211,15 +198,17 @@ def _settings(sub, common: argparse.ArgumentParser) -> None:
 def _eval(sub, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("eval", parents=[common], help="evaluate a model")
     eval_sub = p.add_subparsers(dest="task", metavar="TASK", required=True)
-    e = eval_sub.add_parser("hellaswag", parents=[common], help="HellaSwag val accuracy, two scorings")
-    _add_model_flag(e)
+    tasks = [eval_sub.add_parser(name, parents=[common], help=help) for name, help in (
+        ("hellaswag", "HellaSwag val accuracy, two scorings"),
+        ("loss", "mean next-token loss and bits per byte on a split of token shards"),
+        ("harness", "lm-evaluation-harness tasks (pip install 'gpt2repro[lm-eval]')"))]
+    for e in tasks:
+        _add_model_flag(e)
+    e = tasks[0]
     e.add_argument("--data", default=None, help="hellaswag jsonl (default: download the official val file)")
     e.add_argument("--limit", type=count(1), default=None, help="evaluate only the first N items (default: all)")
     e.add_argument("--batch-size", type=count(1), default=32, help="items per forward pass")
-    _add_output_and_device_flags(e)
-    e = eval_sub.add_parser("loss", parents=[common],
-                            help="mean next-token loss and bits per byte on a split of token shards")
-    _add_model_flag(e)
+    e = tasks[1]
     e.add_argument("--data", required=True, help="a folder of token shards (ours, build-nanogpt's or llm.c's .bin)")
     e.add_argument("--split", default="val", choices=("val", "train"), help="which shards to measure")
     e.add_argument("--tokens", type=count(1), default=None,
@@ -227,22 +216,21 @@ def _eval(sub, common: argparse.ArgumentParser) -> None:
     e.add_argument("--seq-len", type=count(1), default=None,
                    help="tokens per window, non-overlapping (default: 1024, or the model's block if shorter)")
     e.add_argument("--batch-size", type=count(1), default=8, help="windows per forward pass")
-    _add_output_and_device_flags(e)
-    e = eval_sub.add_parser("harness", parents=[common],
-                            help="lm-evaluation-harness tasks (pip install 'gpt2repro[lm-eval]')")
-    _add_model_flag(e)
+    e = tasks[2]
     e.add_argument("--tasks", required=True, help="comma list of lm-eval task names (globs allowed)")
     e.add_argument("--include-path", default=None, help="a folder of your own task YAML files")
     e.add_argument("--limit", type=count(1), default=None, help="only the first N documents of each task")
     e.add_argument("--batch-size", type=count(1), default=32, help="requests per forward pass")
     e.add_argument("--num-fewshot", type=count(0), default=None, help="few-shot examples (default: the task's)")
-    _add_output_and_device_flags(e)
+    for e in tasks:  # last in each task's --help
+        e.add_argument("--json", default=None, help="also write the results to this file")
+        _add_device_flags(e)
 
 
 def _plot(sub, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("plot", parents=[common], help="plot loss and HellaSwag curves from training logs")
     p.add_argument("--log", action="append", required=True, help="log.txt (repeat to overlay runs)")
-    p.add_argument("--sz", default="124M", choices=PLOT_SIZES, help="model size, for baselines")
+    p.add_argument("--sz", default="124M", choices=("124M", "350M", "774M", "1558M"), help="model size, for baselines")
     p.add_argument("--out", default="plot.png", help="output image; its suffix picks the format (.png, .pdf, .svg)")
     p.add_argument("--x", default="step", choices=("step", "tokens"),
                    help="horizontal axis: optimizer steps, or tokens seen (runs of different batch sizes)")
@@ -253,7 +241,7 @@ def _plot(sub, common: argparse.ArgumentParser) -> None:
 
 def _sample(sub, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("sample", parents=[common], help="generate text from a model")
-    p.add_argument("--model", required=True, help="our checkpoint/run dir, a Hugging Face dir, or a hub name")
+    _add_model_flag(p)
     p.add_argument("--prompt", default="Hello, I'm a language model,", help="the text every sample continues")
     p.add_argument("--num", type=count(1), default=5, help="number of samples (one is printed as it is generated)")
     p.add_argument("--max-new-tokens", type=count(0), default=64,
@@ -269,7 +257,7 @@ def _sample(sub, common: argparse.ArgumentParser) -> None:
 
 def _export(sub, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("export", parents=[common], help="write a checkpoint as a Hugging Face GPT-2 directory")
-    p.add_argument("--model", required=True, help="our checkpoint or run directory")
+    _add_model_flag(p, "our checkpoint or run directory")
     p.add_argument("--out", required=True, help="output directory (new, or empty)")
     p.add_argument("--overwrite", action="store_true",
                    help="write into a non-empty --out, replacing files of the same names")
@@ -297,7 +285,6 @@ def _bench(sub, common: argparse.ArgumentParser) -> None:
     b.add_argument("--source", default="demo", help="demo or a local corpus path")
     b.add_argument("--workers", type=count(1), default=os.cpu_count() or 1, help="tokenizer processes")
     b.add_argument("--max-docs", type=count(1), default=None, help="documents to tokenize (default: all)")
-
     b = bench_sub.add_parser("recipe", parents=[common],
                              help="quality per token: demo vs demo-modern on the built-in corpus, optional ablation")
     b.add_argument("--out", default="runs/bench-recipe", help="a new folder for the runs, the data and the plot")
@@ -314,7 +301,6 @@ def _bench(sub, common: argparse.ArgumentParser) -> None:
     b.add_argument("--levers", default=None, help="with --ablation: a comma list of levers (default: all)")
     b.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="config overrides for every run, e.g. eval.val_tokens=1024")
-
     b = bench_sub.add_parser("gpu", parents=[common],
                              help="the GPU check: FlexAttention's backward, tokens/s, MFU and losses of each preset")
     b.add_argument("--presets", default="gpt2-124m-10b,gpt2-124m-modern", help="comma list of training presets")
@@ -323,7 +309,6 @@ def _bench(sub, common: argparse.ArgumentParser) -> None:
     b.add_argument("--data", default=None, help="token shards (default: prepare the built-in corpus into OUT/data)")
     b.add_argument("--docs", default=None, help="also write the results between the bench-gpu markers of this file")
     b.add_argument("--allow-cpu", action="store_true", help="run without CUDA (small presets: to try the command)")
-
     b = bench_sub.add_parser("memory", parents=[common], help="estimated per-rank memory: sizes × DDP/FSDP × ranks")
     b.add_argument("--presets", default="gpt2-124m-10b,gpt2-350m-10b,gpt2-774m-10b,gpt2-1558m-10b,gpt2-124m-modern",
                    help="comma list of training presets")
