@@ -190,6 +190,10 @@ FLAG_CASES = [
     (["bench", "recipe", "--seeds", "1,x"], ["argument --seeds", "'x' is not a whole number"]),
     (["bench", "recipe", "--max-steps", "1"], ["argument --max-steps", "1 is below the minimum, 2"]),
     (["bench", "recipe", "--val-every", "0"], ["argument --val-every", "minimum, 1"]),
+    (["bench", "recipe", "--out", "{tmp}/r", "--levers", "value-embeds,unets"],
+     ["--levers: unknown unets", "choose from"]),  # before any run
+    (["bench", "recipe", "--fractions", "0.5,2"], ["argument --fractions", "0.5,2: each must lie strictly between"]),
+    (["bench", "recipe", "--fractions", "half"], ["argument --fractions", "'half' is not a number"]),
     (["bench", "memory", "--ranks", "0"], ["argument --ranks", "0 is below the minimum, 1"]),
     (["bench", "memory", "--ranks", "2,,4"], ["argument --ranks", "'' is not a whole number"]),
     (["bench", "memory", "--presets", "gpt5"], ["unknown preset 'gpt5'"]),

@@ -63,10 +63,11 @@ def bench_recipe(args: argparse.Namespace) -> dict:
     if out.exists() and any(out.iterdir()):  # a run folder, or another benchmark's runs
         raise UserError(f"--out {out}: already exists and is not empty; pass a new --out for this benchmark")
     seeds = [int(s) for s in args.seeds.split(",")]
-    fractions = sorted(float(f) for f in args.fractions.split(",")) if args.fractions else []
-    steps, every = args.max_steps, args.val_every
-    if any(not 0 < f < 1 for f in fractions):  # the parser has checked --max-steps and --val-every
-        raise UserError("--max-steps must be at least 2, --val-every at least 1 and --fractions between 0 and 1")
+    fractions, steps, every = args.fractions, args.max_steps, args.val_every  # the parser has checked them
+    levers = args.levers.split(",") if args.levers else list(MODERN_LEVERS)
+    unknown = [lever for lever in levers if lever not in MODERN_LEVERS]
+    if unknown:  # before any run: an hour of training should not end on a typo
+        raise UserError(f"--levers: unknown {', '.join(unknown)}; choose from {', '.join(MODERN_LEVERS)}")
     names = {"faithful": args.pair, "modern": f"{args.pair}-modern"}
     data = data_folder(args.data, out)
     common = args.overrides  # every run's, e.g. eval.val_tokens for a quick try
@@ -107,10 +108,6 @@ def bench_recipe(args: argparse.Namespace) -> dict:
 
     ablation = None
     if args.ablation:
-        levers = args.levers.split(",") if args.levers else list(MODERN_LEVERS)
-        unknown = [lever for lever in levers if lever not in MODERN_LEVERS]
-        if unknown:
-            raise UserError(f"--levers: unknown {', '.join(unknown)}; choose from {', '.join(MODERN_LEVERS)}")
         ablation = run_ablation(out, data, steps, every, seeds[0], runs, levers, common, names)
     return {"budget": budget_needed, "curve": curve_needed, "ablation": ablation}
 

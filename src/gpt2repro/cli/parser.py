@@ -69,6 +69,14 @@ def number(low: float = 0.0):
     return parse
 
 
+def fraction_list(text: str) -> list[float]:
+    """An argparse type: a comma list of numbers strictly between 0 and 1, sorted; empty means none."""
+    fractions = [number()(part) for part in text.split(",")] if text.strip() else []
+    if any(not 0 < f < 1 for f in fractions):
+        raise argparse.ArgumentTypeError(f"{text}: each must lie strictly between 0 and 1, e.g. 0.5,0.75")
+    return sorted(fractions)
+
+
 def count_list(low: int = 1, high: int | None = None):
     """An argparse type: a comma list of whole numbers in [``low``, ``high``], kept as written."""
     one = count(low, high)
@@ -295,7 +303,7 @@ def _bench(sub, common: argparse.ArgumentParser) -> None:
     b.add_argument("--seeds", type=count_list(0, 2**32 - 1), default="1,2,3", help="comma list of seeds")
     b.add_argument("--max-steps", type=count(2), default=500, help="steps per run (the demo preset's 500)")
     b.add_argument("--val-every", type=count(1), default=25, help="steps between val loss measurements")
-    b.add_argument("--fractions", default="0.5",
+    b.add_argument("--fractions", type=fraction_list, default="0.5",
                    help="shorter modern budgets to try, as fractions of the faithful run's tokens")
     b.add_argument("--ablation", action="store_true", help="also each lever added alone / removed alone")
     b.add_argument("--levers", default=None, help="with --ablation: a comma list of levers (default: all)")
