@@ -61,7 +61,9 @@ def estimate(cfg: ModelConfig, micro_batch: int, seq_len: int, world_size: int =
         activations = cfg.n_layer * 2 * btc + ACTIVATION_BYTES_PER_BLOCK * btc
     else:
         activations = cfg.n_layer * ACTIVATION_BYTES_PER_BLOCK * btc
-    if not chunked_loss:  # bf16 logits and their float32 softmax
+    if chunked_loss:  # the loss keeps its gradients from the forward: float32 for the head and the hidden states
+        activations += 4 * cfg.vocab_size * cfg.n_embd + 4 * btc
+    else:  # bf16 logits and their float32 softmax
         activations += 6 * micro_batch * seq_len * cfg.vocab_size
     # AdamW: two float32 moments a parameter; Muon: one momentum for the hidden matrices, Adam the rest
     optimizer_bytes = 8 * n if optimizer == "adamw" else 8 * (n - hidden) + 4 * hidden
