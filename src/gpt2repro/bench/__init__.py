@@ -13,7 +13,6 @@ from pathlib import Path
 
 
 def run(args: argparse.Namespace) -> None:
-    """``bench WHAT`` runs ``bench_WHAT`` of the module ``gpt2repro.bench.WHAT``."""
     getattr(importlib.import_module(f"gpt2repro.bench.{args.what}"), f"bench_{args.what}")(args)
 
 

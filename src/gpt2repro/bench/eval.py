@@ -1,7 +1,5 @@
-"""``gpt2repro bench eval``: HellaSwag items/s, our packed batches against build-nanogpt's loop.
-
-Both paths score the same items with both scorings in one process; the table also says whether their
-accuracies agree. Without ``--data`` the items are synthetic.
+"""``gpt2repro bench eval``: HellaSwag items/s, our packed batches against build-nanogpt's loop, both scoring
+the same items (synthetic without ``--data``) in one process; the table also says whether their accuracies agree.
 """
 
 from __future__ import annotations

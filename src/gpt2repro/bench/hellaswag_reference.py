@@ -40,6 +40,5 @@ def ending_logprobs_reference(model, questions: list[Question], *, device="cpu",
 def evaluate_hellaswag_reference(model, items: list[dict], *, scorings: tuple[str, ...] = tuple(SCORINGS),
                                  device="cpu", autocast_dtype: torch.dtype | None = None) -> dict:
     """Same result as ``evaluate_hellaswag``, one item and four full rows at a time."""
-    def ending_scorer(questions):
-        return ending_logprobs_reference(model, questions, device=device, autocast_dtype=autocast_dtype)
-    return evaluate_scorings(model, items, ending_scorer, scorings=scorings, device=device)
+    return evaluate_scorings(model, items, lambda questions: ending_logprobs_reference(
+        model, questions, device=device, autocast_dtype=autocast_dtype), scorings=scorings, device=device)

@@ -1,8 +1,8 @@
 """``gpt2repro bench memory``: per-rank training memory of each size, DDP against FSDP.
 
-An estimate from the shapes (``train/memory.py`` says what it counts), so no GPU needed: GiB per rank
-with and without activation checkpointing, the largest power-of-two micro-batch that fits each card,
-and what one GPU must switch on to fit the preset's own micro-batch.
+An estimate from the shapes (``train/memory.py`` says what it counts), so no GPU needed: GiB per rank with and
+without activation checkpointing, the largest power-of-two micro-batch that fits each card, and what one GPU
+must switch on to fit the preset's own micro-batch.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from gpt2repro.train.memory import MICRO_BATCH_CANDIDATES, GiB, estimate
 
 CARDS_GIB = (80, 40, 24)
 HEADROOM_GIB = 2  # CUDA context and allocator slack, which the estimate leaves out
-
 
 # What one GPU can switch on to fit a preset's own micro-batch, lightest first:
 # (name, activation checkpointing, chunked loss, the settings)

@@ -106,9 +106,7 @@ def bench_recipe(args: argparse.Namespace) -> dict:
     plot_logs([str(out / f"{p}-seed{seeds[0]}" / LOG_FILE) for p in names.values()], out=str(out / "recipe.png"),
               x="tokens")
 
-    ablation = None
-    if args.ablation:
-        ablation = run_ablation(out, data, steps, every, seeds[0], runs, levers, common, names)
+    ablation = run_ablation(out, data, steps, every, seeds[0], runs, levers, common, names) if args.ablation else None
     return {"budget": budget_needed, "curve": curve_needed, "ablation": ablation}
 
 

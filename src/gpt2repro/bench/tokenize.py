@@ -1,8 +1,6 @@
-"""``gpt2repro bench tokenize``: prepare's tokenization path against build-nanogpt's ``fineweb.py`` loop
-(a ``Pool.imap`` of ``[<|endoftext|>] + encode_ordinary(text)`` per document, chunksize 16).
-
-Both tokenize the same in-memory documents with the same workers, five times, alternating; the table
-gives the medians. Both must produce the same tokens.
+"""``gpt2repro bench tokenize``: prepare's tokenization path against build-nanogpt's ``fineweb.py`` loop (a
+``Pool.imap`` of ``[<|endoftext|>] + encode_ordinary(text)`` per document, chunksize 16). Both tokenize the same
+in-memory documents with the same workers, alternating, and must produce the same tokens.
 """
 
 from __future__ import annotations
@@ -29,7 +27,6 @@ def _reference_one_document(document: dict) -> np.ndarray:
 
 
 def _count_and_hash(arrays) -> tuple[int, str]:
-    """(tokens, sha256 of the token stream)."""
     digest, count = hashlib.sha256(), 0
     for tokens in arrays:
         digest.update(tokens.tobytes())

@@ -1,14 +1,14 @@
 """``gpt2repro bench train``: training throughput of each speed lever, in one process run.
 
-Every variant takes full steps (forward, backward, clip, optimizers) from the same weights on the same
-synthetic batch; after the warm-up steps, the timed ones run in interleaved rounds and their median
-is reported. MFU counts nanoGPT/PaLM FLOPs per token (6·N + 12·L·H·Q·T). Equal first losses show the
-variants compute the same function; equal last losses, that their optimizers take the same steps.
+Every variant takes full steps (forward, backward, clip, optimizers) from the same weights on the same synthetic
+batch; after the warm-up, the timed steps run in interleaved rounds (drift in the machine's speed hits every
+variant alike) and their median is reported. MFU counts nanoGPT/PaLM FLOPs per token (6·N + 12·L·H·Q·T). Equal
+first losses show the variants compute the same function; equal last losses, that their optimizers take the same steps.
 
-Variants: baseline (nanogpt_baseline.py: explicit attention, full logits); eager (our model, fused AdamW
-as the trainer uses it); foreach-adamw (AdamW's multi-tensor loop instead); chunked-ce (LM head and loss
-fused in row chunks, no full logits); compiled (torch.compile); compiled+chunked-ce; sdpa-<backend>
-(compiled, attention forced to one SDPA backend: flash, cudnn, efficient, math).
+Variants: baseline (nanogpt_baseline.py: explicit attention, full logits); eager (our model, fused AdamW as the
+trainer uses it); foreach-adamw (AdamW's multi-tensor loop instead); chunked-ce (LM head and loss fused in row
+chunks, no full logits); compiled (torch.compile); compiled+chunked-ce; sdpa-<backend> (compiled, attention forced
+to one SDPA backend: flash, cudnn, efficient, math).
 """
 
 from __future__ import annotations
@@ -49,10 +49,9 @@ class Variant:
         raw = (BaselineGPT if name == "baseline" else GPT)(reference.config)
         raw.load_state_dict(reference.state_dict())
         raw.to(rt.device)
-        self.model = torch.compile(raw) if "compiled" in name or name.startswith("sdpa-") else raw
-        self.context = contextlib.nullcontext()
-        if name.startswith("sdpa-"):
-            self.context = sdpa_kernel(SDPA_BACKENDS[name.removeprefix("sdpa-")])
+        sdpa = name.startswith("sdpa-")
+        self.model = torch.compile(raw) if "compiled" in name or sdpa else raw
+        self.context = sdpa_kernel(SDPA_BACKENDS[name.removeprefix("sdpa-")]) if sdpa else contextlib.nullcontext()
         chunk_rows = rt.ce_chunk_rows or GPU_CHUNK_ROWS if "chunked-ce" in name else 0
         self.loss_options = {"ce_chunk_rows": chunk_rows} if chunk_rows else {}
         # the product's optimizers at the preset's settings; foreach-adamw without the fused kernel
@@ -97,8 +96,6 @@ class Variant:
 
 
 def bench_train(args: argparse.Namespace) -> list[dict]:
-    """All variants are built first, then timed in interleaved rounds, so that drift in the
-    machine's speed (other jobs, clocks) hits every variant alike."""
     rt = setup_runtime(RuntimeConfig(device=args.device, dtype=args.dtype))
     device, dtype = rt.device, rt.autocast_dtype
     cfg = apply_overrides(get_preset(args.preset), args.overrides).validate()

@@ -34,7 +34,6 @@ PROBE_TEXT = (
 
 @functools.cache
 def fast_encoding():
-    """riptoken over our GPT-2 ranks when it matches tiktoken on PROBE_TEXT; else tiktoken."""
     reference = tokenizer.gpt2_encoding()
     try:
         import riptoken

@@ -1,7 +1,6 @@
-"""The loaders: a split's memory-mapped shards (in index order, or a seeded order per epoch) as
-one token stream. Window k is tokens [k·B·T, (k+1)·B·T + 1); rank r's i-th batch is window i·W + r,
-so one process with 2A micro-steps reads what two ranks with A each read. An epoch drops the
-last partial round of W windows."""
+"""The loaders: a split's memory-mapped shards (in index order, or a seeded order per epoch) as one token stream.
+Window k is tokens [k·B·T, (k+1)·B·T + 1); rank r's i-th batch is window i·W + r, so one process with 2A
+micro-steps reads what two ranks with A each read. An epoch drops the last partial round of W windows."""
 
 from __future__ import annotations
 
@@ -59,8 +58,6 @@ class TokenLoader:
 
     def __init__(self, data_dir, split: str, micro_batch: int, seq_len: int, rank: int = 0,
                  world_size: int = 1, shuffle_shards: bool = False, seed: int = 0):
-        if micro_batch < 1 or seq_len < 1:
-            raise UserError(f"data: micro_batch={micro_batch} and seq_len={seq_len} must be at least 1")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
         self.data_dir, self.split, self.shuffle_shards, self.seed = Path(data_dir), split, shuffle_shards, seed
@@ -123,9 +120,8 @@ class TokenLoader:
 
 def window_batches(data_dir, split: str, seq_len: int, n_windows: int, batch_size: int, rank: int = 0,
                    world_size: int = 1) -> Iterator[np.ndarray]:
-    """This rank's share of the first ``n_windows`` windows, as (B, T + 1) int64 rows: window j (tokens
-    [j·T, (j+1)·T + 1)) goes to rank j % W, so the union is the same whatever W and B; ranks may get
-    different numbers of batches."""
+    """This rank's share of the first ``n_windows`` windows, as (B, T + 1) int64 rows: window j goes to rank
+    j % W, so the union is the same whatever W and B; ranks may get different numbers of batches."""
     stream = TokenStream(list_shards(data_dir, split))
     available = (len(stream) - 1) // seq_len
     if n_windows > available:

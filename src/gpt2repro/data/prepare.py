@@ -71,12 +71,10 @@ class _ShardWriter:
     def flush(self) -> None:
         if self.fill == 0:
             return
-        index = len(self.shards)
-        split = "val" if index == 0 else "train"
-        name = shard_name(self.state["prefix"], split, index)
-        next_at = {"document": self.document, "token": self.written - self.doc_start}
-        self.shards.append({"file": name, "split": split, "tokens": self.fill,
-                            "documents": self.documents_in_shard, "next": next_at})
+        split = "train" if self.shards else "val"
+        name = shard_name(self.state["prefix"], split, len(self.shards))
+        self.shards.append({"file": name, "split": split, "tokens": self.fill, "documents": self.documents_in_shard,
+                            "next": {"document": self.document, "token": self.written - self.doc_start}})
         # Progress first: a kill in between leaves a missing shard (redone on resume), never a shard
         # no progress file vouches for (which _check_out_dir would refuse as someone else's).
         _write_json(self.out_dir / PROGRESS, {**self.state, "shards": self.shards, "complete": False})
@@ -89,8 +87,7 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def _read_state(out_dir: Path) -> dict | None:
-    for name in (PROGRESS, MANIFEST):  # progress is newer when both exist
-        path = out_dir / name
+    for path in (out_dir / PROGRESS, out_dir / MANIFEST):  # progress is newer when both exist
         if path.is_file():
             try:
                 state = json.loads(path.read_text())

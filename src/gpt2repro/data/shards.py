@@ -57,6 +57,8 @@ def list_shards(data_dir, split: str) -> list[Path]:
 def open_shard(path, check_tokens: bool = True) -> np.ndarray:
     """The shard's tokens, memory-mapped and checked (dtype, shape, size and, once a process, ids)."""
     path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: shard not found; {_fix(path)}")
     tokens = _open_bin(path) if path.suffix == ".bin" else _open_npy(path)
     if check_tokens:
         check_token_ids(path, tokens)
@@ -73,8 +75,6 @@ def _open_npy(path: Path) -> np.ndarray:
     fix = _fix(path)
     try:
         tokens = np.load(path, mmap_mode="r", allow_pickle=False)
-    except FileNotFoundError:
-        raise UserError(f"{path}: shard not found; {fix}") from None
     except (ValueError, OSError, EOFError) as e:  # bad header, or shorter than its header says
         raise UserError(f"{path}: not a readable .npy shard, truncated or corrupt ({e}); {fix}") from None
     if not isinstance(tokens, np.ndarray):
@@ -94,8 +94,6 @@ def _open_bin(path: Path) -> np.ndarray:
         size = path.stat().st_size
         with open(path, "rb") as f:
             header = f.read(BIN_HEADER_BYTES)
-    except FileNotFoundError:
-        raise UserError(f"{path}: shard not found; {fix}") from None
     except OSError as e:
         raise UserError(f"{path}: cannot read this .bin shard ({e.strerror or e}); {fix}") from None
     if size < BIN_HEADER_BYTES:

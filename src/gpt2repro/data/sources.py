@@ -18,10 +18,9 @@ from gpt2repro.data import demo_corpus
 from gpt2repro.errors import UserError
 
 FINEWEB_EDU = "HuggingFaceFW/fineweb-edu"
-FINEWEB = "HuggingFaceFW/fineweb"  # modded-nanogpt's and llm.c's corpus
 FINEWEB_PREFIX = "edufineweb"  # build-nanogpt's shard names, so shards interchange
-# --source name -> (Hugging Face repo, the shard prefix build-nanogpt / llm.c use)
-HUB_SOURCES = {"fineweb-edu": (FINEWEB_EDU, FINEWEB_PREFIX), "fineweb": (FINEWEB, "fineweb")}
+# --source -> (Hugging Face repo, the shard prefix build-nanogpt / llm.c use); fineweb is llm.c's and modded-nanogpt's
+HUB_SOURCES = {"fineweb-edu": (FINEWEB_EDU, FINEWEB_PREFIX), "fineweb": ("HuggingFaceFW/fineweb", "fineweb")}
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 
 

@@ -65,7 +65,6 @@ class StreamDecoder:
         self.pending: list[int] = []
 
     def push(self, token: int) -> str:
-        """The text that ``token`` completes; empty while a character is unfinished."""
         self.pending.append(token)
         text = decode(self.pending)
         if text.endswith("\ufffd"):  # an unfinished character decodes to U+FFFD for now

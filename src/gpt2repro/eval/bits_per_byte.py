@@ -1,11 +1,6 @@
-"""Bits per byte: a loss that does not reward a tokenizer for long tokens.
-
-    bpb = (summed per-token loss, nats) / (UTF-8 bytes of the target tokens) / ln 2
-
-A token's bytes are those the GPT-2 BPE maps it to, so a run of tokens adds up to the UTF-8
-size of its text even where a character is split over two tokens. ``<|endoftext|>`` counts 0
-bytes (it is in no document's text) but its loss counts: predicting a document's end is part
-of modelling the stream.
+"""Bits per byte, a loss that does not reward a tokenizer for long tokens: summed per-token loss
+(nats) / UTF-8 bytes of the target tokens / ln 2. A token's bytes are those the GPT-2 BPE maps it
+to; ``<|endoftext|>`` counts 0 bytes (it is in no document's text) but its loss counts.
 """
 
 from __future__ import annotations

@@ -1,12 +1,7 @@
-"""Log-likelihood of continuations: the computation behind lm-eval's loglikelihood requests.
-
-A request is context and continuation tokens; its answer is log p(continuation | context) and
-whether greedy decoding would have produced the continuation, over the real 50,257-token
-vocabulary in float32, as lm-eval's ``hf`` model computes them on an exported model. Its row
-is what the hf model feeds GPT-2: context + continuation cut from the left to block_size + 1
-tokens, less the last. A request is one plainly causal row (no packing mask), so a modern
-model's document masking and sliding window apply as in training; causal attention keeps the
-right padding out of every real position.
+"""Log-likelihood of continuations: lm-eval's loglikelihood requests, computed as its ``hf`` model
+computes them on an exported model (docs/evaluation.md). A request is one plainly causal row (no
+packing mask), so a modern model's document masking and sliding window apply as in training;
+causal attention keeps the right padding out of every real position.
 """
 
 from __future__ import annotations
@@ -16,10 +11,9 @@ from typing import Any
 
 import torch
 
-from gpt2repro.config import GPT2_VOCAB_SIZE
 from gpt2repro.device import autocast, resolve_ce_chunk_rows
 from gpt2repro.errors import UserError
-from gpt2repro.eval.multiple_choice import Question, pack, packed_batches
+from gpt2repro.eval.multiple_choice import Question, eval_mode, pack, packed_batches, token_logprobs
 
 Request = tuple[Sequence[int], Sequence[int]]  # context tokens, continuation tokens
 
@@ -30,36 +24,26 @@ def _as_question(context: Sequence[int], continuation: Sequence[int], block_size
     if len(continuation) > block_size:
         raise UserError(f"a continuation of {len(continuation):,} tokens is longer than the model's block_size "
                         f"{block_size:,}; it cannot be scored in one pass (lm-eval's hf model refuses it too)")
-    kept = (*context, *continuation)[-(block_size + 1):]
+    kept = (*context, *continuation)[-(block_size + 1):]  # the hf model's row, cut from the left
     return Question(kept[:len(kept) - len(continuation)], (tuple(continuation),), (1.0,), 0)
 
 
-@torch.no_grad()
 def score_requests(model, requests: Sequence[Request], *, batch_size: int = 32, device="cpu",
                    autocast_dtype: torch.dtype | None = None,
                    progress: Callable[[int], Any] | None = None) -> list[tuple[float, bool]]:
-    """``(log p(continuation | context), greedy)`` per request, in order; ``model`` (our GPT on
-    ``device``) runs in eval mode, restored after."""
+    """``(log p(continuation | context), greedy)`` per request, in order; ``model``: our GPT on ``device``."""
     device = torch.device(device)
     head_chunk_rows = resolve_ce_chunk_rows("auto", device)
     rows = [pack(_as_question(context, continuation, model.config.block_size)) for context, continuation in requests]
     sums = torch.zeros(len(rows), dtype=torch.float64, device=device)
     misses = torch.zeros(len(rows), dtype=torch.long, device=device)  # tokens that were not the argmax
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for tokens, _, _, predictor, target, slot in packed_batches(rows, batch_size, device):
             with autocast(device, autocast_dtype):
                 hidden = model.hidden(tokens).flatten(0, 1)[predictor]
-                step = head_chunk_rows or hidden.size(0)
-                for first in range(0, hidden.size(0), step):
-                    part = slice(first, first + step)
-                    logits = model.logits(hidden[part], GPT2_VOCAB_SIZE).float()
-                    logprobs = logits.gather(1, target[part, None]).squeeze(1) - logits.logsumexp(dim=1)
-                    sums.index_add_(0, slot[part], logprobs.double())
-                    misses.index_add_(0, slot[part], (logits.argmax(dim=1) != target[part]).long())
+                logprobs, greedy = token_logprobs(model, hidden, target, head_chunk_rows, greedy=True)
+            sums.index_add_(0, slot, logprobs.double())
+            misses.index_add_(0, slot, (~greedy).long())
             if progress is not None:
                 progress(len(tokens))
-    finally:
-        model.train(was_training)
     return [(total, miss == 0) for total, miss in zip(sums.tolist(), misses.tolist())]

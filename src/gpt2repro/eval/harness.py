@@ -1,10 +1,7 @@
-"""``eval harness``: lm-evaluation-harness tasks on our models, through lm-eval's own Python API.
-
-lm-eval is an optional extra, imported inside the functions after a check that names it. The
-model is ``eval.harness_lm.GPTLM``; tasks, prompts, few-shot examples and metrics are lm-eval's,
-so a task means what it means to ``lm_eval``. Names are looked up in ``--include-path`` first:
-if all are there, lm-eval's ~14,000 task files are not indexed (~15 s on a small CPU);
-otherwise both are, the include path winning on equal names, as ``lm_eval --include_path``.
+"""``eval harness``: lm-evaluation-harness tasks on our models (``eval.harness_lm.GPTLM``), through
+lm-eval's own Python API; lm-eval is an optional extra, imported after a check that names it.
+Names are looked up in ``--include-path`` first: if all are there, lm-eval's ~14,000 task files are
+not indexed (~15 s on a small CPU); otherwise both are, the include path winning on equal names.
 """
 
 from __future__ import annotations
@@ -14,7 +11,6 @@ import fnmatch
 import functools
 import json
 import logging
-import math
 import subprocess
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -24,7 +20,6 @@ from gpt2repro.errors import UserError
 
 def require_lm_eval() -> None:
     try:
-        import lm_eval  # noqa: F401
         import lm_eval.api.model  # noqa: F401
     except ImportError as e:
         raise UserError(f"eval harness needs lm-evaluation-harness, which is not installed ({e}); "
@@ -61,8 +56,7 @@ def task_manager(names: Sequence[str], include_path: Path | None):
         if not _unknown(names, local.all_tasks):
             return local
     manager = TaskManager(include_path=str(include_path) if include_path else None)
-    unknown = _unknown(names, manager.all_tasks)
-    if unknown:
+    if unknown := _unknown(names, manager.all_tasks):
         where = f"--include-path {include_path} or " if include_path else ""
         raise UserError(f"--tasks: no task named {', '.join(unknown)} in {where}lm-eval's tasks; `lm_eval ls tasks` "
                         "lists lm-eval's, and --include-path DIR adds your own YAML tasks")
@@ -121,9 +115,7 @@ def evaluate_tasks(lm, names: Sequence[str], manager, *, limit: int | None = Non
 
 
 def _format(value) -> str:
-    if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{value:.4f}"
-    return str(value)
+    return f"{value:.4f}" if isinstance(value, float) else str(value)  # NaN prints as nan
 
 
 def table_lines(results: dict) -> list[str]:
@@ -141,8 +133,7 @@ def table_lines(results: dict) -> list[str]:
 
 
 def json_text(results: dict, model: str) -> str:
-    """The results as JSON, without per-sample logs, MODEL as given; the rest (functions, numpy
-    numbers) as lm-eval writes it."""
+    """JSON without per-sample logs, MODEL as given; the rest (numpy numbers, functions) as lm-eval writes it."""
     from lm_eval.utils import handle_non_serializable
 
     record = {k: v for k, v in results.items() if k != "samples"}

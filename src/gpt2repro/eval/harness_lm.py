@@ -1,14 +1,8 @@
 """Our models inside lm-evaluation-harness: an ``lm_eval.api.model.LM`` over our inference path.
 
-Imports ``lm_eval`` at the top (``eval.harness`` checks the extra first). It follows lm-eval's
-``hf`` model wherever a choice changes a number, so a faithful model gives what ``lm_eval
---model hf`` gives on its export: GPT-2 BPE with ``<|endoftext|>`` in text read as the special
-token and no BOS; ``TemplateLM``'s context/continuation split; loglikelihood through
-``eval.continuations``; lm-eval's rolling windows, made disjoint, one block wide; greedy
-generation (what ``sample --temperature 0`` prints) stopped at the first stop string or
-``<|endoftext|>``, the context keeping its last ``block_size - max_gen_toks`` tokens (at least
-one). Under torchrun lm-eval gives each rank every W-th document and gathers on rank 0 through
-``all_gather``/``gather_object``.
+It follows lm-eval's ``hf`` model wherever a choice changes a number, so a faithful model gives what
+``lm_eval --model hf`` gives on its export (docs/evaluation.md lists each choice). Imports ``lm_eval``
+at the top: ``eval.harness`` checks the extra first.
 """
 
 from __future__ import annotations
@@ -29,7 +23,6 @@ from gpt2repro.eval.continuations import score_requests
 from gpt2repro.model.generate import generate
 
 EOT_TEXT = "<|endoftext|>"
-DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's hf model's default
 
 
 class _Stop(Exception):
@@ -50,7 +43,7 @@ class GPTLM(TemplateLM):
         self.name = name
         self.show_progress = show_progress and rank == 0
         self.max_length = model.config.block_size
-        self.max_gen_toks = DEFAULT_MAX_GEN_TOKS
+        self.max_gen_toks = 256  # lm-eval's hf model's default
 
     @property
     def eot_token_id(self) -> int:
@@ -97,8 +90,7 @@ class GPTLM(TemplateLM):
         out = []
         with self._bar(len(requests), "generate_until") as bar:
             for request in requests:
-                context, gen_kwargs = request.args
-                out.append(self.generate_one(context, gen_kwargs))
+                out.append(self.generate_one(*request.args))  # context, gen_kwargs
                 self.cache_hook.add_partial("generate_until", request.args, out[-1])
                 bar.update(1)
         return out
@@ -116,10 +108,8 @@ class GPTLM(TemplateLM):
 
         def on_token(tokens: list[int]) -> None:
             new.append(tokens[0])
-            if tokens[0] == EOT_TOKEN:
-                raise _Stop
             text = decode(new)
-            if any(stop and stop in text for stop in until):
+            if tokens[0] == EOT_TOKEN or any(stop and stop in text for stop in until):
                 raise _Stop
 
         try:
@@ -128,9 +118,9 @@ class GPTLM(TemplateLM):
                          device=self._device, on_token=on_token)
         except _Stop:
             pass
-        return postprocess_generated_text(self.tok_decode(new[:new.index(EOT_TOKEN)] if EOT_TOKEN in new else new),
-                                          stop=until, think_end_token=None)
+        return postprocess_generated_text(self.tok_decode(new), stop=until, think_end_token=None)  # drops the EOT
 
+    # Under torchrun lm-eval gives each rank every W-th document and gathers on rank 0 through these.
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
         if self._world_size == 1:
             return tensor

@@ -1,11 +1,8 @@
 """HellaSwag: which of four endings does the model find most likely?
 
-Items (a context, four endings, the right one's ``label``) come from the official val file,
-downloaded once, or any jsonl file of that layout. A scoring turns an item into a
-``multiple_choice.Question``: prompt, ``acc_norm`` divisor and label defined together. Two,
-both reported by default: ``completion`` (build-nanogpt's; its ``acc_norm``, per-token mean
-log-likelihood, is the headline number the trainer logs) and ``harness`` (lm-eval's
-``hellaswag`` task; ``acc_norm`` divides by characters).
+A scoring turns an item (official val file, or any jsonl file of its layout) into a ``multiple_choice.Question``.
+Both are reported by default: ``completion`` (build-nanogpt's; its per-token ``acc_norm`` is the headline number
+the trainer logs) and ``harness`` (lm-eval's ``hellaswag``; ``acc_norm`` per character).
 """
 
 from __future__ import annotations
@@ -20,14 +17,13 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from gpt2repro.data.tokenizer import encode
 from gpt2repro.device import any_rank
 from gpt2repro.errors import UserError
-from gpt2repro.eval.multiple_choice import ITEMS_PER_CHUNK, Question, ending_logprobs, score
+from gpt2repro.eval.multiple_choice import Question, ending_logprobs, score
 from gpt2repro.files import atomic_open
 
 OFFICIAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
@@ -82,8 +78,7 @@ def _check_item(line: str, where: str) -> dict:
 
 def load_items(path: str | Path | None = None, limit: int | None = None) -> list[dict]:
     """Checked items from a jsonl file (default: the official one); ``limit``: the first N (None, 0: all).
-    ``activity_label``, ``ctx_a``/``ctx_b`` are optional: without them the harness query is the
-    cleaned ``ctx`` alone, no longer the harness's exact prompt."""
+    Without the optional ``activity_label``, ``ctx_a``/``ctx_b`` the harness prompt is the cleaned ``ctx``."""
     path = Path(path) if path else download_official()
     try:
         text = path.read_text(encoding="utf-8")
@@ -129,80 +124,57 @@ def tokenize_completion(item: dict) -> Question:
 
 
 def harness_clean(text: str) -> str:
-    """lm-eval's cleanup of the data's leftover WikiHow markup: " [title]" ends a sentence, other
-    "[...]" are dropped."""
-    text = text.strip().replace(" [title]", ". ")
-    text = re.sub(r"\[.*?\]", "", text)
-    return text.replace("  ", " ")
+    """lm-eval's cleanup of the data's leftover WikiHow markup: " [title]" ends a sentence, other "[...]" go."""
+    return re.sub(r"\[.*?\]", "", text.strip().replace(" [title]", ". ")).replace("  ", " ")
 
 
 def harness_query(item: dict) -> str:
-    if "ctx_a" in item and "ctx_b" in item:  # the official file: rebuild ctx the harness's way
-        ctx = item["ctx_a"] + " " + item["ctx_b"].capitalize()
-    else:
-        ctx = item["ctx"]
+    official = "ctx_a" in item and "ctx_b" in item  # then rebuild ctx the harness's way
+    ctx = item["ctx_a"] + " " + item["ctx_b"].capitalize() if official else item["ctx"]
     label = item.get("activity_label")
     return harness_clean(f"{label}: {ctx}" if label else ctx)
 
 
 def tokenize_harness(item: dict) -> Question:
-    """lm-eval's ``hellaswag``: query cleaned ``activity_label + ": " + ctx``, continuation
-    ``" " + cleaned ending``, acc_norm over its characters. Tokens split as lm-eval does: the
-    continuation is what ``encode(whole)`` has beyond ``encode(context)``."""
+    """lm-eval's ``hellaswag``: query cleaned ``activity_label + ": " + ctx``, continuation ``" " + cleaned
+    ending``, acc_norm over its characters; the continuation is what ``encode(whole)`` adds to ``encode(context)``."""
     query = harness_query(item)
     choices = [harness_clean(e) for e in item["endings"]]
-    context = query.rstrip()
-    moved = query[len(context):]  # trailing spaces belong to the continuation
-    context_tokens = _encode(context)
-    endings = tuple(_encode(context + moved + " " + c)[len(context_tokens):] for c in choices)
+    context_tokens = _encode(query.rstrip())  # trailing spaces belong to the continuation
+    endings = tuple(_encode(query + " " + c)[len(context_tokens):] for c in choices)
     # An ending that cleans away to nothing still has tokens (the space): divide by 1, not 0.
     return Question(context_tokens, endings, tuple(max(len(c), 1) for c in choices), item["label"])
 
 
 @dataclass(frozen=True)
 class Scoring:
-    name: str
     title: str  # its name in the summary lines
     tokenize: Callable[[dict], Question]  # the item's prompt, acc_norm divisor and label
 
 
-SCORINGS = {s.name: s for s in (
-    Scoring("completion", "completion-style (build-nanogpt)", tokenize_completion),
-    Scoring("harness", "harness-style (lm-eval)", tokenize_harness),
-)}
+SCORINGS = {"completion": Scoring("completion-style (build-nanogpt)", tokenize_completion),
+            "harness": Scoring("harness-style (lm-eval)", tokenize_harness)}
 
 
 def evaluate_scorings(model, items: list[dict], ending_scorer: Callable[[list[Question]], torch.Tensor], *,
-                      scorings: tuple[str, ...] = tuple(SCORINGS), device="cpu", rank: int = 0,
-                      world_size: int = 1, items_per_chunk: int = ITEMS_PER_CHUNK,
-                      progress: Callable[[int], Any] | None = None,
-                      poll: Callable[[], None] | None = None) -> dict:
-    """The named scorings with any ending scorer (the bench and tests plug in build-nanogpt's loop):
-    ``{"completion": score(...), ..., "n", "items_per_s"}``, the last two over all of them."""
-    unknown = [s for s in scorings if s not in SCORINGS]
-    if unknown or not scorings:
+                      scorings: tuple[str, ...] = tuple(SCORINGS), **options) -> dict:
+    """The named scorings with any ending scorer (the bench and tests plug in build-nanogpt's loop): ``{"completion":
+    score(...), ..., "n", "items_per_s"}``, the last two over all. ``options``: ``multiple_choice.score``'s."""
+    if not scorings or any(s not in SCORINGS for s in scorings):
         raise ValueError(f"hellaswag scorings {list(scorings)}: choose one or more of {list(SCORINGS)}")
     start = time.perf_counter()
-    results = {name: score(model, items, SCORINGS[name].tokenize, ending_scorer, device=device, rank=rank,
-                           world_size=world_size, items_per_chunk=items_per_chunk, progress=progress,
-                           poll=poll)
-               for name in scorings}
+    results = {name: score(model, items, SCORINGS[name].tokenize, ending_scorer, **options) for name in scorings}
     n = results[scorings[-1]]["n"]
     return {**results, "n": n, "items_per_s": n / (time.perf_counter() - start)}
 
 
 def evaluate_hellaswag(model, items: list[dict], *, scorings: tuple[str, ...] = tuple(SCORINGS),
                        batch_size: int = BATCH_SIZE, device="cpu", autocast_dtype: torch.dtype | None = None,
-                       rank: int = 0, world_size: int = 1, items_per_chunk: int = ITEMS_PER_CHUNK,
-                       progress: Callable[[int], Any] | None = None,
-                       poll: Callable[[], None] | None = None) -> dict:
-    """``evaluate_scorings`` with packed rows; ``model``: our raw GPT (not compiled or DDP-wrapped).
-    Ranks, ``progress`` and ``poll`` as in ``multiple_choice.score``."""
-    def ending_scorer(questions):
-        return ending_logprobs(model, questions, batch_size=batch_size, device=device,
-                               autocast_dtype=autocast_dtype)
-    return evaluate_scorings(model, items, ending_scorer, scorings=scorings, device=device, rank=rank,
-                             world_size=world_size, items_per_chunk=items_per_chunk, progress=progress, poll=poll)
+                       **options) -> dict:
+    """``evaluate_scorings`` with packed rows; ``model``: our raw GPT (not compiled or DDP-wrapped)."""
+    ending_scorer = functools.partial(ending_logprobs, model, batch_size=batch_size, device=device,
+                                      autocast_dtype=autocast_dtype)
+    return evaluate_scorings(model, items, ending_scorer, scorings=scorings, device=device, **options)
 
 
 def summary_lines(results: dict) -> list[str]:

@@ -1,17 +1,8 @@
-"""Validation loss: the one definition for training's ``val``, ``eval loss`` and the benchmarks.
-
-- **Windows.** The split's shards, in index order, are one token stream; window j is stream
-  tokens [j·T, (j+1)·T + 1): T inputs and their T targets. Windows do not overlap, so every
-  target is predicted once, from its own window only. The first N // T windows are measured
-  (N: ``eval.val_tokens`` or ``--tokens``; T: ``data.seq_len`` or ``--seq-len``).
-- **Loss.** The model's own training loss, ``model(x, y)``: mean cross-entropy over the head
-  rows its loss uses: all 50,304 for a model trained here from scratch (as build-nanogpt and
-  modded-nanogpt measure val), the 50,257 real ones for OpenAI's GPT-2 and runs started from it
-  (``model.real_vocab_size``). A modern model masks documents and applies its sliding window
-  (the schedule's at a training step, else the final one) inside each window.
-- **Ranks.** Rank r takes windows r, r + W, ...; loss, targets and bytes are summed locally
-  and all-reduced once, so any world and batch size give the same number (up to float order).
-- **Bits per byte**: the summed loss over the targets' UTF-8 bytes (``eval.bits_per_byte``).
+"""Validation loss: the one definition for training's ``val``, ``eval loss`` and the benchmarks
+(docs/evaluation.md). Window j of the split's token stream is tokens [j·T, (j+1)·T + 1); windows do
+not overlap, so every target is predicted once. A window's loss is the model's own training loss,
+``model(x, y)``. Rank r takes windows r, r + W, ...; sums are all-reduced once, so any world and
+batch size give the same number (up to float order).
 """
 
 from __future__ import annotations
@@ -28,6 +19,7 @@ from gpt2repro.data.shards import list_shards
 from gpt2repro.device import all_reduce_sum, autocast, resolve_ce_chunk_rows, rounds_on_every_rank, to_device
 from gpt2repro.errors import UserError
 from gpt2repro.eval.bits_per_byte import bits_per_byte, count_bytes, token_bytes
+from gpt2repro.eval.multiple_choice import eval_mode
 
 DEFAULT_SEQ_LEN = 1024  # GPT-2's context, the windows build-nanogpt's val loss (and OpenAI's 3.29) uses
 
@@ -65,7 +57,6 @@ def open_split(data_dir: str | Path, split: str) -> TokenStream:
     return TokenStream(list_shards(data_dir, split))
 
 
-@torch.no_grad()
 def evaluate_loss(model, data_dir: str | Path, *, split: str = "val", seq_len: int | None = None,
                   n_tokens: int | None = None, batch_size: int = 8, device="cpu",
                   autocast_dtype: torch.dtype | None = None, rank: int = 0, world_size: int = 1,
@@ -80,12 +71,10 @@ def evaluate_loss(model, data_dir: str | Path, *, split: str = "val", seq_len: i
     chunk_rows = resolve_ce_chunk_rows("auto", device) if ce_chunk_rows is None else ce_chunk_rows
     rounds = rounds_on_every_rank(windows, world_size, batch_size)
     token_bytes()  # the BPE's byte table, built once, before the clock starts
-    was_training = model.training
-    model.eval()
     start = time.perf_counter()
     total = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, targets, bytes
     n_bytes = 0
-    try:
+    with eval_mode(model):
         for i, rows in enumerate(window_batches(data_dir, split, seq_len, windows, batch_size, rank, world_size)):
             if poll is not None and i < rounds:
                 poll()
@@ -101,8 +90,6 @@ def evaluate_loss(model, data_dir: str | Path, *, split: str = "val", seq_len: i
         total[2] += n_bytes
         all_reduce_sum(total)
         loss_sum, targets, n_bytes = total.tolist()  # the one host sync
-    finally:
-        model.train(was_training)
     return {"split": split, "tokens": windows * seq_len, "windows": windows, "seq_len": seq_len,
             "loss": loss_sum / targets, "bpb": bits_per_byte(loss_sum, n_bytes),
             "tokens_per_s": targets / (time.perf_counter() - start)}

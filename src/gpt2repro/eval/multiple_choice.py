@@ -1,16 +1,14 @@
 """Multiple-choice scoring: which of a question's endings does the model find most likely?
 
-An ending's score is its tokens' log-likelihood given the context (real 50,257-token vocabulary,
-float32); ``acc`` takes the highest, ``acc_norm`` the highest score / ``norm`` (tokens,
-characters: the benchmark decides). Speed comes from less work, not batching (a CPU is
-compute-bound): a question is ONE packed row, ``context + ending0 + ending1 + ...``, each ending
-restarting its positions after the context and masked to see only the context and itself, and
-the LM head runs only where ending tokens are predicted. Nothing reaches the host before the
-final counts, so on a GPU the host packs the next chunk while the device computes.
+``acc`` takes the ending of highest log-likelihood (real vocabulary, float32), ``acc_norm`` the highest
+log-likelihood / ``norm``. Speed comes from less work, not batching (a CPU is compute-bound): a question is
+ONE packed row whose endings cannot see each other, the LM head runs only where ending tokens are predicted,
+and nothing reaches the host before the final counts (docs/evaluation.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -44,8 +42,6 @@ def fit_to_block(q: Question, block_size: int) -> Question:
         raise UserError("multiple choice: an ending encodes to no tokens; every ending needs some text")
     keep = min(len(q.context), block_size + 1 - max(map(len, endings)))
     context = q.context[len(q.context) - keep:] or (EOT_TOKEN,)  # empty: condition on <|endoftext|>, as lm-eval
-    if context == q.context and endings == q.endings:
-        return q
     return Question(context, endings, q.norm, q.label)
 
 
@@ -104,23 +100,36 @@ def packed_attention_mask(segment: torch.Tensor) -> torch.Tensor:
     """(B, 1, T, T) bool, True = attend: earlier-or-same keys that are context or the query's own
     ending, never padding (-1). Every query sees itself: a fully masked row is NaN on some versions."""
     T = segment.size(1)
-    index = torch.arange(T, device=segment.device)
-    causal = index[None, :, None] >= index[None, None, :]
+    causal = torch.ones(T, T, dtype=torch.bool, device=segment.device).tril()
     query, key = segment[:, :, None], segment[:, None, :]
     visible = causal & ((key == 0) | (key == query)) & (key >= 0)
     return (visible | torch.eye(T, dtype=torch.bool, device=segment.device))[:, None]
 
 
-def token_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, chunk_rows: int = 0) -> torch.Tensor:
-    """log p(target) from hidden states (N, C), real vocabulary, float32. ``chunk_rows`` > 0 runs
-    the head in row chunks (on a CPU: logits that stay in cache)."""
+@contextlib.contextmanager
+def eval_mode(model) -> Iterator[None]:
+    """``model`` in eval mode under ``no_grad``; its train mode comes back after, also on an error."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def token_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, chunk_rows: int = 0, greedy: bool = False):
+    """log p(target) from hidden states (N, C), real vocabulary, float32; with ``greedy``, also whether
+    each target is the argmax. ``chunk_rows`` > 0 runs the head in row chunks (on a CPU: logits that stay in cache)."""
     step = chunk_rows or hidden.size(0) or 1
-    out = []
+    out, hits = [], []
     for start in range(0, hidden.size(0), step):
         rows = slice(start, start + step)
         logits = model.logits(hidden[rows], GPT2_VOCAB_SIZE).float()
         out.append(logits.gather(1, targets[rows, None]).squeeze(1) - logits.logsumexp(dim=1))
-    return torch.cat(out)
+        if greedy:
+            hits.append(logits.argmax(dim=1) == targets[rows])
+    return (torch.cat(out), torch.cat(hits)) if greedy else torch.cat(out)
 
 
 def ending_logprobs(model, questions: list[Question], *, batch_size: int = 32, device="cpu",
@@ -142,9 +151,8 @@ def ending_logprobs(model, questions: list[Question], *, batch_size: int = 32, d
 def correct_counts(logprobs: torch.Tensor, questions: list[Question]) -> torch.Tensor:
     """[acc hits, acc_norm hits, questions], long, on the logprobs' device, without a host sync.
     Ties go to the lower ending index, as in build-nanogpt and lm-eval."""
-    device = logprobs.device
-    norm = to_device(torch.tensor([q.norm for q in questions], dtype=torch.float32), device)
-    labels = to_device(torch.tensor([q.label for q in questions], dtype=torch.long), device)
+    norm = to_device(torch.tensor([q.norm for q in questions], dtype=torch.float32), logprobs.device)
+    labels = to_device(torch.tensor([q.label for q in questions], dtype=torch.long), logprobs.device)
     acc = (logprobs.argmax(1) == labels).sum()
     acc_norm = ((logprobs / norm).argmax(1) == labels).sum()
     return torch.stack([acc, acc_norm, torch.full_like(acc, len(questions))])  # a fill, not a copy
@@ -157,26 +165,20 @@ def score(model, items: Sequence[Any], to_question: Callable[[Any], Question],
     """``{"acc", "acc_norm", "n", "items_per_s"}`` over all ranks (rank r takes items r, r + W, ...).
     ``progress(n)``: n more of this rank's items handed to the device; ``poll()`` runs before each
     chunk every rank has (it may hold a collective, and raise to stop)."""
-    device = torch.device(device)
-    was_training = model.training
-    model.eval()
     mine = items[rank::world_size]
-    try:
-        with torch.no_grad():
-            start = time.perf_counter()
-            counts = torch.zeros(3, dtype=torch.long, device=device)
-            rounds = rounds_on_every_rank(len(items), world_size, items_per_chunk)
-            for i, first in enumerate(range(0, len(mine), items_per_chunk)):
-                if poll is not None and i < rounds:
-                    poll()
-                questions = [fit_to_block(to_question(item), model.config.block_size)
-                             for item in mine[first:first + items_per_chunk]]
-                counts += correct_counts(ending_scorer(questions), questions)
-                if progress is not None:
-                    progress(len(questions))
-            all_reduce_sum(counts)
-            acc, acc_norm, n = counts.tolist()  # the one host sync of the scoring
-            seconds = time.perf_counter() - start
-    finally:
-        model.train(was_training)
+    with eval_mode(model):
+        start = time.perf_counter()
+        counts = torch.zeros(3, dtype=torch.long, device=device)
+        rounds = rounds_on_every_rank(len(items), world_size, items_per_chunk)
+        for i, first in enumerate(range(0, len(mine), items_per_chunk)):
+            if poll is not None and i < rounds:
+                poll()
+            questions = [fit_to_block(to_question(item), model.config.block_size)
+                         for item in mine[first:first + items_per_chunk]]
+            counts += correct_counts(ending_scorer(questions), questions)
+            if progress is not None:
+                progress(len(questions))
+        all_reduce_sum(counts)
+        acc, acc_norm, n = counts.tolist()  # the one host sync of the scoring
+        seconds = time.perf_counter() - start
     return {"acc": acc / max(n, 1), "acc_norm": acc_norm / max(n, 1), "n": n, "items_per_s": n / seconds}

@@ -1,8 +1,6 @@
 """Which keys a query sees and the kernels that honour it; rotary tables and the KV cache.
-
 The record (modded-nanogpt, 2025-01-04) adds document masking (a document starts at each <|endoftext|>)
-and a sliding window of whole blocks (a query in block i sees blocks i-n+1 .. i) to causal attention.
-"""
+and a sliding window of whole blocks (a query in block i sees blocks i-n+1 .. i) to causal attention."""
 
 from __future__ import annotations
 
@@ -19,11 +17,11 @@ from gpt2repro.data.tokenizer import EOT_TOKEN
 from gpt2repro.errors import UserError, print0
 
 QUERY_CHUNK = 1024  # local_attention's queries per SDPA call: scores are B·H·1024·reach floats
+_say_once = functools.cache(print0)  # each distinct line once per process, not once per forward pass
 
 
 def rotary_tables(head_size: int, length: int, base: float, variant: str = "rope") -> tuple[torch.Tensor, ...]:
-    """cos and sin of position × frequency, (length, head_size / 2). ``rope``: frequencies base^(-2i/d);
-    ``rope-half`` (modded-nanogpt's): head_size/4 of them from 1 down to 1/1024, negated, then zeros."""
+    """cos and sin of position × frequency, (length, head_size / 2); ``rope-half`` is modded-nanogpt's."""
     positions = torch.arange(length, dtype=torch.float32)
     if variant == "rope-half":
         quarter = head_size // 4
@@ -112,10 +110,9 @@ class LocalMask:
             first = max(first, int(torch.searchsorted(self.docs.contiguous(), doc_of_first_query).min()))
         q_pos = torch.arange(first_query, end, device=device)
         k_pos = torch.arange(first, end, device=device)
-        allowed = k_pos[None, :] <= q_pos[:, None]
+        allowed = (k_pos[None, :] <= q_pos[:, None])[None]
         if self.blocks:
             allowed = allowed & in_window(q_pos[:, None], k_pos[None, :], self.blocks, self.block)
-        allowed = allowed[None]
         if self.docs is not None:
             allowed = allowed & (self.docs[:, first_query:end, None] == self.docs[:, None, first:end])
         self.chunks[q_from, q_to] = first, allowed[:, None]
@@ -186,14 +183,6 @@ def flex_block_mask(docs: torch.Tensor | None, blocks: int | torch.Tensor, block
     return BlockMask.from_kv_blocks(*as_lists(some & ~full), *as_lists(full), BLOCK_SIZE=block, mask_mod=visible)
 
 
-def causal(q, k, v) -> torch.Tensor:
-    """Causal SDPA; after a KV cache, new queries see every key up to their own position."""
-    if k.size(2) == q.size(2):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    mask = torch.ones(q.size(2), k.size(2), dtype=torch.bool, device=q.device).tril(k.size(2) - q.size(2))
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-
-
 def attention_for(idx: torch.Tensor, pos: torch.Tensor, attn_mask: torch.Tensor | None, kv_cache: KVCache | None,
                   window: int | torch.Tensor, cfg: ModelConfig) -> Callable[..., torch.Tensor]:
     """This forward pass's ``(q, k, v) -> y`` for every layer. ``window``: blocks, an int or a 0-d tensor;
@@ -205,7 +194,11 @@ def attention_for(idx: torch.Tensor, pos: torch.Tensor, attn_mask: torch.Tensor 
                                               cfg.window_block).unsqueeze(-3)
         return functools.partial(F.scaled_dot_product_attention, attn_mask=attn_mask)
     if not (cfg.doc_mask or windowed):
-        return causal
+        if kv_cache is None or not kv_cache.length:
+            return functools.partial(F.scaled_dot_product_attention, is_causal=True)
+        T, past = idx.size(1), kv_cache.length  # after a KV cache: every key up to the query's own position
+        mask = torch.ones(T, past + T, dtype=torch.bool, device=idx.device).tril(past)
+        return functools.partial(F.scaled_dot_product_attention, attn_mask=mask)
     if kv_cache is not None:
         docs = kv_cache.store_docs(idx) if cfg.doc_mask else None
         return functools.partial(local_attention, mask=LocalMask(kv_cache.length, docs, int(window), cfg.window_block))
@@ -216,11 +209,7 @@ def attention_for(idx: torch.Tensor, pos: torch.Tensor, attn_mask: torch.Tensor 
             # inside a compiled model, the model's compilation fuses it
             flex = flex_attention if torch.compiler.is_compiling() else compiled_flex_attention()
             return functools.partial(flex, block_mask=flex_block_mask(docs, window, cfg.window_block, B, T, idx.device))
-        _say_once_flex_does_not_fit(cfg.window_block, T)
+        _say_once(f"attention: FlexAttention needs blocks of a multiple of {FLEX_TILE} tokens and rows of whole "
+                  f"blocks (model.window_block={cfg.window_block}, a row of {T} tokens); chunked SDPA computes the "
+                  "same, slower")
     return functools.partial(local_attention, mask=LocalMask(0, docs, int(window), cfg.window_block))
-
-
-@functools.cache
-def _say_once_flex_does_not_fit(block: int, length: int) -> None:
-    print0(f"attention: FlexAttention needs blocks of a multiple of {FLEX_TILE} tokens and rows of whole blocks "
-           f"(model.window_block={block}, a row of {length} tokens); chunked SDPA computes the same, slower")

@@ -1,8 +1,6 @@
 """Our models and checkpoints on disk: the layout, written whole, read back verified.
-
 A model directory holds ``model.safetensors`` and ``config.json`` (the whole ``ModelConfig``). A checkpoint
-``OUT/ckpt_<step>`` adds ``trainer_state.pt`` and ``meta.json``, written last: each file's size and sha256.
-"""
+``OUT/ckpt_<step>`` adds ``trainer_state.pt`` and ``meta.json``, written last: each file's size and sha256."""
 
 from __future__ import annotations
 
@@ -67,8 +65,7 @@ def read_config(directory: Path) -> dict[str, Any] | None:
 
 def load_model_dir(directory: Path, device: str | torch.device = "cpu") -> GPT:
     directory = Path(directory)
-    config = read_config(directory)
-    if config is None:
+    if (config := read_config(directory)) is None:
         raise UserError(f"{directory}: no gpt2repro model here (expected {CONFIG_FILE} and {WEIGHTS_FILE})")
     try:
         model_config = model_config_from_dict(config.get("model"))
@@ -76,13 +73,8 @@ def load_model_dir(directory: Path, device: str | torch.device = "cpu") -> GPT:
         raise UserError(f"{directory / CONFIG_FILE}: {e}; the config does not describe a model, "
                         "use an earlier checkpoint or re-export") from None
     model = GPT(model_config)
-    load_weights(model, directory)
+    load_state_strict(model, read_weights(directory), directory / WEIGHTS_FILE)
     return model.to(device)
-
-
-def load_weights(model: GPT, directory: Path) -> None:
-    """Our saved weights into an existing model, in place (its optimizer and wrappers stay valid)."""
-    load_state_strict(model, read_weights(directory), Path(directory) / WEIGHTS_FILE)
 
 
 def read_weights(directory: Path) -> dict[str, torch.Tensor]:

@@ -114,8 +114,7 @@ def to_hf_model(model: GPT):
 
     # an untied head is still GPT-2; with other switches a GPT-2 config would silently compute something else
     cfg = model.config
-    refused = [s for s in cfg.non_gpt2_switches() if not s.startswith("model.tie_embeddings=")]
-    if refused:
+    if refused := [s for s in cfg.non_gpt2_switches() if not s.startswith("model.tie_embeddings=")]:
         raise UserError(f"this model is not GPT-2's architecture ({', '.join(refused)}); transformers' "
                         "GPT2LMHeadModel cannot run it, so there is no Hugging Face export: use "
                         "gpt2repro eval/sample with the checkpoint itself")

@@ -46,17 +46,12 @@ def _load_model(spec: str, device: str | torch.device) -> GPT:
     if path.is_symlink():  # not a hub name: a link here that leads nowhere, or in a loop
         raise UserError(f"{path}: a symbolic link to {path.readlink()}, which does not exist (or loops); "
                         "pass the checkpoint, run or Hugging Face directory itself")
-    if not looks_like_hub_name(spec):
+    # not ``gpt2`` or ``org/name``, or a path into a folder that is here: not worth a network round trip
+    if (not HUB_NAME.match(spec) or "--" in spec or ".." in spec or spec.endswith((".", "-"))
+            or ("/" in spec and Path(spec.split("/")[0]).exists())):
         raise UserError(f"{spec}: no such directory; pass a checkpoint, run or Hugging Face directory "
                         "(or a hub name such as gpt2 or org/name)")
     return from_pretrained(spec).to(device)
-
-
-def looks_like_hub_name(spec: str) -> bool:
-    """``gpt2`` or ``org/name``, not a path into a folder that is here: worth a network round trip."""
-    if not HUB_NAME.match(spec) or "--" in spec or ".." in spec or spec.endswith((".", "-")):
-        return False
-    return "/" not in spec or not Path(spec.split("/")[0]).exists()
 
 
 class Inference(NamedTuple):
