@@ -20,6 +20,7 @@ from conftest import (
     train_cli,
     weights,
 )
+from gpt2repro.bench.gpu import compute_dtypes
 from gpt2repro.config.presets import MODEL_PRESETS, MODERN_LEVERS, TINY_MODERN_TUNED, get_preset
 from gpt2repro.config.settings import apply_overrides, as_overrides
 from gpt2repro.model import gpt as gpt_module
@@ -366,27 +367,7 @@ def test_the_record_computes_in_bf16_through_the_path_cuda_takes(monkeypatch):
     rt = Runtime(DistInfo(), torch.device("cpu"), torch.bfloat16, False, False, 0)
     model = GPT(cfg.model)
     Parallel(model, cfg, rt)  # the trainer's own set-up: bf16 tables where the run computes in bf16
-    seen = {"residual": set(), "x0": set(), "q": set(), "k": set()}
-    for block in model.transformer.h:
-        block.register_forward_pre_hook(lambda m, args: (seen["residual"].add(args[0].dtype),
-                                                         seen["x0"].add(args[4].dtype)) and None)
-        block.register_forward_hook(lambda m, args, out: seen["residual"].add(out.dtype))
-    real_attention_for = gpt_module.attention_for
-
-    def recording(*args, **kwargs):
-        attend = real_attention_for(*args, **kwargs)
-
-        def wrapped(q, k, v):
-            seen["q"].add(q.dtype)
-            seen["k"].add(k.dtype)
-            return attend(q, k, v)
-        return wrapped
-
-    monkeypatch.setattr(gpt_module, "attention_for", recording)
-    tokens = torch.randint(0, 50257, (2, 64))
-    with rt.autocast():
-        _, loss = model(tokens, tokens)
-    loss.backward()
+    seen = compute_dtypes(model, rt, torch.randint(0, 50257, (2, 64)))  # what bench gpu reports on a card
     assert seen == {"residual": {torch.bfloat16}, "x0": {torch.bfloat16}, "q": {torch.bfloat16},
                     "k": {torch.bfloat16}}, seen
 

@@ -13,11 +13,13 @@ import pytest
 from conftest import make_pattern_shards, run_main
 
 
-def start_training(shards, out, *overrides):
+def start_training(shards, out, *overrides, ranks: int = 1):
+    """``train --preset tiny`` in the background; with ``ranks`` > 1 under torchrun, in a process group of its own."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "gpt2repro", "train", "--preset", "tiny", "--data", str(shards),
-                             "--out", str(out), *overrides], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"] if ranks > 1 else []
+    return subprocess.Popen([sys.executable, *launcher, "-m", "gpt2repro", "train", "--preset", "tiny", "--data",
+                             str(shards), "--out", str(out), *overrides], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=ranks > 1)
 
 
 def wait_for_line(proc, text, timeout=120):
@@ -107,11 +109,7 @@ def test_a_signal_during_sampling_stops_at_once_with_a_checkpoint(shards, tmp_pa
 def test_two_gloo_ranks_stop_a_long_step_together(shards, tmp_path):
     # torchrun and both ranks in one process group: a terminal's Ctrl-C, or a scheduler's SIGTERM,
     # reaches all; they agree a few times a step, and stop at the same micro-step with a checkpoint
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             "-m", "gpt2repro", "train", "--preset", "tiny", "--data", str(shards),
-                             "--out", str(tmp_path / "run"), "optim.total_batch_tokens=2097152", "optim.max_steps=2"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = start_training(shards, tmp_path / "run", "optim.total_batch_tokens=2097152", "optim.max_steps=2", ranks=2)
     try:
         wait_for_line(proc, "outputs:")
         time.sleep(1.0)
@@ -146,12 +144,8 @@ def test_a_signal_on_one_rank_stops_every_rank_during_evaluation(tmp_path):
     both at the same batch within seconds (not at the end of the evaluation), with the checkpoint
     of the step the run is at, and exit 0: the ranks agree between batches."""
     shards = make_pattern_shards(tmp_path / "data", n_val=2_001_000)  # minutes of val batches
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             "-m", "gpt2repro", "train", "--preset", "tiny", "--data", str(shards),
-                             "--out", str(tmp_path / "run"), "optim.max_steps=2", "eval.val_every=1",
-                             "eval.val_tokens=2000000"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = start_training(shards, tmp_path / "run", "optim.max_steps=2", "eval.val_every=1", "eval.val_tokens=2000000",
+                          ranks=2)
     try:
         wait_for_line(proc, "outputs:")
         time.sleep(2.0)  # into step 0's val loss
@@ -171,12 +165,8 @@ def test_a_signal_on_one_rank_stops_every_rank_during_evaluation(tmp_path):
 @pytest.mark.slow
 def test_a_killed_rank_is_one_line_from_rank_0_naming_the_checkpoint(tmp_path):
     shards = make_pattern_shards(tmp_path / "data")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             "-m", "gpt2repro", "train", "--preset", "tiny", "--data", str(shards),
-                             "--out", str(tmp_path / "run"), "optim.max_steps=100000", "checkpoint.every=1",
-                             "runtime.log_every=1"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = start_training(shards, tmp_path / "run", "optim.max_steps=100000", "checkpoint.every=1",
+                          "runtime.log_every=1", ranks=2)
     try:
         wait_for_line(proc, "saved checkpoint")
         os.kill(rank_pids(proc.pid)[1], signal.SIGKILL)

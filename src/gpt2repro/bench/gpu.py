@@ -86,18 +86,15 @@ def flex_schedule_check(device: torch.device) -> str:
             f"{built} graph{'s' * (built != 1)} built (one expected)")
 
 
-def residual_dtype_check(device: torch.device) -> str:
-    """The dtypes of the modern model's residual stream, x0, q and k under CUDA's own autocast."""
-    if device.type != "cuda":
-        return "residual stream dtype: not checked (no CUDA device)"
-    cfg = get_preset("gpt2-124m-modern")
-    rt = Runtime(DistInfo(), device, torch.bfloat16, False, False, 0)
-    model = GPT(cfg.model).to(device)
-    Parallel(model, cfg, rt)  # the trainer's set-up: bf16 tables
+def compute_dtypes(model: GPT, rt: Runtime, tokens: torch.Tensor) -> dict[str, set[torch.dtype]]:
+    """The dtypes one forward under ``rt``'s autocast gives the residual stream (into and out of each
+    block), x0, q and k: the record keeps them all bf16."""
     seen: dict[str, set] = {"residual": set(), "x0": set(), "q": set(), "k": set()}
+    hooks = []
     for block in model.transformer.h:
-        block.register_forward_pre_hook(lambda m, a: (seen["residual"].add(a[0].dtype), seen["x0"].add(a[4].dtype))
-                                        and None)
+        hooks.append(block.register_forward_pre_hook(
+            lambda m, a: seen["residual"].add(a[0].dtype) or seen["x0"].add(a[4].dtype)))
+        hooks.append(block.register_forward_hook(lambda m, a, out: seen["residual"].add(out.dtype)))
     real = gpt_module.attention_for
 
     def recording(*args, **kwargs):
@@ -112,9 +109,23 @@ def residual_dtype_check(device: torch.device) -> str:
     gpt_module.attention_for = recording
     try:
         with torch.no_grad(), rt.autocast():
-            model.hidden(torch.randint(0, EOT_TOKEN, (1, 8192), device=device))
+            model.hidden(tokens)
     finally:
         gpt_module.attention_for = real
+        for hook in hooks:
+            hook.remove()
+    return seen
+
+
+def residual_dtype_check(device: torch.device) -> str:
+    """The dtypes of the modern model's residual stream, x0, q and k under CUDA's own autocast."""
+    if device.type != "cuda":
+        return "residual stream dtype: not checked (no CUDA device)"
+    cfg = get_preset("gpt2-124m-modern")
+    rt = Runtime(DistInfo(), device, torch.bfloat16, False, False, 0)
+    model = GPT(cfg.model).to(device)
+    Parallel(model, cfg, rt)  # the trainer's set-up: bf16 tables
+    seen = compute_dtypes(model, rt, torch.randint(0, EOT_TOKEN, (1, 8192), device=device))
     found = ", ".join(f"{name} {'/'.join(str(d).removeprefix('torch.') for d in sorted(kinds, key=str))}"
                       for name, kinds in seen.items())
     return f"gpt2-124m-modern under CUDA bf16 autocast: {found} (the record's: all bfloat16)"
