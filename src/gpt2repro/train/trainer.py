@@ -1,9 +1,5 @@
-"""The training loop, as build-nanogpt and llm.c run it: one process or ``torchrun`` (DDP, or FSDP2).
-
-A step accumulates gradients over ``total_batch_tokens / (B·T·world)`` micro-steps, clips and
-steps the optimizers under the LR schedule. Val loss, HellaSwag and samples come every so often
-and once more on the final weights; checkpoints resume to the uninterrupted run's parameters.
-"""
+"""The training loop, as build-nanogpt and llm.c run it: one process or ``torchrun`` (DDP, or FSDP2); a step
+accumulates gradients over ``total_batch_tokens / (B·T·world)`` micro-steps, clips and steps the optimizers."""
 
 from __future__ import annotations
 
@@ -31,28 +27,18 @@ from gpt2repro.device import (
     to_device,
 )
 from gpt2repro.errors import UserError, print0
-from gpt2repro.eval.hellaswag import BATCH_SIZE as HELLASWAG_BATCH_SIZE
 from gpt2repro.eval.hellaswag import evaluate_hellaswag, load_items_on_every_rank
 from gpt2repro.eval.loss import count_windows, evaluate_loss, open_split
 from gpt2repro.files import atomic_write, record_written, writing
 from gpt2repro.model import checkpoint as layout
 from gpt2repro.model.attention import check_flex, window_blocks
-from gpt2repro.model.checkpoint import load_state_strict, read_weights
 from gpt2repro.model.generate import generate
 from gpt2repro.model.gpt import GPT
 from gpt2repro.runlog import LOG_FILE, RunLog, check_loggers
-from gpt2repro.train import rundir, start
+from gpt2repro.train import optim, rundir, start
 from gpt2repro.train.console import mfu, outputs_line, summary_lines, wandb_settings
 from gpt2repro.train.health import what_went_wrong
 from gpt2repro.train.memory import check_model_states_fit, choose_micro_batch, grad_accum_steps
-from gpt2repro.train.optim import (
-    build_optimizers,
-    learning_rate,
-    muon_momentum,
-    optimizer_state_bytes,
-    set_learning_rate,
-    set_muon_momentum,
-)
 from gpt2repro.train.parallel import Parallel
 from gpt2repro.train.signals import StopNow, StopRequest
 
@@ -61,9 +47,8 @@ MAX_ROLLBACKS = 3  # in a row, with no step that trains in between: not one bad 
 
 def train(cfg: TrainConfig, *, resume: bool = False, stop_at_step: int | None = None,
           overwrite: bool = False, init_weights: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
-    """Run (or continue) training; returns the last step's metrics. ``overwrite``: delete the run
-    already in ``out_dir`` first (without it such a folder is refused unless ``resume``).
-    ``init_weights``: full weights of ``cfg.model`` to start from instead of a random init."""
+    """Run (or continue) training; returns the last step's metrics. ``overwrite``: replace the run in
+    ``out_dir`` (else refused unless ``resume``); ``init_weights``: full weights instead of a random init."""
     cfg.validate()
     rt = setup_runtime(cfg.runtime)
     try:
@@ -104,7 +89,10 @@ class Trainer:
         check_flex(cfg.model, cfg.data.seq_len, rt.device)  # a block FlexAttention cannot tile: now, not at step 0
         resume_from = start.checkpoint_to_resume(self.out_dir, cfg, log=self.log) if resume else None
         check_model_states_fit(cfg, rt.device, rt.dist.world_size)
-        self.build_model(init_weights)
+        torch.manual_seed(cfg.runtime.seed)
+        self.model = GPT(cfg.model).to(rt.device)  # the module itself: eval, sampling, checkpoints
+        if init_weights is not None:  # --init-from: its weights, a fresh optimizer, step 0
+            layout.load_state_strict(self.model, init_weights, cfg.init_from)
         self.build_data_and_optimizers()
         if resume_from is not None:
             self.step = self.restore(resume_from)
@@ -112,21 +100,21 @@ class Trainer:
         self.load_evaluations()
         self.loader.check_next_round()  # a token id past the vocabulary: the same answer on every rank
         self.start_folder(resumed=resume_from is not None)
-        self.describe()
+        self.peak_flops = peak_flops(rt.device)
+        self.log(f"model: {self.model.num_params():,} parameters | device {rt.device} | dtype "
+                 f"{rt.autocast_dtype or torch.float32} | compile {rt.compile} | fused AdamW {rt.fused_adamw} "
+                 f"| chunked CE {rt.ce_chunk_rows or 'off'} | {cfg.runtime.parallel} | activation checkpointing "
+                 f"{cfg.runtime.activation_checkpointing}")
+        self.log(f"batch: {self.micro_batch} × {cfg.data.seq_len} tokens × {self.accum} accumulation × "
+                 f"{rt.dist.world_size} ranks = {cfg.optim.total_batch_tokens:,} tokens/step; "
+                 f"steps {self.step}..{cfg.optim.max_steps}")
 
     # --- set-up, in order ----------------------------------------------------------------------
-
-    def build_model(self, init_weights: dict[str, torch.Tensor] | None) -> None:
-        torch.manual_seed(self.cfg.runtime.seed)
-        self.model = GPT(self.cfg.model).to(self.rt.device)  # the module itself: eval, sampling, checkpoints
-        if init_weights is not None:  # --init-from: its weights, a fresh optimizer, step 0
-            load_state_strict(self.model, init_weights, self.cfg.init_from)
-
     def build_data_and_optimizers(self) -> None:
         cfg, rt = self.cfg, self.rt
         self.micro_batch = choose_micro_batch(cfg.data.micro_batch, cfg.optim.total_batch_tokens, cfg.data.seq_len,
                                               cfg.model.vocab_size, self.model, rt, self.log,
-                                              optimizer_bytes=optimizer_state_bytes(self.model, cfg.optim))
+                                              optimizer_bytes=optim.optimizer_state_bytes(self.model, cfg.optim))
         self.accum = grad_accum_steps(cfg.optim.total_batch_tokens, self.micro_batch, cfg.data.seq_len,
                                       rt.dist.world_size)
         # One process looks at its stop flag before every micro-step; several ranks agree at most 64
@@ -136,33 +124,26 @@ class Trainer:
                                   rt.dist.world_size, shuffle_shards=cfg.data.shuffle_shards, seed=cfg.data.seed)
         # sharded (FSDP) or wrapped (DDP), compiled; before the optimizers, which take FSDP's shards
         self.parallel = Parallel(self.model, cfg, rt)
-        self.optimizers = build_optimizers(self.model, cfg.optim, fused=rt.fused_adamw)
+        self.optimizers = optim.build_optimizers(self.model, cfg.optim, fused=rt.fused_adamw)
         self.scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.autocast_dtype == torch.float16)
 
     def load_evaluations(self) -> None:
-        """What the evaluations read, loaded now: a missing file fails before hours of training."""
-        ev = self.cfg.eval
-        self.val_tokens = self.cfg.data.seq_len * self.val_windows(ev.val_tokens) if ev.val_every > 0 else 0
-        self.hellaswag_items = None
-        if ev.hellaswag_every > 0:
-            self.hellaswag_items = load_items_on_every_rank(ev.hellaswag_data or None, ev.hellaswag_limit or None,
-                                                            self.is_main, self.rt.device)
-
-    def val_windows(self, val_tokens: int) -> int:
-        """The val windows each evaluation measures (all a smaller val split holds, with a word); a val
-        split shorter than one window, or a bad token id in it, is refused now."""
-        data, seq_len = self.cfg.data.path, self.cfg.data.seq_len
-        n_stream = len(open_split(data, "val"))
-        windows = count_windows(n_stream, seq_len, val_tokens, f"{data}: the val split", fewer_ok=True)
-        open_split(data, "val").check(0, windows * seq_len + 1)
-        if windows < val_tokens // seq_len:
-            self.log(f"data: warning: {data} has {n_stream:,} val tokens, fewer than eval.val_tokens="
-                     f"{val_tokens:,}; each val measures {windows * seq_len:,}")
-        return windows
+        """Loaded now: a missing file, a val split under one window or a bad token id fails before hours of training."""
+        ev, data, seq_len = self.cfg.eval, self.cfg.data.path, self.cfg.data.seq_len
+        self.val_tokens = 0
+        if ev.val_every > 0:  # all the windows a smaller val split holds, with a word
+            n_stream = len(open_split(data, "val"))
+            windows = count_windows(n_stream, seq_len, ev.val_tokens, f"{data}: the val split", fewer_ok=True)
+            open_split(data, "val").check(0, windows * seq_len + 1)
+            if windows < ev.val_tokens // seq_len:
+                self.log(f"data: warning: {data} has {n_stream:,} val tokens, fewer than eval.val_tokens="
+                         f"{ev.val_tokens:,}; each val measures {windows * seq_len:,}")
+            self.val_tokens = windows * seq_len
+        self.hellaswag_items = None if ev.hellaswag_every <= 0 else load_items_on_every_rank(
+            ev.hellaswag_data or None, ev.hellaswag_limit or None, self.is_main, self.rt.device)
 
     def start_folder(self, resumed: bool) -> None:
-        """Every check has passed: only now is an earlier run (--overwrite) replaced. Rank 0's
-        refusals reach the other ranks through one all-reduce each."""
+        """Every check has passed: only now is an earlier run (--overwrite) replaced; rank 0 refuses for all."""
         cfg = self.cfg
         writes_now = [n for n in rundir.names_written(cfg) if n != rundir.SAMPLES_FILE]  # samples: when written
         for rank0_step in (lambda: check_loggers(cfg.runtime.tensorboard, cfg.runtime.wandb),
@@ -184,27 +165,12 @@ class Trainer:
                                   tensorboard_dir=self.out_dir / "tb" if cfg.runtime.tensorboard else None,
                                   wandb_run=wandb_settings(cfg) if cfg.runtime.wandb else None)
 
-    def describe(self) -> None:
-        cfg, rt = self.cfg, self.rt
-        self.peak_flops = peak_flops(rt.device)
-        self.log(f"model: {self.model.num_params():,} parameters | device {rt.device} | dtype "
-                 f"{rt.autocast_dtype or torch.float32} | compile {rt.compile} | fused AdamW {rt.fused_adamw} "
-                 f"| chunked CE {rt.ce_chunk_rows or 'off'} | {cfg.runtime.parallel} | activation checkpointing "
-                 f"{cfg.runtime.activation_checkpointing}")
-        self.log(f"batch: {self.micro_batch} × {cfg.data.seq_len} tokens × {self.accum} accumulation × "
-                 f"{rt.dist.world_size} ranks = {cfg.optim.total_batch_tokens:,} tokens/step; "
-                 f"steps {self.step}..{cfg.optim.max_steps}")
-
     # --- the run -------------------------------------------------------------------------------
-
     def run(self, stop: StopRequest, stop_at_step: int | None = None) -> dict[str, Any]:
-        """Train from ``self.step`` to ``optim.max_steps``; return the last step's metrics. Each step:
-        evaluate when due (before it: step 0 measures the untrained model), one optimizer step (or a
-        batch a rollback skips), the non-finite policy, the log, a checkpoint when due. A stop signal
-        or ``--stop-at-step`` ends it where the weights are a whole step's (``stop_here``)."""
+        """Train to ``optim.max_steps``; each step evaluates when due (step 0: the untrained model) before it
+        trains. A stop signal or ``--stop-at-step`` ends where the weights are a whole step's (``stop_here``)."""
         max_steps = self.cfg.optim.max_steps
         metrics: dict[str, Any] = {"step_seconds": []}  # every step's time, for benchmarks
-        recent: list[float] = []  # seconds of the last steps, for the ETA
         started = time.perf_counter()
         if stop_at_step is not None and self.step >= stop_at_step:
             self.log(f"--stop-at-step {stop_at_step}: the run is at step {self.step} already; nothing to train")
@@ -220,22 +186,22 @@ class Trainer:
                 break
             t0 = time.perf_counter()
             if step in self.skip_steps:
-                self.skip_step(step)
+                for _ in range(self.accum):
+                    self.loader.next_batch()
+                self.log(f"step {step:5d} | skipped: its batch gave non-finite values before a rollback")
             else:
                 result = self.train_step(step, stop)
                 if result is None:  # abandoned between its micro-steps: the weights are still this step's
                     self.stop_here(step, stop.signal_name or "a signal to another rank", "between its micro-steps",
                                    metrics)
                     break
-                problem = what_went_wrong(step, result, self.model, self.cfg.runtime.log_every)
-                if problem:
+                if problem := what_went_wrong(step, result, self.model, self.cfg.runtime.log_every):
                     self.step = self.handle_bad_step(step, problem)  # raises, or a rollback's step
                     continue
                 self.rollbacks_in_a_row = 0
                 synchronize(self.rt.device)
                 metrics["step_seconds"].append(time.perf_counter() - t0)
-                recent = (recent + metrics["step_seconds"][-1:])[-20:]
-                self.record_step(step, result, recent, metrics)
+                self.record_step(step, result, metrics)
             self.step = done = step + 1
             asked = any_rank(stop.requested, self.rt.device)
             if done < max_steps and (asked or (stop_at_step is not None and done >= stop_at_step)):
@@ -244,8 +210,13 @@ class Trainer:
                 break
             if done == max_steps or (self.cfg.checkpoint.every > 0 and done % self.cfg.checkpoint.every == 0):
                 self.save(done, final=done == max_steps)
-        if self.step == max_steps:
-            self.evaluate_final_model(metrics, stop)
+        if self.step == max_steps:  # the numbers the run reports are the saved model's
+            try:
+                with stop.interruptible(self.rt.dist.world_size == 1):
+                    self.evaluate(max_steps, metrics, stop, final=True)
+            except StopNow:
+                self.log(f"the final evaluation was stopped ({stop.signal_name}); training is complete and saved: "
+                         f"measure it with gpt2repro eval loss --model {self.out_dir}")
         held = self.parallel.local_bytes(self.optimizers)
         self.log("held by this rank: " + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in held.items()))
         if self.run_log:  # rank 0
@@ -255,31 +226,28 @@ class Trainer:
         return metrics
 
     def stop_here(self, step: int, why: str | None, where: str, metrics: dict[str, Any]) -> None:
-        """Every early stop ends here: the checkpoint of the step the weights are at (unless it is
-        there already), and one line."""
+        """Every early stop ends here: a checkpoint of the step the weights are at, and one line."""
         if not (self.out_dir / layout.checkpoint_name(step)).exists():
             self.save(step, final=True)
         metrics.update(stopped_early=True, stopped_by=why)
         self.log(f"stopping at step {step}, {where} ({why}); continue with --resume")
 
     # --- one optimizer step ------------------------------------------------------------------
-
     def train_step(self, step: int, stop: StopRequest | None = None) -> StepResult | None:
-        """Accumulate gradients over the micro-steps, clip, step the optimizers; nothing is stepped
-        on a non-finite loss or norm. A stop signal between micro-steps abandons the step (None),
-        its data position rewound, so that --resume redoes it whole."""
+        """Accumulate, clip, step; nothing is stepped on a non-finite loss or norm. A stop signal between
+        micro-steps abandons the step (None), its data position rewound, so that --resume redoes it whole."""
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)
         start_of_step = self.loader.state_dict()
         loss_sum = torch.zeros((), device=self.rt.device)
         for micro in range(self.accum):
-            if stop is not None and micro and micro % self.stop_poll_every == 0 and self.stop_agreed(stop):
+            if stop is not None and micro and micro % self.stop_poll_every == 0 and (
+                    any_rank(stop.requested, self.rt.device) if self.rt.dist.enabled else stop.requested):
                 self.loader.load_state_dict(start_of_step)
                 for optimizer in self.optimizers:
                     optimizer.zero_grad(set_to_none=True)
                 return None
-            x, y = self.loader.next_batch()
-            x, y = to_device(x, self.rt.device), to_device(y, self.rt.device)
+            x, y = (to_device(t, self.rt.device) for t in self.loader.next_batch())
             with self.parallel.gradient_sync(last_micro_step=micro == self.accum - 1):
                 with self.rt.autocast():
                     _, loss = self.parallel.train_model(x, y, ce_chunk_rows=self.rt.ce_chunk_rows,
@@ -290,10 +258,14 @@ class Trainer:
         all_reduce_mean(loss_sum)
         for optimizer in self.optimizers:
             self.scaler.unscale_(optimizer)
-        grad_norm = self.parallel.total_norm(self.grad_norm())
-        lr = learning_rate(step, self.cfg.optim)
-        set_learning_rate(self.optimizers, lr)
-        set_muon_momentum(self.optimizers, muon_momentum(step, self.cfg.optim))
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        clip = self.cfg.optim.grad_clip  # 0 (the record): the norm is measured, no gradient is touched
+        local_norm = (torch.nn.utils.clip_grad_norm_(params, clip) if clip > 0
+                      else torch.nn.utils.get_total_norm([p.grad for p in params]))
+        grad_norm = self.parallel.total_norm(local_norm)
+        lr = optim.learning_rate(step, self.cfg.optim)
+        optim.set_learning_rate(self.optimizers, lr)
+        optim.set_muon_momentum(self.optimizers, optim.muon_momentum(step, self.cfg.optim))
         loss_value, norm_value = loss_sum.item(), grad_norm.item()  # the step's one host sync
         # fp16: an overflowing gradient is routine; the scaler skips the update and lowers its scale
         overflow = self.scaler.is_enabled() and math.isfinite(loss_value) and not math.isfinite(norm_value)
@@ -304,18 +276,6 @@ class Trainer:
             self.scaler.update()
         return result
 
-    def stop_agreed(self, stop: StopRequest) -> bool:
-        """Whether a stop was asked for, on any rank (one small all-reduce under torchrun)."""
-        return any_rank(stop.requested, self.rt.device) if self.rt.dist.enabled else stop.requested
-
-    def grad_norm(self) -> torch.Tensor:
-        """The global gradient norm, after clipping it to optim.grad_clip; with clipping off
-        (the record) it is measured and no gradient is touched."""
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        if self.cfg.optim.grad_clip > 0:
-            return torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip)
-        return torch.nn.utils.get_total_norm([p.grad for p in params])
-
     def window(self, step: int) -> torch.Tensor:
         """Sliding-window blocks at ``step``, growing over the run: a 0-d device tensor made once per
         size, which a compiled model takes as data (no new graph), and no step copies from the host."""
@@ -324,12 +284,8 @@ class Trainer:
             self.window_tensors[blocks] = torch.tensor(blocks, device=self.rt.device)
         return self.window_tensors[blocks]
 
-    def skip_step(self, step: int) -> None:
-        for _ in range(self.accum):
-            self.loader.next_batch()
-        self.log(f"step {step:5d} | skipped: its batch gave non-finite values before a rollback")
-
-    def record_step(self, step: int, result: StepResult, recent: list[float], metrics: dict[str, Any]) -> None:
+    def record_step(self, step: int, result: StepResult, metrics: dict[str, Any]) -> None:
+        recent = metrics["step_seconds"][-20:]  # the last steps' seconds, for the ETA
         dt = recent[-1]
         metrics.update(step=step, train=result.loss, lr=result.lr, grad_norm=result.grad_norm,
                        tokens_per_s=self.cfg.optim.total_batch_tokens / dt)
@@ -350,28 +306,24 @@ class Trainer:
                      f"| MFU {mfu_text} | eta {eta_s / 60:.1f} min")
 
     # --- a step gone wrong ---------------------------------------------------------------------
-
     def handle_bad_step(self, step: int, what: str) -> int:
-        """``runtime.on_nonfinite``: stop with the intact last checkpoint named, or roll back and
-        return the step to continue from."""
-        if self.cfg.runtime.on_nonfinite == "rollback":
-            return self.roll_back(step, what)
+        """``runtime.on_nonfinite``: stop, naming the intact last checkpoint, or roll back (``roll_back``)."""
         newest = layout.latest_checkpoint(self.out_dir, log=self.log)
+        if self.cfg.runtime.on_nonfinite == "rollback":
+            return self.roll_back(step, what, newest)
         rates = self.learning_rates()
         if newest is None:
             raise UserError(f"step {step}: {what}; stopped before any checkpoint: lower {rates} (or raise "
                             "optim.warmup_steps) and start again with --overwrite")
-        if start.nonfinite_tensor(read_weights(newest)) is not None:
+        if start.nonfinite_tensor(layout.read_weights(newest)) is not None:
             raise UserError(f"step {step}: {what}; stopped, and the last checkpoint ({newest}) holds non-finite "
                             f"weights already, so a rollback to it cannot help: lower {rates} and start again "
                             "with --overwrite")
         raise UserError(f"step {step}: {what}; stopped, the last checkpoint ({newest}) is intact: lower {rates}, "
                         "or continue with --resume runtime.on_nonfinite=rollback to skip this batch")
 
-    def roll_back(self, bad_step: int, what: str) -> int:
-        """Reload the newest checkpoint and mark the bad step's batch to be skipped (logged, never
-        silent); returns the checkpoint's step, where the run continues."""
-        path = layout.latest_checkpoint(self.out_dir, log=self.log)
+    def roll_back(self, bad_step: int, what: str, path: Path | None) -> int:
+        """Reload checkpoint ``path`` and skip the bad step's batch (logged); returns the step to go on from."""
         if path is None:
             raise UserError(f"step {bad_step}: {what}, and no checkpoint to roll back to; "
                             "lower optim.max_lr or set checkpoint.every")
@@ -389,20 +341,15 @@ class Trainer:
                  f"step {bad_step}'s batch will be skipped")
         return step
 
-    def learning_rates(self) -> str:
-        """The settings that set this recipe's step sizes, for advice."""
+    def learning_rates(self) -> str:  # the settings that set this recipe's step sizes, for advice
         return "optim.max_lr" + (" (embeddings), optim.head_lr or optim.muon_lr"
                                  if self.cfg.optim.optimizer == "muon" else "")
 
     # --- checkpoints ---------------------------------------------------------------------------
-
     def restore(self, path: Path) -> int:
-        """Weights, optimizer, data position, RNG and skipped batches from a checkpoint, in place;
-        returns its step. Weights that are not all finite are refused (a run that diverged before
-        it saved them)."""
-        weights = read_weights(path)
-        broken = start.nonfinite_tensor(weights)
-        if broken is not None:
+        """Weights, optimizer, data position, RNG and skipped batches from a checkpoint; returns its step."""
+        weights = layout.read_weights(path)
+        if (broken := start.nonfinite_tensor(weights)) is not None:
             raise UserError(f"{path}: its weights hold NaN or infinite values ({broken}, ...): the run diverged "
                             "before this checkpoint; move it aside to continue from the one before, at a lower "
                             f"{self.learning_rates()}")
@@ -415,9 +362,8 @@ class Trainer:
         return state["step"]
 
     def save(self, step_done: int, final: bool = False) -> None:
-        """Rank 0 writes; a failed write is ``rundir.after_a_failed_write``'s to judge. Any exception
-        counts as a failed write: a full disk surfaces as an OSError from Python, but as safetensors'
-        or torch's own error types from their writers."""
+        """Rank 0 writes; ``rundir.after_a_failed_write`` judges a failure. Any exception is one: a full disk
+        is an OSError from Python, but safetensors' or torch's own error types from their writers."""
         error = None
         weights = self.parallel.model_state()  # collectives: every rank takes part, rank 0 gets the tensors
         optimizer_state = self.parallel.optimizer_state(self.optimizers)
@@ -431,29 +377,16 @@ class Trainer:
             except Exception as e:
                 why = rundir.why_a_write_failed(e, self.out_dir, [weights, state])
                 error = f"checkpoint at step {step_done} failed ({why})"
-        if not any_rank(error is not None, self.rt.device):  # also the barrier: rank 0 has finished writing
-            self.checkpoint_failures = 0
-            return
-        self.checkpoint_failures += 1
-        rundir.after_a_failed_write(self.out_dir, error or f"checkpoint at step {step_done} failed on rank 0 (see "
-                                    "its error)", self.checkpoint_failures, self.cfg.checkpoint.max_failures, final,
-                                    self.log)
+        failed = any_rank(error is not None, self.rt.device)  # also the barrier: rank 0 has finished writing
+        self.checkpoint_failures = self.checkpoint_failures + 1 if failed else 0
+        if failed:
+            rundir.after_a_failed_write(self.out_dir, error or f"checkpoint at step {step_done} failed on rank 0 "
+                                        "(see its error)", self.checkpoint_failures, self.cfg.checkpoint.max_failures,
+                                        final, self.log)
 
     # --- evaluation ----------------------------------------------------------------------------
-
-    def evaluate_final_model(self, metrics: dict[str, Any], stop: StopRequest) -> None:
-        """Val, HellaSwag and samples of the weights the final checkpoint holds: the numbers the
-        run reports are the saved model's."""
-        try:
-            with stop.interruptible(self.rt.dist.world_size == 1):
-                self.evaluate(self.cfg.optim.max_steps, metrics, stop, final=True)
-        except StopNow:
-            self.log(f"the final evaluation was stopped ({stop.signal_name}); training is complete and saved: "
-                     f"measure it with gpt2repro eval loss --model {self.out_dir}")
-
     def evaluate(self, step: int, metrics: dict[str, Any], stop: StopRequest, final: bool = False) -> None:
-        """What is due at ``step``: val every eval.val_every steps and at the last step (build-nanogpt's
-        points), HellaSwag and samples every so many steps; everything once more at the end (``final``)."""
+        """What is due at ``step`` (val at the last step too, as build-nanogpt); everything at the end (``final``)."""
         cfg, rt, ev = self.cfg, self.rt, self.cfg.eval
 
         def due(every: int, also: bool = False) -> bool:
@@ -466,23 +399,20 @@ class Trainer:
             return
         # Several ranks: a stop signal on any of them stops every rank at the same batch.
         poll = (lambda: stop.agree(lambda n: max_over_ranks(n, rt.device))) if rt.dist.enabled else None
+        ranks = dict(device=rt.device, autocast_dtype=rt.autocast_dtype, rank=rt.dist.rank,
+                     world_size=rt.dist.world_size, poll=poll)
         with self.parallel.eval_models() as (fast_model, model):
             if val:
                 result = evaluate_loss(fast_model, cfg.data.path, seq_len=cfg.data.seq_len, n_tokens=self.val_tokens,
-                                       batch_size=self.micro_batch, device=rt.device,
-                                       autocast_dtype=rt.autocast_dtype, rank=rt.dist.rank,
-                                       world_size=rt.dist.world_size, ce_chunk_rows=rt.ce_chunk_rows,
-                                       window=self.window(step), poll=poll)
+                                       batch_size=self.micro_batch, ce_chunk_rows=rt.ce_chunk_rows,
+                                       window=self.window(step), **ranks)
                 metrics["val"], metrics["val_bpb"] = result["loss"], result["bpb"]
                 self.log(f"step {step:5d} | val loss {metrics['val']:.4f} | val bpb {metrics['val_bpb']:.4f}")
                 if self.run_log:
                     self.run_log.write(step, "val", metrics["val"])
                     self.run_log.write(step, "val_bpb", metrics["val_bpb"])
             if hella:
-                result = evaluate_hellaswag(model, self.hellaswag_items, scorings=("completion",),
-                                            batch_size=HELLASWAG_BATCH_SIZE, device=rt.device,
-                                            autocast_dtype=rt.autocast_dtype, rank=rt.dist.rank,
-                                            world_size=rt.dist.world_size, poll=poll)
+                result = evaluate_hellaswag(model, self.hellaswag_items, scorings=("completion",), **ranks)
                 metrics["hella"] = result["completion"]["acc_norm"]
                 self.log(f"step {step:5d} | hellaswag acc_norm {metrics['hella']:.4f}")
                 if self.run_log:
@@ -502,7 +432,6 @@ class Trainer:
         path = self.out_dir / rundir.SAMPLES_FILE
         record_written(self.out_dir, [rundir.SAMPLES_FILE])  # ours from its first line on
         with writing(path), open(path, "a") as f:
-            for i, text in enumerate(texts):
-                f.write(f"step {step} sample {i}: {text!r}\n")
+            f.writelines(f"step {step} sample {i}: {text!r}\n" for i, text in enumerate(texts))
         for i, text in enumerate(texts):
             self.log(f"sample {i}: {text!r}")
