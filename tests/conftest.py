@@ -20,6 +20,7 @@ from xdist.scheduler import LoadFileScheduling
 
 from gpt2repro.cli import main
 from gpt2repro.errors import UserError
+from gpt2repro.model.checkpoint import save_weights
 
 # `make test` runs two workers on two cores: one torch thread each, as the command-line runs
 # the tests start (OMP_NUM_THREADS=1); more would only make the two fight over the cores.
@@ -45,6 +46,11 @@ class FileScheduling(LoadFileScheduling):
 @pytest.hookimpl(tryfirst=True, optionalhook=True)  # optional: plain pytest runs too
 def pytest_xdist_make_scheduler(config, log):
     return FileScheduling(config, log) if config.getvalue("dist") == "loadfile" else None
+
+
+def save_model(model, directory) -> None:
+    """A model directory (model.safetensors + config.json), as ``export``, ``sample`` and ``eval`` read it."""
+    save_weights(model.state_dict(), model.config, directory)
 
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600,

@@ -19,12 +19,11 @@ import time
 import pytest
 import torch
 
-from conftest import assert_one_line_error, run_cli, run_main
+from conftest import assert_one_line_error, run_cli, run_main, save_model
 from gpt2repro.config.presets import MODEL_PRESETS, get_preset
 from gpt2repro.config.settings import apply_overrides
 from gpt2repro.errors import UserError
 from gpt2repro.model import checkpoint as layout
-from gpt2repro.model.checkpoint import save_model
 from gpt2repro.model.gpt import GPT
 
 # ---------------------------------------------------------------------------

@@ -9,11 +9,10 @@ import os
 import pytest
 import torch
 
-from conftest import assert_one_line_error, run_main
+from conftest import assert_one_line_error, run_main, save_model
 from gpt2repro.config.presets import MODEL_PRESETS
 from gpt2repro.files import FILES_MANIFEST
 from gpt2repro.model import checkpoint as layout
-from gpt2repro.model.checkpoint import save_model
 from gpt2repro.model.gpt import GPT
 
 TINY = ["--preset", "tiny", "eval.sample_every=0"]

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_one_line_error, run_cli, run_main, write_bin_shard
+from conftest import assert_one_line_error, run_cli, run_main, save_model, write_bin_shard
 from gpt2repro.config.presets import MODEL_PRESETS
 from gpt2repro.data.tokenizer import EOT_TOKEN, decode, encode
 from gpt2repro.errors import UserError
 from gpt2repro.eval.bits_per_byte import count_bytes, token_bytes
 from gpt2repro.eval.loss import count_windows, evaluate_loss
-from gpt2repro.model.checkpoint import load_model_dir, save_model
+from gpt2repro.model.checkpoint import load_model_dir
 from gpt2repro.model.gpt import GPT
 from gpt2repro.model.load import load_model
 
@@ -171,7 +171,7 @@ def test_bad_inputs_are_one_line_and_write_nothing(tmp_path, tiny_ckpt, case):
 
 
 def test_plot_draws_val_bpb_in_a_third_panel_without_an_invented_baseline(tmp_path, capsys):
-    from gpt2repro.report.plot import GPT2_VAL_BPB, plot_logs
+    from gpt2repro.report.plot import plot_logs
 
     lines = [f"{s} train {4 - s / 100:.4f}" for s in range(0, 100, 10)]
     lines += [f"{s} {stream} {value:.4f}" for s in range(0, 100, 50)
@@ -182,5 +182,5 @@ def test_plot_draws_val_bpb_in_a_third_panel_without_an_invented_baseline(tmp_pa
     loss_ax, hella_ax, bpb_ax = fig.axes
     assert [line.get_label() for line in bpb_ax.get_lines()] == ["val bits per byte"]  # no baseline line
     assert bpb_ax.get_lines()[0].get_ydata().tolist() == [1.3, 1.25]
-    assert GPT2_VAL_BPB == {} and bpb_ax.get_title() == "Val bits per byte"
+    assert bpb_ax.get_title() == "Val bits per byte"
     assert "min val bpb 1.2500 (step 50)" in capsys.readouterr().out

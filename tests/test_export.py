@@ -1,10 +1,9 @@
 import pytest
 import torch
 
-from conftest import assert_one_line_error, run_cli, run_main
+from conftest import assert_one_line_error, run_cli, run_main, save_model
 from gpt2repro.config import GPT2_VOCAB_SIZE
 from gpt2repro.config.presets import MODEL_PRESETS
-from gpt2repro.model.checkpoint import save_model
 from gpt2repro.model.gpt import GPT
 
 transformers = pytest.importorskip("transformers")

@@ -1,11 +1,11 @@
 import pytest
 import torch
 
-from conftest import assert_one_line_error, run_cli, run_main
+from conftest import assert_one_line_error, run_cli, run_main, save_model
 from gpt2repro.config import GPT2_VOCAB_SIZE
 from gpt2repro.config.presets import MODEL_PRESETS
 from gpt2repro.data.tokenizer import decode, encode
-from gpt2repro.model.checkpoint import load_model_dir, save_model
+from gpt2repro.model.checkpoint import load_model_dir
 from gpt2repro.model.generate import generate
 from gpt2repro.model.gpt import GPT
 

@@ -9,13 +9,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import assert_one_line_error, run_cli, run_main
+from conftest import assert_one_line_error, run_cli, run_main, save_model
 from gpt2repro.cli import main, parse
 from gpt2repro.cli.commands import sample_command
 from gpt2repro.config.presets import MODEL_PRESETS, get_preset
 from gpt2repro.data.tokenizer import EOT_TOKEN, encode
 from gpt2repro.eval.multiple_choice import Question, ending_logprobs, fit_to_block, score
-from gpt2repro.model.checkpoint import load_model_dir, save_model
+from gpt2repro.model.checkpoint import load_model_dir
 from gpt2repro.model.gpt import GPT
 
 lm_eval = pytest.importorskip("lm_eval")

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import CountHostReads, assert_one_line_error, make_items, run_cli, run_main, write_jsonl
+from conftest import CountHostReads, assert_one_line_error, make_items, run_cli, run_main, save_model, write_jsonl
 from gpt2repro.bench.hellaswag_reference import ending_logprobs_reference, evaluate_hellaswag_reference
 from gpt2repro.config import GPT2_VOCAB_SIZE
 from gpt2repro.config.presets import MODEL_PRESETS
@@ -14,7 +14,7 @@ from gpt2repro.data.tokenizer import EOT_TOKEN, encode
 from gpt2repro.errors import UserError
 from gpt2repro.eval import hellaswag as hs
 from gpt2repro.eval import multiple_choice as mc
-from gpt2repro.model.checkpoint import load_model_dir, save_model
+from gpt2repro.model.checkpoint import load_model_dir
 from gpt2repro.model.gpt import GPT
 
 

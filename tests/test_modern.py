@@ -17,6 +17,7 @@ from conftest import (
     max_abs_diff,
     run_cli,
     run_main,
+    save_model,
     train_cli,
     weights,
 )
@@ -25,7 +26,7 @@ from gpt2repro.config.presets import MODEL_PRESETS, MODERN_LEVERS, TINY_MODERN_T
 from gpt2repro.config.settings import apply_overrides, as_overrides
 from gpt2repro.model import gpt as gpt_module
 from gpt2repro.model.attention import apply_rotary, rotary_tables
-from gpt2repro.model.checkpoint import load_model_dir, save_model
+from gpt2repro.model.checkpoint import load_model_dir
 from gpt2repro.model.chunked_ce import chunked_cross_entropy
 from gpt2repro.model.generate import generate
 from gpt2repro.model.gpt import GPT

@@ -15,11 +15,10 @@ import pytest
 import torch
 
 import record_2025_01_04 as record
-from conftest import assert_one_line_error, make_document_shards, run_main
+from conftest import assert_one_line_error, make_document_shards, run_main, save_model
 from gpt2repro import cli
 from gpt2repro.config.presets import get_preset
 from gpt2repro.config.settings import apply_overrides
-from gpt2repro.model.checkpoint import save_model
 from gpt2repro.model.gpt import GPT
 
 SHAPE = ["model.n_layer=12", "model.n_head=2", "model.n_embd=32"]

@@ -14,14 +14,14 @@ import types
 import pytest
 import torch
 
-from conftest import make_pattern_shards, run_cli, run_main
+from conftest import make_pattern_shards, run_cli, run_main, save_model
 from gpt2repro import cli
 from gpt2repro.cli.commands import train_config
 from gpt2repro.cli.parser import build_parser
 from gpt2repro.config.presets import MODEL_PRESETS, PRESET_ALIASES, TRAIN_PRESETS
 from gpt2repro.data.tokenizer import StreamDecoder, decode, encode
 from gpt2repro.errors import UserError
-from gpt2repro.model.checkpoint import load_model_dir, save_model
+from gpt2repro.model.checkpoint import load_model_dir
 from gpt2repro.model.generate import generate
 from gpt2repro.model.gpt import GPT
 from gpt2repro.runlog import RunLog

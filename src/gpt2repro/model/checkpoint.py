@@ -34,10 +34,6 @@ NAME = re.compile(r"^ckpt_(\d{6,})$")
 TEMPORARY_PREFIXES = (".tmp_ckpt_", ".old_ckpt_")  # checkpoints being written or swapped
 
 
-def save_model(model: GPT, directory: Path, extra: dict[str, Any] | None = None) -> None:
-    save_weights(model.state_dict(), model.config, directory, extra)
-
-
 def save_weights(weights: dict[str, torch.Tensor], model_config: ModelConfig, directory: Path,
                  extra: dict[str, Any] | None = None) -> None:
     directory = Path(directory)

@@ -5,8 +5,7 @@ counted and reported; a log with nothing to draw is an error.
 ``x="tokens"`` puts tokens trained on on the x axis, so runs of different batch sizes overlay
 honestly (tokens per step from the run's ``config.json``, else ``default_tokens_per_step``).
 Baselines are drawn only where they apply: GPT-2's val loss (known for 124M) when every run's
-val split is FineWeb-edu, and GPT-2's and GPT-3's HellaSwag acc_norm. No checkpoint's val bpb is
-known yet (``GPT2_VAL_BPB``), so that panel has no baseline.
+val split is FineWeb-edu, and GPT-2's and GPT-3's HellaSwag acc_norm; val bpb has none yet.
 """
 
 from __future__ import annotations
@@ -25,7 +24,6 @@ from gpt2repro.runlog import DEFAULT_TOKENS_PER_STEP, LOG_FILE, Streams, read_lo
 
 PLOTTED_STREAMS = ("train", "val", "hella", "val_bpb")
 GPT2_VAL_LOSS = {"124M": 3.2924}
-GPT2_VAL_BPB: dict[str, float] = {}  # none measured yet
 HELLASWAG_BASELINES = {  # size: (GPT-2, GPT-3) acc_norm
     "124M": (0.294463, 0.337),
     "350M": (0.375224, 0.436),
@@ -169,9 +167,6 @@ def plot_logs(logs: list[str], size: str = "124M", out: str = "plot.png", show: 
     if "hella" in ax_of:
         for value, color, model in zip(HELLASWAG_BASELINES[size], "rg", ("GPT-2", "GPT-3")):
             ax_of["hella"].axhline(value, color=color, linestyle="--", label=f"OpenAI {model} ({size}) checkpoint")
-    if "bpb" in ax_of and size in GPT2_VAL_BPB:
-        ax_of["bpb"].axhline(GPT2_VAL_BPB[size], color="r", linestyle="--",
-                             label=f"OpenAI GPT-2 ({size}) checkpoint val bpb")
     for panel, ax in ax_of.items():
         ax.set(xlabel=x, **AXES[panel])
         ax.legend()
