@@ -61,14 +61,8 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
 
 
-def resolve_flag(value: bool | str, device: torch.device, auto_on: tuple[str, ...] = ("cuda",)) -> bool:
-    """A config switch that is true, false or auto (on for the device types ``auto_on``)."""
-    return value if isinstance(value, bool) else device.type in auto_on
-
-
 def resolve_ce_chunk_rows(value: int | str, device: torch.device) -> int:
-    """Rows per chunk of the fused LM head + loss (0: off). auto: 128 on the CPU, where small chunks
-    keep the logits in cache; off on GPUs."""
+    """Rows per chunk of the fused LM head + loss: auto is 128 on the CPU (logits stay in cache), 0 (off) on GPUs."""
     return (128 if device.type == "cpu" else 0) if value == "auto" else value
 
 
@@ -111,10 +105,8 @@ def peak_flops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    for key in sorted(PEAK_BF16_FLOPS, key=len, reverse=True):  # "H100 PCIe" before "H100"
-        if key in name:
-            return PEAK_BF16_FLOPS[key]
-    return None
+    # "H100 PCIe" before "H100"
+    return next((PEAK_BF16_FLOPS[key] for key in sorted(PEAK_BF16_FLOPS, key=len, reverse=True) if key in name), None)
 
 
 # --- ranks
@@ -166,17 +158,7 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     """In-place mean across ranks (gloo has no AVG, so sum and divide)."""
-    if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        t /= dist.get_world_size()
-    return t
-
-
-def all_reduce_min(value: int, device) -> int:
-    t = torch.tensor([value], device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return int(t.item())
+    return all_reduce_sum(t).div_(dist.get_world_size()) if dist.is_initialized() else t
 
 
 def max_over_ranks(value: int, device) -> int:
@@ -184,6 +166,10 @@ def max_over_ranks(value: int, device) -> int:
     if dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t.item())
+
+
+def all_reduce_min(value: int, device) -> int:
+    return -max_over_ranks(-value, device)  # the smallest value has the largest negation
 
 
 def any_rank(flag: bool, device) -> bool:
@@ -223,7 +209,8 @@ def setup_runtime(cfg) -> Runtime:
         # TF32 for the float32 matmuls that remain under bf16 autocast (Ampere and newer)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    compiled = cfg.compile if isinstance(cfg.compile, bool) else device.type == "cuda"  # auto: on CUDA
     # fused AdamW: one kernel for all parameters on CUDA, a vectorised loop on the CPU
-    fused = resolve_flag(cfg.fused_adamw, device, auto_on=("cuda", "cpu")) and fused_adamw_available(device)
-    return Runtime(dist, device, pick_autocast_dtype(cfg.dtype, device), resolve_flag(cfg.compile, device),
-                   fused, resolve_ce_chunk_rows(cfg.ce_chunk_rows, device))
+    fused = cfg.fused_adamw if isinstance(cfg.fused_adamw, bool) else device.type in ("cuda", "cpu")
+    return Runtime(dist, device, pick_autocast_dtype(cfg.dtype, device), compiled,
+                   fused and fused_adamw_available(device), resolve_ce_chunk_rows(cfg.ce_chunk_rows, device))

@@ -39,12 +39,14 @@ def writing(path: str | Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
+def atomic_open(path: str | Path, mode: str = "wb", make_parents: bool = False) -> Iterator[IO]:
     """Open ``path`` for writing (``"wb"`` or ``"w"``); it appears only when the block ends cleanly."""
     path = Path(path)
     tmp = temporary_name(path)
     try:
         with writing(path):
+            if make_parents:  # off: a run folder removed meanwhile is an error, not silently made again
+                path.parent.mkdir(parents=True, exist_ok=True)
             f = open(tmp, mode, encoding="utf-8" if mode == "w" else None)
         try:
             yield f
@@ -62,8 +64,8 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
         raise
 
 
-def atomic_write(path: str | Path, data: str | bytes) -> None:
-    with writing(path), atomic_open(path, "w" if isinstance(data, str) else "wb") as f:
+def atomic_write(path: str | Path, data: str | bytes, make_parents: bool = False) -> None:
+    with writing(path), atomic_open(path, "w" if isinstance(data, str) else "wb", make_parents) as f:
         f.write(data)
 
 
@@ -74,8 +76,7 @@ def _under_folders(path: Path, flag: str) -> None:
                         "create what it points to, or pass another path")
     parent = next((p for p in path.parents if p.exists()), None)
     if parent is not None and not parent.is_dir():
-        raise UserError(f"{flag} {path}: {parent} is a file, so nothing can be written under it; "
-                        "choose another path")
+        raise UserError(f"{flag} {path}: {parent} is a file, so nothing can be written under it; choose another path")
 
 
 def folder_target(path: str | Path, flag: str = "--out") -> Path:

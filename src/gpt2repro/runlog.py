@@ -100,11 +100,10 @@ class RunLog:
     def __init__(self, path: Path, resume_step: int | None = None, tensorboard_dir: Path | None = None,
                  wandb_run: dict | None = None):
         self.path = path
-        with writing(path):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            if resume_step is None:
+        if resume_step is None:
+            with writing(path):
                 path.write_text("")
-        if resume_step is not None:
+        else:
             self.truncate(resume_step)
         self.tb = self.wandb = None
         if tensorboard_dir is not None:

@@ -47,8 +47,7 @@ def prepare_tokenize(texts: list[str], workers: int) -> tuple[int, str]:
 def bench_tokenize(args) -> None:
     texts = list(itertools.islice(open_source(args.source).documents(0), args.max_docs))
     tokenizer.gpt2_encoding(), fast_encoding()  # built once here; forked workers inherit them
-    methods = {"Pool per document (build-nanogpt)": reference_tokenize,
-               f"prepare ({encoder_name()})": prepare_tokenize}
+    methods = {"Pool per document (build-nanogpt)": reference_tokenize, f"prepare ({encoder_name()})": prepare_tokenize}
     seconds: dict[str, list[float]] = {name: [] for name in methods}
     results = {}
     for _ in range(ROUNDS):

@@ -14,6 +14,7 @@ from pathlib import Path
 from gpt2repro.cli.parser import train_config
 from gpt2repro.config import MAX_SAMPLE_TOKENS
 from gpt2repro.errors import UserError, print0
+from gpt2repro.files import LOCK_FILE, atomic_write, folder_target, writing
 
 
 def settings_command(args: argparse.Namespace) -> list[str]:
@@ -42,13 +43,13 @@ def chosen_model_settings(args: argparse.Namespace, cfg) -> dict[str, str]:
     """Model keys the command line chose, each with how: a ``model.*`` override, or a switch of a ``--preset``
     named on it (not its size: --init-from's MODEL has one)."""
     from gpt2repro.config.presets import get_preset
-    from gpt2repro.config.settings import override_keys
+    from gpt2repro.config.settings import parse_overrides
 
     chosen = {}
     if any(a == "--preset" or a.startswith("--preset=") for a in getattr(args, "argv", None) or []):
         for key, value in get_preset(args.preset).model.switches().items():
             chosen[key] = f"--preset {args.preset}'s model.{key}={value}"
-    for dotted in override_keys(cfg, list(args.overrides)):
+    for dotted, _ in parse_overrides(cfg, list(args.overrides)):
         if dotted.startswith("model."):
             key = dotted.removeprefix("model.")
             chosen[key] = f"{dotted}={getattr(cfg.model, key)}"
@@ -161,9 +162,8 @@ def evaluate_hellaswag_command(args: argparse.Namespace) -> dict:
     encode("")  # build the BPE tables now, so the first scoring's items/s does not include them
     with on_every_rank(args, lambda info, _: len(SCORINGS) * len(items[::info.world_size]), "hellaswag") as (
             net, info, bar):
-        results = evaluate_hellaswag(net.model, items, batch_size=args.batch_size, device=net.device,
-                                     autocast_dtype=net.autocast_dtype, rank=info.rank, world_size=info.world_size,
-                                     progress=bar.update)
+        results = evaluate_hellaswag(net.model, items, batch_size=args.batch_size, device=net.device, rank=info.rank,
+                                     autocast_dtype=net.autocast_dtype, world_size=info.world_size, progress=bar.update)
     if info.is_main:
         print("\n".join(summary_lines(results)))
         if args.json:
@@ -202,7 +202,7 @@ def evaluate_loss_command(args: argparse.Namespace) -> dict:
 def evaluate_harness_command(args: argparse.Namespace) -> dict | None:
     """lm-evaluation-harness tasks on MODEL through lm-eval's own API; the results on rank 0."""
     from gpt2repro.eval import harness
-    from gpt2repro.eval.output import check_output_file, write_json_text
+    from gpt2repro.eval.output import check_output_file
 
     if args.json:
         check_output_file(args.json, inputs=[args.include_path, args.model])  # now, not after the evaluation
@@ -220,7 +220,7 @@ def evaluate_harness_command(args: argparse.Namespace) -> dict | None:
     if info.is_main and results is not None:
         print("\n".join(harness.table_lines(results)))
         if args.json:
-            write_json_text(args.json, harness.json_text(results, args.model))
+            atomic_write(args.json, harness.json_text(results, args.model), make_parents=True)
     return results
 
 
@@ -266,7 +266,6 @@ def export_command(args: argparse.Namespace) -> Path:
 
     from safetensors import SafetensorError
 
-    from gpt2repro.files import folder_target, writing
     from gpt2repro.model.checkpoint import META_FILE
     from gpt2repro.model.hf import export_hf
     from gpt2repro.model.load import load_model
@@ -302,7 +301,6 @@ def export_command(args: argparse.Namespace) -> Path:
 def describe_ours(folder: Path) -> str | None:
     """What a gpt2repro command keeps in ``folder`` (a checkpoint, a run, shards), or None."""
     from gpt2repro.data.prepare import holds_shards
-    from gpt2repro.files import LOCK_FILE
     from gpt2repro.model.checkpoint import META_FILE, read_config
     from gpt2repro.train.rundir import existing_run
 

@@ -57,8 +57,7 @@ def _run(out: Path, max_steps: int | None, overwrite: bool, resume: bool) -> Pat
 
     print("[3/4] plotting the log")
     record_written(out, DEMO_FILES)  # ours from now on: a later --overwrite replaces them
-    plot_path = out / "plot.png"
-    plot_logs([str(out / LOG_FILE)], size="124M", out=str(plot_path))
+    plot_logs([str(out / LOG_FILE)], size="124M", out=str(out / "plot.png"))
 
     print("[4/4] sampling from the final checkpoint")
     model = load_model(str(out))
@@ -69,7 +68,7 @@ def _run(out: Path, max_steps: int | None, overwrite: bool, resume: bool) -> Pat
 
     print(f"\ndemo finished; everything is in {out}/:")
     print(f"  log.txt            train/val loss per step (plot it: gpt2repro plot --log {out}/log.txt)")
-    print(f"  {plot_path.name:18} the loss curve")
+    print("  plot.png           the loss curve")
     newest = sorted(out.glob("ckpt_*"))[-1].name
     print(f"  {newest}/       the final checkpoint (gpt2repro sample --model {out})")
     print("  samples.txt        samples written during training")

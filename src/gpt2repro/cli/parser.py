@@ -15,14 +15,14 @@ from gpt2repro.config.presets import PRESET_ALIASES, RECIPE_PAIRS, TRAIN_PRESETS
 from gpt2repro.config.settings import choices, declared, flags, parse_int, parse_overrides, parse_value, set_values
 from gpt2repro.errors import UserError
 
+MODEL_HELP = "our checkpoint/run dir, a Hugging Face dir, or a hub name"
+
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Every flag's default in --help, but an empty one (None, an unset switch): its help says what then."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default in (None, False):
-            return action.help
-        return super()._get_help_string(action)
+        return action.help if action.default in (None, False) else super()._get_help_string(action)
 
     def _split_lines(self, text: str, width: int) -> list[str]:
         # Preset names hold hyphens; a name split over two lines cannot be copied.
@@ -95,11 +95,6 @@ def _add_device_flags(p: argparse.ArgumentParser) -> None:
     for name in ("device", "dtype"):
         annotation, f = declared(RuntimeConfig, name)
         p.add_argument(f"--{name}", default="auto", choices=choices(annotation) or None, help=f.metadata["help"])
-
-
-def _add_model_flag(p: argparse.ArgumentParser,
-                    help: str = "our checkpoint/run dir, a Hugging Face dir, or a hub name") -> None:
-    p.add_argument("--model", required=True, help=help)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -211,7 +206,7 @@ def _eval(sub, common: argparse.ArgumentParser) -> None:
         ("loss", "mean next-token loss and bits per byte on a split of token shards"),
         ("harness", "lm-evaluation-harness tasks (pip install 'gpt2repro[lm-eval]')"))]
     for e in tasks:
-        _add_model_flag(e)
+        e.add_argument("--model", required=True, help=MODEL_HELP)
     e = tasks[0]
     e.add_argument("--data", default=None, help="hellaswag jsonl (default: download the official val file)")
     e.add_argument("--limit", type=count(1), default=None, help="evaluate only the first N items (default: all)")
@@ -249,7 +244,7 @@ def _plot(sub, common: argparse.ArgumentParser) -> None:
 
 def _sample(sub, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("sample", parents=[common], help="generate text from a model")
-    _add_model_flag(p)
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--prompt", default="Hello, I'm a language model,", help="the text every sample continues")
     p.add_argument("--num", type=count(1), default=5, help="number of samples (one is printed as it is generated)")
     p.add_argument("--max-new-tokens", type=count(0), default=64,
@@ -265,7 +260,7 @@ def _sample(sub, common: argparse.ArgumentParser) -> None:
 
 def _export(sub, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("export", parents=[common], help="write a checkpoint as a Hugging Face GPT-2 directory")
-    _add_model_flag(p, "our checkpoint or run directory")
+    p.add_argument("--model", required=True, help="our checkpoint or run directory")
     p.add_argument("--out", required=True, help="output directory (new, or empty)")
     p.add_argument("--overwrite", action="store_true",
                    help="write into a non-empty --out, replacing files of the same names")

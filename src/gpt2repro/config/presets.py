@@ -92,9 +92,8 @@ MODERN_LEVERS: dict[str, dict[str, Any]] = {
 
 def _modern(faithful: typing.Callable[[], TrainConfig], out: str, tuned: dict[str, Any]) -> TrainConfig:
     """A faithful preset with every lever on, then the recipe's own values (which win)."""
-    cfg = faithful()
-    cfg.out_dir = out
-    return set_values(cfg, {key: value for lever in MODERN_LEVERS.values() for key, value in lever.items()} | tuned)
+    levers = {key: value for lever in MODERN_LEVERS.values() for key, value in lever.items()}
+    return set_values(faithful(), {"out_dir": out} | levers | tuned)
 
 
 # modded-nanogpt's record of 2025-01-04 (records/track_1_short/2025-01-04_SoftCap): FineWeb val 3.2785 after 1,390 steps

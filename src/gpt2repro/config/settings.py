@@ -182,12 +182,6 @@ def _resolve_key(key: str, keys: list[str]) -> str:
     raise UserError(f"unknown config key {key!r}{hint}; valid keys: {', '.join(keys)}")
 
 
-def override_keys(cfg: Any, overrides: list[str]) -> list[str]:
-    """The dotted keys that ``overrides`` set (``max_lr=1`` -> ``optim.max_lr``), in order."""
-    keys = config_keys(cfg)
-    return [_resolve_key(item.split("=", 1)[0].strip(), keys) for item in overrides if "=" in item]
-
-
 def set_values(cfg: Any, values: dict[str, Any]) -> Any:
     """Set typed values (``{"model.qk_norm": True}``) in order; each section's ``__post_init__`` checks run
     after all are set, so settings that depend on each other (n_embd and n_head) may come in any order."""

@@ -11,7 +11,7 @@ from gpt2repro.data.prepare import MANIFEST as SHARDS_MANIFEST
 from gpt2repro.data.prepare import PROGRESS as SHARDS_PROGRESS
 from gpt2repro.data.shards import SHARD_PATTERN
 from gpt2repro.errors import UserError
-from gpt2repro.files import FILES_MANIFEST, LOCK_FILE, atomic_write, file_target, manifest_names, writing
+from gpt2repro.files import FILES_MANIFEST, LOCK_FILE, atomic_write, file_target, manifest_names
 from gpt2repro.model.checkpoint import WEIGHTS_FILE
 
 
@@ -32,11 +32,9 @@ def kept_by_gpt2repro(path: Path) -> str | None:
 
 
 def check_output_file(path: str | Path, flag: str = "--json", inputs: Iterable[str | Path | None] = ()) -> Path:
-    """``path`` checked before hours of work: a writable file, not gpt2repro's own, not one of
-    ``inputs`` (or inside an input folder)."""
+    """``path`` checked before hours of work: writable, not gpt2repro's own, not in ``inputs`` nor inside one."""
     path = file_target(path, flag)
-    owner = kept_by_gpt2repro(path)
-    if owner:
+    if owner := kept_by_gpt2repro(path):
         raise UserError(f"{flag} {path}: inside {owner}, which gpt2repro reads back; write the result "
                         "somewhere else, e.g. a new file beside that folder")
     for source in filter(None, inputs):
@@ -50,13 +48,5 @@ def check_output_file(path: str | Path, flag: str = "--json", inputs: Iterable[s
     return path
 
 
-def write_json_text(path: str | Path, text: str) -> None:
-    """All or nothing, its folders made."""
-    path = Path(path)
-    with writing(path.parent):
-        path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, text)
-
-
 def write_json(path: str | Path, record: dict) -> None:
-    write_json_text(path, json.dumps(record, indent=2) + "\n")
+    atomic_write(path, json.dumps(record, indent=2) + "\n", make_parents=True)

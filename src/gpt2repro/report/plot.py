@@ -20,7 +20,7 @@ from gpt2repro.data.prepare import MANIFEST as SHARDS_MANIFEST
 from gpt2repro.data.sources import FINEWEB_EDU, FINEWEB_PREFIX
 from gpt2repro.errors import UserError
 from gpt2repro.files import atomic_open, file_target, writing
-from gpt2repro.runlog import DEFAULT_TOKENS_PER_STEP, LOG_FILE, Streams, read_log, tokens_per_step
+from gpt2repro.runlog import DEFAULT_TOKENS_PER_STEP, LOG_FILE, read_log, tokens_per_step
 
 PLOTTED_STREAMS = ("train", "val", "hella", "val_bpb")
 GPT2_VAL_LOSS = {"124M": 3.2924}
@@ -53,24 +53,13 @@ def smooth(values: np.ndarray, window: int) -> np.ndarray:
 
 def _names(logs: list[str]) -> list[str]:
     """A short label per log: RUN for ``.../RUN/log.txt``, else the file name; full paths if not unique."""
-    names = [Path(p).parent.name if Path(p).name == LOG_FILE and Path(p).parent.name else Path(p).name
-             for p in logs]
+    names = [Path(p).parent.name if Path(p).name == LOG_FILE and Path(p).parent.name else Path(p).name for p in logs]
     return names if len(set(names)) == len(names) else [str(p) for p in logs]
 
 
 def _valid(stream: str, value: float) -> bool:
     low, high = VALID.get(stream, (-math.inf, math.inf))
     return math.isfinite(value) and low <= value <= high
-
-
-def out_of_range(streams: Streams) -> list[str]:
-    """``'hella 1.5 (step 10)'`` for each value outside its stream's ``VALID`` range, or non-finite."""
-    return [f"{stream} {value:g} (step {step})" for stream in PLOTTED_STREAMS
-            for step, value in streams.get(stream, []) if not _valid(stream, value)]
-
-
-def _drawable(stream: str, points: list[tuple[int, float]]) -> list[tuple[int, float]]:
-    return [(s, v) for s, v in points if _valid(stream, v)]
 
 
 def val_is_fineweb_edu(log: str | Path) -> bool:
@@ -86,20 +75,6 @@ def val_is_fineweb_edu(log: str | Path) -> bool:
         return any(data.glob(f"{FINEWEB_PREFIX}_val_*.npy"))
 
 
-def check_out(out: str | Path) -> Path:
-    """``--out`` with a suffix matplotlib writes, checked before any drawing."""
-    from matplotlib.backend_bases import FigureCanvasBase
-
-    path = file_target(out)
-    formats = FigureCanvasBase.get_supported_filetypes()
-    suffix = path.suffix.lower().removeprefix(".")
-    if suffix not in formats:
-        what = f"unsupported suffix .{suffix}" if suffix else "no file suffix"
-        raise UserError(f"--out {out}: {what}; end the name with one of "
-                        f"{', '.join('.' + f for f in sorted(formats))}, e.g. plot.png")
-    return path
-
-
 def plot_logs(logs: list[str], size: str = "124M", out: str = "plot.png", show: bool = False,
               x: str = "step", default_tokens_per_step: int = DEFAULT_TOKENS_PER_STEP):
     """Draw every log into one figure, save it as ``out``, print the key numbers; returns the Figure.
@@ -109,8 +84,15 @@ def plot_logs(logs: list[str], size: str = "124M", out: str = "plot.png", show: 
     if not show:
         matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
+    from matplotlib.backend_bases import FigureCanvasBase
 
-    out_path = check_out(out)
+    out_path = file_target(out)
+    formats = FigureCanvasBase.get_supported_filetypes()
+    suffix = out_path.suffix.lower().removeprefix(".")
+    if suffix not in formats:  # checked before any drawing
+        what = f"unsupported suffix .{suffix}" if suffix else "no file suffix"
+        raise UserError(f"--out {out}: {what}; end the name with one of "
+                        f"{', '.join('.' + f for f in sorted(formats))}, e.g. plot.png")
     if any(Path(p).resolve() == out_path.resolve() for p in logs):
         raise UserError(f"--out {out}: is also a --log file, which the plot would replace; pass e.g. --out plot.png")
     parsed = [read_log(p) for p in logs]
@@ -119,12 +101,14 @@ def plot_logs(logs: list[str], size: str = "124M", out: str = "plot.png", show: 
             raise UserError(f"{path}: no lines like '<step> train|val|hella|val_bpb <value>' "
                             f"({malformed} malformed); pass the log.txt of a training run")
     for path, (streams, _) in zip(logs, parsed):
-        if bad := out_of_range(streams):
+        bad = [f"{stream} {value:g} (step {step})" for stream in PLOTTED_STREAMS
+               for step, value in streams.get(stream, []) if not _valid(stream, value)]
+        if bad:
             print(f"warning: {path}: {len(bad)} value(s) outside their stream's range, not drawn: "
                   f"{', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}")
 
     def holds(stream: str) -> bool:
-        return any(_drawable(stream, streams.get(stream, [])) for streams, _ in parsed)
+        return any(_valid(stream, value) for streams, _ in parsed for _step, value in streams.get(stream, []))
 
     panels = ["loss"] + [name for name, stream in (("hella", "hella"), ("bpb", "val_bpb")) if holds(stream)]
     fig, axes = plt.subplots(1, len(panels), figsize=(8 * len(panels), 6), squeeze=False)
@@ -137,7 +121,7 @@ def plot_logs(logs: list[str], size: str = "124M", out: str = "plot.png", show: 
             per_step, source = tokens_per_step(path, default_tokens_per_step)
             print(f"{path}: {per_step:,} tokens per step (from {source})")
         for stream, panel, best, what, legend in CURVES:
-            points = _drawable(stream, streams.get(stream, []))
+            points = [(s, v) for s, v in streams.get(stream, []) if _valid(stream, v)]
             if not points:
                 continue
             ax = ax_of[panel]
@@ -171,11 +155,9 @@ def plot_logs(logs: list[str], size: str = "124M", out: str = "plot.png", show: 
         ax.set(xlabel=x, **AXES[panel])
         ax.legend()
     fig.tight_layout()
-
-    with writing(out_path.parent):
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-    with writing(out_path), atomic_open(out_path) as f:  # a full disk leaves the previous plot, not half a new one
-        fig.savefig(f, dpi=100, format=out_path.suffix.lower().removeprefix("."))
+    # a full disk leaves the previous plot, not half a new one
+    with writing(out_path), atomic_open(out_path, make_parents=True) as f:
+        fig.savefig(f, dpi=100, format=suffix)
     print(f"wrote {out_path}")
     if show:
         plt.show()

@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
+import operator
 import shlex
 from pathlib import Path
 from typing import Any
 
-from gpt2repro.config import ModelConfig, TrainConfig
+from gpt2repro.config import TrainConfig
 from gpt2repro.config.presets import MODEL_PRESETS
 from gpt2repro.model.checkpoint import list_checkpoints
 from gpt2repro.runlog import RunLog
 
 # `gpt2repro plot --sz` of each GPT-2 size: the summary's plot command draws that size's baselines.
 PLOT_SIZES = {"gpt2": "124M", "gpt2-medium": "350M", "gpt2-large": "774M", "gpt2-xl": "1558M"}
-
-
-def _same_shape(a: ModelConfig, b: ModelConfig) -> bool:
-    return (a.n_layer, a.n_head, a.n_embd) == (b.n_layer, b.n_head, b.n_embd)
 
 
 def duration(seconds: float) -> str:
@@ -57,7 +54,8 @@ def summary_lines(cfg: TrainConfig, steps_done: int, run_log: RunLog, seconds: f
         best = max(hella, key=lambda record: record[1])
         hella_text = f"{hella[-1][1]:.4f} (step {hella[-1][0]}; best {best[1]:.4f} at step {best[0]})"
     newest = list_checkpoints(out)
-    size = next((PLOT_SIZES[name] for name in PLOT_SIZES if _same_shape(MODEL_PRESETS[name], cfg.model)), None)
+    shape = operator.attrgetter("n_layer", "n_head", "n_embd")
+    size = next((size for name, size in PLOT_SIZES.items() if shape(MODEL_PRESETS[name]) == shape(cfg.model)), None)
     plot = (f"gpt2repro plot --log {shlex.quote(str(out / 'log.txt'))}" + (f" --sz {size}" if size else "")
             + f" --out {shlex.quote(str(out / 'plot.png'))}")
     return [f"{'finished' if steps_done >= max_steps else 'stopped'}: {steps_done:,} of {max_steps:,} steps, "
