@@ -217,10 +217,14 @@ def test_interrupted_prepare_resumes_byte_identical(tmp_path, monkeypatch, small
     assert json.loads((out / prep.MANIFEST).read_text())["shards"] == full["shards"]
 
 
-def test_raising_max_tokens_extends_the_shards(tmp_path):
+def test_raising_max_tokens_extends_the_shards(tmp_path, monkeypatch):
     data = str(write_jsonl(tmp_path / "d.jsonl", make_documents(150)))
     prep.prepare(data, tmp_path / "full", shard_tokens=1000, val_tokens=800, workers=1)
     prep.prepare(data, tmp_path / "grown", shard_tokens=1000, val_tokens=800, max_tokens=3500, workers=1)
+    with monkeypatch.context() as m:  # stopped before its first new shard: the folder still vouches for its own
+        m.setattr(prep, "tokenize_documents", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            prep.prepare(data, tmp_path / "grown", shard_tokens=1000, val_tokens=800, workers=1)
     prep.prepare(data, tmp_path / "grown", shard_tokens=1000, val_tokens=800, workers=1)
     assert shard_bytes(tmp_path / "grown") == shard_bytes(tmp_path / "full")
 

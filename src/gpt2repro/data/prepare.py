@@ -207,10 +207,12 @@ def _prepare_locked(corpus, source: str, out_dir: Path, run: dict, workers: int,
         documents = itertools.chain([first], documents)
     out_dir.mkdir(parents=True, exist_ok=True)
     _check_out_dir(out_dir, run["prefix"], previous)
-    (out_dir / MANIFEST).unlink(missing_ok=True)  # from here on the directory is being changed
     state = {"format": FORMAT, "version": 1, **run, "max_tokens": max_tokens,
              "tokenizer": {"encoding": "gpt2", "encoder.json": tokenizer.ENCODER_JSON_SHA256,
                            "vocab.bpe": tokenizer.VOCAB_BPE_SHA256}, "dtype": "uint16"}
+    if kept:  # a progress file vouches for the kept shards before the manifest goes: a stop before the
+        _write_json(out_dir / PROGRESS, {**state, "shards": kept, "complete": False})  # next shard resumes
+    (out_dir / MANIFEST).unlink(missing_ok=True)  # from here on the directory is being changed
     writer = _ShardWriter(out_dir, state, kept)
     if kept:
         print(f"{out_dir}: resuming after {len(kept)} finished shards ({writer.written:,} tokens)")
