@@ -25,10 +25,8 @@ from conftest import (
 )
 from gpt2repro.config.presets import MODEL_PRESETS
 from gpt2repro.errors import UserError
-from gpt2repro.model import checkpoint as ckpt
 from gpt2repro.model import checkpoint as layout
 from gpt2repro.model.gpt import GPT
-from gpt2repro.train import start
 
 COMMON = ["max_steps=10", "checkpoint.every=2", "checkpoint.keep=0"]
 # The runs a fault interrupts are processes of their own; the uninterrupted runs and the
@@ -162,14 +160,14 @@ def test_sigterm_between_micro_steps_resumes_as_the_uninterrupted_run(shards, tm
 
 def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
     model = GPT(MODEL_PRESETS["tiny"])
-    good = ckpt.save_checkpoint(tmp_path, 2, model.state_dict(), model.config, {"step": 2}, {})
+    good = layout.save_checkpoint(tmp_path, 2, model.state_dict(), model.config, {"step": 2}, {})
 
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", disk_full)
     with pytest.raises(OSError, match="No space left"):
-        ckpt.save_checkpoint(tmp_path, 4, model.state_dict(), model.config, {"step": 4}, {})
+        layout.save_checkpoint(tmp_path, 4, model.state_dict(), model.config, {"step": 4}, {})
     assert layout.list_checkpoints(tmp_path) == [good]
     assert not list(tmp_path.glob(".tmp_*"))
     layout.verify_checkpoint(good)
@@ -220,7 +218,7 @@ def test_pickle_with_a_payload_is_refused(tmp_path):
             return (os.system, (f"touch {marker}",))
 
     model = GPT(MODEL_PRESETS["tiny"])
-    path = ckpt.save_checkpoint(tmp_path, 1, model.state_dict(), model.config, {"step": 1}, {})
+    path = layout.save_checkpoint(tmp_path, 1, model.state_dict(), model.config, {"step": 1}, {})
     state_file = path / layout.STATE_FILE
     with open(state_file, "wb") as f:
         pickle.dump({"step": 1, "evil": Payload()}, f)
@@ -230,7 +228,7 @@ def test_pickle_with_a_payload_is_refused(tmp_path):
     (path / layout.META_FILE).write_text(json.dumps(meta))
     layout.verify_checkpoint(path)
     with pytest.raises(UserError, match="refused to load"):
-        ckpt.load_trainer_state(path)
+        layout.load_trainer_state(path)
     assert not marker.exists()
 
 
@@ -300,7 +298,7 @@ def test_resume_after_a_rollback_equals_the_uninterrupted_run(poisoned_shards, r
     out = tmp_path / "run"
     stopped = rollback_run(poisoned_shards, out, "--stop-at-step", "6")
     assert stopped.returncode == 0 and "rolled back to ckpt_000004" in stopped.stdout, stopped.stderr[-2000:]
-    assert ckpt.load_trainer_state(out / "ckpt_000006")["skip_steps"] == [5]
+    assert layout.load_trainer_state(out / "ckpt_000006")["skip_steps"] == [5]
     resumed = rollback_run(poisoned_shards, out, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "at step 6" in resumed.stdout and "non-finite" not in resumed.stdout
@@ -356,7 +354,7 @@ def test_the_stop_line_advises_a_rollback_only_where_it_can_help(poisoned_shards
     helps = poisoned_run(poisoned_shards, tmp_path / "a")
     assert_one_line_error(helps, "ckpt_000004) is intact", "runtime.on_nonfinite=rollback")
     # the same stop, with the newest checkpoint's weights already non-finite (as if saved after they broke)
-    monkeypatch.setattr(start, "nonfinite_tensor", lambda weights: "transformer.wte.weight")
+    monkeypatch.setattr(layout, "nonfinite_tensor", lambda named: "transformer.wte.weight")
     useless = poisoned_run(poisoned_shards, tmp_path / "b")
     assert_one_line_error(useless, "holds non-finite weights already", "cannot help", "--overwrite")
     assert "on_nonfinite=rollback" not in useless.stderr

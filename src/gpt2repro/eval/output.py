@@ -7,9 +7,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from gpt2repro.data.prepare import MANIFEST as SHARDS_MANIFEST
-from gpt2repro.data.prepare import PROGRESS as SHARDS_PROGRESS
-from gpt2repro.data.shards import SHARD_PATTERN
+from gpt2repro.data.prepare import holds_shards
 from gpt2repro.errors import UserError
 from gpt2repro.files import FILES_MANIFEST, LOCK_FILE, atomic_write, file_target, manifest_names
 from gpt2repro.model.checkpoint import WEIGHTS_FILE
@@ -23,8 +21,7 @@ def kept_by_gpt2repro(path: Path) -> str | None:
         return f"gpt2repro's own record of {folder}"
     if path.name in (manifest_names(folder) or ()):
         return f"the gpt2repro run or demo in {folder}"
-    if (folder / SHARDS_MANIFEST).is_file() or (folder / SHARDS_PROGRESS).is_file() or \
-            (folder.is_dir() and any(SHARD_PATTERN.match(p.name) for p in folder.iterdir())):
+    if holds_shards(folder):
         return f"the token shard folder {folder}"
     if (folder / WEIGHTS_FILE).is_file():
         return f"the model folder {folder}"

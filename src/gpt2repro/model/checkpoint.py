@@ -11,7 +11,7 @@ import os
 import pickle
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +79,11 @@ def read_weights(directory: Path) -> dict[str, torch.Tensor]:
         return load_file(str(weights))
     except (SafetensorError, OSError) as e:
         raise UserError(f"{weights}: unreadable weights ({e}); the checkpoint is corrupt, use an earlier one") from None
+
+
+def nonfinite_tensor(named: Iterable[tuple[str, torch.Tensor]]) -> str | None:
+    """The name of the first tensor holding NaN or an infinity, or None."""
+    return next((name for name, tensor in named if not torch.isfinite(tensor).all()), None)
 
 
 def load_state_strict(model: GPT, state: dict[str, torch.Tensor], source: Path | str) -> None:

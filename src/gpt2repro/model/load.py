@@ -20,8 +20,7 @@ HUB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9.
 def load_model(spec: str, device: str | torch.device = "cpu") -> GPT:
     """MODEL as our GPT on ``device``; weights that are not all finite are refused in one line."""
     model = _load_model(spec, device)
-    broken = next((name for name, p in model.named_parameters() if not torch.isfinite(p).all()), None)
-    if broken is not None:
+    if (broken := layout.nonfinite_tensor(model.named_parameters())) is not None:
         raise UserError(f"{spec}: its weights hold NaN or infinite values ({broken}, ...): the run diverged before "
                         "it was saved; use an earlier checkpoint")
     return model

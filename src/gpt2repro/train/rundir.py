@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +78,7 @@ def names_written(cfg: TrainConfig) -> list[str]:
 
 
 @contextlib.contextmanager
-def claim(run_dir: str | Path, *, resume: bool, overwrite: bool, is_main: bool, device, writes: Iterable[str],
+def claim(run_dir: str | Path, *, resume: bool, overwrite: bool, is_main: bool, device, writes: Collection[str],
           log: Callable[[str], None] = print) -> Iterator[RunFolder]:
     """Hold ``run_dir`` for one run (see the module docstring)."""
     run_dir = Path(run_dir)
@@ -98,7 +98,7 @@ def claim(run_dir: str | Path, *, resume: bool, overwrite: bool, is_main: bool, 
         yield RunFolder(run_dir, overwrite and not resume, log)
 
 
-def check_new_run_folder(run_dir: Path, overwrite: bool, writes: Iterable[str]) -> None:
+def check_new_run_folder(run_dir: Path, overwrite: bool, writes: Collection[str]) -> None:
     """Refuse a folder holding a run or files gpt2repro did not write (unless ``overwrite``, and never
     one named as a file the run ``writes``)."""
     if holds_shards(run_dir):
@@ -114,7 +114,7 @@ def check_new_run_folder(run_dir: Path, overwrite: bool, writes: Iterable[str]) 
                         "or pass --overwrite to delete that run's checkpoints, log, samples and config "
                         "and start over")
     foreign = foreign_names(run_dir)
-    clashing = [n for n in foreign if n in set(writes)]
+    clashing = [n for n in foreign if n in writes]
     if clashing:
         raise UserError(f"{run_dir}: holds {', '.join(clashing)}, which gpt2repro did not write and a run would "
                         "write over; move it elsewhere or choose another --out")

@@ -68,10 +68,6 @@ def checkpoint_to_resume(run_dir: Path, cfg: TrainConfig, log: Callable[[str], N
     return path
 
 
-def nonfinite_tensor(weights: dict[str, torch.Tensor]) -> str | None:
-    return next((name for name, tensor in weights.items() if not torch.isfinite(tensor).all()), None)
-
-
 def rng_state() -> dict[str, Any]:
     """Every RNG a training step draws from, so that a resumed run draws the same numbers."""
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}

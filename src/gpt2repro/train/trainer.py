@@ -132,9 +132,10 @@ class Trainer:
         ev, data, seq_len = self.cfg.eval, self.cfg.data.path, self.cfg.data.seq_len
         self.val_tokens = 0
         if ev.val_every > 0:  # all the windows a smaller val split holds, with a word
-            n_stream = len(open_split(data, "val"))
+            val = open_split(data, "val")
+            n_stream = len(val)
             windows = count_windows(n_stream, seq_len, ev.val_tokens, f"{data}: the val split", fewer_ok=True)
-            open_split(data, "val").check(0, windows * seq_len + 1)
+            val.check(0, windows * seq_len + 1)
             if windows < ev.val_tokens // seq_len:
                 self.log(f"data: warning: {data} has {n_stream:,} val tokens, fewer than eval.val_tokens="
                          f"{ev.val_tokens:,}; each val measures {windows * seq_len:,}")
@@ -315,7 +316,7 @@ class Trainer:
         if newest is None:
             raise UserError(f"step {step}: {what}; stopped before any checkpoint: lower {rates} (or raise "
                             "optim.warmup_steps) and start again with --overwrite")
-        if start.nonfinite_tensor(layout.read_weights(newest)) is not None:
+        if layout.nonfinite_tensor(layout.read_weights(newest).items()) is not None:
             raise UserError(f"step {step}: {what}; stopped, and the last checkpoint ({newest}) holds non-finite "
                             f"weights already, so a rollback to it cannot help: lower {rates} and start again "
                             "with --overwrite")
@@ -349,7 +350,7 @@ class Trainer:
     def restore(self, path: Path) -> int:
         """Weights, optimizer, data position, RNG and skipped batches from a checkpoint; returns its step."""
         weights = layout.read_weights(path)
-        if (broken := start.nonfinite_tensor(weights)) is not None:
+        if (broken := layout.nonfinite_tensor(weights.items())) is not None:
             raise UserError(f"{path}: its weights hold NaN or infinite values ({broken}, ...): the run diverged "
                             "before this checkpoint; move it aside to continue from the one before, at a lower "
                             f"{self.learning_rates()}")
