@@ -17,6 +17,7 @@ import torch
 import record_2025_01_04 as record
 from conftest import assert_one_line_error, make_document_shards, run_main, save_model
 from gpt2repro import cli
+from gpt2repro.bench import gpu
 from gpt2repro.config.presets import get_preset
 from gpt2repro.config.settings import apply_overrides
 from gpt2repro.model.gpt import GPT
@@ -127,8 +128,10 @@ def test_full_training_follows_the_record(documents, tmp_path, one_torch_thread)
     assert max(abs(a - b) for a, b in zip(ours, theirs)) <= 2e-3, (ours, theirs)
 
 
-def test_bench_gpu_reports_each_preset_and_writes_between_the_markers(documents, tmp_path):
+def test_bench_gpu_reports_each_preset_and_writes_between_the_markers(documents, tmp_path, monkeypatch):
     """The GPU check's own machinery, tried on the CPU with small presets."""
+    counted = []  # FLOPs per token behind each MFU
+    monkeypatch.setattr(gpu, "mfu", lambda tokens_per_s, flops, peak: counted.append(flops))
     docs = tmp_path / "benchmarks.md"
     docs.write_text("before\n<!-- bench gpu: start -->\nold results\n<!-- bench gpu: end -->\nafter\n")
     result = run_main("bench", "gpu", "--allow-cpu", "--presets", "tiny,tiny-modern", "--steps", "5",
@@ -143,6 +146,11 @@ def test_bench_gpu_reports_each_preset_and_writes_between_the_markers(documents,
         losses = [float(v) for v in text.split(f"`{preset}` loss per step: ")[1].splitlines()[0].split(", ")]
         assert len(losses) == 5 and losses[-1] < losses[0]
     assert (tmp_path / "gpu" / "gpu_check.md").read_text() in text
+    # tiny-modern's 5 steps of 10 attend over a window of one block: its MFU counts that, not the final 3 blocks
+    cfg = get_preset("tiny-modern")
+    with torch.device("meta"):
+        model = GPT(cfg.model)
+    assert counted[1] == model.flops_per_token(cfg.data.seq_len, 1) < model.flops_per_token(cfg.data.seq_len)
 
     unmarked = tmp_path / "plain.md"
     unmarked.write_text("no markers\n")

@@ -18,21 +18,29 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from gpt2repro.bench import data_folder, machine_name, percent, quiet_overrides
+from gpt2repro.bench import data_folder, machine_name, quiet_overrides
 from gpt2repro.bench.eval import synthetic_items
 from gpt2repro.config.presets import get_preset
 from gpt2repro.config.settings import apply_overrides
 from gpt2repro.data.tokenizer import EOT_TOKEN
-from gpt2repro.device import DistInfo, Runtime, peak_flops
+from gpt2repro.device import DistInfo, Runtime, peak_flops, pick_autocast_dtype
 from gpt2repro.errors import UserError
 from gpt2repro.eval.hellaswag import evaluate_hellaswag
 from gpt2repro.files import atomic_write, folder_target
 from gpt2repro.model import gpt as gpt_module
-from gpt2repro.model.attention import LocalMask, compiled_flex_attention, document_ids, flex_block_mask, local_attention
+from gpt2repro.model.attention import (
+    LocalMask,
+    compiled_flex_attention,
+    document_ids,
+    flex_block_mask,
+    local_attention,
+    window_blocks,
+    window_schedule,
+)
 from gpt2repro.model.gpt import GPT
 from gpt2repro.model.load import load_model
 from gpt2repro.runlog import LOG_FILE, read_log
-from gpt2repro.train.console import mfu
+from gpt2repro.train.console import mfu, percent
 from gpt2repro.train.parallel import Parallel
 from gpt2repro.train.trainer import train
 
@@ -68,10 +76,8 @@ def flex_schedule_check(device: torch.device) -> str:
         return "FlexAttention over the window schedule: not run (no CUDA device)"
     from torch._dynamo.utils import counters
 
-    from gpt2repro.model.attention import window_blocks
-
     record = get_preset("gpt2-124m-modern")
-    schedule = sorted({window_blocks(record.model, s / record.optim.max_steps) for s in range(record.optim.max_steps)})
+    schedule = window_schedule(record.model, record.optim.max_steps)
     B, H, T, D = 1, 6, 16384, 128
     tokens = torch.randint(0, EOT_TOKEN, (B, T), device=device)
     tokens[:, ::3000] = EOT_TOKEN
@@ -136,20 +142,23 @@ def hellaswag_check(run_dir: Path, device: torch.device) -> str:
     model = load_model(str(run_dir), str(device))
     n = 1000 if device.type == "cuda" else 100  # --allow-cpu: the machinery, quickly
     result = evaluate_hellaswag(model, synthetic_items(n), scorings=("completion",), device=device,
-                                autocast_dtype=torch.bfloat16 if device.type == "cuda" else None)
+                                autocast_dtype=pick_autocast_dtype("auto", device))
     return f"HellaSwag on {run_dir.name}'s model: {result['items_per_s']:,.0f} items/s ({n:,} synthetic items)"
 
 
-def run_preset(name: str, data: Path, out: Path, steps: int, *overrides: str) -> dict:
+def run_preset(name: str, data: Path, out: Path, steps: int, device: torch.device, *overrides: str) -> dict:
     """Train preset ``name`` quietly for ``steps`` steps: its median tokens/s, MFU and every step's loss."""
     cfg = apply_overrides(get_preset(name), quiet_overrides(data, out, *overrides))
     with contextlib.redirect_stdout(io.StringIO()):
         metrics = train(cfg, stop_at_step=steps)
-    timed = metrics["step_seconds"][UNTIMED_STEPS:] or metrics["step_seconds"]
-    tokens_per_s = cfg.optim.total_batch_tokens / statistics.median(timed)
+    seconds = metrics["step_seconds"]
+    first = UNTIMED_STEPS if len(seconds) > UNTIMED_STEPS else 0
+    tokens_per_s = cfg.optim.total_batch_tokens / statistics.median(seconds[first:])
+    # FLOPs at the window of the steps timed: the record's grows over its whole run, so not the final one
+    middle = (first + len(seconds) - 1) // 2
     with torch.device("meta"):
-        flops = GPT(cfg.model).flops_per_token(cfg.data.seq_len)
-    peak = peak_flops(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        flops = GPT(cfg.model).flops_per_token(cfg.data.seq_len, window_blocks(cfg.model, middle / cfg.optim.max_steps))
+    peak = peak_flops(device)
     return {"preset": " ".join([name, *overrides]), "tokens_per_s": tokens_per_s, "mfu": mfu(tokens_per_s, flops, peak),
             "losses": [value for _, value in read_log(out / LOG_FILE)[0].get("train", [])], "cfg": cfg}
 
@@ -199,15 +208,15 @@ def bench_gpu(args: argparse.Namespace) -> list[dict]:
     results = []
     for name in presets:
         print(f"training {name} for {args.steps} steps ...", flush=True)
-        results.append(run_preset(name, data, out / name, args.steps))
-        if get_preset(name).optim.optimizer == "muon":
+        results.append(run_preset(name, data, out / name, args.steps, device))
+        if results[-1]["cfg"].optim.optimizer == "muon":
             checks.append(hellaswag_check(out / name, device))
             print(checks[-1], flush=True)
     first = presets[0]
-    if get_preset(first).optim.optimizer == "adamw":  # FSDP2's path on this one GPU, a group of one
+    if results[0]["cfg"].optim.optimizer == "adamw":  # FSDP2's path on this one GPU, a group of one
         steps = FSDP_STEPS if device.type == "cuda" else args.steps
         print(f"training {first} under --parallel fsdp for {steps} steps ...", flush=True)
-        results.append(run_preset(first, data, out / f"{first}-fsdp", steps, "runtime.parallel=fsdp"))
+        results.append(run_preset(first, data, out / f"{first}-fsdp", steps, device, "runtime.parallel=fsdp"))
     text = report(results, checks, str(device))
     print(text, end="")
     atomic_write(out / "gpu_check.md", text)

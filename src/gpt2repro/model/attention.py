@@ -84,6 +84,11 @@ def window_blocks(cfg: ModelConfig, progress: float = 1.0) -> int:
     return int(tokens // cfg.window_block) if cfg.window_end else 0
 
 
+def window_schedule(cfg: ModelConfig, max_steps: int) -> list[int]:
+    """Every window size (blocks) a run of ``max_steps`` steps computes with, smallest first."""
+    return sorted({window_blocks(cfg, step / max_steps) for step in range(max_steps)})
+
+
 def in_window(q_pos: torch.Tensor, k_pos: torch.Tensor, blocks: int | torch.Tensor, block: int) -> torch.Tensor:
     """Whether the key's block is one of the query's last ``blocks`` blocks (broadcasts)."""
     return torch.div(q_pos, block, rounding_mode="floor") - torch.div(k_pos, block, rounding_mode="floor") < blocks
