@@ -8,6 +8,7 @@ so one written under either layout resumes under the other.
 from __future__ import annotations
 
 import contextlib
+import inspect
 
 import torch
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
@@ -23,6 +24,9 @@ from gpt2repro.model.checkpoint import load_state_strict
 from gpt2repro.model.gpt import GPT
 from gpt2repro.train.optim import RankShardedMuon
 
+# torch 2.13 renamed DDP's broadcast_buffers; the old name (which also skips the first sync) is all before it has
+NO_BUFFER_SYNC = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                  else {"broadcast_buffers": False})
 GATHERED_ON_RANK0 = dcp.StateDictOptions(full_state_dict=True, cpu_offload=True)
 GATHERED_EVERYWHERE = dcp.StateDictOptions(full_state_dict=True)
 
@@ -71,7 +75,7 @@ class Parallel:
                 # tables derive from the config, the same on every rank (33 MB a micro-step at the record's).
                 device_ids = [rt.device.index] if rt.device.type == "cuda" else None
                 self.train_model = DDP(self.fast_model, device_ids=device_ids, gradient_as_bucket_view=True,
-                                       bucket_cap_mb=cfg.runtime.ddp_bucket_mb, forward_sync_buffers=False)
+                                       bucket_cap_mb=cfg.runtime.ddp_bucket_mb, **NO_BUFFER_SYNC)
 
     def gradient_sync(self, last_micro_step: bool):
         """Accumulate locally on every micro-step but the last: one all-reduce or reduce-scatter a step."""
