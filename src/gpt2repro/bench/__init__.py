@@ -41,10 +41,6 @@ def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
         print("| " + " | ".join(str(x).ljust(w) for x, w in zip(row, widths)) + " |")
 
 
-def percent(fraction: float | None) -> str:
-    return "-" if fraction is None else f"{100 * fraction:.1f}%"
-
-
 def data_folder(data: str | None, out: Path) -> Path:
     """``--data``, or else the built-in corpus, prepared into OUT/data."""
     if data:

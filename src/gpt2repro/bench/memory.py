@@ -30,7 +30,7 @@ def largest_micro_batch(cfg, world: int, parallel: str, ac: bool, card_gib: floa
 
 
 def bench_memory(args: argparse.Namespace) -> list[list[str]]:
-    ranks = [int(r) for r in args.ranks.split(",")]
+    ranks = args.ranks
     rows, one_gpu = [], []
     for name in args.presets.split(","):
         cfg = get_preset(name.strip())

@@ -62,7 +62,7 @@ def bench_recipe(args: argparse.Namespace) -> dict:
     out = folder_target(args.out, "--out")
     if out.exists() and any(out.iterdir()):  # a run folder, or another benchmark's runs
         raise UserError(f"--out {out}: already exists and is not empty; pass a new --out for this benchmark")
-    seeds = [int(s) for s in args.seeds.split(",")]
+    seeds = args.seeds
     fractions, steps, every = args.fractions, args.max_steps, args.val_every  # the parser has checked them
     levers = args.levers.split(",") if args.levers else list(MODERN_LEVERS)
     unknown = [lever for lever in levers if lever not in MODERN_LEVERS]

@@ -21,15 +21,15 @@ import time
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from gpt2repro.bench import machine_name, percent, print_table
+from gpt2repro.bench import machine_name, print_table
 from gpt2repro.bench.nanogpt_baseline import BaselineGPT
 from gpt2repro.config import GPT2_VOCAB_SIZE, OptimConfig, RuntimeConfig
 from gpt2repro.config.presets import get_preset
 from gpt2repro.config.settings import apply_overrides
-from gpt2repro.device import Runtime, fused_adamw_available, peak_flops, setup_runtime, synchronize
+from gpt2repro.device import Runtime, peak_flops, setup_runtime, synchronize
 from gpt2repro.errors import UserError
 from gpt2repro.model.gpt import GPT
-from gpt2repro.train.console import mfu
+from gpt2repro.train.console import mfu, percent
 from gpt2repro.train.optim import build_optimizers
 
 GPU_CHUNK_ROWS = 8192  # big enough to keep the matmuls efficient on a GPU
@@ -55,7 +55,7 @@ class Variant:
         chunk_rows = rt.ce_chunk_rows or GPU_CHUNK_ROWS if "chunked-ce" in name else 0
         self.loss_options = {"ce_chunk_rows": chunk_rows} if chunk_rows else {}
         # the product's optimizers at the preset's settings; foreach-adamw without the fused kernel
-        self.optimizers = build_optimizers(raw, cfg, fused=fused_adamw_available(rt.device) and name != "foreach-adamw")
+        self.optimizers = build_optimizers(raw, cfg, fused=rt.fused_adamw and name != "foreach-adamw")
         self.times: list[float] = []
         self.first_loss: float | None = None
         self.last_loss: torch.Tensor | None = None  # read once at the end: no extra host sync per step
@@ -104,11 +104,10 @@ def bench_train(args: argparse.Namespace) -> list[dict]:
     if T > cfg.model.block_size:
         raise UserError(f"--seq-len {T} is longer than the preset's block_size {cfg.model.block_size}")
     auto = CUDA_VARIANTS if device.type == "cuda" else CPU_VARIANTS
-    asked = (auto if args.variants == "auto" else args.variants).split(",")
-    unknown = [n for n in asked if n.strip() not in KNOWN_VARIANTS]
+    names = [n.strip() for n in (auto if args.variants == "auto" else args.variants).split(",")]
+    unknown = [n for n in names if n not in KNOWN_VARIANTS]
     if unknown:
         raise UserError(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(KNOWN_VARIANTS)}")
-    names = [n.strip() for n in asked]
     if "baseline" in names and cfg.model.non_gpt2_switches():
         print(f"baseline: skipped (the nanoGPT-style baseline is GPT-2 itself; {args.preset} is not)")
         names = [n for n in names if n != "baseline"]

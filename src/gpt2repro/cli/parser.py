@@ -78,16 +78,17 @@ def fraction_list(text: str) -> list[float]:
 
 
 def count_list(low: int = 1, high: int | None = None):
-    """An argparse type: a comma list of whole numbers in [``low``, ``high``], kept as written."""
+    """An argparse type: a comma list of whole numbers in [``low``, ``high``]."""
     one = count(low, high)
 
-    def parse(text: str) -> str:
+    def parse(text: str) -> list[int]:
+        values = []
         for part in text.split(","):
-            if not part.strip().isdigit():  # the command reads each item with int()
+            if not part.strip().isdigit():  # plain digits: no 1e3 among seeds and world sizes
                 raise argparse.ArgumentTypeError(f"{text!r}: {part.strip()!r} is not a whole number; write "
                                                  "numbers separated by commas, e.g. 1,2,3")
-            one(part)
-        return text
+            values.append(one(part))
+        return values
     return parse
 
 

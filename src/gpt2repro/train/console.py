@@ -67,3 +67,7 @@ def summary_lines(cfg: TrainConfig, steps_done: int, run_log: RunLog, seconds: f
 
 def mfu(tokens_per_second: float, flops_per_token: int, peak: float | None, world_size: int = 1) -> float | None:
     return tokens_per_second * flops_per_token / (peak * world_size) if peak else None
+
+
+def percent(fraction: float | None) -> str:
+    return "-" if fraction is None else f"{100 * fraction:.1f}%"

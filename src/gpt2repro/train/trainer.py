@@ -36,7 +36,7 @@ from gpt2repro.model.generate import generate
 from gpt2repro.model.gpt import GPT
 from gpt2repro.runlog import LOG_FILE, RunLog, check_loggers
 from gpt2repro.train import optim, rundir, start
-from gpt2repro.train.console import mfu, outputs_line, summary_lines, wandb_settings
+from gpt2repro.train.console import mfu, outputs_line, percent, summary_lines, wandb_settings
 from gpt2repro.train.health import what_went_wrong
 from gpt2repro.train.memory import check_model_states_fit, choose_micro_batch, grad_accum_steps
 from gpt2repro.train.parallel import Parallel
@@ -301,10 +301,9 @@ class Trainer:
             window = window_blocks(self.cfg.model, step / max_steps)  # this step's, not the last
             flops = self.model.flops_per_token(self.cfg.data.seq_len, window)
             utilization = mfu(metrics["tokens_per_s"], flops, self.peak_flops, self.rt.dist.world_size)
-            mfu_text = f"{100 * utilization:.1f}%" if utilization is not None else "-"
             self.log(f"step {step:5d}/{max_steps} | loss {result.loss:.6f} | lr {result.lr:.4e} "
                      f"| norm {result.grad_norm:.4f} | {1000 * dt:.1f} ms | {metrics['tokens_per_s']:,.0f} tok/s "
-                     f"| MFU {mfu_text} | eta {eta_s / 60:.1f} min")
+                     f"| MFU {percent(utilization)} | eta {eta_s / 60:.1f} min")
 
     # --- a step gone wrong ---------------------------------------------------------------------
     def handle_bad_step(self, step: int, what: str) -> int:
