@@ -53,16 +53,23 @@ def save_model(model, directory) -> None:
     save_weights(model.state_dict(), model.config, directory)
 
 
+CLI_ENV = {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}  # every line as written; one thread, as the tests
+
+
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600,
             module: str | None = "gpt2repro"):
     """Run ``python -m gpt2repro ARGS`` in a fresh process; return the CompletedProcess.
     ``module=None`` runs ``python ARGS`` (e.g. ``-m torch.distributed.run ...``)."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     prefix = [sys.executable] + (["-m", module] if module else [])
-    return subprocess.run(
-        prefix + [str(a) for a in args],
-        cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout,
-    )
+    return subprocess.run(prefix + [str(a) for a in args], cwd=cwd, env={**os.environ, **CLI_ENV, **(env or {})},
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def start_cli(*args, launcher: tuple[str, ...] = (), **popen) -> subprocess.Popen:
+    """``python [LAUNCHER] -m gpt2repro ARGS`` in the background, its output in pipes (``launcher``: torchrun's)."""
+    return subprocess.Popen([sys.executable, *launcher, "-m", "gpt2repro", *map(str, args)],
+                            env={**os.environ, **CLI_ENV}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            **popen)
 
 
 def assert_one_line_error(result, *needles: str) -> None:

@@ -5,8 +5,6 @@ import json
 import os
 import pickle
 import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -19,6 +17,7 @@ from conftest import (
     max_abs_diff,
     patched_cli,
     run_main,
+    start_cli,
     train_cli,
     wait_for_train_step,
     weights,
@@ -48,9 +47,7 @@ def reference(shards, tmp_path_factory, one_torch_thread):
 
 
 def start_training(*args):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "gpt2repro", "train", "--preset", "tiny", *map(str, args)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return start_cli("train", "--preset", "tiny", *args)
 
 
 @pytest.mark.slow

@@ -23,13 +23,13 @@ from conftest import (
     patched_cli,
     run_cli,
     run_main,
+    start_cli,
     wait_for_train_step,
     write_corpus,
     write_jsonl,
 )
 from gpt2repro.cli import demo, main
 from gpt2repro.files import record_written
-from gpt2repro.model import checkpoint as ckpt
 from gpt2repro.model import checkpoint as layout
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -100,10 +100,7 @@ def test_under_torchrun_every_rank_gets_rank_0s_refusal(shards, finished_run):
 @pytest.mark.slow
 def test_second_train_is_locked_out_and_ctrl_c_saves_and_prints_the_resume_command(shards, tmp_path):
     out = tmp_path / "run"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    first = subprocess.Popen([sys.executable, "-m", "gpt2repro", *TINY, "--data", str(shards), "--out", str(out),
-                              "--overwrite", "max_steps=100000"],
-                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = start_cli(*TINY, "--data", shards, "--out", out, "--overwrite", "max_steps=100000")
     try:
         wait_for_train_step(first, out / "log.txt", 1)
         second = run_cli(*TINY, "--data", shards, "--out", out, "--overwrite", "max_steps=5")
@@ -358,7 +355,7 @@ def test_a_failed_resave_keeps_that_steps_checkpoint(tmp_path, monkeypatch):
     from gpt2repro.model.gpt import GPT
 
     model = GPT(MODEL_PRESETS["tiny"])
-    good = ckpt.save_checkpoint(tmp_path, 4, model.state_dict(), model.config, {"step": 4}, {})
+    good = layout.save_checkpoint(tmp_path, 4, model.state_dict(), model.config, {"step": 4}, {})
     before = {p.name: p.read_bytes() for p in good.iterdir()}
     real_rename = Path.rename
 
@@ -369,7 +366,7 @@ def test_a_failed_resave_keeps_that_steps_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Path, "rename", rename)
     with pytest.raises(OSError, match="No space left"):  # e.g. a re-save after a rollback
-        ckpt.save_checkpoint(tmp_path, 4, model.state_dict(), model.config, {"step": 4}, {})
+        layout.save_checkpoint(tmp_path, 4, model.state_dict(), model.config, {"step": 4}, {})
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt_000004"]
     assert {p.name: p.read_bytes() for p in good.iterdir()} == before
 

@@ -4,14 +4,11 @@ commands that write into a folder."""
 
 import hashlib
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from conftest import assert_one_line_error, run_cli, run_main, write_corpus
+from conftest import assert_one_line_error, run_cli, run_main, start_cli, write_corpus
 
 
 def snapshot(folder):
@@ -158,12 +155,6 @@ sys.exit(main(["train", "--preset", "tiny", "--data", {str(data)!r}, "--out", {s
     assert modes == {name: oct(0o775 if (tmp_path / name).is_dir() else 0o664) for name in modes}
 
 
-def start(*args):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "gpt2repro", *map(str, args)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-
-
 def read_lines_then_close_stdout(proc, n):
     """What ``| head -n`` does: read n lines, then close the pipe while the command still writes."""
     lines = [proc.stdout.readline() for _ in range(n)]
@@ -175,7 +166,7 @@ def read_lines_then_close_stdout(proc, n):
 
 @pytest.mark.slow
 def test_a_closed_stdout_never_stops_training(shards, tmp_path):
-    proc = start("train", "--preset", "tiny", "--data", shards, "--out", tmp_path / "run", "optim.max_steps=30",
+    proc = start_cli("train", "--preset", "tiny", "--data", shards, "--out", tmp_path / "run", "optim.max_steps=30",
                  "runtime.log_every=1")
     _, stderr = read_lines_then_close_stdout(proc, 3)
     assert proc.returncode == 0, stderr
@@ -187,7 +178,7 @@ def test_a_closed_stdout_never_stops_training(shards, tmp_path):
 @pytest.mark.slow
 def test_a_closed_stdout_never_stops_the_demo(tmp_path):
     out = tmp_path / "demo"
-    proc = start("demo", "--out", out, "--max-steps", "3")
+    proc = start_cli("demo", "--out", out, "--max-steps", "3")
     _, stderr = read_lines_then_close_stdout(proc, 2)
     assert proc.returncode == 0, stderr
     assert (out / "ckpt_000003").is_dir() and (out / "plot.png").is_file() and (out / "final_samples.txt").is_file()

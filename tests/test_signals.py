@@ -3,23 +3,19 @@ stops evaluation and sampling at once, with a checkpoint of the step the run is 
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import make_pattern_shards, run_main
+from conftest import make_pattern_shards, run_main, start_cli
 
 
 def start_training(shards, out, *overrides, ranks: int = 1):
     """``train --preset tiny`` in the background; with ``ranks`` > 1 under torchrun, in a process group of its own."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"] if ranks > 1 else []
-    return subprocess.Popen([sys.executable, *launcher, "-m", "gpt2repro", "train", "--preset", "tiny", "--data",
-                             str(shards), "--out", str(out), *overrides], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=ranks > 1)
+    launcher = ("-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}") if ranks > 1 else ()
+    return start_cli("train", "--preset", "tiny", "--data", shards, "--out", out, *overrides, launcher=launcher,
+                     start_new_session=ranks > 1)
 
 
 def wait_for_line(proc, text, timeout=120):

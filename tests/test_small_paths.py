@@ -171,13 +171,14 @@ def test_rounds_on_every_rank_are_the_rounds_the_last_rank_has(world_size):
 
 
 @pytest.fixture
-def one_rank_group(tmp_path):
-    """A gloo process group of one rank, as torchrun would make it: DDP, FSDP and DTensors build on it."""
-    import torch.distributed as dist
+def one_rank_group(monkeypatch):
+    """A gloo process group of one rank, as FSDP makes it alone: DDP, FSDP and DTensors build on it."""
+    from gpt2repro.device import init_distributed, shutdown_distributed
 
-    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    init_distributed("cpu", alone=True)
     yield
-    dist.destroy_process_group()
+    shutdown_distributed()
 
 
 def test_the_fsdp_health_check_is_one_collective_for_every_weight(one_rank_group, monkeypatch):
