@@ -18,8 +18,6 @@ LOG_FILE = "log.txt"
 LINE = re.compile(rb"^(\d+) (\w+) (\S+)$")
 DEFAULT_TOKENS_PER_STEP = 524_288  # build-nanogpt's 2**19
 MAX_LOG_BYTES = 256 << 20  # far above any run's log; a larger file is something else
-_NEEDS_TENSORBOARD = "runtime.tensorboard=true needs TensorBoard: pip install 'gpt2repro[tensorboard]'"
-_NEEDS_WANDB = "runtime.wandb=true needs Weights & Biases: pip install 'gpt2repro[wandb]', or drop runtime.wandb"
 
 Streams = dict[str, list[tuple[int, float]]]
 
@@ -82,9 +80,10 @@ def tokens_per_step(log: str | Path, default: int = DEFAULT_TOKENS_PER_STEP) -> 
 def check_loggers(tensorboard: bool, wandb: bool) -> None:
     """The loggers a run asks for are installed: said before the run replaces anything."""
     if tensorboard and importlib.util.find_spec("tensorboard") is None:
-        raise UserError(_NEEDS_TENSORBOARD)
+        raise UserError("runtime.tensorboard=true needs TensorBoard: pip install 'gpt2repro[tensorboard]'")
     if wandb and importlib.util.find_spec("wandb") is None:
-        raise UserError(_NEEDS_WANDB)
+        raise UserError("runtime.wandb=true needs Weights & Biases: pip install 'gpt2repro[wandb]', or drop "
+                        "runtime.wandb")
     if wandb and os.environ.get("WANDB_MODE", "").lower() not in ("offline", "disabled", "dryrun"):
         import wandb as wb
 
@@ -106,17 +105,13 @@ class RunLog:
         else:
             self.truncate(resume_step)
         self.tb = self.wandb = None
-        if tensorboard_dir is not None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise UserError(_NEEDS_TENSORBOARD) from None
+        if tensorboard_dir is not None:  # installed: check_loggers said so before the run began
+            from torch.utils.tensorboard import SummaryWriter
+
             self.tb = SummaryWriter(str(tensorboard_dir))
         if wandb_run is not None:  # wandb.init's keyword arguments: project, name, config, dir
-            try:
-                import wandb
-            except ImportError:
-                raise UserError(_NEEDS_WANDB) from None
+            import wandb
+
             try:
                 self.wandb = wandb.init(**wandb_run)
             except Exception as e:  # wandb's own errors (no API key, no network) have no common base class
