@@ -13,7 +13,6 @@ from gpt2repro.config.settings import (
     apply_overrides,
     as_overrides,
     choices,
-    config_keys,
     declared,
     describe,
     set_values,
@@ -56,7 +55,7 @@ def test_presets():
     assert get_preset("gpt2-xl").model == MODEL_PRESETS["gpt2-xl"]
     for name in TRAIN_PRESETS:
         assert get_preset(name).model.vocab_size == 50304
-    assert "optim.max_lr" in config_keys(TrainConfig())
+    assert "optim.max_lr" in [s.key for s in describe(TrainConfig())]
 
 
 @pytest.mark.parametrize("pair", RECIPE_PAIRS)
@@ -107,7 +106,7 @@ CHOICES = [(s.key, choices(declaration(s.key)[0])) for s in DECLARED
 
 
 def test_every_setting_says_what_it_is():
-    assert len(DECLARED) == len(config_keys(TrainConfig())) > 80
+    assert len(DECLARED) == len(describe(TrainConfig())) > 80
     for s in DECLARED:
         assert s.help and s.allowed, s
     numeric = [s.key for s in DECLARED if "integer" in s.allowed or "number" in s.allowed]

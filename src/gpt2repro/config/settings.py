@@ -164,11 +164,6 @@ def flags(cls: type, prefix: str = "") -> list[tuple[str, str, Any, dataclasses.
     return [(f.metadata["flag"], key, hint, f) for key, hint, f in _settings(cls, prefix) if f.metadata.get("flag")]
 
 
-def config_keys(cfg: Any, prefix: str = "") -> list[str]:
-    """Every settable dotted key of the tree, e.g. 'optim.max_lr'."""
-    return [key for key, _, _ in _settings(type(cfg), prefix)]
-
-
 def _resolve_key(key: str, keys: list[str]) -> str:
     if key in keys:
         return key
