@@ -27,16 +27,8 @@ from gpt2repro.device import DistInfo, Runtime, peak_flops, pick_autocast_dtype
 from gpt2repro.errors import UserError
 from gpt2repro.eval.hellaswag import evaluate_hellaswag
 from gpt2repro.files import atomic_write, folder_target
+from gpt2repro.model import attention
 from gpt2repro.model import gpt as gpt_module
-from gpt2repro.model.attention import (
-    LocalMask,
-    compiled_flex_attention,
-    document_ids,
-    flex_block_mask,
-    local_attention,
-    window_blocks,
-    window_schedule,
-)
 from gpt2repro.model.gpt import GPT
 from gpt2repro.model.load import load_model
 from gpt2repro.runlog import LOG_FILE, read_log
@@ -49,47 +41,35 @@ UNTIMED_STEPS = 3  # compilation and allocator growth
 FSDP_STEPS = 20  # enough to time; the 10-minute budget is the whole check's
 
 
-def flex_check(device: torch.device) -> str:
-    """FlexAttention forward and backward against chunked SDPA, on random documents and a window."""
+def flex_checks(device: torch.device) -> list[str]:
+    """FlexAttention forward and backward over the record's window sizes, counting Dynamo's graphs (one expected:
+    a graph per window ends in unfused flex past the recompile limit), then its largest window against SDPA."""
     if device.type != "cuda":
-        return "FlexAttention: not run (no CUDA device)"
-    g = torch.Generator(device=device).manual_seed(0)
-    B, H, T, D = 1, 6, 8192, 128
-    tokens = torch.randint(0, EOT_TOKEN, (B, T), device=device, generator=g)
-    tokens[:, torch.randint(0, T, (8,), device=device, generator=g)] = EOT_TOKEN
-    docs = document_ids(tokens)
-    q, k, v = (torch.randn(B, H, T, D, device=device, generator=g, dtype=torch.bfloat16, requires_grad=True)
-               for _ in range(3))
-    y_flex = compiled_flex_attention()(q, k, v, block_mask=flex_block_mask(docs, 5, 128, B, T, device))
-    grads_flex = torch.autograd.grad(y_flex.float().square().sum(), (q, k, v))
-    y_ref = local_attention(q, k, v, LocalMask(0, docs, 5, 128))
-    grads_ref = torch.autograd.grad(y_ref.float().square().sum(), (q, k, v))
-    out = (y_flex - y_ref).abs().max().item()
-    grad = max(F.l1_loss(a.float(), b.float()).item() for a, b in zip(grads_flex, grads_ref))
-    return f"FlexAttention forward and backward ran: max |Δ output| {out:.2e}, mean |Δ grad| {grad:.2e} vs SDPA (bf16)"
-
-
-def flex_schedule_check(device: torch.device) -> str:
-    """FlexAttention forward and backward over the record's 14 window sizes, counting Dynamo's graphs: one
-    expected (a graph per window would end in unfused flex past the recompile limit)."""
-    if device.type != "cuda":
-        return "FlexAttention over the window schedule: not run (no CUDA device)"
+        return ["FlexAttention: not run (no CUDA device)"]
     from torch._dynamo.utils import counters
 
     record = get_preset("gpt2-124m-modern")
-    schedule = window_schedule(record.model, record.optim.max_steps)
+    schedule = attention.window_schedule(record.model, record.optim.max_steps)
+    g = torch.Generator(device=device).manual_seed(0)
     B, H, T, D = 1, 6, 16384, 128
-    tokens = torch.randint(0, EOT_TOKEN, (B, T), device=device)
+    tokens = torch.randint(0, EOT_TOKEN, (B, T), device=device, generator=g)
     tokens[:, ::3000] = EOT_TOKEN
-    q, k, v = (torch.randn(B, H, T, D, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    docs = attention.document_ids(tokens)
+    q, k, v = (torch.randn(B, H, T, D, device=device, generator=g, dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
     graphs = counters["stats"]["unique_graphs"]
     for blocks in schedule:
-        y = compiled_flex_attention()(q, k, v, block_mask=flex_block_mask(document_ids(tokens), blocks, 128, B, T,
-                                                                         device))
-        y.float().square().sum().backward()
+        y_flex = attention.compiled_flex_attention()(q, k, v, block_mask=attention.flex_block_mask(
+            docs, blocks, 128, B, T, device))
+        grads_flex = torch.autograd.grad(y_flex.float().square().sum(), (q, k, v))
     built = counters["stats"]["unique_graphs"] - graphs
-    return (f"FlexAttention over the record's {len(schedule)} window sizes (forward and backward, {T:,} tokens): "
-            f"{built} graph{'s' * (built != 1)} built (one expected)")
+    y_ref = attention.local_attention(q, k, v, attention.LocalMask(0, docs, schedule[-1], 128))
+    grads_ref = torch.autograd.grad(y_ref.float().square().sum(), (q, k, v))
+    out = (y_flex - y_ref).abs().max().item()
+    grad = max(F.l1_loss(a.float(), b.float()).item() for a, b in zip(grads_flex, grads_ref))
+    return [f"FlexAttention over the record's {len(schedule)} window sizes (forward and backward, {T:,} tokens): "
+            f"{built} graph{'s' * (built != 1)} built (one expected)",
+            f"FlexAttention at {schedule[-1]} blocks vs SDPA (bf16): max |Δ out| {out:.2e}, mean |Δ grad| {grad:.2e}"]
 
 
 def compute_dtypes(model: GPT, rt: Runtime, tokens: torch.Tensor) -> dict[str, set[torch.dtype]]:
@@ -154,10 +134,10 @@ def run_preset(name: str, data: Path, out: Path, steps: int, device: torch.devic
     seconds = metrics["step_seconds"]
     first = UNTIMED_STEPS if len(seconds) > UNTIMED_STEPS else 0
     tokens_per_s = cfg.optim.total_batch_tokens / statistics.median(seconds[first:])
-    # FLOPs at the window of the steps timed: the record's grows over its whole run, so not the final one
-    middle = (first + len(seconds) - 1) // 2
+    # FLOPs at the window of the middle step timed: the record's grows over its run, so not the final one
+    window = attention.window_blocks(cfg.model, (first + len(seconds) - 1) // 2 / cfg.optim.max_steps)
     with torch.device("meta"):
-        flops = GPT(cfg.model).flops_per_token(cfg.data.seq_len, window_blocks(cfg.model, middle / cfg.optim.max_steps))
+        flops = GPT(cfg.model).flops_per_token(cfg.data.seq_len, window)
     peak = peak_flops(device)
     return {"preset": " ".join([name, *overrides]), "tokens_per_s": tokens_per_s, "mfu": mfu(tokens_per_s, flops, peak),
             "losses": [value for _, value in read_log(out / LOG_FILE)[0].get("train", [])], "cfg": cfg}
@@ -199,10 +179,8 @@ def bench_gpu(args: argparse.Namespace) -> list[dict]:
     if args.docs:
         around_markers(Path(args.docs))  # before the runs, not after them
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    checks = []
-    for check in (flex_check, flex_schedule_check, residual_dtype_check):
-        checks.append(check(device))
-        print(checks[-1], flush=True)
+    checks = [*flex_checks(device), residual_dtype_check(device)]
+    print("\n".join(checks), flush=True)
     data = data_folder(args.data, out)
     presets = args.presets.split(",")
     results = []

@@ -60,17 +60,18 @@ class KVCache:
 
     def store_docs(self, idx: torch.Tensor) -> torch.Tensor:
         """Append the new tokens' document ids; return all of them, (B, length + T)."""
-        end = self.length + idx.size(1)
-        if end > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} positions; {self.length} + {idx.size(1)} do not fit")
+        end = self.end_after(idx.size(1))
         before = self.docs[:, self.length - 1:self.length] if self.length else 0
         self.docs[:, self.length:end] = document_ids(idx) + before
         return self.docs[:, :end]
 
-    def advance(self, n_tokens: int) -> None:
+    def end_after(self, n_tokens: int) -> int:
         if self.length + n_tokens > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions; {self.length} + {n_tokens} do not fit")
-        self.length += n_tokens
+        return self.length + n_tokens
+
+    def advance(self, n_tokens: int) -> None:
+        self.length = self.end_after(n_tokens)
 
 
 def document_ids(idx: torch.Tensor) -> torch.Tensor:
