@@ -113,16 +113,16 @@ def test_sigterm_checkpoints_and_exits_zero(shards, reference, tmp_path):
 def test_sigterm_during_step_0s_val_resumes_as_the_uninterrupted_run(shards, reference, tmp_path, monkeypatch):
     """The stop saves ckpt_000000 before any update: its optimizer has no state yet, and none may be
     made up for it (DCP would step the optimizers once with zero gradients, a step in Adam's count)."""
-    from gpt2repro.train import trainer
+    from gpt2repro.train import evaluation
 
-    real = trainer.evaluate_loss
+    real = evaluation.evaluate_loss
 
     def stopped_midway(*args, **kwargs):
-        monkeypatch.setattr(trainer, "evaluate_loss", real)
+        monkeypatch.setattr(evaluation, "evaluate_loss", real)
         os.kill(os.getpid(), signal.SIGTERM)  # during step 0's val, as a scheduler would
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(trainer, "evaluate_loss", stopped_midway)
+    monkeypatch.setattr(evaluation, "evaluate_loss", stopped_midway)
     out = tmp_path / "run"
     stopped = train_cli("--data", shards, "--out", out, *COMMON, "val_every=5", in_process=True)
     assert "stopping at step 0, during evaluation (SIGTERM)" in stopped.stdout

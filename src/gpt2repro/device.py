@@ -11,6 +11,7 @@ import contextlib
 import inspect
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -175,6 +176,18 @@ def all_reduce_min(value: int, device) -> int:
 def any_rank(flag: bool, device) -> bool:
     """True if the flag is set on any rank: every rank takes the same branch."""
     return bool(max_over_ranks(int(flag), device))
+
+
+def decided_on_rank0(check: Callable[[], None], here: bool, device, elsewhere: str) -> None:
+    """``check`` where ``here`` (rank 0); its UserError stops every rank, the others with ``elsewhere``."""
+    failed = None
+    if here:
+        try:
+            check()
+        except UserError as e:
+            failed = e
+    if any_rank(failed is not None, device):
+        raise failed or UserError(elsewhere)
 
 
 def rounds_on_every_rank(n_items: int, world_size: int, per_round: int) -> int:

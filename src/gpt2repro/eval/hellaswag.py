@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from gpt2repro.data.tokenizer import encode
-from gpt2repro.device import any_rank
+from gpt2repro.device import decided_on_rank0
 from gpt2repro.errors import UserError
 from gpt2repro.eval.multiple_choice import Question, ending_logprobs, score
 from gpt2repro.files import atomic_open
@@ -100,15 +100,16 @@ def load_items(path: str | Path | None = None, limit: int | None = None) -> list
 def load_items_on_every_rank(path: str | None, limit: int | None, is_main: bool, device) -> list[dict]:
     """``load_items`` in training: rank 0 downloads and checks first; if it fails every rank raises,
     so none waits forever; then the others read the cached file."""
-    items, error = None, None
-    if is_main:
+    loaded = []
+
+    def load() -> None:
         try:
-            items = load_items(path, limit)
+            loaded.append(load_items(path, limit))
         except UserError as e:
-            error = UserError(f"{e} (in training: eval.hellaswag_data=FILE, or eval.hellaswag_every=0 to skip it)")
-    if any_rank(error is not None, device):
-        raise error or UserError("HellaSwag data could not be loaded on rank 0; see its error")
-    return items if is_main else load_items(path, limit)
+            raise UserError(f"{e} (in training: eval.hellaswag_data=FILE, or eval.hellaswag_every=0 to skip it)") from e
+
+    decided_on_rank0(load, is_main, device, "HellaSwag data could not be loaded on rank 0; see its error")
+    return loaded[0] if is_main else load_items(path, limit)
 
 
 @functools.lru_cache(maxsize=1 << 17)

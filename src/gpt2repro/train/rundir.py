@@ -17,7 +17,7 @@ import torch
 from gpt2repro.config import TrainConfig
 from gpt2repro.data.prepare import MANIFEST as SHARDS_MANIFEST
 from gpt2repro.data.prepare import holds_shards
-from gpt2repro.device import any_rank
+from gpt2repro.device import decided_on_rank0
 from gpt2repro.errors import UserError, write_error
 from gpt2repro.files import FILES_MANIFEST as MANIFEST
 from gpt2repro.files import LOCK_FILE, FolderLock, manifest_names, record_written
@@ -82,19 +82,15 @@ def claim(run_dir: str | Path, *, resume: bool, overwrite: bool, is_main: bool, 
           log: Callable[[str], None] = print) -> Iterator[RunFolder]:
     """Hold ``run_dir`` for one run (see the module docstring)."""
     run_dir = Path(run_dir)
-    error = None
     with contextlib.ExitStack() as stack:
-        if is_main:
-            try:
-                if resume and overwrite:
-                    raise UserError("--resume continues the run in --out and --overwrite deletes it; choose one")
-                stack.enter_context(FolderLock(run_dir))
-                if not resume:
-                    check_new_run_folder(run_dir, overwrite, writes)
-            except UserError as e:
-                error = e
-        if any_rank(error is not None, device):
-            raise error or UserError(f"{run_dir}: refused on rank 0; see its error")
+        def lock_and_check() -> None:
+            if resume and overwrite:
+                raise UserError("--resume continues the run in --out and --overwrite deletes it; choose one")
+            stack.enter_context(FolderLock(run_dir))
+            if not resume:
+                check_new_run_folder(run_dir, overwrite, writes)
+
+        decided_on_rank0(lock_and_check, is_main, device, f"{run_dir}: refused on rank 0; see its error")
         yield RunFolder(run_dir, overwrite and not resume, log)
 
 

@@ -3,7 +3,6 @@ accumulates gradients over ``total_batch_tokens / (B·T·world)`` micro-steps, c
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
@@ -14,12 +13,11 @@ import torch
 
 from gpt2repro.config import TrainConfig
 from gpt2repro.data.loader import TokenLoader
-from gpt2repro.data.tokenizer import decode, encode
 from gpt2repro.device import (
     Runtime,
     all_reduce_mean,
     any_rank,
-    max_over_ranks,
+    decided_on_rank0,
     peak_flops,
     setup_runtime,
     shutdown_distributed,
@@ -27,16 +25,14 @@ from gpt2repro.device import (
     to_device,
 )
 from gpt2repro.errors import UserError, print0
-from gpt2repro.eval.hellaswag import evaluate_hellaswag, load_items_on_every_rank
-from gpt2repro.eval.loss import count_windows, evaluate_loss, open_split
-from gpt2repro.files import atomic_write, record_written, writing
+from gpt2repro.files import atomic_write
 from gpt2repro.model import checkpoint as layout
 from gpt2repro.model.attention import check_flex, window_blocks
-from gpt2repro.model.generate import generate
 from gpt2repro.model.gpt import GPT
 from gpt2repro.runlog import LOG_FILE, RunLog, check_loggers
 from gpt2repro.train import optim, rundir, start
 from gpt2repro.train.console import mfu, outputs_line, percent, summary_lines, wandb_settings
+from gpt2repro.train.evaluation import Evaluations
 from gpt2repro.train.health import what_went_wrong
 from gpt2repro.train.memory import check_model_states_fit, choose_micro_batch, grad_accum_steps
 from gpt2repro.train.parallel import Parallel
@@ -78,8 +74,6 @@ class Trainer:
                  init_weights: dict[str, torch.Tensor] | None = None, folder: rundir.RunFolder | None = None):
         self.cfg, self.rt, self.folder = cfg, rt, folder
         self.out_dir = Path(cfg.out_dir)
-        self.is_main = rt.dist.is_main
-        self.log = print0
         self.step = 0
         self.skip_steps: set[int] = set()  # steps whose batch a rollback decided to skip
         self.rollbacks_in_a_row = 0  # since the last step that trained
@@ -87,7 +81,7 @@ class Trainer:
         self.window_tensors: dict[int, torch.Tensor] = {}
 
         check_flex(cfg.model, cfg.data.seq_len, rt.device)  # a block FlexAttention cannot tile: now, not at step 0
-        resume_from = start.checkpoint_to_resume(self.out_dir, cfg, log=self.log) if resume else None
+        resume_from = start.checkpoint_to_resume(self.out_dir, cfg, log=print0) if resume else None
         check_model_states_fit(cfg, rt.device, rt.dist.world_size)
         torch.manual_seed(cfg.runtime.seed)
         self.model = GPT(cfg.model).to(rt.device)  # the module itself: eval, sampling, checkpoints
@@ -96,16 +90,16 @@ class Trainer:
         self.build_data_and_optimizers()
         if resume_from is not None:
             self.step = self.restore(resume_from)
-            self.log(f"resuming from {resume_from} at step {self.step}")
-        self.load_evaluations()
+            print0(f"resuming from {resume_from} at step {self.step}")
+        self.evaluations = Evaluations(cfg, rt, self.parallel, self.micro_batch)
         self.loader.check_next_round()  # a token id past the vocabulary: the same answer on every rank
         self.start_folder(resumed=resume_from is not None)
         self.peak_flops = peak_flops(rt.device)
-        self.log(f"model: {self.model.num_params():,} parameters | device {rt.device} | dtype "
+        print0(f"model: {self.model.num_params():,} parameters | device {rt.device} | dtype "
                  f"{rt.autocast_dtype or torch.float32} | compile {rt.compile} | fused AdamW {rt.fused_adamw} "
                  f"| chunked CE {rt.ce_chunk_rows or 'off'} | {cfg.runtime.parallel} | activation checkpointing "
                  f"{cfg.runtime.activation_checkpointing}")
-        self.log(f"batch: {self.micro_batch} × {cfg.data.seq_len} tokens × {self.accum} accumulation × "
+        print0(f"batch: {self.micro_batch} × {cfg.data.seq_len} tokens × {self.accum} accumulation × "
                  f"{rt.dist.world_size} ranks = {cfg.optim.total_batch_tokens:,} tokens/step; "
                  f"steps {self.step}..{cfg.optim.max_steps}")
 
@@ -113,7 +107,7 @@ class Trainer:
     def build_data_and_optimizers(self) -> None:
         cfg, rt = self.cfg, self.rt
         self.micro_batch = choose_micro_batch(cfg.data.micro_batch, cfg.optim.total_batch_tokens, cfg.data.seq_len,
-                                              cfg.model.vocab_size, self.model, rt, self.log,
+                                              cfg.model.vocab_size, self.model, rt, print0,
                                               optimizer_bytes=optim.optimizer_state_bytes(self.model, cfg.optim))
         self.accum = grad_accum_steps(cfg.optim.total_batch_tokens, self.micro_batch, cfg.data.seq_len,
                                       rt.dist.world_size)
@@ -127,38 +121,16 @@ class Trainer:
         self.optimizers = optim.build_optimizers(self.model, cfg.optim, fused=rt.fused_adamw)
         self.scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.autocast_dtype == torch.float16)
 
-    def load_evaluations(self) -> None:
-        """Loaded now: a missing file, a val split under one window or a bad token id fails before hours of training."""
-        ev, data, seq_len = self.cfg.eval, self.cfg.data.path, self.cfg.data.seq_len
-        self.val_tokens = 0
-        if ev.val_every > 0:  # all the windows a smaller val split holds, with a word
-            val = open_split(data, "val")
-            n_stream = len(val)
-            windows = count_windows(n_stream, seq_len, ev.val_tokens, f"{data}: the val split", fewer_ok=True)
-            val.check(0, windows * seq_len + 1)
-            if windows < ev.val_tokens // seq_len:
-                self.log(f"data: warning: {data} has {n_stream:,} val tokens, fewer than eval.val_tokens="
-                         f"{ev.val_tokens:,}; each val measures {windows * seq_len:,}")
-            self.val_tokens = windows * seq_len
-        self.hellaswag_items = None if ev.hellaswag_every <= 0 else load_items_on_every_rank(
-            ev.hellaswag_data or None, ev.hellaswag_limit or None, self.is_main, self.rt.device)
-
     def start_folder(self, resumed: bool) -> None:
         """Every check has passed: only now is an earlier run (--overwrite) replaced; rank 0 refuses for all."""
         cfg = self.cfg
         writes_now = [n for n in rundir.names_written(cfg) if n != rundir.SAMPLES_FILE]  # samples: when written
         for rank0_step in (lambda: check_loggers(cfg.runtime.tensorboard, cfg.runtime.wandb),
                            lambda: self.folder.start(writes_now)):
-            failed = None
-            if self.is_main and self.folder is not None:
-                try:
-                    rank0_step()
-                except UserError as e:
-                    failed = e
-            if any_rank(failed is not None, self.rt.device):
-                raise failed or UserError(f"{self.out_dir}: refused on rank 0; see its error")
+            decided_on_rank0(rank0_step, self.rt.dist.is_main and self.folder is not None, self.rt.device,
+                             f"{self.out_dir}: refused on rank 0; see its error")
         self.run_log = None
-        if self.is_main:
+        if self.rt.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             layout.remove_temporaries(self.out_dir)
             atomic_write(self.out_dir / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
@@ -174,14 +146,14 @@ class Trainer:
         metrics: dict[str, Any] = {"step_seconds": []}  # every step's time, for benchmarks
         started = time.perf_counter()
         if stop_at_step is not None and self.step >= stop_at_step:
-            self.log(f"--stop-at-step {stop_at_step}: the run is at step {self.step} already; nothing to train")
+            print0(f"--stop-at-step {stop_at_step}: the run is at step {self.step} already; nothing to train")
             return metrics
-        self.log(outputs_line(self.cfg))
+        print0(outputs_line(self.cfg))
         while self.step < max_steps:
             step = self.step
             try:  # a signal stops evaluation at once: on one process where it lands, on several
                 with stop.interruptible(self.rt.dist.world_size == 1):  # ranks between batches
-                    self.evaluate(step, metrics, stop)
+                    self.evaluations.run(step, self.window(step), metrics, stop, self.run_log)
             except StopNow:  # the weights are this step's, untouched
                 self.stop_here(step, stop.signal_name, "during evaluation", metrics)
                 break
@@ -189,7 +161,7 @@ class Trainer:
             if step in self.skip_steps:
                 for _ in range(self.accum):
                     self.loader.next_batch()
-                self.log(f"step {step:5d} | skipped: its batch gave non-finite values before a rollback")
+                print0(f"step {step:5d} | skipped: its batch gave non-finite values before a rollback")
             else:
                 result = self.train_step(step, stop)
                 if result is None:  # abandoned between its micro-steps: the weights are still this step's
@@ -214,15 +186,15 @@ class Trainer:
         if self.step == max_steps:  # the numbers the run reports are the saved model's
             try:
                 with stop.interruptible(self.rt.dist.world_size == 1):
-                    self.evaluate(max_steps, metrics, stop, final=True)
+                    self.evaluations.run(max_steps, self.window(max_steps), metrics, stop, self.run_log, final=True)
             except StopNow:
-                self.log(f"the final evaluation was stopped ({stop.signal_name}); training is complete and saved: "
+                print0(f"the final evaluation was stopped ({stop.signal_name}); training is complete and saved: "
                          f"measure it with gpt2repro eval loss --model {self.out_dir}")
         held = self.parallel.local_bytes(self.optimizers)
-        self.log("held by this rank: " + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in held.items()))
+        print0("held by this rank: " + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in held.items()))
         if self.run_log:  # rank 0
             for line in summary_lines(self.cfg, self.step, self.run_log, time.perf_counter() - started):
-                self.log(line)
+                print0(line)
             self.run_log.close()
         return metrics
 
@@ -231,7 +203,7 @@ class Trainer:
         if not (self.out_dir / layout.checkpoint_name(step)).exists():
             self.save(step, final=True)
         metrics.update(stopped_early=True, stopped_by=why)
-        self.log(f"stopping at step {step}, {where} ({why}); continue with --resume")
+        print0(f"stopping at step {step}, {where} ({why}); continue with --resume")
 
     # --- one optimizer step ------------------------------------------------------------------
     def train_step(self, step: int, stop: StopRequest | None = None) -> StepResult | None:
@@ -293,7 +265,7 @@ class Trainer:
         if self.run_log:
             self.run_log.write(step, "train", result.loss)
         if result.fp16_overflow:
-            self.log(f"step {step:5d} | fp16 gradient overflow: update skipped, loss scale now "
+            print0(f"step {step:5d} | fp16 gradient overflow: update skipped, loss scale now "
                      f"{self.scaler.get_scale():g}")
         every, max_steps = self.cfg.runtime.log_every, self.cfg.optim.max_steps
         if every > 0 and (step % every == 0 or step == max_steps - 1):
@@ -301,14 +273,14 @@ class Trainer:
             window = window_blocks(self.cfg.model, step / max_steps)  # this step's, not the last
             flops = self.model.flops_per_token(self.cfg.data.seq_len, window)
             utilization = mfu(metrics["tokens_per_s"], flops, self.peak_flops, self.rt.dist.world_size)
-            self.log(f"step {step:5d}/{max_steps} | loss {result.loss:.6f} | lr {result.lr:.4e} "
+            print0(f"step {step:5d}/{max_steps} | loss {result.loss:.6f} | lr {result.lr:.4e} "
                      f"| norm {result.grad_norm:.4f} | {1000 * dt:.1f} ms | {metrics['tokens_per_s']:,.0f} tok/s "
                      f"| MFU {percent(utilization)} | eta {eta_s / 60:.1f} min")
 
     # --- a step gone wrong ---------------------------------------------------------------------
     def handle_bad_step(self, step: int, what: str) -> int:
         """``runtime.on_nonfinite``: stop, naming the intact last checkpoint, or roll back (``roll_back``)."""
-        newest = layout.latest_checkpoint(self.out_dir, log=self.log)
+        newest = layout.latest_checkpoint(self.out_dir, log=print0)
         if self.cfg.runtime.on_nonfinite == "rollback":
             return self.roll_back(step, what, newest)
         rates = self.learning_rates()
@@ -337,7 +309,7 @@ class Trainer:
         self.skip_steps = skips
         if self.run_log:
             self.run_log.truncate(step)
-        self.log(f"step {bad_step}: {what}; rolled back to {path.name} (step {step}), "
+        print0(f"step {bad_step}: {what}; rolled back to {path.name} (step {step}), "
                  f"step {bad_step}'s batch will be skipped")
         return step
 
@@ -367,13 +339,13 @@ class Trainer:
         error = None
         weights = self.parallel.model_state()  # collectives: every rank takes part, rank 0 gets the tensors
         optimizer_state = self.parallel.optimizer_state(self.optimizers)
-        if self.is_main:
+        if self.rt.dist.is_main:
             state = {"step": step_done, "optimizer": optimizer_state, "loader": self.loader.state_dict(),
                      "rng": start.rng_state(), "skip_steps": sorted(self.skip_steps)}
             try:
                 path = layout.save_checkpoint(self.out_dir, step_done, weights, self.cfg.model, state,
                                               self.cfg.to_dict(), keep=self.cfg.checkpoint.keep)
-                self.log(f"saved checkpoint {path}")
+                print0(f"saved checkpoint {path}")
             except Exception as e:
                 why = rundir.why_a_write_failed(e, self.out_dir, [weights, state])
                 error = f"checkpoint at step {step_done} failed ({why})"
@@ -382,56 +354,4 @@ class Trainer:
         if failed:
             rundir.after_a_failed_write(self.out_dir, error or f"checkpoint at step {step_done} failed on rank 0 "
                                         "(see its error)", self.checkpoint_failures, self.cfg.checkpoint.max_failures,
-                                        final, self.log)
-
-    # --- evaluation ----------------------------------------------------------------------------
-    def evaluate(self, step: int, metrics: dict[str, Any], stop: StopRequest, final: bool = False) -> None:
-        """What is due at ``step`` (val at the last step too, as build-nanogpt); everything at the end (``final``)."""
-        cfg, rt, ev = self.cfg, self.rt, self.cfg.eval
-
-        def due(every: int, also: bool = False) -> bool:
-            return every > 0 and (final or also or step % every == 0)
-
-        val = due(ev.val_every, also=step == cfg.optim.max_steps - 1)
-        hella = self.hellaswag_items is not None and due(ev.hellaswag_every)
-        samples = step > 0 and due(ev.sample_every)
-        if not (val or hella or samples):
-            return
-        # Several ranks: a stop signal on any of them stops every rank at the same batch.
-        poll = (lambda: stop.agree(lambda n: max_over_ranks(n, rt.device))) if rt.dist.enabled else None
-        ranks = dict(device=rt.device, autocast_dtype=rt.autocast_dtype, rank=rt.dist.rank,
-                     world_size=rt.dist.world_size, poll=poll)
-        with self.parallel.eval_models() as (fast_model, model):
-            if val:
-                result = evaluate_loss(fast_model, cfg.data.path, seq_len=cfg.data.seq_len, n_tokens=self.val_tokens,
-                                       batch_size=self.micro_batch, ce_chunk_rows=rt.ce_chunk_rows,
-                                       window=self.window(step), **ranks)
-                metrics["val"], metrics["val_bpb"] = result["loss"], result["bpb"]
-                self.log(f"step {step:5d} | val loss {metrics['val']:.4f} | val bpb {metrics['val_bpb']:.4f}")
-                if self.run_log:
-                    self.run_log.write(step, "val", metrics["val"])
-                    self.run_log.write(step, "val_bpb", metrics["val_bpb"])
-            if hella:
-                result = evaluate_hellaswag(model, self.hellaswag_items, scorings=("completion",), **ranks)
-                metrics["hella"] = result["completion"]["acc_norm"]
-                self.log(f"step {step:5d} | hellaswag acc_norm {metrics['hella']:.4f}")
-                if self.run_log:
-                    self.run_log.write(step, "hella", metrics["hella"])
-            if samples and self.is_main:  # several ranks: rank 0 stops sampling at once, all agree below
-                with contextlib.suppress(StopNow) if poll else contextlib.nullcontext(), stop.interruptible():
-                    self.write_samples(model, step)
-            if poll is not None:
-                poll()
-
-    def write_samples(self, model: GPT, step: int) -> None:
-        ev = self.cfg.eval
-        with self.rt.autocast():
-            samples = generate(model, encode(ev.sample_prompt), num_samples=ev.sample_count,
-                               max_new_tokens=ev.sample_tokens, seed=self.cfg.runtime.seed)
-        texts = [ev.sample_prompt + decode(s) for s in samples]
-        path = self.out_dir / rundir.SAMPLES_FILE
-        record_written(self.out_dir, [rundir.SAMPLES_FILE])  # ours from its first line on
-        with writing(path), open(path, "a") as f:
-            f.writelines(f"step {step} sample {i}: {text!r}\n" for i, text in enumerate(texts))
-        for i, text in enumerate(texts):
-            self.log(f"sample {i}: {text!r}")
+                                        final, print0)
